@@ -1,0 +1,35 @@
+"""convlens: see what a convolutional image classifier sees and why it decides as it does."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .hooks import LayerCapture, model_guard
+from .images import ImageError, load_image, sample_image, sample_image_path
+from .layers import LayerError, default_cam_layer, layer_table, resolve_layer, resolve_layers
+from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
+from .results import Saliency
+
+try:
+    __version__ = version("convlens")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+src"
+
+__all__ = [
+    "Classifier",
+    "ImageError",
+    "LayerCapture",
+    "LayerError",
+    "ModelError",
+    "Prediction",
+    "Saliency",
+    "as_classifier",
+    "default_cam_layer",
+    "imagenet_labels",
+    "layer_table",
+    "load_image",
+    "load_model",
+    "model_guard",
+    "resolve_layer",
+    "resolve_layers",
+    "sample_image",
+    "sample_image_path",
+]

