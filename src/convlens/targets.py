@@ -1,0 +1,70 @@
+"""What a method explains: a class per image, or a score computed from the model's output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .models import Classifier
+
+__all__ = ["Target", "ResolvedTarget", "resolve_target"]
+
+Target = int | str | Sequence[int | str] | Callable[[Tensor], Tensor] | None
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """Per image: the class index (``-1`` for a callable target) and a label for titles.
+
+    ``score(output)`` gives the (N,) scores to explain: the chosen logit per image, or the
+    callable's result.
+    """
+
+    indices: list[int]
+    labels: list[str]
+    fn: Callable[[Tensor], Tensor] | None = None
+
+    def score(self, output: Tensor) -> Tensor:
+        """The (N,) scores of ``output`` for these targets."""
+        if self.fn is not None:
+            s = self.fn(output)
+            if not isinstance(s, Tensor) or s.shape != (output.shape[0],):
+                raise ValueError(f"a callable target must return one score per image, shape ({output.shape[0]},)")
+            return s
+        idx = torch.as_tensor(self.indices, device=output.device)
+        return output.gather(1, idx[:, None])[:, 0]
+
+
+def resolve_target(clf: Classifier, target: Target, n: int, logits: Tensor | None = None) -> ResolvedTarget:
+    """Resolve ``target`` for a batch of ``n`` images.
+
+    ``None``: the top-1 class per image (needs ``logits``); an int or class name: that class for
+    every image; a sequence: one int or name per image; a callable ``f(output) -> (N,)``: a custom
+    score. Raises ``ValueError`` with a clear message for unknown names, out-of-range indices or a
+    list of the wrong length.
+
+    Example::
+
+        t = resolve_target(clf, "tabby", n=2)    # t.indices == [281, 281]
+    """
+    if callable(target) and not isinstance(target, (str, int)):
+        return ResolvedTarget([-1] * n, [getattr(target, "__name__", "custom score")] * n, target)
+    if target is None:
+        if logits is None:
+            raise ValueError("the top-1 target needs the model's output")
+        indices = logits.argmax(dim=1).tolist()
+    elif isinstance(target, (int, str)):
+        indices = [clf.class_index(target)] * n
+    elif isinstance(target, Sequence) or isinstance(target, Tensor):
+        items = target.tolist() if isinstance(target, Tensor) else list(target)
+        if len(items) != n:
+            raise ValueError(f"{len(items)} targets for {n} images; give one per image or a single one")
+        indices = [clf.class_index(t) for t in items]
+    else:
+        raise ValueError(f"a target is an int, a class name, a list of them or a callable, not {type(target).__name__}")
+    if logits is not None and max(indices) >= logits.shape[1]:
+        raise ValueError(f"class index {max(indices)} is out of range: the model has {logits.shape[1]} outputs")
+    return ResolvedTarget(indices, [clf.label(i) for i in indices])
