@@ -31,7 +31,8 @@ from .common import Row, fill_ratios, machine_info, markdown_table
 
 log = logging.getLogger("benchmarks")
 
-HERE = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+HERE = PACKAGE_DIR  # where main() looks for bench modules
 READING_HEADING = "## Reading"
 READING_PLACEHOLDER = (
     "_To be written after the full run: where convlens wins, where it does not, and why "
@@ -51,7 +52,7 @@ class Section:
     seconds: float = 0.0
 
 
-def discover(directory: str | Path = HERE, only: Sequence[str] | None = None) -> dict[str, Path]:
+def discover(directory: str | Path = PACKAGE_DIR, only: Sequence[str] | None = None) -> dict[str, Path]:
     """``{name: path}`` of the ``bench_<name>.py`` files in ``directory``, sorted by name.
 
     ``only`` keeps the named ones (``"cam"`` or ``"bench_cam"``); an unknown name is a ValueError.
@@ -68,7 +69,7 @@ def discover(directory: str | Path = HERE, only: Sequence[str] | None = None) ->
 
 def load(name: str, path: Path) -> ModuleType:
     """Import one bench module: as ``benchmarks.bench_<name>`` when it lives in this package."""
-    if path.resolve().parent == HERE:
+    if path.resolve().parent == PACKAGE_DIR:
         return importlib.import_module(f"{__package__ or 'benchmarks'}.bench_{name}")
     spec = importlib.util.spec_from_file_location(f"_convlens_bench_{name}", path)
     if spec is None or spec.loader is None:
