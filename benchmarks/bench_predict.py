@@ -26,7 +26,7 @@ import torchvision
 
 import convlens
 
-from .common import FLOOR_FORWARD, Row, agreement, fill_ratios, floor_cases, measure, peak_memory_mb
+from .common import FLOOR_FORWARD, Row, agreement, fill_ratios, floor_cases, measure, peak_memory_mb, spread_pct
 
 CLI = "from convlens.cli import main; raise SystemExit(main())"
 
@@ -40,8 +40,12 @@ def _predict_rows(clf: convlens.Classifier, name: str, batch: int, *, repeats: i
         "ours: clf.predict(x)": lambda: clf.predict(x, top=5),
         "ours: clf.predict(paths) (decode + preprocess)": lambda: clf.predict([path] * batch, top=5),
     }
-    secs = measure(cases, repeats=repeats, warmup=2, device=device)
-    rows = [Row(k, name, batch, v, peak_mb=peak_memory_mb(cases[k], device)) for k, v in secs.items()]
+    samples: dict[str, list[float]] = {}
+    secs = measure(cases, repeats=repeats, warmup=2, device=device, samples=samples)
+    rows = [
+        Row(k, name, batch, v, peak_mb=peak_memory_mb(cases[k], device), extra={"IQR %": spread_pct(samples[k])})
+        for k, v in secs.items()
+    ]
     with torch.no_grad():
         probs = model.eval()(x).float().softmax(1)
     ref_top = probs.topk(5, dim=1).indices.cpu().tolist()
@@ -99,7 +103,11 @@ def _cold_rows(*, repeats: int, threads: int) -> list[Row]:
             walls[k].append(wall)
             rss[k] = max(rss[k], peak)
             outs[k] = out
-    rows = [Row(k, "default", 1, statistics.median(walls[k]), peak_mb=rss[k]) for k in cases]
+    rows = [
+        Row(k, "default" if "predict" in k else "-", 1, statistics.median(walls[k]), peak_mb=rss[k],
+            extra={"IQR %": spread_pct(walls[k])})
+        for k in cases
+    ]
     lines = outs["convlens predict (sample photo, default model)"].splitlines()
     rows[-1].extra["top-1 printed"] = lines[1].split(None, 1)[1].rsplit(None, 2)[0].strip() if len(lines) > 1 else "?"
     rows[-1].extra["max s"] = max(walls["convlens predict (sample photo, default model)"])

@@ -131,9 +131,17 @@ def peak_rss_mb(fn: Callable[[], Any]) -> float:
 
 
 def measure(
-    cases: dict[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1, device: str | torch.device = "cpu"
+    cases: dict[str, Callable[[], Any]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    samples: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
-    """Median seconds per case, with the cases interleaved round-robin after ``warmup`` rounds."""
+    """Median seconds per case, with the cases interleaved round-robin after ``warmup`` rounds.
+
+    ``samples``, when given, receives every case's timed repeats (for a spread column).
+    """
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -145,7 +153,17 @@ def measure(
             sync()
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
+    if samples is not None:
+        samples.update(times)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def spread_pct(times: list[float]) -> float | None:
+    """Interquartile range of repeated timings as a percentage of their median (noise indicator)."""
+    if len(times) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return 100 * (q3 - q1) / statistics.median(times)
 
 
 FLOOR_FORWARD = "floor: forward"
@@ -240,10 +258,22 @@ def table_rows(
     memory: bool = True,
     floor: str | None = None,
 ) -> list[Row]:
-    """Time ``cases`` side by side with :func:`measure`, add peak memory and ratios: one Row each."""
-    secs = measure(cases, repeats=repeats, warmup=warmup, device=device)
+    """Time ``cases`` side by side with :func:`measure`, add peak memory and ratios: one Row each.
+
+    Each row gets ``extra["IQR %"]``, the spread of its repeats (see :func:`spread_pct`), so a
+    reader sees when the machine was too noisy for a ratio to mean much.
+    """
+    samples: dict[str, list[float]] = {}
+    secs = measure(cases, repeats=repeats, warmup=warmup, device=device, samples=samples)
     rows = [
-        Row(name, model, batch, secs[name], peak_mb=peak_memory_mb(fn, device) if memory else None)
+        Row(
+            name,
+            model,
+            batch,
+            secs[name],
+            peak_mb=peak_memory_mb(fn, device) if memory else None,
+            extra={"IQR %": spread_pct(samples[name])},
+        )
         for name, fn in cases.items()
     ]
     return fill_ratios(rows, floor)

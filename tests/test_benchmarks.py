@@ -19,6 +19,7 @@ from benchmarks.common import (
     markdown_table,
     measure,
     peak_memory_mb,
+    spread_pct,
 )
 
 FAKE = '''
@@ -109,6 +110,11 @@ def test_fill_ratios_per_model_and_batch() -> None:
     assert "| m | b | 4 | 5.0000 | 0.50 | - |" in markdown_table("t", rows)
 
 
+def test_spread_pct_is_iqr_over_median() -> None:
+    assert spread_pct([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(100 * (4.0 - 2.0) / 3.0)
+    assert spread_pct([1.0]) is None
+
+
 def test_compare_maps_resizes_normalises_and_flags_disagreement() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.rand(2, 7, 7, generator=g)
@@ -137,8 +143,10 @@ def test_floor_cases_and_peak_memory_on_a_tiny_net() -> None:
     cases = floor_cases(net, x, "0")
     assert list(cases) == ["floor: forward", "floor: forward + backward to 0"]
     before = [p.clone() for p in net.parameters()]
-    secs = measure(cases, repeats=1, warmup=0)
+    samples: dict[str, list[float]] = {}
+    secs = measure(cases, repeats=3, warmup=0, samples=samples)
     assert set(secs) == set(cases) and all(v > 0 for v in secs.values())
+    assert all(len(samples[k]) == 3 and sorted(samples[k])[1] == secs[k] for k in cases)
     assert all(p.grad is None for p in net.parameters())  # autograd.grad to the layer, no .grad
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert not any(m._forward_hooks for m in net.modules())  # the hook is gone
