@@ -55,7 +55,7 @@ def _predict_rows(clf: convlens.Classifier, name: str, batch: int, *, repeats: i
         ours_p = torch.tensor([[p.probability for p in ps] for ps in preds])
         ref_p = probs.cpu().gather(1, torch.tensor(ours_top))
         row.extra["top-5 = floor"] = "yes" if ours_top == ref_top else "NO"
-        row.extra["max|Δ| vs floor"] = agreement("floor", ours_p, ref_p)["max|Δ| vs floor"]
+        row.extra["max abs diff vs floor"] = agreement("floor", ours_p, ref_p)["max abs diff vs floor"]
     return fill_ratios(rows, FLOOR_FORWARD)
 
 

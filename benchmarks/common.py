@@ -327,9 +327,9 @@ def _minmax(t: torch.Tensor) -> torch.Tensor:
 
 
 def agreement(peer: str, ours: Any, theirs: Any, *, normalise: bool = False) -> dict[str, float]:
-    """Correctness columns for a table: ``{"max|Δ| vs PEER": d, "r vs PEER": r}`` (see compare_maps)."""
+    """Correctness columns for a table: ``{"max abs diff vs PEER": d, "r vs PEER": r}`` (see compare_maps)."""
     diff, r = compare_maps(ours, theirs, normalise=normalise)
-    return {f"max|Δ| vs {peer}": diff, f"r vs {peer}": r}
+    return {f"max abs diff vs {peer}": diff, f"r vs {peer}": r}
 
 
 def machine_info() -> dict[str, Any]:
@@ -350,6 +350,8 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
     }
+    if hasattr(os, "getloadavg"):
+        info["load average (1, 5, 15 min) at report time"] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -362,6 +364,7 @@ def markdown_table(title: str, rows: list[Row]) -> str:
     for r in rows:
         extra_keys += [k for k in r.extra if k not in extra_keys]
     head = ["method", "model", "batch", "median s", "x floor", "peak MB", *extra_keys]
+    head = [_cell(h) for h in head]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -373,8 +376,13 @@ def markdown_table(title: str, rows: list[Row]) -> str:
             "-" if r.peak_mb is None else f"{r.peak_mb:.0f}",
             *[_fmt(r.extra.get(k)) for k in extra_keys],
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """A table cell: a literal ``|`` would split the column, so it is escaped."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _fmt(v: Any) -> str:

@@ -148,7 +148,7 @@ def render_report(
         "table's floor row (bare forward, or forward + the partial backward the method needs) on the same "
         "model and batch. `peak MB` = peak torch-tensor memory above the start of one call (CUDA allocator "
         "peak; on the CPU the profiler's allocation events). Correctness columns compare our map with each "
-        "peer's on the same input (`max|Δ|`, Pearson `r`, minimum over the batch). `IQR %` = interquartile range "
+        "peer's on the same input (`max abs diff`, Pearson `r`, minimum over the batch). `IQR %` = interquartile range "
         "of a row's repeats / its median: when it is large the machine was noisy and the ratios are rough.",
         "",
         "## Machine",

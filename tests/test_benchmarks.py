@@ -60,7 +60,7 @@ def test_run_module_fills_ratios_and_formats_exact_values(bench_dir: Path) -> No
     assert [r.ratio for r in rows] == [1.0, 1.5, 4.0]  # seconds / the floor row's 0.5
     lines = run.render_section(s).splitlines()
     assert lines[0] == "### Fake on cpu"
-    assert lines[2] == "| method | model | batch | median s | x floor | peak MB | r vs peer | max|Δ| vs x |"
+    assert lines[2] == "| method | model | batch | median s | x floor | peak MB | r vs peer | max\\|Δ\\| vs x |"
     assert lines[4] == "| floor: forward | tiny | 2 | 0.5000 | 1.00 | - | - | - |"
     assert lines[5] == "| ours | tiny | 2 | 0.7500 | 1.50 | 12 | 0.988 | - |"
     assert lines[6] == "| peer | tiny | 2 | 2.0000 | 4.00 | - | - | 1.5e-07 |"
@@ -125,7 +125,8 @@ def test_compare_maps_resizes_normalises_and_flags_disagreement() -> None:
     assert diff < 1e-6 and r == pytest.approx(1.0, abs=1e-9)
     assert compare_maps(a, 3 * a + 1)[0] == pytest.approx(float((2 * a + 1).max()), rel=1e-6)
     cols = agreement("peer", a.numpy(), -a)
-    assert cols["r vs peer"] == pytest.approx(-1.0) and cols["max|Δ| vs peer"] == pytest.approx(float(2 * a.max()))
+    assert cols["r vs peer"] == pytest.approx(-1.0)
+    assert cols["max abs diff vs peer"] == pytest.approx(float(2 * a.max()))
     b = a.clone()
     b[1] = torch.rand(7, 7, generator=g)  # one wrong image: min over the batch shows it
     assert compare_maps(a, b)[1] < 0.9
