@@ -31,7 +31,7 @@ from ..hooks import LayerCapture, model_guard
 from ..layers import LayerError, LayerSpec, default_cam_layer, remembered, resolve_layer
 from ..models import Classifier, as_classifier
 from ..results import Saliency
-from ..targets import Target, resolve_target
+from ..targets import ResolvedTarget, Target, resolve_target
 
 __all__ = ["grad_cam", "CAM_METHODS"]
 
@@ -89,7 +89,7 @@ class _Rows:
     index: list[int]  # class index (-1: callable)
     labels: list[str]
     rounds: list[list[int]]  # row numbers differentiated together (at most one per image)
-    fn: Callable[[Tensor], Tensor] | None = None
+    custom: ResolvedTarget | None = None  # a callable target: one row per image
 
 
 def _rows(clf: Classifier, target: Target, top: int | None, out: Tensor) -> _Rows:
@@ -114,7 +114,7 @@ def _rows(clf: Classifier, target: Target, top: int | None, out: Tensor) -> _Row
             per_image.append(resolve_target(clf, items, len(items), logits=out[:1].expand(len(items), -1)).indices)
     else:
         rt = resolve_target(clf, target, n, logits=out.detach())
-        return _Rows(list(range(n)), rt.indices, rt.labels, [list(range(n))], rt.fn)
+        return _Rows(list(range(n)), rt.indices, rt.labels, [list(range(n))], rt if rt.fn is not None else None)
     image, index, rounds = [], [], []
     for i, classes in enumerate(per_image):
         for j, c in enumerate(classes):
@@ -133,8 +133,8 @@ def _gradients(out: Tensor, a: Tensor, rows: _Rows) -> Tensor:
     with torch.enable_grad():  # the caller may be inside no_grad: scoring must be recorded
         for r, members in enumerate(rows.rounds):
             last = r == len(rows.rounds) - 1
-            if rows.fn is not None:
-                (g,) = torch.autograd.grad(rows.fn(out).sum(), a, retain_graph=not last)
+            if rows.custom is not None:
+                (g,) = torch.autograd.grad(rows.custom.score(out).sum(), a, retain_graph=not last)
                 grads[members] = g
                 continue
             imgs = [rows.image[m] for m in members]
@@ -167,8 +167,8 @@ def _scorecam_weights(
         scores = []
         for s in range(0, c, batch_size):
             o = model(x[i : i + 1] * masks[s : s + batch_size, None])
-            if rows.fn is not None:
-                scores.append(rows.fn(o))
+            if rows.custom is not None:
+                scores.append(rows.custom.score(o))
             else:
                 scores.append(o[:, rows.index[r]])
         weights[r] = torch.cat(scores).softmax(0)
