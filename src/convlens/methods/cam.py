@@ -160,17 +160,15 @@ def _scorecam_weights(
     weights = a.new_empty((len(rows.image), c))
     for r in range(len(rows.image)):
         i = rows.image[r]
-        up = F.interpolate(a[i : i + 1], size=x.shape[-2:], mode="bilinear", align_corners=False)[0]
-        lo = up.flatten(1).min(1).values[:, None, None]
-        hi = up.flatten(1).max(1).values[:, None, None]
-        masks = (up - lo) / (hi - lo + 1e-8)  # (C, H, W)
         scores = []
         for s in range(0, c, batch_size):
-            o = model(x[i : i + 1] * masks[s : s + batch_size, None])
-            if rows.custom is not None:
-                scores.append(rows.custom.score(o))
-            else:
-                scores.append(o[:, rows.index[r]])
+            # masks are made per batch: all C of them at input size at once can be gigabytes
+            up = F.interpolate(a[i : i + 1, s : s + batch_size], size=x.shape[-2:], mode="bilinear",
+                               align_corners=False)[0]
+            lo = up.flatten(1).min(1).values[:, None, None]
+            hi = up.flatten(1).max(1).values[:, None, None]
+            o = model(x[i : i + 1] * ((up - lo) / (hi - lo + 1e-8))[:, None])
+            scores.append(rows.custom.score(o) if rows.custom is not None else o[:, rows.index[r]])
         weights[r] = torch.cat(scores).softmax(0)
     return weights, batch_size
 
@@ -226,8 +224,10 @@ def grad_cam(
         a = cap[name]
         if a.dim() != 4:
             raise LayerError(f"layer {name!r} outputs shape {tuple(a.shape)}; CAMs need a (N, C, h, w) map")
-        if not isinstance(out, Tensor) or out.dim() != 2:
-            raise ValueError("the model's output must be (N, classes) logits for CAM targets")
+        if not isinstance(out, Tensor) or (out.dim() != 2 and not callable(target)):
+            raise ValueError(
+                "the model's output is not (N, classes) logits; pass a callable target that scores it"
+            )
         rows = _rows(clf, target, top, out)
         settings: dict[str, object] = {"image_index": rows.image, "layer_shape": tuple(a.shape[1:])}
         if top is not None:
