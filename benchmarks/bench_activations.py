@@ -84,7 +84,7 @@ def activation_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, dev
     floor = times["bare forward (floor)"]
     rows = []
     for case, seconds in times.items():
-        peak = None if quick else peak_memory_mb(cases[case], device)
+        peak = peak_memory_mb(cases[case], device)
         rows.append(Row(case, name, x.shape[0], seconds, seconds / floor, peak, extra.get(case, {})))
     return rows
 

@@ -200,7 +200,7 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
     floor = times["bare forward (floor)"]
     rows = []
     for case, seconds in times.items():
-        peak = None if quick else peak_memory_mb(cases[case], device)
+        peak = peak_memory_mb(cases[case], device)
         rows.append(Row(case, name, x.shape[0], seconds, seconds / floor, peak, extra.get(case, {})))
     pgc_s = times.get("pytorch-grad-cam GradCAM")
     if pgc_s:
