@@ -304,13 +304,17 @@ def test_bad_input_leaves_no_hooks_and_model_as_it_was(kwargs, error, xt):
     assert count_hooks(m) == 0 and torch.is_grad_enabled()
 
 
-def test_works_inside_no_grad_and_keeps_the_mode(tiny, xt):
+def test_works_inside_no_grad_and_inference_mode(tiny, xt):
     expected = grad_cam(tiny, xt, target=0, layer="relu").raw
     with torch.no_grad():
         r = grad_cam(tiny, xt, target=0, layer="relu")
         assert not torch.is_grad_enabled()
     torch.testing.assert_close(r.raw, expected)
     assert not r.maps.requires_grad and not r.raw.requires_grad
+    with torch.inference_mode():
+        r = grad_cam(tiny, xt.clone(), target=0, layer="relu")
+        assert torch.is_inference_mode_enabled()
+    torch.testing.assert_close(r.raw, expected)
 
 
 def _rss_mb() -> float:

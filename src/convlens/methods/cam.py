@@ -212,7 +212,8 @@ def grad_cam(
         log.info("Grad-CAM layer: %s", layer)
     name, module = resolve_layer(model, layer)
     needs_grad = method in RULES
-    with model_guard(model):
+    # inside torch.inference_mode() autograd cannot record at all; leave it for this call
+    with torch.inference_mode(False), model_guard(model):
         # gradients are wanted for activations only: parameters stop being recorded, so the
         # backward touches nothing but the layers after the captured one (the guard restores)
         for p in model.parameters():
