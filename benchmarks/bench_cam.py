@@ -1,6 +1,9 @@
 """Grad-CAM on one 224 px image: convlens vs the floor (bare forward), the spec's own grad_cam
 (full backward with module backward hooks), captum, pytorch-grad-cam and torch-cam.
 
+``saved MB``: activations autograd keeps for the backward, weights not counted (deterministic; the CPU peak-RSS column
+stays near 0 after warm-up because freed memory is reused).
+
 Targets (issue 3): convlens Grad-CAM <= 1.15x a bare forward, its top-5 classes <= 1.4x, and
 >= 2.5x faster than pytorch-grad-cam's GradCAM. Correctness columns compare each map with ours:
 ``rel diff`` = max |theirs - ours| / max |ours| at layer resolution, ``corr`` = Pearson
@@ -79,6 +82,25 @@ def _corr(theirs: Tensor | np.ndarray, ours: Tensor) -> float:
     return float(torch.corrcoef(torch.stack([t, o]))[0, 1])
 
 
+def saved_for_backward_mb(fn: Callable[[], Any], models: list[nn.Module] = ()) -> float:
+    """MB of tensors autograd saves for the backward during one call of ``fn``, weights of
+    ``models`` left out: a deterministic measure of the activation graph a method builds (CPU
+    RSS peaks are hidden by the allocator's reuse)."""
+    total = [0]
+    seen = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
+
+    def pack(t: Tensor) -> Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:  # parameters and shared storages count once
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0] / 2**20
+
+
 def _repeats(forward: Callable[[], Any], quick: bool) -> int:
     """More rounds for fast models: on a shared machine a median of 5 sub-second runs is noise."""
     import time
@@ -140,6 +162,7 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
 
     spec_model = _spec_model(model)
     spec_layer = dict(spec_model.named_modules())[layer_name]
+    all_models = [model, spec_model]  # whose weights the saved-MB column leaves out
     spec_map = spec_grad_cam(spec_model, x, target, spec_layer)
     cases["spec grad_cam (full backward, backward hooks)"] = lambda: spec_grad_cam(spec_model, x, target, spec_layer)
     extra["spec grad_cam (full backward, backward hooks)"] = {"corr": _corr(spec_map, ours_map)}
@@ -166,6 +189,7 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         pgc_model = copy.deepcopy(model)  # it registers hooks for its lifetime and sets .grad
+        all_models.append(pgc_model)
         pgc = GradCAM(pgc_model, [dict(pgc_model.named_modules())[layer_name]])
         t1 = [ClassifierOutputTarget(target)]
         x5 = x.expand(5, -1, -1, -1)
@@ -182,6 +206,7 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
         from torchcam.methods import GradCAM as TCGradCAM
 
         tc_model = copy.deepcopy(model)
+        all_models.append(tc_model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tc = TCGradCAM(tc_model, layer_name, input_shape=tuple(x.shape[1:]))
@@ -201,7 +226,8 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
     rows = []
     for case, seconds in times.items():
         peak = peak_memory_mb(cases[case], device)
-        rows.append(Row(case, name, x.shape[0], seconds, seconds / floor, peak, extra.get(case, {})))
+        more = {"saved MB": saved_for_backward_mb(cases[case], all_models), **extra.get(case, {})}
+        rows.append(Row(case, name, x.shape[0], seconds, seconds / floor, peak, more))
     pgc_s = times.get("pytorch-grad-cam GradCAM")
     if pgc_s:
         for r in rows:
