@@ -24,6 +24,7 @@ __all__ = [
     "default_cam_layer",
     "find_stages",
     "remembered",
+    "forget",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
 
         name, module = resolve_layer(model, "layer4.2")
     """
+    if isinstance(layer, str) and layer:
+        try:  # fast path: a walk down the dotted path instead of listing every module
+            return layer, model.get_submodule(layer)
+        except AttributeError:
+            pass
     named = _named(model)
     if isinstance(layer, nn.Module):
         for name, m in named.items():
@@ -225,11 +231,14 @@ _REMEMBERED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Any]] = weakref
 
 def remembered(model: nn.Module, key: Hashable, compute: Callable[[], Any]) -> Any:
     """``compute()`` once per ``(model, key)``: automatic layer choices cost a traced pass, which
-    must not be paid again on every call. The memo dies with the model and is dropped when the
-    set of module names changes (a swapped head, a new block)."""
+    must not be paid again on every call. The memo dies with the model; :func:`forget` drops
+    it (callers do when a remembered layer name no longer resolves)."""
     memo = _REMEMBERED.setdefault(model, {})
-    full = (key, tuple(n for n, _ in model.named_modules()))
-    if full not in memo:
-        memo.clear()
-        memo[full] = compute()
-    return memo[full]
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def forget(model: nn.Module) -> None:
+    """Drop what :func:`remembered` holds for ``model``."""
+    _REMEMBERED.pop(model, None)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 
 from ..hooks import LayerCapture, model_guard
-from ..layers import LayerError, LayerSpec, find_stages, remembered, resolve_layers
+from ..layers import LayerError, LayerSpec, find_stages, forget, remembered, resolve_layers
 from ..models import Classifier, as_classifier
 from ..results import Activations
 
@@ -43,8 +43,12 @@ def activations(
     x = clf.batch(x)
     model = clf.model
     if isinstance(layers, str) and layers == "stages":
-        stages = remembered(model, ("stages", tuple(x.shape[1:])), lambda: find_stages(model, x[:1]))
-        chosen = resolve_layers(model, stages)
+        key = ("stages", tuple(x.shape[1:]))
+        try:
+            chosen = resolve_layers(model, remembered(model, key, lambda: find_stages(model, x[:1])))
+        except LayerError:  # the model was changed since the stages were found: find them again
+            forget(model)
+            chosen = resolve_layers(model, remembered(model, key, lambda: find_stages(model, x[:1])))
     else:
         chosen = resolve_layers(model, layers)
     with model_guard(model), LayerCapture(chosen, stop_early=True) as cap:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hooks import LayerCapture, model_guard
-from ..layers import LayerError, LayerSpec, default_cam_layer, remembered, resolve_layer
+from ..layers import LayerError, LayerSpec, default_cam_layer, forget, remembered, resolve_layer
 from ..models import Classifier, as_classifier
 from ..results import Saliency
 from ..targets import ResolvedTarget, Target, resolve_target
@@ -173,6 +173,14 @@ def _scorecam_weights(
     return weights, batch_size
 
 
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 # -- the core -------------------------------------------------------------------------------
 def grad_cam(
     model_or_classifier: nn.Module | Classifier,
@@ -208,16 +216,18 @@ def grad_cam(
     x = clf.batch(x)
     model = clf.model
     if layer is None:
-        layer = remembered(model, ("cam_layer", tuple(x.shape[1:])), lambda: default_cam_layer(model, x[:1]))
+        key = ("cam_layer", tuple(x.shape[1:]))
+        layer = remembered(model, key, lambda: default_cam_layer(model, x[:1]))
+        if not _has(model, layer):  # the model was changed since: choose again
+            forget(model)
+            layer = remembered(model, key, lambda: default_cam_layer(model, x[:1]))
         log.info("Grad-CAM layer: %s", layer)
     name, module = resolve_layer(model, layer)
     needs_grad = method in RULES
     # inside torch.inference_mode() autograd cannot record at all; leave it for this call
-    with torch.inference_mode(False), model_guard(model):
-        # gradients are wanted for activations only: parameters stop being recorded, so the
-        # backward touches nothing but the layers after the captured one (the guard restores)
-        for p in model.parameters():
-            p.requires_grad_(False)
+    # gradients are wanted for activations only: with the parameters frozen for the call,
+    # autograd records and the backward touches nothing but the layers after the captured one
+    with torch.inference_mode(False), model_guard(model, freeze=True):
         with LayerCapture({name: module}, grad=[name] if needs_grad else []) as cap:
             out = cap.run(model, x)
         if name not in cap.outputs:
