@@ -5,8 +5,10 @@ from importlib.metadata import PackageNotFoundError, version
 from .hooks import LayerCapture, model_guard
 from .images import ImageError, load_image, sample_image, sample_image_path
 from .layers import LayerError, default_cam_layer, layer_table, resolve_layer, resolve_layers
+from .methods.activations import activations
+from .methods.cam import CAM_METHODS, grad_cam
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
-from .results import Saliency
+from .results import Activations, Saliency
 
 try:
     __version__ = version("convlens")
@@ -14,6 +16,10 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+src"
 
 __all__ = [
+    "Activations",
+    "CAM_METHODS",
+    "activations",
+    "grad_cam",
     "Classifier",
     "ImageError",
     "LayerCapture",

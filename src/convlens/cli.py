@@ -107,9 +107,95 @@ def _blank(clf):
     return Image.new("RGB", (side, side), (128, 128, 128))
 
 
+# -- activations / gradcam ----------------------------------------------------------------
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", "-o", default="convlens-out", metavar="DIR",
+        help="folder for the PNG and .npy files (default ./convlens-out); files of the same name are replaced",
+    )
+
+
+def _add_activations(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the bundled sample photo)")
+    add_model_args(p)
+    p.add_argument(
+        "--layers", "-l", nargs="+", default=["stages"], metavar="L",
+        help="layer names or glob patterns, or 'stages' (default: the stage outputs found automatically)",
+    )
+    p.add_argument(
+        "--channels", "-c", default="top", metavar="C",
+        help="'top' (most active, default), 'first', or comma-separated channel indices",
+    )
+    p.add_argument("-k", type=int, default=8, metavar="K", help="channels per layer in the figure (default 8)")
+    _add_out(p)
+
+
+def _run_activations(args: argparse.Namespace) -> int:
+    from .methods.activations import activations
+
+    if args.k < 1:
+        raise ValueError("-k must be at least 1")
+    channels: str | list[int] = args.channels
+    if channels not in ("top", "first"):
+        try:
+            channels = [int(c) for c in args.channels.split(",") if c.strip()]
+        except ValueError:
+            raise ValueError(f"--channels is 'top', 'first' or indices like 0,5,9, not {args.channels!r}") from None
+    layers = "stages" if args.layers == ["stages"] else args.layers
+    clf = load_classifier(args)
+    for path in image_list(args.images):
+        result = activations(clf, clf.preprocess(path), layers)
+        written = result.save(args.out, prefix=f"{Path(path).stem}_activations", channels=channels, k=args.k)
+        print(f"{Path(path).name}  ({clf.name})")
+        for name, m in result.maps.items():
+            print(f"  {name:<24} {'x'.join(map(str, m.shape[1:]))}")
+        print(f"  wrote {len(written)} files to {args.out}: {written[-1].name}, ...")
+    return 0
+
+
+def _add_gradcam(p: argparse.ArgumentParser) -> None:
+    from .methods.cam import CAM_METHODS
+
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the bundled sample photo)")
+    add_model_args(p)
+    p.add_argument("--method", default="gradcam", choices=CAM_METHODS, help="CAM variant (default gradcam)")
+    p.add_argument(
+        "--layer", "-l", default=None, metavar="L", help="layer name (default: the last spatial map, logged)"
+    )
+    p.add_argument(
+        "--target", "-t", action="append", default=None, metavar="T",
+        help="class index or name; repeat for several classes (default: the top-1 class)",
+    )
+    p.add_argument("--top", "-k", type=int, default=None, metavar="K", help="explain the K most likely classes")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlay (default 0.5)")
+    _add_out(p)
+
+
+def _run_gradcam(args: argparse.Namespace) -> int:
+    from .methods.cam import grad_cam
+
+    if args.target and args.top:
+        raise ValueError("give either --target or --top, not both")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError("--alpha must be between 0 and 1")
+    clf = load_classifier(args)
+    target = None if not args.target else [args.target]
+    stem_method = args.method.replace("+", "p")
+    for path in image_list(args.images):
+        result = grad_cam(clf, clf.preprocess(path), target=target, layer=args.layer, method=args.method, top=args.top)
+        base = Path(args.out) / f"{Path(path).stem}_{stem_method}"
+        written = result.save(base, alpha=args.alpha)
+        print(f"{Path(path).name}  ({clf.name}, {args.method} at {result.layer})")
+        for i, (idx, label) in enumerate(zip(result.target, result.labels)):
+            print(f"  {label} [{idx}] -> {written[2 * i].name}, {written[2 * i + 1].name}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "predict": ("top-k classes for images", _add_predict, _run_predict),
     "layers": ("the model's layers with output shapes", _add_layers, _run_layers),
+    "activations": ("what each layer sees: channel maps per layer", _add_activations, _run_activations),
+    "gradcam": ("Grad-CAM family heatmaps: which regions drive a class", _add_gradcam, _run_gradcam),
 }
 
 

@@ -22,32 +22,44 @@ class StopForward(Exception):
 
 
 @contextlib.contextmanager
-def model_guard(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]:
+def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = False) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for the call and restore everything on the way out.
 
     Restored: every module's ``training`` flag and ``inplace`` attribute, every parameter's
     ``requires_grad`` and ``.grad`` (the tensor object itself), and the caller's grad mode.
     Weights are never written by convlens, so they are not copied (the tests check them).
+    ``freeze=True`` also turns ``requires_grad`` off on every parameter for the call, so autograd
+    records activations only (a backward to a captured layer then touches no weight gradient).
 
     Example::
 
         with model_guard(model):
             out = model(x)
     """
-    training = [(m, m.training) for m in model.modules()]
-    inplace = [(m, m.inplace) for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)]
+    modules = list(model.modules())
+    training = [(m, m.training) for m in modules]
+    # read from the instance dict: getattr on a module without the attribute raises inside
+    # nn.Module.__getattr__, which costs milliseconds over a few hundred modules per call
+    inplace = [(m, m.__dict__["inplace"]) for m in modules if isinstance(m.__dict__.get("inplace"), bool)]
     params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     grad_mode = torch.is_grad_enabled()
     try:
-        if eval_mode:
+        if eval_mode and any(flag for _, flag in training):
             model.eval()
+        if freeze:
+            for p, requires_grad, _ in params:
+                if requires_grad:
+                    p.requires_grad_(False)
         yield model
     finally:
         torch.set_grad_enabled(grad_mode)
+        # only what changed is written back: nn.Module.__setattr__ is slow, and this runs per call
         for m, flag in training:
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
         for m, flag in inplace:
-            m.inplace = flag
+            if m.inplace != flag:
+                m.inplace = flag
         for p, requires_grad, grad in params:
             if p.requires_grad != requires_grad:
                 p.requires_grad_(requires_grad)

@@ -5,15 +5,27 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import logging
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .hooks import model_guard
 
-__all__ = ["LayerError", "LayerInfo", "resolve_layer", "resolve_layers", "layer_table", "default_cam_layer"]
+__all__ = [
+    "LayerError",
+    "LayerInfo",
+    "resolve_layer",
+    "resolve_layers",
+    "layer_table",
+    "default_cam_layer",
+    "find_stages",
+    "remembered",
+    "forget",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,11 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
 
         name, module = resolve_layer(model, "layer4.2")
     """
+    if isinstance(layer, str) and layer:
+        try:  # fast path: a walk down the dotted path instead of listing every module
+            return layer, model.get_submodule(layer)
+        except AttributeError:
+            pass
     named = _named(model)
     if isinstance(layer, nn.Module):
         for name, m in named.items():
@@ -147,3 +164,81 @@ def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | 
     name = max(spatial, key=lambda r: r.order).name
     log.info("automatic target layer: %s", name)
     return name
+
+
+def find_stages(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None = None) -> list[str]:
+    """The model's stage outputs: the last map at each spatial resolution, found from the model's
+    structure and the shapes of one pass on ``x``.
+
+    The trunk is the model's children in execution order, where a child whose children output
+    maps at three or more spatial sizes (a backbone container: VGG's ``features``, timm's
+    ``blocks``) is replaced by its children, recursively; anything else (ResNet's ``layer2``,
+    DenseNet's transitions, ConvNeXt's downsampling layers) is one unit. A stage is the last
+    unit before the spatial size changes, counted when its run of units holds parameters (a
+    lone pooling layer is no stage) and its map has more than one position; adaptive pools are
+    left out. ResNet-50 -> ``relu, layer1 .. layer4`` (the spec's five), VGG -> the ReLU before
+    each pooling, EfficientNet -> ``blocks.0, .1, .2, .4`` and the head ``bn2``.
+
+    Example::
+
+        find_stages(torchvision.models.resnet50(), torch.zeros(1, 3, 224, 224))
+    """
+    table = layer_table(model, x) if table is None else table
+    info = {r.name: r for r in table}
+
+    def ran(name: str) -> bool:
+        return name in info and info[name].order >= 0
+
+    def trunk(prefix: str, module: nn.Module) -> list[str]:
+        kids = [f"{prefix}{n}" for n, _ in module.named_children() if ran(f"{prefix}{n}")]
+        kids.sort(key=lambda n: info[n].order)
+        out: list[str] = []
+        for name in kids:
+            child = dict(module.named_children())[name[len(prefix):]]
+            grand = [f"{name}.{n}" for n, _ in child.named_children() if ran(f"{name}.{n}")]
+            if len({_hw(info[g].shape) for g in grand} - {None}) >= 3:
+                out += trunk(f"{name}.", child)
+            else:
+                out.append(name)
+        return out
+
+    units = [
+        n for n in trunk("", model)
+        if not info[n].type.startswith("Adaptive")
+    ]
+    stages: list[str] = []
+    run: list[str] = []
+    for i, name in enumerate(units):
+        run.append(name)
+        hw = _hw(info[name].shape)
+        if i + 1 < len(units) and _hw(info[units[i + 1]].shape) == hw:
+            continue
+        if hw is not None and hw[0] * hw[1] > 1 and any(info[r].params for r in run):
+            stages.append(name)
+        run = []
+    if not stages:
+        raise LayerError("found no stage outputs (4-D maps) in the model; name the layers explicitly")
+    log.info("stage outputs: %s", ", ".join(stages))
+    return stages
+
+
+def _hw(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
+    return (shape[2], shape[3]) if shape is not None and len(shape) == 4 else None
+
+
+_REMEMBERED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Any]] = weakref.WeakKeyDictionary()
+
+
+def remembered(model: nn.Module, key: Hashable, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per ``(model, key)``: automatic layer choices cost a traced pass, which
+    must not be paid again on every call. The memo dies with the model; :func:`forget` drops
+    it (callers do when a remembered layer name no longer resolves)."""
+    memo = _REMEMBERED.setdefault(model, {})
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def forget(model: nn.Module) -> None:
+    """Drop what :func:`remembered` holds for ``model``."""
+    _REMEMBERED.pop(model, None)

@@ -9,9 +9,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
-    from .results import Saliency
+    from .results import Activations, Saliency
 
-__all__ = ["normalize_map", "overlay", "plot_saliency"]
+__all__ = ["normalize_map", "overlay", "plot_saliency", "plot_activations"]
 
 NORMALIZE = ("per_image", "none")
 
@@ -72,5 +72,62 @@ def plot_saliency(
         ax.axis("off")
     where = f" at {result.layer}" if result.layer else ""
     fig.suptitle(f"{result.method}{where}: {label}")
+    fig.tight_layout()
+    return fig
+
+
+def _channel_choice(result: Activations, name: str, index: int, channels: object, k: int) -> list[int]:
+    c = result.maps[name].shape[1]
+    if channels == "top":
+        return result.top_channels(name, k)[index].tolist()
+    if channels == "first":
+        return list(range(min(k, c)))
+    chosen = channels.get(name, []) if isinstance(channels, dict) else channels
+    if isinstance(chosen, str) or not all(isinstance(i, int) for i in chosen):
+        raise ValueError('channels is "top", "first", a list of channel indices or a dict of them per layer')
+    bad = [i for i in chosen if not 0 <= i < c]
+    if bad:
+        raise ValueError(f"channel {bad[0]} is out of range for {name!r}, which has {c} channels")
+    return list(chosen)
+
+
+def plot_activations(
+    result: Activations,
+    index: int = 0,
+    *,
+    channels: str | list[int] | dict[str, list[int]] = "top",
+    k: int = 8,
+    cmap: str = "viridis",
+) -> Figure:
+    """Grid of channel maps for image ``index``: a row per layer (labelled with name and
+    C x h x w), a column per channel (``"top"``: most active first, ``"first"``: 0..k-1, or
+    chosen indices). Each tile has its own colour scale; its title gives the channel and its
+    mean activation."""
+    if not 0 <= index < result.images.shape[0]:
+        raise ValueError(f"index {index} is out of range for {result.images.shape[0]} images")
+    picks = {n: _channel_choice(result, n, index, channels, k) for n in result.maps}
+    cols = max(1, max(len(p) for p in picks.values()))
+    rows = len(picks)
+    fig = Figure(figsize=(1.6 * cols + 1.2, 1.75 * rows + 0.6))
+    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    for r, (name, chans) in enumerate(picks.items()):
+        m = result.maps[name][index].detach().float().cpu().numpy()
+        for col in range(cols):
+            ax = axes[r, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col >= len(chans):
+                ax.axis("off")
+                continue
+            ch = chans[col]
+            ax.imshow(m[ch], cmap=cmap)
+            ax.set_title(f"ch {ch} ({m[ch].mean():.2g})", fontsize=7)
+            if col == 0:
+                c, h, w = m.shape
+                ax.set_ylabel(f"{name}\n{c}x{h}x{w}", fontsize=8)
+    how = {"top": f"{cols} most active channels", "first": f"first {cols} channels"}.get(
+        channels if isinstance(channels, str) else "", "chosen channels"
+    )
+    fig.suptitle(f"Intermediate activations: {how} per layer")
     fig.tight_layout()
     return fig

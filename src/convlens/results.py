@@ -16,7 +16,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["Saliency", "atomic_path", "save_npy", "save_figure"]
+__all__ = ["Saliency", "Activations", "atomic_path", "save_npy", "save_figure"]
 
 
 @contextlib.contextmanager
@@ -98,4 +98,67 @@ class Saliency:
             stem = base if len(indices) == 1 else base.with_name(f"{base.name}_{i}")
             written.append(save_figure(stem.with_suffix(".png"), self.plot(i, **plot_args)))
             written.append(save_npy(stem.with_suffix(".npy"), self.to_numpy()[i]))
+        return written
+
+
+@dataclass(frozen=True, eq=False)
+class Activations:
+    """Layer outputs for a batch: ``maps`` name -> (N, C, h, w) tensor, in execution order;
+    ``images`` the inputs as RGB (N, 3, H, W) in [0, 1] for display; ``settings`` how they were
+    asked for."""
+
+    maps: dict[str, Tensor]
+    images: Tensor = field(repr=False)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in execution order."""
+        return list(self.maps)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.maps[name]
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """Every map as a float32 array (N, C, h, w)."""
+        return {n: t.detach().float().cpu().numpy() for n, t in self.maps.items()}
+
+    def top_channels(self, name: str, k: int = 8) -> Tensor:
+        """Indices (N, k) of the ``k`` channels with the largest mean activation per image,
+        most active first (``k`` is capped at the channel count)."""
+        if name not in self.maps:
+            raise KeyError(f"no layer {name!r} among {self.layers}")
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        m = self.maps[name]
+        return m.mean(dim=(2, 3)).topk(min(k, m.shape[1]), dim=1).indices
+
+    def plot(
+        self,
+        index: int = 0,
+        *,
+        channels: str | list[int] | dict[str, list[int]] = "top",
+        k: int = 8,
+        cmap: str = "viridis",
+    ) -> Figure:
+        """A grid for image ``index``: one row per layer (name and shape), one column per channel:
+        ``channels="top"`` the ``k`` most active, ``"first"`` the first ``k`` (the spec's figure),
+        or explicit indices (a list for every layer, or a dict per layer)."""
+        from .plotting import plot_activations
+
+        return plot_activations(self, index, channels=channels, k=k, cmap=cmap)
+
+    def save(
+        self, directory: str | os.PathLike[str], *, prefix: str = "activations", **plot_args: Any
+    ) -> list[Path]:
+        """Write ``<prefix>_<layer>.npy`` (N, C, h, w) per layer and ``<prefix>.png`` (one grid
+        per image: ``<prefix>_<i>.png`` when there are several). Returns the paths."""
+        d = Path(directory)
+        written = []
+        for name, arr in self.to_numpy().items():
+            written.append(save_npy(d / f"{prefix}_{name}.npy", arr))
+        n = self.images.shape[0]
+        for i in range(n):
+            png = d / (f"{prefix}.png" if n == 1 else f"{prefix}_{i}.png")
+            written.append(save_figure(png, self.plot(i, **plot_args)))
         return written

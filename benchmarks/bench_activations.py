@@ -1,0 +1,109 @@
+"""Intermediate activations: convlens vs the floor (bare forward), the spec's hook loop and
+captum's LayerActivation, on the same layers (the stage outputs).
+
+``max diff`` = the largest absolute difference to convlens' maps over all layers (0 expected).
+The early-stop rows ask for the first stage only: the pass ends there.
+
+Run alone: ``PYTHONPATH=src python -m benchmarks.bench_activations [--full]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .bench_cam import _models, _repeats
+from .common import Row, measure, peak_memory_mb
+
+log = logging.getLogger(__name__)
+
+
+def spec_activations(model: nn.Module, img_tensor: Tensor, hook_layers: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """The tutorial's technique 1: a forward hook per layer storing ``output.detach().cpu()``,
+    a full forward pass, hooks removed afterwards (not in a ``finally``)."""
+    activations: dict[str, Tensor] = {}
+    hooks = []
+
+    def make_hook(name):
+        def hook(module, input, output):
+            activations[name] = output.detach().cpu()
+
+        return hook
+
+    for name, layer in hook_layers.items():
+        hooks.append(layer.register_forward_hook(make_hook(name)))
+    with torch.no_grad():
+        _ = model(img_tensor)
+    for h in hooks:
+        h.remove()
+    return activations
+
+
+def _diff(theirs: dict[str, Tensor] | list[Tensor], ours: dict[str, Tensor]) -> float:
+    vals = theirs.values() if isinstance(theirs, dict) else theirs
+    return max(float((t.detach().cpu() - o.cpu()).abs().max()) for t, o in zip(vals, ours.values()))
+
+
+def activation_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: str) -> list[Row]:
+    import convlens
+
+    ours = convlens.activations(model, x, "stages")
+    stages = ours.layers
+    mods = {n: dict(model.named_modules())[n] for n in stages}
+    first = stages[:1]
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return model(x)
+
+    cases: dict[str, Callable[[], Any]] = {
+        "bare forward (floor)": forward,
+        f"convlens activations, {len(stages)} stages": lambda: convlens.activations(model, x, stages),
+        f"convlens activations, first stage only ({first[0]})": lambda: convlens.activations(model, x, first),
+        "spec hook loop (.detach().cpu())": lambda: spec_activations(model, x, mods),
+    }
+    extra: dict[str, dict[str, Any]] = {
+        "spec hook loop (.detach().cpu())": {"max diff": _diff(spec_activations(model, x, mods), ours.maps)},
+    }
+    try:
+        from captum.attr import LayerActivation
+
+        la = LayerActivation(model, list(mods.values()))
+        cases["captum LayerActivation"] = lambda: la.attribute(x)
+        extra["captum LayerActivation"] = {"max diff": _diff(la.attribute(x), ours.maps)}
+        la1 = LayerActivation(model, mods[first[0]])
+        cases["captum LayerActivation, first stage only"] = lambda: la1.attribute(x)
+    except ImportError:
+        log.warning("captum not installed: row skipped")
+
+    times = measure(cases, repeats=_repeats(forward, quick), warmup=1, device=device)
+    floor = times["bare forward (floor)"]
+    rows = []
+    for case, seconds in times.items():
+        peak = peak_memory_mb(cases[case], device)
+        rows.append(Row(case, name, x.shape[0], seconds, seconds / floor, peak, extra.get(case, {})))
+    return rows
+
+
+def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:
+    """One table per model: the stage outputs of one 224 px image."""
+    out = []
+    for name, model, x in _models(quick, device):
+        out.append((f"Activations of the stage outputs, one {x.shape[-1]} px image, {name}",
+                    activation_table(name, model, x, quick=quick, device=device)))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .common import machine_info, markdown_table
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(machine_info())
+    for title, rows in tables(quick="--full" not in sys.argv, device=dev):
+        print(markdown_table(title, rows))

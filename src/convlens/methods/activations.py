@@ -1,0 +1,71 @@
+"""Intermediate activations: what each layer sees, from one forward pass that stops early.
+
+The requested layers' outputs are captured with forward hooks (``LayerCapture``); the pass ends
+as soon as the deepest of them has run, so asking for ``layer1`` of a ResNet costs a fraction
+of a full forward.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+from ..hooks import LayerCapture, model_guard
+from ..layers import LayerError, LayerSpec, find_stages, forget, remembered, resolve_layers
+from ..models import Classifier, as_classifier
+from ..results import Activations
+
+__all__ = ["activations"]
+
+log = logging.getLogger(__name__)
+
+
+def activations(
+    model_or_classifier: nn.Module | Classifier,
+    x: Tensor | object,
+    layers: LayerSpec | Iterable[LayerSpec] = "stages",
+) -> Activations:
+    """The outputs of ``layers`` for the batch ``x``, each (N, C, h, w), in execution order.
+
+    ``layers``: dotted names, modules, glob patterns (``"layer*"``) or ``"stages"``, the model's
+    stage outputs found automatically (:func:`convlens.layers.find_stages`: ResNet's ``relu,
+    layer1..4``, EfficientNet's ``blocks.N``, VGG's maps before each pooling). ``x``: a tensor
+    or image(s) preprocessed by the classifier. The model is left as it was.
+
+    Example::
+
+        acts = activations(load_model(), sample_image(), "stages")
+        acts.plot().savefig("activations.png")
+    """
+    clf = as_classifier(model_or_classifier)
+    x = clf.batch(x)
+    model = clf.model
+    if isinstance(layers, str) and layers == "stages":
+        key = ("stages", tuple(x.shape[1:]))
+        try:
+            chosen = resolve_layers(model, remembered(model, key, lambda: find_stages(model, x[:1])))
+        except LayerError:  # the model was changed since the stages were found: find them again
+            forget(model)
+            chosen = resolve_layers(model, remembered(model, key, lambda: find_stages(model, x[:1])))
+    else:
+        chosen = resolve_layers(model, layers)
+    with model_guard(model), LayerCapture(chosen, stop_early=True) as cap:
+        cap.run(model, x)
+        outputs = dict(cap.outputs)
+    missing = [n for n in chosen if n not in outputs]
+    if missing:
+        raise LayerError(f"layers {missing} did not run in the forward pass")
+    not_maps = {n: tuple(t.shape) for n, t in outputs.items() if t.dim() != 4}
+    if not_maps:
+        n, shape = next(iter(not_maps.items()))
+        raise LayerError(f"layer {n!r} outputs shape {shape}, not an (N, C, h, w) map")
+    # hooks fire in execution order: the dict keeps the order in which the network computed them
+    maps = {n: t.detach().float() for n, t in outputs.items()}
+    log.info("activations of %s", ", ".join(f"{n} {tuple(t.shape[1:])}" for n, t in maps.items()))
+    return Activations(
+        maps=maps,
+        images=clf.denormalise(x.detach()),
+        settings={"layers": list(maps), "stages": isinstance(layers, str) and layers == "stages"},
+    )

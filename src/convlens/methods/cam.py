@@ -1,0 +1,277 @@
+"""The Grad-CAM family: one core (capture the layer, differentiate the target scores down to it),
+and a short weighting rule per method.
+
+With ``A`` the layer's output (N, C, h, w) and ``G = d score / d A`` (gradients only down to
+that layer, through ``torch.autograd.grad`` on the captured tensor), every map is
+``relu(sum_c w_c * A_c)`` for a method's channel weights ``w``, or a per-position rule:
+
+- ``gradcam``   w_c = mean_ij G_cij                                  (Selvaraju et al. 2017)
+- ``gradcam++`` w_c = sum_ij relu(G_cij) a_cij,
+                a_cij = G^2 / (2 G^2 + sum_ij(A_c) G^3 + eps)        (Chattopadhay et al. 2018)
+- ``xgradcam``  w_c = sum_ij G_cij A_cij / (sum_ij A_cij + eps)      (Fu et al. 2020)
+- ``layercam``  map = relu(sum_c relu(G_c) * A_c)                   (Jiang et al. 2021)
+- ``scorecam``  w = softmax_c(score(x * norm(up(A_c))))             (Wang et al. 2020), no gradient
+- ``eigencam``  map = relu(projection of A on its first principal component), no gradient
+
+The eps values and Score-CAM's softmax over channels follow pytorch-grad-cam, so the maps agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hooks import LayerCapture, model_guard
+from ..layers import LayerError, LayerSpec, default_cam_layer, forget, remembered, resolve_layer
+from ..models import Classifier, as_classifier
+from ..results import Saliency
+from ..targets import ResolvedTarget, Target, resolve_target
+
+__all__ = ["grad_cam", "CAM_METHODS"]
+
+log = logging.getLogger(__name__)
+
+
+# -- weighting rules: (A, G) -> map before the final ReLU, (N, h, w) ---------------------------
+def _gradcam(a: Tensor, g: Tensor) -> Tensor:
+    return (g.mean(dim=(2, 3), keepdim=True) * a).sum(1)
+
+
+def _gradcampp(a: Tensor, g: Tensor) -> Tensor:
+    g2 = g * g
+    alpha = g2 / (2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g + 1e-6)
+    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+    w = (g.clamp(min=0) * alpha).sum(dim=(2, 3), keepdim=True)
+    return (w * a).sum(1)
+
+
+def _xgradcam(a: Tensor, g: Tensor) -> Tensor:
+    w = (g * a / (a.sum(dim=(2, 3), keepdim=True) + 1e-7)).sum(dim=(2, 3), keepdim=True)
+    return (w * a).sum(1)
+
+
+def _layercam(a: Tensor, g: Tensor) -> Tensor:
+    return (g.clamp(min=0) * a).sum(1)
+
+
+def _eigencam(a: Tensor, g: Tensor | None = None) -> Tensor:
+    # rows: positions, columns: channels; centred, then projected on the first right singular
+    # vector. Its sign is arbitrary, so it is chosen to agree with the mean activation map.
+    flat = a.flatten(2).transpose(1, 2).double()  # (N, hw, C)
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+    proj = flat @ vh[:, 0, :, None]  # (N, hw, 1)
+    mean_map = a.flatten(2).mean(1).double()  # (N, hw)
+    sign = torch.sign((proj[..., 0] * (mean_map - mean_map.mean(1, keepdim=True))).sum(1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (proj[..., 0] * sign[:, None]).to(a.dtype).view(a.shape[0], *a.shape[2:])
+
+
+RULES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gradcam": _gradcam,
+    "gradcam++": _gradcampp,
+    "xgradcam": _xgradcam,
+    "layercam": _layercam,
+}
+CAM_METHODS = (*RULES, "scorecam", "eigencam")
+
+
+# -- targets: one row per (image, target) ---------------------------------------------------
+@dataclass(frozen=True)
+class _Rows:
+    image: list[int]  # input image of each row
+    index: list[int]  # class index (-1: callable)
+    labels: list[str]
+    rounds: list[list[int]]  # row numbers differentiated together (at most one per image)
+    custom: ResolvedTarget | None = None  # a callable target: one row per image
+
+
+def _rows(clf: Classifier, target: Target, top: int | None, out: Tensor) -> _Rows:
+    n = out.shape[0]
+    if top is not None:
+        if target is not None:
+            raise ValueError("give either target= or top=, not both")
+        if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+            raise ValueError(f"top must be a positive int, not {top!r}")
+        k = min(top, out.shape[1])
+        per_image = out.detach().topk(k, dim=1).indices.tolist()
+    elif isinstance(target, Sequence) and not isinstance(target, str) and any(
+        isinstance(t, Sequence) and not isinstance(t, str) for t in target
+    ):
+        if len(target) != n:
+            raise ValueError(f"{len(target)} target lists for {n} images; give one list per image")
+        per_image = []
+        for t in target:
+            items = [t] if isinstance(t, (int, str)) else list(t)
+            if not items:
+                raise ValueError("an empty target list; give at least one class per image")
+            per_image.append(resolve_target(clf, items, len(items), logits=out[:1].expand(len(items), -1)).indices)
+    else:
+        rt = resolve_target(clf, target, n, logits=out.detach())
+        return _Rows(list(range(n)), rt.indices, rt.labels, [list(range(n))], rt if rt.fn is not None else None)
+    image, index, rounds = [], [], []
+    for i, classes in enumerate(per_image):
+        for j, c in enumerate(classes):
+            if j == len(rounds):
+                rounds.append([])
+            rounds[j].append(len(image))
+            image.append(i)
+            index.append(int(c))
+    return _Rows(image, index, [clf.label(c) for c in index], rounds)
+
+
+def _gradients(out: Tensor, a: Tensor, rows: _Rows) -> Tensor:
+    """d score / d A for every row, (R, C, h, w): one backward per round (a round holds at most
+    one row per image, so a sum of the images' scores separates them)."""
+    grads = a.new_empty((len(rows.image), *a.shape[1:]))
+    with torch.enable_grad():  # the caller may be inside no_grad: scoring must be recorded
+        for r, members in enumerate(rows.rounds):
+            last = r == len(rows.rounds) - 1
+            if rows.custom is not None:
+                (g,) = torch.autograd.grad(rows.custom.score(out).sum(), a, retain_graph=not last)
+                grads[members] = g
+                continue
+            imgs = [rows.image[m] for m in members]
+            seed = torch.zeros_like(out)
+            seed[imgs, [rows.index[m] for m in members]] = 1.0
+            (g,) = torch.autograd.grad(out, a, grad_outputs=seed, retain_graph=not last)
+            grads[members] = g[imgs]
+    return grads
+
+
+# -- Score-CAM ------------------------------------------------------------------------------
+def _scorecam_weights(
+    model: nn.Module, x: Tensor, a: Tensor, rows: _Rows, batch_size: int | None, memory_mb: float
+) -> tuple[Tensor, int]:
+    """Channel weights per row: softmax over channels of the target's score on ``x`` masked by
+    each channel's upsampled activation, scaled to [0, 1]. Masks are built and run per batch."""
+    c = a.shape[1]
+    per_sample = x[0].numel() * x.element_size()
+    if batch_size is None:
+        # a forward without autograd holds a few maps a few times the input's size at once;
+        # 32 input-sizes per sample is a generous estimate for ImageNet CNNs
+        batch_size = max(1, min(c, int(memory_mb * 2**20 // (per_sample * 32))))
+    weights = a.new_empty((len(rows.image), c))
+    for r in range(len(rows.image)):
+        i = rows.image[r]
+        scores = []
+        for s in range(0, c, batch_size):
+            # masks are made per batch: all C of them at input size at once can be gigabytes
+            up = F.interpolate(a[i : i + 1, s : s + batch_size], size=x.shape[-2:], mode="bilinear",
+                               align_corners=False)[0]
+            lo = up.flatten(1).min(1).values[:, None, None]
+            hi = up.flatten(1).max(1).values[:, None, None]
+            o = model(x[i : i + 1] * ((up - lo) / (hi - lo + 1e-8))[:, None])
+            scores.append(rows.custom.score(o) if rows.custom is not None else o[:, rows.index[r]])
+        weights[r] = torch.cat(scores).softmax(0)
+    return weights, batch_size
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+# -- the core -------------------------------------------------------------------------------
+def grad_cam(
+    model_or_classifier: nn.Module | Classifier,
+    x: Tensor | object,
+    *,
+    target: Target | Sequence[Sequence[int | str]] = None,
+    layer: LayerSpec | None = None,
+    method: str = "gradcam",
+    top: int | None = None,
+    batch_size: int | None = None,
+    memory_mb: float = 1024.0,
+) -> Saliency:
+    """Class activation maps of the Grad-CAM family for a batch.
+
+    ``target``: ``None`` (top-1 class per image), an int or class name, one per image, a
+    callable ``f(output) -> (N,)``, or one *list* per image (``[[281, 285], [1]]``) for several
+    classes of one image. ``top=k`` explains each image's k most likely classes. All targets
+    come from one forward pass; result rows are image-major and ``settings["image_index"]``
+    says which input each row explains. ``layer``: name or module, default the last spatial
+    map (:func:`convlens.layers.default_cam_layer`, logged, in ``result.layer``). ``method``:
+    one of ``CAM_METHODS`` (formulas in the module docstring). ``batch_size``/``memory_mb``:
+    Score-CAM's masked forwards per batch (default: as many as fit ``memory_mb``).
+    ``maps`` are ``relu(...)`` upsampled bilinearly to the input size, never normalised.
+
+    Example::
+
+        cam = grad_cam(load_model(), sample_image(), top=5)
+        cam.plot(0)
+    """
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    clf = as_classifier(model_or_classifier)
+    x = clf.batch(x)
+    model = clf.model
+    if layer is None:
+        key = ("cam_layer", tuple(x.shape[1:]))
+        layer = remembered(model, key, lambda: default_cam_layer(model, x[:1]))
+        if not _has(model, layer):  # the model was changed since: choose again
+            forget(model)
+            layer = remembered(model, key, lambda: default_cam_layer(model, x[:1]))
+        log.info("Grad-CAM layer: %s", layer)
+    name, module = resolve_layer(model, layer)
+    needs_grad = method in RULES
+    # inside torch.inference_mode() autograd cannot record at all; leave it for this call
+    # gradients are wanted for activations only: with the parameters frozen for the call,
+    # autograd records and the backward touches nothing but the layers after the captured one
+    with torch.inference_mode(False), model_guard(model, freeze=True):
+        with LayerCapture({name: module}, grad=[name] if needs_grad else []) as cap:
+            out = cap.run(model, x)
+        if name not in cap.outputs:
+            raise LayerError(f"layer {name!r} did not run in the forward pass")
+        a = cap[name]
+        if a.dim() != 4:
+            raise LayerError(f"layer {name!r} outputs shape {tuple(a.shape)}; CAMs need a (N, C, h, w) map")
+        if not isinstance(out, Tensor) or (out.dim() != 2 and not callable(target)):
+            raise ValueError(
+                "the model's output is not (N, classes) logits; pass a callable target that scores it"
+            )
+        rows = _rows(clf, target, top, out)
+        settings: dict[str, object] = {"image_index": rows.image, "layer_shape": tuple(a.shape[1:])}
+        if top is not None:
+            settings["top"] = top
+        with torch.no_grad():
+            if needs_grad:
+                g = _gradients(out, a, rows)
+                raw = RULES[method](a.detach()[rows.image], g)
+            elif method == "eigencam":
+                raw = _eigencam(a.detach())[rows.image]
+            else:
+                w, bs = _scorecam_weights(model, x, a.detach(), rows, batch_size, memory_mb)
+                raw = (w[:, :, None, None] * a.detach()[rows.image]).sum(1)
+                settings["batch_size"] = bs
+            raw = torch.nan_to_num(raw).clamp(min=0)
+            maps = F.interpolate(raw[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    flat = raw.flatten(1)
+    constant = ((flat.max(1).values - flat.min(1).values) <= 0).nonzero()[:, 0].tolist()
+    if constant:
+        warnings.warn(
+            f"{method} map is constant (all {float(flat[constant[0], 0]):g}) for rows {constant}: "
+            f"nothing at {name} supports the target",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    images = clf.denormalise(x.detach())[rows.image]
+    return Saliency(
+        maps=maps.float(),
+        raw=raw.float(),
+        target=list(rows.index),
+        method=method,
+        layer=name,
+        images=images,
+        labels=list(rows.labels),
+        settings=settings,
+    )
