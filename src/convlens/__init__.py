@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .hooks import LayerCapture, model_guard
 from .images import ImageError, load_image, sample_image, sample_image_path
 from .layers import LayerError, default_cam_layer, layer_table, resolve_layer, resolve_layers
+from .methods.occlusion import occlusion
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
 from .results import Saliency
 
@@ -28,6 +29,7 @@ __all__ = [
     "load_image",
     "load_model",
     "model_guard",
+    "occlusion",
     "resolve_layer",
     "resolve_layers",
     "sample_image",
