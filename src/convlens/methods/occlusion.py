@@ -252,14 +252,16 @@ def occlusion(
         bar = _progress(progress, n * n_windows)
         try:
             for i in range(n):
-                bi = base[i : i + 1]
+                xi, bi = x[i : i + 1], base[i : i + 1]
                 for chunk in _chunks(starts_y, starts_x, bs):
-                    scores = scorers[i](evaluator(x[i : i + 1], bi, chunk, (ph, pw)))
+                    scores = scorers[i](evaluator(xi, bi, chunk, (ph, pw)))
                     idx = torch.tensor([c[0] for c in chunk], device=x.device)
                     drops[i, idx] = clean[i] - scores
                     bar.update(len(chunk))
         finally:
             bar.close()
+            if hasattr(evaluator, "close"):
+                evaluator.close()
 
     raw = drops.view(n, len(starts_y), len(starts_x))
     acc = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
