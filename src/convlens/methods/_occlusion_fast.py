@@ -1,29 +1,30 @@
 """Exact speed-up for occlusion: recompute only what a window can reach.
 
-An occluded image differs from the clean one only inside the window. Through the first, purely
-local layers of a CNN (convolutions, batch norm, pointwise activations, max/avg pooling) that
-difference spreads only as far as the receptive field: output cell ``j`` of a layer with total
-stride ``S`` depends on input rows ``[S*j - L, S*j + R]``. So, for a *split* module ``M`` on the
-network's main path:
+An occluded image differs from the clean one only inside the window. Through the purely local
+layers of a CNN (convolutions, batch norm, pointwise activations, max/avg pooling) the
+difference spreads only as far as the receptive field: cell ``j`` of a layer with total stride
+``S`` depends on input rows ``[S*j - L, S*j + R]``, so only the cells whose field meets the window
+(the *reachable* cells) change. The network's main path is cut at *boundary* modules
+``M1, ..., MK`` (modules of the top-level sequence or of nested ``nn.Sequential`` s, run once):
 
-1. the clean output of ``M`` is computed once per image;
-2. for each window, only a crop of the occluded image is run up to ``M``: the crop holds the
-   receptive fields of every cell of ``M`` the window can reach, starts at a multiple of ``S``
-   (so its grid lines up with the full image's) and keeps the image's size modulo ``S`` (so
-   "same" padding that depends on the size pads alike); where it touches the image border, the
-   layers' own padding is the true padding;
-3. a forward hook on ``M`` pastes the reachable cells into a copy of the clean output and the
-   rest of the network runs on that, unchanged.
+1. one clean pass per image stores the output of every boundary;
+2. per window, stage 1 runs on a crop of the occluded image that holds the receptive fields of
+   the cells of ``M1`` the window reaches; stage ``k`` runs on a crop of ``Mk-1``'s output in
+   which the reachable cells come from stage ``k-1`` and the rest from the clean pass (they are
+   equal there); forward hooks on the boundaries swap the tensors;
+3. after ``MK`` the reachable cells are pasted into the clean output and the rest of the network
+   runs unchanged.
 
-Cells outside the reachable set equal the clean ones exactly, and the pasted ones are computed
-from the same inputs, so the result equals a full forward up to float rounding (a convolution
-over a smaller tensor may sum in another order). ``L`` and ``R`` are bounded from above by
-adding every local layer's reach (parallel branches included), which only enlarges the crop.
-
-The structure is found with forward hooks on a private copy of the model (the user's model is
-never touched), the split is chosen with a FLOP estimate, and the whole path is checked on
-the first, middle and last window against full forwards of the user's model before it is used;
-any doubt (an unknown layer type, a module run twice, a mismatch) means the plain path is used.
+Every crop starts at a multiple of its stage's stride (its grid lines up with the full one) and
+keeps the full size modulo that stride (TF-style "same" padding, decided at run time from the
+size, pads alike); where a crop touches the border, the layers' own padding is the true one.
+``L`` and ``R`` are bounded from above by adding every local layer's reach (parallel branches
+included), which can only enlarge the crops. So the result equals one full forward per window up
+to float rounding. The structure is read with forward hooks on a private deep copy (the user's
+model is never touched); the boundaries are chosen with a cost estimate (multiply-adds plus
+memory traffic) by dynamic programming; and the path is checked on the first, a middle and the
+last window against full forwards of the user's model before it is used. Anything not understood
+(an unknown layer type inside the prefix, a module run twice, a mismatch) means the plain path.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +45,8 @@ _POINTWISE = (
     nn.Dropout, nn.Dropout2d,
 )
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
-# below this fraction of the plain cost saved, the plain path is kept
-MIN_GAIN = 0.1
+MIN_GAIN = 0.1  # below this estimated saving the plain path is kept
+COPY_COST = 4.0  # cost units per element copied or touched by a pointwise op (vs 1 per multiply-add)
 
 
 @dataclass
@@ -57,10 +58,11 @@ class _Call:
     calls: int = 0
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
+    leaf: bool = True
 
 
 def _record(model: nn.Module, x: Tensor) -> list[_Call]:
-    """Every module's first call on ``x``: start/end order and input/output shapes."""
+    """Every module's first call on ``x`` with start/end order and input/output shapes."""
     calls: dict[nn.Module, _Call] = {}
     counter = [0]
     handles = []
@@ -72,7 +74,7 @@ def _record(model: nn.Module, x: Tensor) -> list[_Call]:
                 calls[m].calls += 1
                 return
             shape = tuple(args[0].shape) if args and isinstance(args[0], Tensor) else ()
-            calls[m] = _Call(m, name, counter[0], calls=1, in_shape=shape)
+            calls[m] = _Call(m, name, counter[0], calls=1, in_shape=shape, leaf=not any(True for _ in m.children()))
 
         return hook
 
@@ -99,14 +101,22 @@ def _spatial(shape: tuple[int, ...]) -> tuple[int, int] | None:
     return (shape[2], shape[3]) if len(shape) == 4 else None
 
 
-def _reach(c: _Call) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None:
-    """Per axis (left reach, right reach) in the module's input cells, and its stride; ``None`` when
-    the module is not a known local layer."""
+def _reach(c: _Call) -> list[tuple[int, int, int]] | None:
+    """Per axis (left reach, right reach, stride) in the layer's input cells; ``None`` when the
+    layer is not a known local one."""
     m = c.module
-    if isinstance(m, _POINTWISE) or (isinstance(m, nn.BatchNorm2d) and not m.training):
-        return (0, 0), (0, 0), (1, 1)
+    if _spatial(c.in_shape) is None or _spatial(c.out_shape) is None:
+        return None
+    if isinstance(m, _POINTWISE):  # may be shared (ResNet's one ReLU per block)
+        return [(0, 0, 1), (0, 0, 1)]
+    if c.calls != 1:
+        return None
+    if isinstance(m, nn.BatchNorm2d) and not m.training:
+        return [(0, 0, 1), (0, 0, 1)]
     if not isinstance(m, (nn.Conv2d, *_POOLS)):
         return None
+    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+        return None  # circular / reflect padding reaches across the image
     pair = nn.modules.utils._pair
     k = pair(m.kernel_size)
     s = pair(m.stride if m.stride is not None else m.kernel_size)
@@ -115,170 +125,240 @@ def _reach(c: _Call) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
     if isinstance(pad, str):
         pad = (0, 0) if pad == "valid" else tuple(di * (ki - 1) // 2 for di, ki in zip(d, k))
     pad = pair(pad)
-    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-        return None  # circular / reflect padding reaches across the image
-    ceil = getattr(m, "ceil_mode", False)
-    reach = []
+    out = []
     for ax in range(2):
         span = d[ax] * (k[ax] - 1)
-        size = c.in_shape[2 + ax] + 2 * pad[ax] - span - 1
-        expected = (math.ceil if ceil else math.floor)(size / s[ax]) + 1
-        if expected != c.out_shape[2 + ax]:
-            reach.append((span, span))  # padding decided at run time (TF "same"): bound both sides
+        expected = (math.ceil if getattr(m, "ceil_mode", False) else math.floor)(
+            (c.in_shape[2 + ax] + 2 * pad[ax] - span - 1) / s[ax]
+        ) + 1
+        if expected != c.out_shape[2 + ax]:  # padding decided at run time (TF "same"): bound both sides
+            out.append((span, span, s[ax]))
         else:
-            reach.append((pad[ax], max(span - pad[ax], 0)))
-    return reach[0], reach[1], s
+            out.append((pad[ax], max(span - pad[ax], 0), s[ax]))
+    return out
 
 
 @dataclass
-class _Split:
-    call: _Call
-    stride: tuple[int, int]
-    left: tuple[int, int]
-    right: tuple[int, int]
-    prefix_cost: float
-    cost: float
+class _Node:
+    """A possible boundary (index 0 is the input image)."""
+
+    call: _Call | None
+    size: tuple[int, int]  # its grid
+    stride: tuple[int, int]  # total stride from the input
+    elements: int  # C * H * W of its output
+    reach_px: tuple[tuple[int, int], tuple[int, int]]  # cumulative (left, right) per axis, input pixels
+    cost_before: float  # estimated cost of everything up to its end
+    leaves: list[tuple[_Call, list[tuple[int, int, int]]]] = field(default_factory=list)  # local layers up to it
 
 
-def _candidates(model: nn.Module, calls: list[_Call], size: tuple[int, int]) -> tuple[list[_Split], float]:
-    """Split modules on the main path whose prefix is purely local, with receptive-field bounds and
-    cost estimates; and the cost of a full forward."""
+def _cost(c: _Call) -> float:
+    out = c.calls * math.prod(c.out_shape) if c.out_shape else 0
+    if isinstance(c.module, nn.Conv2d) and c.in_shape:
+        macs = out * (c.in_shape[1] // c.module.groups) * math.prod(nn.modules.utils._pair(c.module.kernel_size))
+        return macs + COPY_COST * out
+    return COPY_COST * out
+
+
+def _nodes(model: nn.Module, calls: list[_Call], size: tuple[int, int]) -> tuple[list[_Node], float]:
+    """The input and every possible boundary in order, and the cost of a full forward."""
     spine = {model}
-    for m in model.modules():  # parents come before children in modules()
+    for m in model.modules():  # parents come before their children
         if m in spine and (m is model or isinstance(m, nn.Sequential)):
             spine.update(m.children())
-    costs = []
+    total = float(sum(_cost(c) for c in calls if c.leaf)) or 1.0
+    # the local prefix: leaves in start order until the first one that is not local
+    local: list[tuple[_Call, list[tuple[int, int, int]]]] = []
+    barrier = math.inf
+    s_max = 1.0
     for c in calls:
-        out = math.prod(c.out_shape) if c.out_shape else 0
-        if isinstance(c.module, nn.Conv2d) and c.in_shape:
-            out *= (c.in_shape[1] // c.module.groups) * math.prod(nn.modules.utils._pair(c.module.kernel_size))
-        costs.append(out if not list(c.module.children()) else 0)
-    total = float(sum(costs)) or 1.0
-    splits: list[_Split] = []
-    s_max = 1
-    barrier = None  # the first call that is not local ends the prefix
-    for i, c in enumerate(calls):
-        if list(c.module.children()):
+        if not c.leaf:
             if c.calls != 1:
                 barrier = c.start
                 break
             continue
-        sp = _spatial(c.in_shape)
-        r = _reach(c) if sp is not None and _spatial(c.out_shape) is not None and c.calls == 1 else None
+        r = _reach(c)
         if r is None:
             barrier = c.start
             break
-        s_in = [size[ax] / sp[ax] for ax in range(2)]
-        if max(s_in) > s_max * 1.01:  # the resolution jumped: a global reduction happened (e.g. SE)
+        sp, out = _spatial(c.in_shape), _spatial(c.out_shape)
+        s_in = max(size[0] / sp[0], size[1] / sp[1])
+        if s_in > s_max * 1.01:  # the grid got coarser without a stride: a global reduction (e.g. SE)
             barrier = c.start
             break
-        out_sp = _spatial(c.out_shape)
-        s_max = max(s_max, round(size[0] / out_sp[0]), round(size[1] / out_sp[1]))
-    for c in calls:
+        local.append((c, r))
+        s_max = max(s_max, size[0] / out[0], size[1] / out[1])
+    nodes = [_Node(None, size, (1, 1), 0, ((0, 0), (0, 0)), 0.0)]
+    for c in sorted(calls, key=lambda c: c.end):
         if c.module not in spine or c.module is model or c.calls != 1 or _spatial(c.out_shape) is None:
             continue
-        if barrier is not None and c.end > barrier:
+        if c.end > barrier:
             break
         sp = _spatial(c.out_shape)
         stride = (round(size[0] / sp[0]), round(size[1] / sp[1]))
-        # reach of everything that ran up to the end of c
-        lr = [[0, 0], [0, 0]]
-        for cc in calls:
-            if cc.start > c.end or list(cc.module.children()):
-                continue
-            r = _reach(cc)
-            s_in = [size[ax] / _spatial(cc.in_shape)[ax] for ax in range(2)]
+        if nodes[-1].stride[0] and (stride[0] % nodes[-1].stride[0] or stride[1] % nodes[-1].stride[1]):
+            continue
+        leaves = [(cc, r) for cc, r in local if cc.end <= c.end]
+        reach = [[0, 0], [0, 0]]
+        for cc, r in leaves:
             for ax in range(2):
-                lr[0][ax] += math.ceil(s_in[ax] * r[ax][0])
-                lr[1][ax] += math.ceil(s_in[ax] * r[ax][1])
-        prefix = float(sum(cost for cc, cost in zip(calls, costs) if cc.end <= c.end))
-        splits.append(_Split(c, stride, tuple(lr[0]), tuple(lr[1]), prefix, total))
-    return splits, total
+                s_in = size[ax] / _spatial(cc.in_shape)[ax]
+                reach[ax][0] += math.ceil(s_in * r[ax][0])
+                reach[ax][1] += math.ceil(s_in * r[ax][1])
+        cost = float(sum(_cost(cc) for cc in calls if cc.leaf and cc.end <= c.end))
+        nodes.append(_Node(c, sp, stride, math.prod(c.out_shape[1:]), tuple(map(tuple, reach)), cost, leaves))
+    return nodes, total
 
 
 @dataclass
-class _Axis:
-    """Crop geometry along one axis for every window start."""
+class _Stage:
+    """Crop geometry of one stage (from node ``i`` to node ``j``) along one axis, per window start."""
 
-    crop: int  # crop length in input pixels
-    a: list[int]  # crop start per window start
-    j0: list[int]  # first reachable output cell
-    j1: list[int]  # last reachable output cell (inclusive)
+    crop: int  # crop length in cells of the stage's input grid
+    a: list[int]  # crop start per window start (input grid cells)
+    j0: list[int]  # first reachable cell of the output grid
+    j1: list[int]  # last reachable cell (inclusive)
 
 
-def _axis(size: int, out: int, patch: int, starts: list[int], s: int, left: int, right: int) -> _Axis:
-    lo_hi = []
+def _stage_axis(nodes: list[_Node], i: int, j: int, ax: int, patch: int, starts: list[int]) -> _Stage:
+    src, dst = nodes[i], nodes[j]
+    n_in, n_out = src.size[ax], dst.size[ax]
+    s_rel = dst.stride[ax] // src.stride[ax]
+    big_s = dst.stride[ax]
+    left_px, right_px = dst.reach_px[ax]
+    # the stage's own reach in input-grid cells
+    l_rel = r_rel = 0
+    for cc, r in dst.leaves:
+        if src.call is not None and cc.start < src.call.end:
+            continue
+        s_in = src.size[ax] / _spatial(cc.in_shape)[ax]  # layer's input stride / stage's input stride
+        l_rel += math.ceil(s_in * r[ax][0])
+        r_rel += math.ceil(s_in * r[ax][1])
+    rows = []
     for y in starts:
-        j0 = max(0, -((right - y) // s))  # ceil((y - right) / s)
-        j1 = min(out - 1, (y + patch - 1 + left) // s)
-        lo = max(0, s * j0 - left)
-        hi = min(size - 1, s * j1 + right)
-        lo_hi.append((j0, j1, lo, hi))
-    need = max(hi + 1 - (lo // s) * s for _, _, lo, hi in lo_hi)
-    crop = need + (size - need) % s  # same size modulo s as the image
-    crop = min(crop, size)
-    a = [min((lo // s) * s, size - crop) for _, _, lo, _ in lo_hi]
-    return _Axis(crop, a, [v[0] for v in lo_hi], [v[1] for v in lo_hi])
+        j0 = max(0, -((right_px - y) // big_s))  # ceil((y - R) / S)
+        j1 = min(n_out - 1, (y + patch - 1 + left_px) // big_s)
+        lo = max(0, s_rel * j0 - l_rel)
+        hi = min(n_in - 1, s_rel * j1 + r_rel)
+        rows.append((j0, j1, lo, hi))
+    need = max(hi + 1 - (lo // s_rel) * s_rel for _, _, lo, hi in rows)
+    crop = min(n_in, need + (n_in - need) % s_rel)  # the input grid's size modulo s_rel
+    a = [min((lo // s_rel) * s_rel, n_in - crop) for _, _, lo, _ in rows]
+    return _Stage(crop, a, [r[0] for r in rows], [r[1] for r in rows])
+
+
+def _plan(nodes: list[_Node], total: float, patch: tuple[int, int], starts: tuple[list[int], list[int]]):
+    """Boundaries minimising the estimated cost (dynamic programming over the nodes)."""
+    n = len(nodes)
+    stages: dict[tuple[int, int], tuple[_Stage, _Stage, float]] = {}
+    for i in range(n):
+        for j in range(i + 1, n):
+            sy = _stage_axis(nodes, i, j, 0, patch[0], starts[0])
+            sx = _stage_axis(nodes, i, j, 1, patch[1], starts[1])
+            frac = (sy.crop / nodes[i].size[0]) * (sx.crop / nodes[i].size[1])
+            stages[i, j] = (sy, sx, (nodes[j].cost_before - nodes[i].cost_before) * frac)
+    best: list[tuple[float, list[int]]] = [(0.0, [0])] + [(math.inf, [])] * (n - 1)
+    for j in range(1, n):
+        for i in range(j):
+            if best[i][0] == math.inf:
+                continue
+            cost = best[i][0] + stages[i, j][2]
+            if i > 0:  # the hook at node i builds the crop for this stage
+                sy, sx, _ = stages[i, j]
+                cost += COPY_COST * 2 * nodes[i].elements * (sy.crop / nodes[i].size[0]) * (sx.crop / nodes[i].size[1])
+            if cost < best[j][0]:
+                best[j] = (cost, best[i][1] + [j])
+    options = []
+    for j in range(1, n):
+        if best[j][0] < math.inf:
+            cost = best[j][0] + (total - nodes[j].cost_before) + COPY_COST * 2 * nodes[j].elements
+            options.append((cost, best[j][1]))
+    if not options:
+        return None
+    cost, path = min(options, key=lambda o: o[0])
+    return cost, path, [stages[path[k], path[k + 1]][:2] for k in range(len(path) - 1)]
 
 
 class CropEvaluator:
-    """Runs a private copy of the model on occluded crops and splices the split module's output."""
+    """Runs a private copy of the model stage by stage on crops; hooks on the boundaries swap in
+    the next stage's crop (or, after the last, the full map)."""
 
     name = "crop"
 
-    def __init__(self, private: nn.Module, split: _Split, ay: _Axis, ax: _Axis,
+    def __init__(self, private: nn.Module, nodes: list[_Node], stages: list[tuple[_Stage, _Stage]],
                  starts: tuple[list[int], list[int]]) -> None:
         self.model = private
-        self.split = split
-        self.ay, self.ax = ay, ax
+        self.nodes = nodes  # the chosen boundaries, nodes[0] the input
+        self.stages = stages  # stages[k]: from nodes[k] to nodes[k + 1]
         self.index_y = {y: i for i, y in enumerate(starts[0])}
         self.index_x = {x: i for i, x in enumerate(starts[1])}
-        self.clean: Tensor | None = None
+        self.clean: list[Tensor | None] = [None] * len(nodes)
         self._clean_of: Tensor | None = None
-        self._paste: list[tuple[int, int, int, int, int, int]] | None = None
-        self._handle = split.call.module.register_forward_hook(self._hook)
-        self.split_name = split.call.name
-        self.estimate = 1.0
+        self._windows: list[tuple[int, int]] | None = None
+        self._handles = [
+            node.call.module.register_forward_hook(self._hook(k)) for k, node in enumerate(nodes) if k > 0
+        ]
+        self.split_names = [node.call.name for node in nodes[1:]]
 
     def close(self) -> None:
-        self._handle.remove()
+        while self._handles:
+            self._handles.pop().remove()
 
-    def _hook(self, module: nn.Module, args: object, out: Tensor) -> Tensor | None:
-        paste = self._paste
-        if paste is None:  # the clean pass
-            self.clean = out.clone()
-            return None
-        full = self.clean.expand(out.shape[0], *self.clean.shape[1:]).clone()
-        for k, (j0, j1, i0, i1, c0, c1) in enumerate(paste):
-            full[k, :, j0 : j1 + 1, i0 : i1 + 1] = out[k, :, c0 : c0 + j1 - j0 + 1, c1 : c1 + i1 - i0 + 1]
-        return full
+    def _hook(self, k: int):
+        def hook(module: nn.Module, args: object, out: Tensor) -> Tensor | None:
+            windows = self._windows
+            if windows is None:  # the clean pass
+                self.clean[k] = out.clone()
+                return None
+            sy, sx = self.stages[k - 1]
+            ry = self.nodes[k].stride[0] // self.nodes[k - 1].stride[0]
+            rx = self.nodes[k].stride[1] // self.nodes[k - 1].stride[1]
+            clean = self.clean[k]
+            last = k == len(self.nodes) - 1
+            if last:
+                new = clean.expand(out.shape[0], *clean.shape[1:]).clone()
+            else:
+                ny, nx = self.stages[k]
+            for w, (iy, ix) in enumerate(windows):
+                if not last:
+                    ay, ax = ny.a[iy], nx.a[ix]
+                    if w == 0:
+                        new = out.new_empty(out.shape[0], out.shape[1], ny.crop, nx.crop)
+                    new[w] = clean[0, :, ay : ay + ny.crop, ax : ax + nx.crop]
+                    lo_y, hi_y = max(sy.j0[iy], ay), min(sy.j1[iy], ay + ny.crop - 1)
+                    lo_x, hi_x = max(sx.j0[ix], ax), min(sx.j1[ix], ax + nx.crop - 1)
+                else:
+                    ay = ax = 0
+                    lo_y, hi_y, lo_x, hi_x = sy.j0[iy], sy.j1[iy], sx.j0[ix], sx.j1[ix]
+                if lo_y > hi_y or lo_x > hi_x:
+                    continue
+                oy, ox = sy.a[iy] // ry, sx.a[ix] // rx  # where this stage's output starts
+                new[w, :, lo_y - ay : hi_y - ay + 1, lo_x - ax : hi_x - ax + 1] = out[
+                    w, :, lo_y - oy : hi_y - oy + 1, lo_x - ox : hi_x - ox + 1
+                ]
+            return new
 
-    def _prepare(self, x: Tensor) -> None:
-        if self._clean_of is not x:
-            self._paste = None
-            with torch.no_grad():
-                self.model(x)
-            self._clean_of = x
+        return hook
 
     def __call__(self, x: Tensor, base: Tensor, windows: list[tuple[int, int, int]], patch: tuple[int, int]) -> Tensor:
-        self._prepare(x)
+        if self._clean_of is not x:
+            self._windows = None
+            self.model(x)
+            self._clean_of = x
         ph, pw = patch
-        sy, sx = self.split.stride
-        cy, cx = self.ay.crop, self.ax.crop
-        crops = x.new_empty(len(windows), x.shape[1], cy, cx)
-        paste = []
-        for k, (_, y, xx) in enumerate(windows):
+        sy, sx = self.stages[0]
+        crops = x.new_empty(len(windows), x.shape[1], sy.crop, sx.crop)
+        idx = []
+        for w, (_, y, xx) in enumerate(windows):
             iy, ix = self.index_y[y], self.index_x[xx]
-            a, b = self.ay.a[iy], self.ax.a[ix]
-            crops[k] = x[0, :, a : a + cy, b : b + cx]
-            crops[k, :, y - a : y - a + ph, xx - b : xx - b + pw] = base[0, :, y : y + ph, xx : xx + pw]
-            j0, j1, i0, i1 = self.ay.j0[iy], self.ay.j1[iy], self.ax.j0[ix], self.ax.j1[ix]
-            paste.append((j0, j1, i0, i1, j0 - a // sy, i0 - b // sx))
-        self._paste = paste
+            a, b = sy.a[iy], sx.a[ix]
+            crops[w] = x[0, :, a : a + sy.crop, b : b + sx.crop]
+            crops[w, :, y - a : y - a + ph, xx - b : xx - b + pw] = base[0, :, y : y + ph, xx : xx + pw]
+            idx.append((iy, ix))
+        self._windows = idx
         try:
             return self.model(crops)
         finally:
-            self._paste = None
+            self._windows = None
 
 
 def build_fast_evaluator(
@@ -290,35 +370,26 @@ def build_fast_evaluator(
     starts_x: list[int],
 ) -> CropEvaluator | None:
     """A :class:`CropEvaluator` for ``model`` on images shaped like ``x``, or ``None`` when the
-    model's structure is not understood or the crop path would not save enough work."""
+    model's structure is not understood, the crops would not save enough work, or the check fails."""
     from .occlusion import _PlainEvaluator
 
     height, width = x.shape[-2:]
     try:
         private = copy.deepcopy(model).eval()
         calls = _record(private, x[:1])
-        splits, total = _candidates(private, calls, (height, width))
-    except Exception as e:  # a structure we cannot record: the plain path is always right
-        log.info("occlusion: no crop path (%s)", e)
+        nodes, total = _nodes(private, calls, (height, width))
+        plan = _plan(nodes, total, patch, (starts_y, starts_x))
+    except Exception as e:  # a structure we cannot read: the plain path is always right
+        log.info("occlusion: no crop path (%s: %s)", type(e).__name__, e)
         return None
-    best = None
-    for sp in splits:
-        h, w = _spatial(sp.call.out_shape)
-        ay = _axis(height, h, patch[0], starts_y, sp.stride[0], sp.left[0], sp.right[0])
-        ax = _axis(width, w, patch[1], starts_x, sp.stride[1], sp.left[1], sp.right[1])
-        frac = (ay.crop * ax.crop) / (height * width)
-        paste = 2 * math.prod(sp.call.out_shape[1:])  # copy of the clean output + paste
-        cost = total - sp.prefix_cost * (1 - frac) + paste
-        if best is None or cost < best[0]:
-            best = (cost, sp, ay, ax)
-    if best is None or best[0] > (1 - MIN_GAIN) * total:
-        log.info("occlusion: the crop path would not pay here; one full forward per window")
+    if plan is None or plan[0] > (1 - MIN_GAIN) * total:
+        log.info("occlusion: crops would not pay here; one full forward per window")
         return None
-    cost, sp, ay, ax = best
-    ev = CropEvaluator(private, sp, ay, ax, (starts_y, starts_x))
-    # check on the first, a middle and the last window against the user's model
+    cost, path, stages = plan
+    ev = CropEvaluator(private, [nodes[k] for k in path], stages, (starts_y, starts_x))
+    # check the first, a middle and the last window against the user's own model
     n = len(starts_y) * len(starts_x)
-    picks = sorted({0, n // 2 + len(starts_x) // 2, n - 1})
+    picks = sorted({0, (len(starts_y) // 2) * len(starts_x) + len(starts_x) // 2, n - 1})
     windows = [(i, starts_y[i // len(starts_x)], starts_x[i % len(starts_x)]) for i in picks]
     try:
         with torch.no_grad():
@@ -328,16 +399,15 @@ def build_fast_evaluator(
         tol = 1e-5 * max(1.0, float(ref.abs().max()))
     except Exception as e:
         ev.close()
-        log.info("occlusion: crop path failed its check (%s); one full forward per window", e)
+        log.info("occlusion: the crop path failed its check (%s: %s); one full forward per window", type(e).__name__, e)
         return None
     if not err <= tol:
         ev.close()
-        log.info("occlusion: crop path differs by %.3g from full forwards; one full forward per window", err)
+        log.info("occlusion: the crop path differs by %.3g from full forwards; one full forward per window", err)
         return None
     log.info(
-        "occlusion: crop path split at %s (stride %s, reach %s/%s), crop %dx%d, estimated %.0f%% of the work",
-        sp.call.name, sp.stride, sp.left, sp.right, ay.crop, ax.crop, 100 * cost / total,
+        "occlusion: crops through %s (first crop %dx%d px), estimated %.0f%% of the plain work",
+        ", ".join(ev.split_names), stages[0][0].crop, stages[0][1].crop, 100 * cost / total,
     )
-    ev.split_name = sp.call.name
     ev.estimate = cost / total
     return ev
