@@ -376,6 +376,11 @@ def build_fast_evaluator(
     height, width = x.shape[-2:]
     try:
         private = copy.deepcopy(model).eval()
+        for m in private.modules():  # the caller's hooks stay on the caller's model
+            for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+                d = getattr(m, attr, None)
+                if d:
+                    d.clear()
         calls = _record(private, x[:1])
         nodes, total = _nodes(private, calls, (height, width))
         plan = _plan(nodes, total, patch, (starts_y, starts_x))
