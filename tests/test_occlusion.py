@@ -289,6 +289,27 @@ def test_long_runs_are_streamed(img):
     assert max(seen) == 64 and sum(seen) >= 39 * 39
 
 
+def test_1024px_at_stride_4_is_streamed(net):
+    """61,009 windows: the occluded images must be made a chunk at a time (all at once would be
+    730 GB). Stopped after a few chunks by a target that raises."""
+    from convlens.methods.occlusion import _default_batch
+
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(5))
+    assert _default_batch(net, x, 61009, crop=False) == 1
+    assert 1 <= _default_batch(net, x, 61009, crop=True) <= 4
+    calls = []
+
+    def score(out):
+        calls.append(out.shape[0])
+        if len(calls) == 4:
+            raise RuntimeError("enough")
+        return out[:, 0]
+
+    with pytest.raises(RuntimeError, match="enough"):
+        occlusion(net, x, target=score, patch=16, stride=4)
+    assert max(calls) <= 4
+
+
 # -- errors -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "match"),

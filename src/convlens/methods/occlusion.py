@@ -122,14 +122,35 @@ def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int]) -> Tensor:
     raise ValueError(f"baseline must be a number, 'mean', 'blur' or a tensor, not {type(baseline).__name__}")
 
 
+# rough bytes of activations alive at once per image in a forward, per input element: ResNet-50's
+# largest activation is 5.3x its input and a few of them are alive at a time
+_ACTIVATION_FACTOR = 64 * 4
+
+
+def _cpu_budget() -> int:
+    """A quarter of the available RAM, at most 2 GiB."""
+    avail = 8 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return min(avail // 4, 2 << 30)
+
+
 def _default_batch(model: nn.Module, x: Tensor, n_windows: int, crop: bool) -> int:
-    """Windows per forward pass. CPU: 1 for full forwards (measured on 2 cores: batching ResNet-50
-    is slower, 6.2 s for 101 single forwards vs 7.4 s in chunks of 16), 4 for the crop path (its
-    early stages run on small crops, where a few at once use the cores better: ResNet-50, 121
-    windows, 19.2 s at 4 vs 24.6 s at 1 and 23.0 s at 16). GPU: as many as half the free memory
-    allows, from the measured peak of a single full forward, capped at 256."""
+    """Windows per forward pass, within a memory budget. CPU: 1 for full forwards (measured on 2
+    cores: batching ResNet-50 is slower, 6.2 s for 101 single forwards vs 7.4 s in chunks of 16),
+    4 for the crop path (its early stages run on small crops, where a few at once use the cores
+    better: ResNet-50, 121 windows, 19.2 s at 4 vs 24.6 s at 1 and 23.0 s at 16), fewer when a
+    quarter of the free RAM (at most 2 GiB) would not hold them (large images). GPU: as many as
+    half the free memory allows, from the measured peak of a single full forward, capped at 256."""
     if x.device.type != "cuda":
-        return 4 if crop else 1
+        per_image = _ACTIVATION_FACTOR * x[0].numel()
+        return int(max(1, min(4 if crop else 1, _cpu_budget() // per_image)))
     torch.cuda.synchronize(x.device)
     torch.cuda.reset_peak_memory_stats(x.device)
     base = torch.cuda.memory_allocated(x.device)
