@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..hooks import model_guard
 from ..models import Classifier, as_classifier
 from ..results import Saliency
-from ..targets import Target, resolve_target
+from ..targets import ResolvedTarget, Target, resolve_target
 
 __all__ = ["occlusion", "window_starts"]
 
@@ -162,7 +162,8 @@ def _default_batch(model: nn.Module, x: Tensor, n_windows: int, crop: bool) -> i
 
 
 class _Scorer:
-    """The (B,) scores of a model output for one image's target."""
+    """The (B,) scores of a model output for one image's target (the chosen class's probability or
+    logit, or the callable's value), through :meth:`ResolvedTarget.score`."""
 
     def __init__(self, score: str, index: int, fn: Any) -> None:
         self.score, self.index, self.fn = score, index, fn
@@ -170,14 +171,10 @@ class _Scorer:
     def __call__(self, out: Tensor) -> Tensor:
         if not isinstance(out, Tensor) or out.dim() != 2:
             raise ValueError("the model must return logits of shape (N, classes)")
-        if self.fn is not None:
-            s = self.fn(out)
-            if not isinstance(s, Tensor) or s.shape != (out.shape[0],):
-                raise ValueError(f"a callable target must return one score per image, shape ({out.shape[0]},)")
-            return s.float()
-        if self.score == "logit":
-            return out[:, self.index].float()
-        return torch.softmax(out.float(), dim=1)[:, self.index]
+        b = out.shape[0]
+        if self.fn is None and self.score == "probability":
+            out = torch.softmax(out.float(), dim=1)
+        return ResolvedTarget([self.index] * b, [""] * b, self.fn).score(out).float()
 
 
 def _chunks(starts_y: list[int], starts_x: list[int], size: int) -> Iterator[list[tuple[int, int, int]]]:
