@@ -7,6 +7,7 @@ from .images import ImageError, load_image, sample_image, sample_image_path
 from .layers import LayerError, default_cam_layer, layer_table, resolve_layer, resolve_layers
 from .methods.activations import activations
 from .methods.cam import CAM_METHODS, grad_cam
+from .methods.occlusion import occlusion
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
 from .results import Activations, Saliency
 
@@ -34,6 +35,7 @@ __all__ = [
     "load_image",
     "load_model",
     "model_guard",
+    "occlusion",
     "resolve_layer",
     "resolve_layers",
     "sample_image",

@@ -191,11 +191,74 @@ def _run_gradcam(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- occlusion ----------------------------------------------------------------------------
+def _int_pair(text: str) -> int | tuple[int, int]:
+    """``40`` or ``40x30`` / ``40,30`` (height, width)."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+
+
+def _baseline_arg(text: str) -> float | str:
+    if text in ("mean", "blur"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"baseline is a number, 'mean' or 'blur', not {text!r}") from None
+
+
+def _add_occlusion(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the bundled sample photo)")
+    add_model_args(p)
+    p.add_argument("--patch", "-p", type=_int_pair, default=40, metavar="P", help="window size, N or HxW (default 40)")
+    p.add_argument("--stride", "-s", type=_int_pair, default=20, metavar="S", help="window step, N or HxW (default 20)")
+    p.add_argument(
+        "--baseline", "-b", type=_baseline_arg, default=0.0, metavar="B",
+        help="what hides a window: a number in normalised space (default 0, the mean colour), mean or blur",
+    )
+    p.add_argument("--target", "-t", default=None, metavar="T", help="class index or name (default: top-1 per image)")
+    p.add_argument("--score", choices=("probability", "logit"), default="probability", help="drop measured in")
+    p.add_argument(
+        "--batch-size", type=int, default=None, metavar="N", help="windows per forward (default: per device)",
+    )
+    _add_out(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_occlusion(args: argparse.Namespace) -> int:
+    from .methods.occlusion import occlusion
+
+    clf = load_classifier(args)
+    out = Path(args.out)
+    for path in image_list(args.images):
+        res = occlusion(
+            clf, clf.preprocess(path), target=args.target, patch=args.patch, stride=args.stride,
+            baseline=args.baseline, score=args.score, batch_size=args.batch_size,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+        written = res.save(out / f"{Path(path).stem}_occlusion")
+        ny, nx = res.settings["windows"]
+        print(f"{Path(path).name}: {res.labels[0]} [{res.target[0]}], {ny * nx} windows, "
+              f"max drop {float(res.raw.max()):.4f}")
+        for w in written:
+            print(f"  wrote {w}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "predict": ("top-k classes for images", _add_predict, _run_predict),
     "layers": ("the model's layers with output shapes", _add_layers, _run_layers),
     "activations": ("what each layer sees: channel maps per layer", _add_activations, _run_activations),
     "gradcam": ("Grad-CAM family heatmaps: which regions drive a class", _add_gradcam, _run_gradcam),
+    "occlusion": ("occlusion sensitivity maps (PNG + .npy)", _add_occlusion, _run_occlusion),
 }
 
 
