@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .hooks import LayerCapture, model_guard
 from .images import ImageError, load_image, sample_image, sample_image_path
 from .layers import LayerError, default_cam_layer, layer_table, resolve_layer, resolve_layers
+from .methods.featureviz import FeatureImages, feature_visualization
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
 from .results import Saliency
 
@@ -15,6 +16,7 @@ except PackageNotFoundError:  # running from a source tree
 
 __all__ = [
     "Classifier",
+    "FeatureImages",
     "ImageError",
     "LayerCapture",
     "LayerError",
@@ -23,6 +25,7 @@ __all__ = [
     "Saliency",
     "as_classifier",
     "default_cam_layer",
+    "feature_visualization",
     "imagenet_labels",
     "layer_table",
     "load_image",

@@ -129,14 +129,17 @@ class LayerCapture:
         while self._handles:
             self._handles.pop().remove()
 
-    def run(self, model: nn.Module, x: Tensor) -> Tensor | None:
+    def run(self, model: nn.Module, x: Tensor, *, input_grad: bool = False) -> Tensor | None:
         """Run ``model(x)`` with the hooks in place; ``None`` when the pass stopped early.
 
         Without grad layers the whole pass runs under ``torch.no_grad()``; with them, only
-        the part before the first grad layer does.
+        the part before the first grad layer does. ``input_grad=True`` records the whole pass
+        (for gradients down to ``x``, as feature visualisation needs); then list no grad layers.
         """
         self.outputs.clear()
-        with torch.no_grad():
+        if input_grad and self.grad:
+            raise ValueError("input_grad records the whole pass; grad layers would cut it")
+        with torch.enable_grad() if input_grad else torch.no_grad():
             try:
                 return model(x)
             except StopForward:
