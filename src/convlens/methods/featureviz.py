@@ -113,8 +113,9 @@ def random_scale(scales: Sequence[float]) -> Transform:
 
 
 def random_rotate(degrees: Sequence[float]) -> Transform:
-    """Rotate each image by an angle (degrees, counter-clockwise on screen is negative) drawn
-    uniformly from ``degrees`` (one ``randint`` per image)."""
+    """Rotate each image about its centre by an angle in degrees drawn uniformly from ``degrees``
+    (one ``randint`` per image); positive is counter-clockwise on screen: 90 gives
+    ``torch.rot90(x, 1, (2, 3))``."""
     choices = torch.tensor([float(d) for d in degrees])
     if choices.numel() == 0:
         raise ValueError("degrees must be a non-empty list")
@@ -354,6 +355,7 @@ def feature_visualization(
     with model_guard(model), LayerCapture(layers, stop_early=True) as cap:
         for p in model.parameters():
             p.requires_grad_(False)  # autograd then skips every weight gradient; the guard restores
+        torch.set_grad_enabled(True)  # also under a caller's no_grad; the guard restores the mode
 
         def forward(x: Tensor, record: bool) -> Tensor:
             out = cap.run(model, x, input_grad=record)
