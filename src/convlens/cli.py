@@ -116,7 +116,7 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         help="comma-separated channels (class indices/names for --objective class); default 0,1,2,3",
     )
     p.add_argument("--objective", default="channel", choices=["channel", "neuron", "layer", "class"])
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="optimisation steps (default 256)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="optimisation steps (default 128)")
     p.add_argument("--size", type=int, default=None, metavar="S", help="image side in pixels (default 128)")
     p.add_argument("--lr", type=float, default=None, help="step size (default 0.05)")
     p.add_argument("--param", default="fourier", choices=["fourier", "pixel"], help="image parameterisation")

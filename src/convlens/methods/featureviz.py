@@ -279,7 +279,7 @@ def feature_visualization(
     channels: int | str | Sequence[int | str] | None,
     *,
     objective: str | Callable[[Tensor], Tensor] = "channel",
-    steps: int = 256,
+    steps: int = 128,
     size: int = 128,
     lr: float = 0.05,
     seed: int = 0,
