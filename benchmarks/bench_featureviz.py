@@ -13,6 +13,8 @@ Run alone: ``PYTHONPATH=src python -m benchmarks.bench_featureviz [--quick] [--t
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -61,6 +63,28 @@ def _score(model: nn.Module, layer: nn.Module, x: torch.Tensor, channels: list[i
     with model_guard(model), cap:
         cap.run(model, x)
     return [float(cap["l"][i, c].mean()) for i, c in enumerate(channels)]
+
+
+def _cpu_timed(cases: dict) -> dict[str, list[float]]:
+    """Wrap each case so its process CPU time is recorded too: on a shared machine CPU seconds
+    (with one thread) are steadier than wall seconds."""
+    spent: dict[str, list[float]] = {name: [] for name in cases}
+
+    def wrap(name, fn):
+        def run():
+            t = time.process_time()
+            fn()
+            spent[name].append(time.process_time() - t)
+
+        return run
+
+    for name in list(cases):
+        cases[name] = wrap(name, cases[name])
+    return spent
+
+
+def _median(v: list[float]) -> float:
+    return float(np.median(v)) if v else float("nan")
 
 
 def _figure_table(quick: bool, device: str) -> list[Row]:
@@ -131,12 +155,14 @@ def _figure_table(quick: bool, device: str) -> list[Row]:
             cases[key] = lucent(key, fft, tfs)
     except ImportError:  # lucent (torch-lucent) not installed: its rows are skipped
         pass
+    cpu = _cpu_timed(cases)
     times = measure(cases, repeats=1 if quick else 2, warmup=0, device=device)
     names = list(cases)
     base, spec_s = times[names[0]], times[names[1]]
     rows = []
     for name, sec in times.items():
-        extra: dict = {"steps": steps, "x faster than spec": spec_s / sec}
+        extra: dict = {"steps": steps, "x faster than spec": spec_s / sec, "cpu s": _median(cpu[name]),
+                       "x faster (cpu)": _median(cpu[names[1]]) / _median(cpu[name])}
         if name in scores:
             extra["mean obj conv1"] = float(np.mean(scores[name][:4]))
             extra["mean obj layer3"] = float(np.mean(scores[name][4:]))
@@ -152,8 +178,10 @@ def _per_channel_table(quick: bool, device: str) -> list[Row]:
     layers = ["blocks.4"] if quick else ["conv_stem", "blocks.2", "blocks.4", "blocks.6"]
     cases = {f"ours defaults, {layer}, {n} channels": (lambda layer=layer: feature_visualization(
         clf, layer, list(range(n)))) for layer in layers}
+    cpu = _cpu_timed(cases)
     times = measure(cases, repeats=1, warmup=0, device=device)
-    return [Row(name, clf.name, n, sec, None, None, {"s per channel": sec / n}) for name, sec in times.items()]
+    return [Row(name, clf.name, n, sec, None, None, {"s per channel": sec / n, "cpu s per channel":
+                _median(cpu[name]) / n}) for name, sec in times.items()]
 
 
 TABLES = {
