@@ -300,6 +300,7 @@ def feature_visualization(
     ``"pixel"``: the spec's normalised-gradient steps on the raw input. ``transforms``: "standard",
     () or callables ``(x, generator) -> x``. Deterministic for ``seed``; a unit's image does not
     depend on the other units in the batch. Units that never get a gradient are reported as dead.
+    A linear first conv's channel mean is maximised by a flat colour: use ``"neuron"`` there.
 
     Example::
 
