@@ -290,17 +290,18 @@ def feature_visualization(
 ) -> FeatureImages:
     """Images that maximise units of ``layer``, one per entry of ``channels``, optimised as one batch.
 
-    Each image i ascends ``s_i - diversity * D``: ``s_i`` is, for ``objective=``
-    ``"channel"`` the mean of channel c_i over positions, ``"neuron"`` channel c_i at the centre
-    position, ``"layer"`` mean(A^2) over the whole layer (DeepDream; ``channels`` is then None or the
-    number of images), ``"class"`` the logit of class c_i (``layer`` ignored, the full network runs),
-    or a callable A -> (N,) scores. D is lucid's Gram-matrix similarity between images of the same
-    unit (repeat a channel to get several different images of it; lucid uses ~1e2 with channel
-    means). ``param="fourier"``: decorrelated 1/f Fourier image through a sigmoid, Adam with ``lr``;
-    ``"pixel"``: the spec's normalised-gradient steps on the raw input. ``transforms``: "standard",
-    () or callables ``(x, generator) -> x``. Deterministic for ``seed``; a unit's image does not
-    depend on the other units in the batch. Units that never get a gradient are reported as dead.
-    A linear first conv's channel mean is maximised by a flat colour: use ``"neuron"`` there.
+    Each image i ascends ``s_i - diversity * D``. ``s_i`` by ``objective``: ``"channel"`` the
+    mean of channel c_i over positions; ``"neuron"`` channel c_i at the centre position;
+    ``"layer"`` mean(A^2) over the whole layer (DeepDream; ``channels`` is then None or the number
+    of images); ``"class"`` the logit of class c_i (``layer`` ignored, the full network runs); or a
+    callable A -> (N,) scores. D is lucid's Gram-matrix similarity between images of the same unit
+    (repeat a channel for several different images of it; 10-100 suits the default model's middle
+    layers, lucid uses 1e2). ``param="fourier"``: decorrelated 1/f Fourier image through a
+    sigmoid, Adam with ``lr``; ``"pixel"``: the spec's normalised-gradient steps on the raw input.
+    ``transforms``: "standard", () or callables ``(x, generator) -> x``. Deterministic for
+    ``seed``; a unit's image does not depend on the other units in the batch. Units that never get
+    a gradient are reported as dead. A linear first conv's channel mean is maximised by a flat
+    colour: use ``"neuron"`` there.
 
     Example::
 
@@ -350,7 +351,7 @@ def feature_visualization(
     def to_input(img: Tensor) -> Tensor:
         return (img - mean) / std if param == "fourier" else img
 
-    history = torch.zeros(steps, n)
+    history = torch.zeros(steps, n, device=device)
     grad_seen = torch.zeros(n, dtype=torch.bool, device=device)
     layers = {} if module is None else {name: module}
     with model_guard(model), LayerCapture(layers, stop_early=True) as cap:
@@ -363,8 +364,9 @@ def feature_visualization(
             act = cap[name] if module is not None else out
             if not isinstance(act, Tensor) or act.dim() < 2:
                 raise ValueError(f"{name} does not give (N, C, ...) outputs; choose another layer")
-            if isinstance(kind, str) and kind != "layer" and int(unit_t.max()) >= act.shape[1]:
-                raise ValueError(f"{name} has {act.shape[1]} channels; asked for {int(unit_t.max())}")
+            top = max((u for u in units if u is not None), default=-1)
+            if isinstance(kind, str) and kind != "layer" and top >= act.shape[1]:
+                raise ValueError(f"{name} has {act.shape[1]} channels; asked for {top}")
             return act
 
         bar = _progress(steps, progress, name)
@@ -381,7 +383,7 @@ def feature_visualization(
             (grad,) = torch.autograd.grad(total, image_param.param)
             grad_seen |= grad.flatten(1).abs().amax(1) > 0
             image_param.step(grad, lr)
-            history[step] = scores.detach().float().cpu()
+            history[step] = scores.detach()
         with torch.no_grad():
             img = image_param.image().detach()
             x = to_input(img)
@@ -405,7 +407,7 @@ def feature_visualization(
         channels=units,
         kind=kind if isinstance(kind, str) else getattr(kind, "__name__", "callable"),
         dead=dead,
-        history=history,
+        history=history.cpu(),
         inputs=x.float(),
         labels=labels,
         settings={
