@@ -6,7 +6,9 @@ the tutorial: one image at a time, full forward, ``loss.backward()`` with parame
 against ``feature_visualization(param="pixel", transforms=())`` (the same update rule, one batch
 per layer, stop at the layer, image gradients only), our defaults, and lucent's ``render_vis``
 when importable. ``quick`` runs 10 steps instead of 60 (cost is linear in steps).
-Table 2: seconds per channel at the defaults for the default model, by layer depth.
+Table 2: seconds per channel at the defaults for the default model, by layer depth, against
+the bare floor (forward, and forward + input-only backward, to blocks.4, same batch and steps);
+``x floor`` is relative to the latter, for the blocks.4 rows.
 
 Run alone: ``PYTHONPATH=src python -m benchmarks.bench_featureviz [--quick] [--threads N]``.
 """
@@ -171,17 +173,41 @@ def _figure_table(quick: bool, device: str) -> list[Row]:
 
 
 def _per_channel_table(quick: bool, device: str) -> list[Row]:
-    from convlens import feature_visualization, load_model
+    from convlens import LayerCapture, feature_visualization, load_model, model_guard
+    from convlens.layers import resolve_layer
 
     clf = load_model(device=device)
     n = 2 if quick else 4
     layers = ["blocks.4"] if quick else ["conv_stem", "blocks.2", "blocks.4", "blocks.6"]
-    cases = {f"ours defaults, {layer}, {n} channels": (lambda layer=layer: feature_visualization(
-        clf, layer, list(range(n)))) for layer in layers}
+    steps = feature_visualization.__kwdefaults__["steps"]
+    size = feature_visualization.__kwdefaults__["size"]
+    name, module = resolve_layer(clf.model, "blocks.4")
+
+    def floor(backward: bool):
+        def run() -> None:
+            x = torch.zeros(n, 3, size, size, device=device, requires_grad=backward)
+            with model_guard(clf.model), LayerCapture({name: module}, stop_early=True) as cap:
+                for p in clf.model.parameters():
+                    p.requires_grad_(False)
+                for _ in range(steps):
+                    cap.run(clf.model, x, input_grad=backward)
+                    if backward:
+                        torch.autograd.grad(cap[name][:, 0].mean(), x)
+
+        return run
+
+    cases = {
+        f"floor: forward to blocks.4, batch {n}, x {steps} (no grad)": floor(False),
+        f"floor: forward + input backward to blocks.4, batch {n}, x {steps}": floor(True),
+    }
+    cases.update({f"ours defaults, {layer}, {n} channels": (lambda layer=layer: feature_visualization(
+        clf, layer, list(range(n)))) for layer in layers})
     cpu = _cpu_timed(cases)
     times = measure(cases, repeats=1, warmup=0, device=device)
-    return [Row(name, clf.name, n, sec, None, None, {"s per channel": sec / n, "cpu s per channel":
-                _median(cpu[name]) / n}) for name, sec in times.items()]
+    base = times[list(cases)[1]]
+    return [Row(label, clf.name, n, sec, sec / base if "blocks.4" in label else None, None,
+                {"s per channel": sec / n, "cpu s per channel": _median(cpu[label]) / n})
+            for label, sec in times.items()]
 
 
 TABLES = {
