@@ -79,10 +79,14 @@ def main() -> None:
           f"({t_fourier / len(chans):.2f} s/channel, {torch.get_num_threads()} threads)")
     print(f"{'channel':>8} {'fourier':>9} {'pixel':>9} {'best photo':>11} {'(which)':>14} {'fourier/best':>13}")
     for j, c in enumerate(chans):
+        ratio = f"{float(fourier.objective[j] / best[j]):13.2f}" if best[j] > 0 else f"{'(photos <= 0)':>13}"
         print(f"{c:>8} {float(fourier.objective[j]):9.3f} {float(pixel.objective[j]):9.3f} {float(best[j]):11.3f} "
-              f"{names[int(best_i[j])]:>14} {float(fourier.objective[j] / best[j]):13.2f}")
-    ratio = (fourier.objective / best).numpy()
-    print(f"fourier / best photo: min {ratio.min():.2f}, median {np.median(ratio):.2f}")
+              f"{names[int(best_i[j])]:>14} {ratio}")
+    ok = fourier.objective >= 2 * best.clamp_min(0)
+    pos = best > 0
+    ratios = (fourier.objective[pos] / best[pos]).numpy()
+    print(f"fourier >= 2x best photo for {int(ok.sum())}/{len(chans)} channels; fourier / best photo where the "
+          f"best is positive: min {ratios.min():.2f}, median {np.median(ratios):.2f}")
     hf_f, hf_p = high_freq_share(fourier.images), high_freq_share(pixel.images)
     photo_rgb = torch.stack([clf.denormalise(x[None])[0] for x in xs])
     hf_photo = high_freq_share(photo_rgb)

@@ -88,7 +88,7 @@ def plot_feature_images(result: FeatureImages, *, ncols: int | None = None) -> F
     n = len(result.channels)
     ncols = max(1, min(ncols or min(n, 4), n))
     nrows = -(-n // ncols)
-    fig = Figure(figsize=(2.4 * ncols, 2.6 * nrows + 0.3))
+    fig = Figure(figsize=(2.4 * ncols, 2.9 * nrows + 0.3))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for i, ax in enumerate(axes):
         ax.axis("off")
