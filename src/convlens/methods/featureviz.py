@@ -183,7 +183,8 @@ class _Fourier:
 
 class _Pixel:
     """The spec's method: the model input itself, from N(0, 0.1^2) noise, stepped along the gradient
-    divided by its standard deviation (per image); shown min-max scaled to [0, 1]."""
+    divided by its standard deviation (per image); shown min-max scaled to [0, 1]. (The tutorial
+    adds the gradient of ``-activation``, so it lowers the activation; here the step ascends.)"""
 
     def __init__(self, gens: list[torch.Generator], size: int, device: torch.device) -> None:
         self.param = torch.stack([torch.randn((3, size, size), generator=g) * 0.1 for g in gens]).to(device)
