@@ -7,6 +7,7 @@ from .images import ImageError, load_image, sample_image, sample_image_path
 from .layers import LayerError, default_cam_layer, layer_table, resolve_layer, resolve_layers
 from .methods.activations import activations
 from .methods.cam import CAM_METHODS, grad_cam
+from .methods.featureviz import FeatureImages, feature_visualization
 from .methods.occlusion import occlusion
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
 from .results import Activations, Saliency
@@ -22,6 +23,7 @@ __all__ = [
     "activations",
     "grad_cam",
     "Classifier",
+    "FeatureImages",
     "ImageError",
     "LayerCapture",
     "LayerError",
@@ -30,6 +32,7 @@ __all__ = [
     "Saliency",
     "as_classifier",
     "default_cam_layer",
+    "feature_visualization",
     "imagenet_labels",
     "layer_table",
     "load_image",

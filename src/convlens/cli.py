@@ -253,12 +253,62 @@ def _run_occlusion(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- filters (feature visualisation) --------------------------------------------------------
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--layer", "-l", default=None, metavar="L", help="layer name (see `convlens layers`)")
+    p.add_argument(
+        "--channels", "-c", default="0,1,2,3", metavar="LIST",
+        help="comma-separated channels (class indices/names for --objective class); default 0,1,2,3",
+    )
+    p.add_argument("--objective", default="channel", choices=["channel", "neuron", "layer", "class"])
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="optimisation steps (default 128)")
+    p.add_argument("--size", type=int, default=None, metavar="S", help="image side in pixels (default 128)")
+    p.add_argument("--lr", type=float, default=None, help="step size (default 0.05)")
+    p.add_argument("--param", default="fourier", choices=["fourier", "pixel"], help="image parameterisation")
+    p.add_argument("--no-transforms", action="store_true", help="no robustness transforms")
+    p.add_argument("--diversity", type=float, default=0.0, help="diversity weight between repeated channels")
+    p.add_argument("--seed", type=int, default=0)
+    _add_out(p)
+
+
+def _run_filters(args: argparse.Namespace) -> int:
+    from .methods.featureviz import feature_visualization
+
+    if args.objective != "class" and not args.layer:
+        raise ValueError("--layer is required (see `convlens layers`)")
+    items = [c.strip() for c in args.channels.split(",") if c.strip()]
+    if not items:
+        raise ValueError("--channels is empty")
+    if args.objective != "class":
+        if not all(c.isdigit() for c in items):
+            raise ValueError(f"--channels takes non-negative integers, not {args.channels!r}")
+        units: list = [int(c) for c in items]
+    else:
+        units = [int(c) if c.isdigit() else c for c in items]
+    clf = load_classifier(args)
+    options = {k: getattr(args, k) for k in ("steps", "size", "lr") if getattr(args, k) is not None}
+    res = feature_visualization(
+        clf, args.layer, len(units) if args.objective == "layer" else units, objective=args.objective,
+        param=args.param, transforms=() if args.no_transforms else "standard", diversity=args.diversity,
+        seed=args.seed, progress=sys.stderr.isatty(), **options,
+    )
+    stem = (res.layer if args.objective != "class" else "class").replace(".", "_")
+    paths = res.save(Path(args.out) / stem)
+    for i, label in enumerate(res.labels):
+        dead = "  (dead unit)" if res.dead[i] else ""
+        print(f"{label:<28} {res.kind} = {float(res.objective[i]):9.4g}  -> {paths[i]}{dead}")
+    print(f"grid: {paths[-1]}   arrays: {paths[-2]}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "predict": ("top-k classes for images", _add_predict, _run_predict),
     "layers": ("the model's layers with output shapes", _add_layers, _run_layers),
     "activations": ("what each layer sees: channel maps per layer", _add_activations, _run_activations),
     "gradcam": ("Grad-CAM family heatmaps: which regions drive a class", _add_gradcam, _run_gradcam),
     "occlusion": ("occlusion sensitivity maps (PNG + .npy)", _add_occlusion, _run_occlusion),
+    "filters": ("feature visualisation: images that excite chosen channels", _add_filters, _run_filters),
 }
 
 

@@ -147,22 +147,27 @@ class LayerCapture:
         while self._handles:
             self._handles.pop().remove()
 
-    def run(self, model: nn.Module, x: Tensor) -> Tensor | None:
+    def run(self, model: nn.Module, x: Tensor, *, input_grad: bool = False) -> Tensor | None:
         """Run ``model(x)`` with the hooks in place; ``None`` when the pass stopped early.
 
         Without grad layers the whole pass runs without autograd; with them, only the part
         before the first grad layer does, and autograd stays on afterwards (see the class doc).
+        ``input_grad=True`` records the whole pass (for gradients down to ``x``, as feature
+        visualisation needs) and leaves autograd on until the ``with`` block ends; then list no
+        grad layers.
         """
         if self._grad_mode is None:
             raise RuntimeError("use LayerCapture as a context manager: `with LayerCapture(...) as cap:`")
         self.outputs.clear()
-        torch.set_grad_enabled(False)
+        if input_grad and self.grad:
+            raise ValueError("input_grad records the whole pass; grad layers would cut it")
+        torch.set_grad_enabled(input_grad)
         try:
             return model(x)
         except StopForward:
             return None
         finally:
-            if not self.grad:
+            if not (self.grad or input_grad):
                 torch.set_grad_enabled(bool(self._grad_mode))
 
 

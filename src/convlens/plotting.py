@@ -9,9 +9,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
-    from .results import Activations, Saliency
+    from .results import Activations, FeatureImages, Saliency
 
-__all__ = ["normalize_map", "overlay", "plot_saliency", "plot_activations"]
+__all__ = ["normalize_map", "overlay", "plot_saliency", "plot_activations", "plot_feature_images"]
 
 NORMALIZE = ("per_image", "none")
 
@@ -129,5 +129,26 @@ def plot_activations(
         channels if isinstance(channels, str) else "", "chosen channels"
     )
     fig.suptitle(f"Intermediate activations: {how} per layer")
+    fig.tight_layout()
+    return fig
+
+
+def plot_feature_images(result: FeatureImages, *, ncols: int | None = None) -> Figure:
+    """A grid of feature-visualisation images, titled ``layer cN`` (or the class name) with the
+    final objective; dead units are marked. Images are shown as they are (already in [0, 1])."""
+    n = len(result.channels)
+    ncols = max(1, min(ncols or min(n, 4), n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(2.4 * ncols, 2.9 * nrows + 0.3))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(result.rgb(i), interpolation="nearest")
+        label = result.labels[i] if i < len(result.labels) else f"{result.layer} {result.channels[i]}"
+        note = "  DEAD" if result.dead and result.dead[i] else ""
+        ax.set_title(f"{label}{note}\n{result.kind} = {float(result.objective[i]):.3g}", fontsize=8)
+    fig.suptitle(f"feature visualisation: {result.layer} ({result.settings.get('param', '')})", fontsize=10)
     fig.tight_layout()
     return fig

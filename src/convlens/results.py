@@ -16,7 +16,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["Saliency", "Activations", "atomic_path", "save_npy", "save_figure"]
+__all__ = ["Saliency", "Activations", "FeatureImages", "atomic_path", "save_npy", "save_figure"]
 
 
 @contextlib.contextmanager
@@ -161,4 +161,64 @@ class Activations:
         for i in range(n):
             png = d / (f"{prefix}.png" if n == 1 else f"{prefix}_{i}.png")
             written.append(save_figure(png, self.plot(i, **plot_args)))
+        return written
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureImages:
+    """Images that excite units of a layer, from :func:`convlens.feature_visualization`.
+
+    ``images`` (N, 3, S, S) RGB in [0, 1], exactly what ``save`` writes; ``objective`` (N,) the
+    unit's score for the returned image (no transforms); ``channels`` the unit per image (class
+    index for ``kind == "class"``, None for the whole-layer objective); ``dead`` True where the unit
+    never got a gradient (the image is then the initial noise); ``history`` (steps, N) the score at
+    every step (with that step's transforms); ``inputs`` the model-ready tensors that gave
+    ``objective`` (for ``param="pixel"`` the raw input, shown min-max scaled in ``images``).
+    """
+
+    images: Tensor
+    objective: Tensor
+    layer: str
+    channels: list[int | None]
+    kind: str = "channel"
+    dead: list[bool] = field(default_factory=list)
+    history: Tensor | None = field(default=None, repr=False)
+    inputs: Tensor | None = field(default=None, repr=False)
+    labels: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_numpy(self) -> np.ndarray:
+        """The images as float32 (N, 3, S, S) in [0, 1]."""
+        return self.images.detach().float().cpu().numpy()
+
+    def rgb(self, index: int = 0) -> np.ndarray:
+        """Image ``index`` as (S, S, 3) float32 in [0, 1]."""
+        return self.to_numpy()[index].transpose(1, 2, 0)
+
+    def uint8(self, index: int = 0) -> np.ndarray:
+        """Image ``index`` as (S, S, 3) uint8, rounded: the pixels of the saved PNG."""
+        return np.round(np.clip(self.rgb(index), 0, 1) * 255).astype(np.uint8)
+
+    def plot(self, *, ncols: int | None = None) -> Figure:
+        """A grid of the images, each titled with its layer/channel and final objective."""
+        from .plotting import plot_feature_images
+
+        return plot_feature_images(self, ncols=ncols)
+
+    def save(self, path: str | os.PathLike[str]) -> list[Path]:
+        """Write ``<path>_<i>_c<channel>.png`` per image (the exact pixels, 1:1, via PIL),
+        ``<path>.npy`` (all images, float32) and ``<path>_grid.png`` (the labelled figure)."""
+        from PIL import Image
+
+        base = Path(path)
+        base = base.with_suffix("") if base.suffix in (".png", ".npy") else base
+        written = []
+        for i, unit in enumerate(self.channels):
+            tag = "layer" if unit is None else f"c{unit}"
+            out = base.with_name(f"{base.name}_{i}_{tag}.png")
+            with atomic_path(out) as tmp:
+                Image.fromarray(self.uint8(i), mode="RGB").save(tmp, format="PNG")
+            written.append(out)
+        written.append(save_npy(base.with_suffix(".npy"), self.to_numpy()))
+        written.append(save_figure(base.with_name(f"{base.name}_grid.png"), self.plot()))
         return written

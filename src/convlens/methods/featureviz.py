@@ -1,0 +1,427 @@
+"""Feature visualisation: optimise an image until one unit of the network responds strongly.
+
+The idea of the lucid/lucent line of work (Olah et al., "Feature Visualization", Distill 2017):
+pixel-space gradient ascent finds high-frequency patterns that excite a unit without looking like
+anything, so the image is parameterised instead as a colour-decorrelated Fourier spectrum scaled
+by 1/f (natural images have that spectrum), squashed into [0, 1] with a sigmoid and normalised
+with the model's own mean/std; small random transforms (pad, jitter, scale, rotate) at every step
+make the optimum robust instead of adversarial.
+
+Speed: N units are optimised as one batch of N images, the forward pass stops at the target layer
+(:class:`~convlens.hooks.LayerCapture` with ``stop_early``), and autograd differentiates only the
+image parameters (the model's parameters stop requiring grad inside :func:`model_guard`, which
+restores them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hooks import LayerCapture, model_guard
+from ..layers import resolve_layer
+from ..models import Classifier, as_classifier
+from ..results import FeatureImages
+
+__all__ = [
+    "FeatureImages",
+    "feature_visualization",
+    "standard_transforms",
+    "pad",
+    "jitter",
+    "random_scale",
+    "random_rotate",
+    "OBJECTIVES",
+]
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("channel", "neuron", "layer", "class")
+PARAMS = ("fourier", "pixel")
+
+#: A transform maps an image batch (N, 3, H, W) and a random generator to a new batch.
+Transform = Callable[[Tensor, torch.Generator], Tensor]
+
+# Square root of the colour covariance of ImageNet photos (lucid's SVD), columns scaled to norm
+# <= 1: three decorrelated channels mixed by it give natural colour statistics.
+_COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+_COLOR = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
+
+
+# -- robustness transforms ------------------------------------------------------------------
+def pad(width: int, mode: str = "reflect", value: float = 0.5) -> Transform:
+    """Pad every side by ``width`` pixels (``reflect``, ``replicate`` or ``constant`` ``value``)."""
+    if width < 0:
+        raise ValueError("pad width must be >= 0")
+
+    def _pad(x: Tensor, rng: torch.Generator) -> Tensor:
+        if mode == "constant":
+            return F.pad(x, [width] * 4, mode="constant", value=value)
+        return F.pad(x, [width] * 4, mode=mode)
+
+    return _pad
+
+
+def jitter(d: int) -> Transform:
+    """Random crop, per image, that drops ``d`` rows and ``d`` columns: output (H - d, W - d),
+    offsets ``dy, dx`` uniform in 0..d, drawn as one (N, 2) integer tensor (dy, dx) from ``rng``."""
+    if d < 0:
+        raise ValueError("jitter must be >= 0")
+
+    def _jitter(x: Tensor, rng: torch.Generator) -> Tensor:
+        if d == 0:
+            return x
+        n, _, h, w = x.shape
+        off = torch.randint(0, d + 1, (n, 2), generator=rng).tolist()
+        return torch.stack([x[i, :, dy : dy + h - d, dx : dx + w - d] for i, (dy, dx) in enumerate(off)])
+
+    return _jitter
+
+
+def _affine(x: Tensor, scale: Tensor, angle_deg: Tensor) -> Tensor:
+    """Zoom each image by ``scale`` and rotate it by ``angle_deg`` about its centre (bilinear,
+    reflected borders, same size). ``scale > 1`` enlarges the content."""
+    a = angle_deg.to(x.dtype) * (math.pi / 180)
+    s = scale.to(x.dtype)
+    cos, sin = torch.cos(a) / s, torch.sin(a) / s
+    zero = torch.zeros_like(cos)
+    # affine_grid maps output to input coordinates: the inverse rotation and zoom
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_scale(scales: Sequence[float]) -> Transform:
+    """Zoom each image by a factor drawn uniformly from ``scales`` (one ``randint`` per image)."""
+    choices = torch.tensor([float(s) for s in scales])
+    if choices.numel() == 0 or bool((choices <= 0).any()):
+        raise ValueError("scales must be a non-empty list of positive numbers")
+
+    def _scale(x: Tensor, rng: torch.Generator) -> Tensor:
+        s = choices[torch.randint(0, len(choices), (x.shape[0],), generator=rng)]
+        return _affine(x, s, torch.zeros_like(s))
+
+    return _scale
+
+
+def random_rotate(degrees: Sequence[float]) -> Transform:
+    """Rotate each image about its centre by an angle in degrees drawn uniformly from ``degrees``
+    (one ``randint`` per image); positive is counter-clockwise on screen: 90 gives
+    ``torch.rot90(x, 1, (2, 3))``."""
+    choices = torch.tensor([float(d) for d in degrees])
+    if choices.numel() == 0:
+        raise ValueError("degrees must be a non-empty list")
+
+    def _rotate(x: Tensor, rng: torch.Generator) -> Tensor:
+        a = choices[torch.randint(0, len(choices), (x.shape[0],), generator=rng)]
+        return _affine(x, torch.ones_like(a), a)
+
+    return _rotate
+
+
+def standard_transforms(size: int = 128) -> list[Transform]:
+    """Lucid's robustness set, scaled to ``size``: pad, jitter, zoom 0.9-1.1, rotate +-10 degrees
+    (0 more often), a finer jitter. At 128 px: pad 12, jitter 8, jitter 4."""
+    k = size / 128
+    return [
+        pad(max(1, round(12 * k))),
+        jitter(max(1, round(8 * k))),
+        random_scale([1 + (i - 5) / 50 for i in range(11)]),
+        random_rotate(list(range(-10, 11)) + [0] * 5),
+        jitter(max(1, round(4 * k))),
+    ]
+
+
+# -- image parameterisations ------------------------------------------------------------------
+def _seed_for(seed: int, unit: int, k: int) -> int:
+    """One well-mixed seed per (call seed, unit, k-th image of that unit): a unit's image does not
+    depend on which other units share the batch."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, unit + 2, k]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _Fourier:
+    """rfft spectrum (N, 3, S, S//2+1) -> scaled by 1/max(f, 1/S) -> inverse FFT -> colour mixing
+    -> sigmoid: an RGB image in [0, 1] whose initial noise has a natural 1/f spectrum."""
+
+    def __init__(self, gens: list[torch.Generator], size: int, device: torch.device) -> None:
+        fy = torch.fft.fftfreq(size)[:, None]
+        fx = torch.fft.rfftfreq(size)[None, :]
+        freq = torch.sqrt(fx * fx + fy * fy)
+        # 1/f amplitude; the mean (f = 0) is treated as f = 1/S so it stays finite
+        self.scale = (1.0 / freq.clamp(min=1.0 / size)).to(device)
+        self.size = size
+        shape = (3, size, size // 2 + 1, 2)
+        self.param = torch.stack([torch.randn(shape, generator=g) * 0.01 for g in gens]).to(device)
+        self.param.requires_grad_(True)
+        self.color = _COLOR.to(device)
+        self.opt: torch.optim.Optimizer | None = None
+
+    def image(self) -> Tensor:
+        spec = torch.view_as_complex(self.param) * self.scale
+        x = torch.fft.irfftn(spec, s=(self.size, self.size), norm="ortho") / 4
+        x = torch.einsum("dc,nchw->ndhw", self.color, x)
+        return torch.sigmoid(x)
+
+    def step(self, grad: Tensor, lr: float) -> None:
+        if self.opt is None:
+            self.opt = torch.optim.Adam([self.param], lr=lr)
+        self.param.grad = -grad  # Adam minimises; we ascend
+        self.opt.step()
+        self.param.grad = None
+
+    def display(self, image: Tensor) -> Tensor:
+        return image
+
+
+class _Pixel:
+    """The spec's method: the model input itself, from N(0, 0.1^2) noise, stepped along the gradient
+    divided by its standard deviation (per image); shown min-max scaled to [0, 1]. (The tutorial
+    adds the gradient of ``-activation``, so it lowers the activation; here the step ascends.)"""
+
+    def __init__(self, gens: list[torch.Generator], size: int, device: torch.device) -> None:
+        self.param = torch.stack([torch.randn((3, size, size), generator=g) * 0.1 for g in gens]).to(device)
+        self.param.requires_grad_(True)
+
+    def image(self) -> Tensor:
+        return self.param
+
+    def step(self, grad: Tensor, lr: float) -> None:
+        std = grad.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+        with torch.no_grad():
+            self.param += lr * grad / (std + 1e-8)
+
+    def display(self, image: Tensor) -> Tensor:
+        lo = image.flatten(1).amin(1).view(-1, 1, 1, 1)
+        hi = image.flatten(1).amax(1).view(-1, 1, 1, 1)
+        return torch.where(hi > lo, (image - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(image))
+
+
+# -- objectives -----------------------------------------------------------------------------------
+def _unit_scores(act: Tensor, kind: str | Callable[[Tensor], Tensor], units: Tensor) -> Tensor:
+    """(N,) scores: channel mean, centre neuron, mean square of the whole layer, or a class logit."""
+    if callable(kind):
+        out = kind(act)
+        if not isinstance(out, Tensor) or out.shape != (act.shape[0],):
+            raise ValueError("a callable objective must return one score per image, shape (N,)")
+        return out
+    idx = torch.arange(act.shape[0], device=act.device)
+    if kind == "layer":
+        return act.pow(2).flatten(1).mean(1)
+    picked = act[idx, units]  # (N,) for logits/vectors, (N, H, W) for feature maps
+    if kind == "neuron" and picked.dim() == 3:
+        return picked[:, picked.shape[1] // 2, picked.shape[2] // 2]
+    return picked.flatten(1).mean(1) if picked.dim() > 1 else picked
+
+
+def _diversity(act: Tensor, groups: list[list[int]]) -> Tensor:
+    """Lucid's diversity: for each group of images of the same unit, the summed cosine similarity
+    of the Gram matrices G_i = A_i A_i^T (A_i: channels x positions) of every pair, / group size."""
+    total = act.new_zeros(())
+    for g in groups:
+        if len(g) < 2:
+            continue
+        f = act[g].flatten(2)  # (n, C, HW); a vector layer gives HW = 1
+        gram = (f @ f.transpose(1, 2)).flatten(1)
+        gram = gram / gram.norm(dim=1, keepdim=True).clamp_min(1e-10)
+        sim = gram @ gram.T
+        total = total + (sim.sum() - sim.diagonal().sum()) / len(g)
+    return total
+
+
+# -- the method ---------------------------------------------------------------------------------
+def _units(clf: Classifier, channels: Any, kind: Any) -> list[int | None]:
+    if kind == "layer":
+        if channels is None:
+            return [None]
+        n = channels if isinstance(channels, int) and not isinstance(channels, bool) else len(list(channels))
+        if n < 1:
+            raise ValueError("objective='layer' needs at least one image")
+        return [None] * n
+    if channels is None:
+        raise ValueError("give the channels (or classes) to visualise")
+    items = [channels] if isinstance(channels, (int, str)) else list(channels)
+    if not items:
+        raise ValueError("no channels given")
+    out: list[int | None] = []
+    for c in items:
+        if kind == "class":
+            out.append(clf.class_index(c))
+        elif isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
+            raise ValueError(f"channels are non-negative integers, not {c!r}")
+        else:
+            out.append(int(c))
+    return out
+
+
+def _transforms(transforms: Any, size: int) -> list[Transform]:
+    if isinstance(transforms, str):
+        if transforms != "standard":
+            raise ValueError("transforms is 'standard', () for none, or a sequence of callables")
+        return standard_transforms(size)
+    if transforms is None:
+        return []
+    items = list(transforms)
+    if not all(callable(t) for t in items):
+        raise ValueError("every transform must be a callable (x, generator) -> x")
+    return items
+
+
+def feature_visualization(
+    classifier_or_model: Classifier | nn.Module,
+    layer: str | nn.Module | None,
+    channels: int | str | Sequence[int | str] | None,
+    *,
+    objective: str | Callable[[Tensor], Tensor] = "channel",
+    steps: int = 128,
+    size: int = 128,
+    lr: float = 0.05,
+    seed: int = 0,
+    param: str = "fourier",
+    transforms: str | Sequence[Transform] | None = "standard",
+    diversity: float = 0.0,
+    progress: bool = False,
+) -> FeatureImages:
+    """Images that maximise units of ``layer``, one per entry of ``channels``, optimised as one batch.
+
+    Each image i ascends ``s_i - diversity * D``. ``s_i`` by ``objective``: ``"channel"`` the
+    mean of channel c_i over positions; ``"neuron"`` channel c_i at the centre position;
+    ``"layer"`` mean(A^2) over the whole layer (DeepDream; ``channels`` is then None or the number
+    of images); ``"class"`` the logit of class c_i (``layer`` ignored, the full network runs); or a
+    callable A -> (N,) scores. D is lucid's Gram-matrix similarity between images of the same unit
+    (repeat a channel for several different images of it; 10-100 suits the default model's middle
+    layers, lucid uses 1e2). ``param="fourier"``: decorrelated 1/f Fourier image through a
+    sigmoid, Adam with ``lr``; ``"pixel"``: the spec's normalised-gradient steps on the raw input.
+    ``transforms``: "standard", () or callables ``(x, generator) -> x``. Deterministic for
+    ``seed``; a unit's image does not depend on the other units in the batch. Units that never get
+    a gradient are reported as dead. A linear first conv's channel mean is maximised by a flat
+    colour: use ``"neuron"`` there.
+
+    Example::
+
+        res = feature_visualization(load_model(), "blocks.4", [0, 8, 16])
+        res.save("out/blocks4")
+    """
+    clf = as_classifier(classifier_or_model)
+    model = clf.model
+    if not (callable(objective) or objective in OBJECTIVES):
+        raise ValueError(f"objective must be one of {OBJECTIVES} or a callable")
+    if param not in PARAMS:
+        raise ValueError(f"param must be one of {PARAMS}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError("steps must be a positive integer")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise ValueError("size must be an integer >= 16 pixels")
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError("lr must be positive")
+    if not diversity >= 0:
+        raise ValueError("diversity must be >= 0")
+    kind = objective
+    if kind == "class":
+        name, module = "logits", None
+    else:
+        if layer is None:
+            raise ValueError("give a layer (see `convlens layers`)")
+        name, module = resolve_layer(model, layer)
+    units = _units(clf, channels, kind)
+    tfs = _transforms(transforms, size)
+    n = len(units)
+    device = clf.device
+
+    seen: dict[int | None, int] = {}
+    gens = []
+    groups: dict[int | None, list[int]] = {}
+    for i, u in enumerate(units):
+        k = seen[u] = seen.get(u, -1) + 1
+        gens.append(torch.Generator().manual_seed(_seed_for(seed, -1 if u is None else u, k)))
+        groups.setdefault(u, []).append(i)
+    group_list = list(groups.values())
+    tf_rng = torch.Generator().manual_seed(_seed_for(seed, -2, 0))
+    image_param = (_Fourier if param == "fourier" else _Pixel)(gens, size, device)
+    unit_t = torch.tensor([-1 if u is None else u for u in units], device=device)
+    mean = torch.tensor(clf.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(clf.std, device=device).view(1, 3, 1, 1)
+
+    def to_input(img: Tensor) -> Tensor:
+        return (img - mean) / std if param == "fourier" else img
+
+    history = torch.zeros(steps, n, device=device)
+    grad_seen = torch.zeros(n, dtype=torch.bool, device=device)
+    layers = {} if module is None else {name: module}
+    with model_guard(model), LayerCapture(layers, stop_early=True) as cap:
+        for p in model.parameters():
+            p.requires_grad_(False)  # autograd then skips every weight gradient; the guard restores
+        torch.set_grad_enabled(True)  # also under a caller's no_grad; the guard restores the mode
+
+        def forward(x: Tensor, record: bool) -> Tensor:
+            out = cap.run(model, x, input_grad=record)
+            act = cap[name] if module is not None else out
+            if not isinstance(act, Tensor) or act.dim() < 2:
+                raise ValueError(f"{name} does not give (N, C, ...) outputs; choose another layer")
+            top = max((u for u in units if u is not None), default=-1)
+            if isinstance(kind, str) and kind != "layer" and top >= act.shape[1]:
+                raise ValueError(f"{name} has {act.shape[1]} channels; asked for {top}")
+            return act
+
+        bar = _progress(steps, progress, name)
+        for step in bar:
+            img = image_param.image()
+            x = img
+            for t in tfs:
+                x = t(x, tf_rng)
+            act = forward(to_input(x), True)
+            scores = _unit_scores(act, kind, unit_t)
+            total = scores.sum()
+            if diversity > 0:
+                total = total - diversity * _diversity(act, group_list)
+            (grad,) = torch.autograd.grad(total, image_param.param)
+            grad_seen |= grad.flatten(1).abs().amax(1) > 0
+            image_param.step(grad, lr)
+            history[step] = scores.detach()
+        with torch.no_grad():
+            img = image_param.image().detach()
+            x = to_input(img)
+            final = _unit_scores(forward(x, False), kind, unit_t).float()
+
+    dead = [not bool(s) for s in grad_seen.cpu()]
+    if any(dead):
+        which = [units[i] for i in range(n) if dead[i]]
+        msg = (f"{sum(dead)} unit(s) of {name} never responded (no activation, no gradient): "
+               f"{which}; their images are the initial noise")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    labels = [
+        clf.label(u) if kind == "class" and u is not None else (name if u is None else f"{name} c{u}")
+        for u in units
+    ]
+    return FeatureImages(
+        images=image_param.display(img).float(),
+        objective=final,
+        layer=name,
+        channels=units,
+        kind=kind if isinstance(kind, str) else getattr(kind, "__name__", "callable"),
+        dead=dead,
+        history=history.cpu(),
+        inputs=x.float(),
+        labels=labels,
+        settings={
+            "steps": steps, "size": size, "lr": lr, "seed": seed, "param": param,
+            "transforms": transforms if isinstance(transforms, str) else len(tfs),
+            "diversity": diversity, "model": clf.name,
+        },
+    )
+
+
+def _progress(steps: int, show: bool, name: str):
+    if not show:
+        return range(steps)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(steps), desc=f"feature visualisation {name}", leave=False)
