@@ -122,7 +122,9 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated techniques (default: {','.join(METHODS)})",
     )
     p.add_argument("--out", "-o", default="convlens-out", metavar="DIR", help="output folder (default ./convlens-out)")
-    p.add_argument("--fast", action="store_true", help="lighter settings: coarser occlusion, fewer/shorter feature images")
+    p.add_argument(
+        "--fast", action="store_true", help="lighter settings: coarser occlusion, fewer and smaller feature images"
+    )
     p.add_argument("--force", action="store_true", help="replace outputs of an earlier run in --out")
 
 

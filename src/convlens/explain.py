@@ -103,7 +103,8 @@ def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
 
     layer = ctx["cam_layer"]
     # "what did the network see here": the channels of the Grad-CAM layer most active on this image
-    channels = [int(c) for c in np.asarray(_first(activations(clf, x, [layer]).top_channels(layer, int(s["channels"]))))]
+    top = activations(clf, x, [layer]).top_channels(layer, int(s["channels"]))
+    channels = [int(c) for c in np.asarray(_first(top))]
     ctx["layers"]["filters"] = layer
     ctx["channels"]["filters"] = channels
     return feature_visualization(
@@ -406,7 +407,8 @@ def explain(
         image_or_images = [image_or_images]
     items, skipped = collect_images(image_or_images)
     if not items:
-        raise ExplainError("no image files to explain" + (f" ({len(skipped)} non-image files skipped)" if skipped else ""))
+        more = f" ({len(skipped)} non-image files skipped)" if skipped else ""
+        raise ExplainError(f"no image files to explain{more}")
 
     t0 = time.perf_counter()
     clf = load_model() if classifier is None else as_classifier(classifier)

@@ -50,7 +50,8 @@ CSS = """
 .convlens-report img{max-width:100%;height:auto;display:block;border-radius:4px}
 .convlens-report figure{margin:18px 0 0;padding-top:12px;border-top:1px solid var(--line)}
 .convlens-report table{border-collapse:collapse;width:100%}
-.convlens-report td,.convlens-report th{padding:.2em .4em;text-align:left;vertical-align:top;border-bottom:1px solid var(--line)}
+.convlens-report td,.convlens-report th{padding:.2em .4em;text-align:left;vertical-align:top;
+ border-bottom:1px solid var(--line)}
 .convlens-report td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
 .convlens-report .bar{height:.55em;background:var(--accent);border-radius:3px;min-width:1px}
 .convlens-report tr.target td{font-weight:600}
@@ -112,13 +113,15 @@ def _predictions(im: ImageExplanation) -> str:
             f"<tr{cls}><td class=num>{rank}</td><td>{_e(p.label)} <span class=muted>[{_e(p.index)}]</span>"
             f'<div class=bar style="width:{width}"></div></td><td class=num>{100 * p.probability:.1f}%</td></tr>'
         )
-    return "<table><thead><tr><th>#</th><th>class</th><th>prob.</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    head = "<thead><tr><th>#</th><th>class</th><th>prob.</th></tr></thead>"
+    return f"<table>{head}<tbody>{''.join(rows)}</tbody></table>"
 
 
 def _image_section(report: Report, im: ImageExplanation) -> str:
     parts = [f'<section class="image" id="img-{_e(im.key)}"><h2>{_e(im.name)}</h2>']
     if "image" in im.errors:
-        parts.append(f'<div class="error"><strong>Could not explain this image:</strong> {_e(im.errors["image"])}</div>')
+        msg = _e(im.errors["image"])
+        parts.append(f'<div class="error"><strong>Could not explain this image:</strong> {msg}</div>')
         if im.source:
             parts.append(f"<p class=meta>file: <code>{_e(im.source)}</code></p>")
         parts.append("</section>")
