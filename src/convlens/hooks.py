@@ -64,7 +64,9 @@ class LayerCapture:
     costs a backward down to that layer and no further. ``stop_early`` ends the pass with
     :class:`StopForward` as soon as every layer has fired once. The module's output is
     replaced by a clone when the pass continues, so a later in-place op (``ReLU(inplace=True)``)
-    cannot overwrite what was captured. Removal is idempotent.
+    cannot overwrite what was captured. Removal is idempotent. With grad layers, autograd stays
+    on after :meth:`run` (so the score can be computed and differentiated) until the ``with``
+    block ends, which restores the caller's grad mode, ``torch.no_grad()`` included.
 
     Example::
 
@@ -88,6 +90,7 @@ class LayerCapture:
         self.stop_early = stop_early
         self.outputs: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._grad_mode: bool | None = None
 
     def __getitem__(self, name: str) -> Tensor:
         return self.outputs[name]
@@ -102,7 +105,7 @@ class LayerCapture:
                     "choose one of its submodules (see `convlens layers`)"
                 )
             if name in self.grad:
-                torch.set_grad_enabled(True)  # the model_guard around every call restores it
+                torch.set_grad_enabled(True)  # until the with-block ends
                 output = output.detach().requires_grad_(True)
             self.outputs[name] = output
             if self.stop_early and len(self.outputs) == len(self.layers):
@@ -113,6 +116,7 @@ class LayerCapture:
         return hook
 
     def __enter__(self) -> LayerCapture:
+        self._grad_mode = torch.is_grad_enabled()
         try:
             for name, module in self.layers.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))
@@ -123,6 +127,8 @@ class LayerCapture:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+        if self._grad_mode is not None:
+            torch.set_grad_enabled(self._grad_mode)
 
     def remove(self) -> None:
         """Remove every hook; safe to call more than once."""
@@ -132,15 +138,20 @@ class LayerCapture:
     def run(self, model: nn.Module, x: Tensor) -> Tensor | None:
         """Run ``model(x)`` with the hooks in place; ``None`` when the pass stopped early.
 
-        Without grad layers the whole pass runs under ``torch.no_grad()``; with them, only
-        the part before the first grad layer does.
+        Without grad layers the whole pass runs without autograd; with them, only the part
+        before the first grad layer does, and autograd stays on afterwards (see the class doc).
         """
+        if self._grad_mode is None:
+            raise RuntimeError("use LayerCapture as a context manager: `with LayerCapture(...) as cap:`")
         self.outputs.clear()
-        with torch.no_grad():
-            try:
-                return model(x)
-            except StopForward:
-                return None
+        torch.set_grad_enabled(False)
+        try:
+            return model(x)
+        except StopForward:
+            return None
+        finally:
+            if not self.grad:
+                torch.set_grad_enabled(bool(self._grad_mode))
 
 
 def count_hooks(model: nn.Module) -> int:

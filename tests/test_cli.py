@@ -1,0 +1,67 @@
+"""The command line: output, exit codes, one-line errors, no tracebacks without --debug."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from convlens.cli import main
+
+
+def test_predict_sample_prints_top5(capsys):
+    assert main(["predict", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("chelsea.jpg") and "efficientnet_lite0" in out[0]
+    assert len(out) == 6 and "Egyptian cat" in out[1] and "[285]" in out[1]
+
+
+def test_predict_top_k_and_two_images(capsys, tmp_path):
+    from PIL import Image
+
+    import convlens
+
+    convlens.sample_image().save(tmp_path / "cat.png")
+    assert main(["predict", str(tmp_path / "cat.png"), str(convlens.sample_image_path()), "-k", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 6 and out[0].startswith("cat.png") and "Egyptian cat" in out[1]
+    Image.new("L", (30, 20)).save(tmp_path / "grey.png")
+    assert main(["predict", str(tmp_path / "grey.png")]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "does-not-exist.jpg"], "does-not-exist.jpg: no such file"),
+        (["predict", "--model", "resnet5O"], "did you mean resnet50"),
+        (["predict", "--top", "0"], "--top must be at least 1"),
+        (["layers", "--filter", "nothing*"], "no layer matches"),
+        (["predict", "--weights", "missing.pth"], "weights file not found"),
+    ],
+)
+def test_bad_input_one_line_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("convlens: error:") and len(err.splitlines()) == 1
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ValueError, match="no such file"):
+        main(["--debug", "predict", "nope.png"])
+
+
+def test_layers_table_marks_default(capsys):
+    assert main(["layers", "--filter", "bn2*"]) == 0
+    out = capsys.readouterr().out
+    assert "bn2 " in out and "1280x7x7" in out and "<- Grad-CAM default" in out
+
+
+def test_console_script_version_and_errors():
+    run = [sys.executable, "-m", "convlens.cli"]
+    version = subprocess.run([*run, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("convlens ")
+    bad = subprocess.run([*run, "predict", "/nonexistent.png"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    usage = subprocess.run([*run, "predict", "--nope"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "unrecognized arguments" in usage.stderr

@@ -1,0 +1,147 @@
+"""The hook mechanism and the model-state guard: exact captures, early stop, nothing left behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from convlens.hooks import LayerCapture, StopForward, count_hooks, model_guard
+
+
+def tiny_net() -> nn.Sequential:
+    """conv -> bn -> in-place relu -> conv -> pool -> linear, fixed weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 5, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    )
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "training": [m.training for m in model.modules()],
+        "inplace": [getattr(m, "inplace", None) for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad_ids": [id(p.grad) if p.grad is not None else None for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "hooks": count_hooks(model),
+    }
+
+
+def assert_same(before: dict, model: nn.Module) -> None:
+    after = snapshot(model)
+    for key in ("training", "inplace", "requires_grad", "grad_ids", "hooks"):
+        assert after[key] == before[key], key
+    for a, b in zip(before["grads"], after["grads"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), k
+
+
+def test_capture_is_not_overwritten_by_later_inplace_op():
+    net = tiny_net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = net[1](net[0](x)).detach().clone()  # before the in-place ReLU
+    assert (expected < 0).any()
+    with LayerCapture({"1": net[1]}) as cap:
+        out = cap.run(net, x)
+    torch.testing.assert_close(cap["1"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, net(x).detach(), rtol=0, atol=0)  # the output itself is unchanged
+    assert count_hooks(net) == 0
+
+
+def test_grad_layer_gives_exact_partial_gradient():
+    net = tiny_net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    # reference: full autograd through the whole net
+    a = net[2](net[1](net[0](x))).detach().requires_grad_(True)
+    ref_out = net[6](net[5](net[4](net[3](a))))
+    (ref_grad,) = torch.autograd.grad(ref_out[:, 1].sum(), a)
+    with torch.no_grad():  # the caller's no_grad does not stop us
+        with model_guard(net), LayerCapture({"2": net[2]}, grad=["2"]) as cap:
+            out = cap.run(net, x)
+            (g,) = torch.autograd.grad(out[:, 1].sum(), cap["2"])
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(g, ref_grad, rtol=1e-6, atol=1e-7)
+    assert cap["2"].grad_fn is None  # a leaf: nothing before the layer was recorded
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_stop_early_never_runs_later_layers():
+    net = tiny_net()
+    fired = []
+    handle = net[3].register_forward_hook(lambda *a: fired.append(True))
+    try:
+        with LayerCapture({"0": net[0], "1": net[1]}, stop_early=True) as cap:
+            assert cap.run(net, torch.randn(1, 3, 8, 8)) is None
+        assert set(cap.outputs) == {"0", "1"} and not fired
+    finally:
+        handle.remove()
+    assert count_hooks(net) == 0
+
+
+def test_guard_restores_everything_after_failure_halfway():
+    net = tiny_net().train()
+    net[0].weight.requires_grad_(False)
+    net[3].weight.grad = torch.full_like(net[3].weight, 7.0)
+    net[2].inplace = True
+    before = snapshot(net)
+    torch.set_grad_enabled(True)
+
+    def boom(module, args, output):
+        raise RuntimeError("fails halfway")
+
+    with pytest.raises(RuntimeError, match="halfway"):
+        with model_guard(net), LayerCapture({"1": net[1], "3": net[3]}, grad=["3"]) as cap:
+            net[4].register_forward_hook(boom)  # a hook we do not own, failing after ours fired
+            net[0].weight.requires_grad_(True)
+            net[2].inplace = False
+            net[3].weight.grad = None
+            try:
+                cap.run(net, torch.randn(1, 3, 8, 8))
+            finally:
+                net[4]._forward_hooks.clear()
+    assert torch.is_grad_enabled()
+    assert_same(before, net)
+    assert all(m.training for m in net.modules())
+
+
+def test_guard_restores_after_keyboard_interrupt():
+    net = tiny_net().train()
+    before = snapshot(net)
+    with pytest.raises(KeyboardInterrupt):
+        with model_guard(net), LayerCapture({"3": net[3]}):
+            assert not net.training
+            raise KeyboardInterrupt
+    assert_same(before, net)
+
+
+def test_remove_is_idempotent_and_capture_rejects_tuple_outputs():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    pair = nn.Sequential(Pair())
+    cap = LayerCapture({"0": pair[0]})
+    with cap, pytest.raises(TypeError, match="choose one of its submodules"):
+        cap.run(pair, torch.zeros(1))
+    cap.remove()
+    cap.remove()
+    assert count_hooks(pair) == 0
+    with pytest.raises(ValueError, match="not among the captured"):
+        LayerCapture({"0": pair[0]}, grad=["1"])
+
+
+def test_stopforward_is_an_exception_users_can_see():
+    assert issubclass(StopForward, Exception)
