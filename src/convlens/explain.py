@@ -353,10 +353,13 @@ def _versions() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
+    import torch
+
     from . import __version__
 
-    out = {"convlens": __version__, "python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("torch", "torchvision", "timm", "numpy", "matplotlib", "Pillow"):
+    out = {"convlens": __version__, "python": platform.python_version(), "platform": platform.platform(),
+           "torch": torch.__version__}  # the module's own string carries the build (+cu130, +cpu)
+    for pkg in ("torchvision", "timm", "numpy", "matplotlib", "Pillow"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
