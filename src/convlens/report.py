@@ -12,6 +12,7 @@ import base64
 import json
 import math
 from html import escape
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -169,7 +170,8 @@ def _body(report: Report) -> str:
     total = report.timings.get("total_s")
     if total is not None:
         status += f" in {total:.1f} s"
-    weights = f" · weights <code>{_e(report.weights)}</code>" if report.weights else ""
+    # the file name is enough here; summary.json keeps the whole path
+    weights = f" · weights <code>{_e(Path(report.weights).name)}</code>" if report.weights else ""
     out = [
         "<header><h1>convlens report</h1>",
         f"<p class=meta>model <strong>{_e(report.model)}</strong>{weights} · device {_e(report.device)}"
