@@ -117,6 +117,7 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
     )
     add_model_args(p)
     p.add_argument("--target", "-t", default=None, metavar="T", help="class index or name to explain (default: top-1)")
+    p.add_argument("--layer", "-l", default=None, metavar="L", help="Grad-CAM layer (default: automatic)")
     p.add_argument(
         "--methods", default=",".join(METHODS), metavar="LIST",
         help=f"comma-separated techniques (default: {','.join(METHODS)})",
@@ -146,7 +147,9 @@ def _run_explain(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     clf = load_classifier(args)
     load_s = time.perf_counter() - t0
-    report = explain(sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True)
+    report = explain(
+        sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer
+    )
     report.timings["load_model_s"] = load_s
     written = report.save(out, force=args.force)
     for im in report.images:

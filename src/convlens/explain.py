@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,12 +106,43 @@ def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
     # "what did the network see here": the channels of the Grad-CAM layer most active on this image
     top = activations(clf, x, [layer]).top_channels(layer, int(s["channels"]))
     channels = [int(c) for c in np.asarray(_first(top))]
-    ctx["layers"]["filters"] = layer
+    ctx["layers"]["filters"] = ctx["fv_layer"]
     ctx["channels"]["filters"] = channels
-    return feature_visualization(
-        clf, layer, channels, steps=s["steps"], size=s["size"], param=s["param"], transforms=s["transforms"],
-        seed=s["seed"],
+    result = feature_visualization(
+        clf, ctx["fv_layer"], channels, steps=s["steps"], size=s["size"], param=s["param"],
+        transforms=s["transforms"], seed=s["seed"],
     )
+    dead = [c for c, d in zip(channels, getattr(result, "dead", [])) if d]
+    if dead:
+        ctx["channels"]["filters_dead"] = dead
+    return result
+
+
+#: activations whose flat zero region leaves a unit without gradient when optimised from noise
+_SATURATING = ("ReLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "Threshold")
+
+
+def pre_activation_layer(table: Sequence[Any], layer: str) -> str:
+    """The module whose output feeds ``layer``'s final activation, when there is one.
+
+    Feature visualisation from noise gets no gradient through a ReLU that is off everywhere, so,
+    as lucid does with its ``*_pre_relu`` tensors, the units are optimised before the activation:
+    if the last module to run inside ``layer`` is a (once-used) saturating activation and the one
+    before it has the same output shape, that one is returned; otherwise ``layer`` itself.
+    Channel ``c`` is the same unit either way.
+    """
+    inside = sorted((r for r in table if r.name.startswith(layer + ".") and r.order >= 0), key=lambda r: r.order)
+    if len(inside) >= 2:
+        last, before = inside[-1], inside[-2]
+        mine = next((r for r in table if r.name == layer), None)
+        if (
+            last.type in _SATURATING
+            and before.type not in _SATURATING
+            and before.shape == last.shape
+            and (mine is None or mine.shape == last.shape)
+        ):
+            return before.name
+    return layer
 
 
 RUNNERS: dict[str, Callable[[Classifier, Tensor, dict[str, Any], dict[str, Any]], Any]] = {
@@ -144,6 +176,7 @@ class ImageExplanation:
     layers: dict[str, Any] = field(default_factory=dict)
     channels: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)  # warnings a technique gave
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -181,7 +214,8 @@ class Report:
         rendered once and cached; ``None`` when there is nothing to show."""
         key = (image.key, technique)
         if key not in self._png:
-            data = _render(image, technique)
+            args = {"k": int(self.settings["activations"]["channels"])} if technique == "activations" else {}
+            data = _render(image, technique, args)
             if data is None:
                 return None
             self._png[key] = data
@@ -277,7 +311,7 @@ def check_outputs(
         )
 
 
-def _render(im: ImageExplanation, technique: str) -> bytes | None:
+def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> bytes | None:
     if technique == "input":
         if im.rgb is None:
             return None
@@ -290,7 +324,7 @@ def _render(im: ImageExplanation, technique: str) -> bytes | None:
     if result is None:
         return None
     try:
-        fig = result.plot()
+        fig = result.plot(**plot_args)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         return buf.getvalue()
@@ -417,7 +451,11 @@ def explain(
     clf = load_model() if classifier is None else as_classifier(classifier)
     load_s = time.perf_counter() - t0
     if target is not None and not callable(target):
-        clf.class_index(target)  # an unknown class is a usage error, raised before any work
+        clf.class_index(target)  # an unknown class or layer is a usage error, raised before any work
+    if conf["gradcam"]["layer"] is not None:
+        from .layers import resolve_layer
+
+        resolve_layer(clf.model, conf["gradcam"]["layer"])
     keys = image_keys([name for name, _ in items])
     report = Report(
         model=clf.name,
@@ -441,7 +479,7 @@ def explain(
 
         bar = tqdm(total=len(items), desc="explain", unit="image")
         quiet = logging_redirect_tqdm()  # warnings print above the bar, not through it
-    cam_layers: dict[tuple[int, ...], str] = {}
+    cam_layers: dict[tuple[int, ...], tuple[str, str]] = {}
     try:
         with quiet:
             for (name, src), key in zip(items, keys):
@@ -467,7 +505,7 @@ def _explain_one(
     target: Any,
     methods: tuple[str, ...],
     conf: dict[str, dict[str, Any]],
-    cam_layers: dict[tuple[int, ...], str],
+    cam_layers: dict[tuple[int, ...], tuple[str, str]],
     bar: Any,
 ) -> ImageExplanation:
     im = ImageExplanation(name=name, source=str(src) if isinstance(src, (str, os.PathLike)) else None, key=key)
@@ -486,12 +524,13 @@ def _explain_one(
         resolved = resolve_target(clf, target, 1, logits)
         im.target, im.target_label = resolved.indices[0], resolved.labels[0]
         shape = tuple(x.shape[1:])
-        if conf["gradcam"]["layer"] is not None:
-            cam_layers.setdefault(shape, conf["gradcam"]["layer"])
         if shape not in cam_layers:
-            from .layers import default_cam_layer
+            from .layers import default_cam_layer, layer_table, resolve_layer
 
-            cam_layers[shape] = default_cam_layer(clf.model, x)
+            table = layer_table(clf.model, x)
+            cam = conf["gradcam"]["layer"]
+            cam = default_cam_layer(clf.model, x, table) if cam is None else resolve_layer(clf.model, cam)[0]
+            cam_layers[shape] = (cam, pre_activation_layer(table, cam))
     except ImageError as e:
         im.errors["image"] = str(e)
         log.warning("%s", e)
@@ -504,7 +543,8 @@ def _explain_one(
         im.timings["prepare_s"] = time.perf_counter() - t0
     ctx: dict[str, Any] = {
         "target": im.target if im.target is not None and im.target >= 0 else target,
-        "cam_layer": cam_layers[shape],
+        "cam_layer": cam_layers[shape][0],
+        "fv_layer": cam_layers[shape][1],
         "layers": im.layers,
         "channels": im.channels,
     }
@@ -513,7 +553,12 @@ def _explain_one(
             bar.set_postfix_str(f"{name[:24]}: {tech}")
         t1 = time.perf_counter()
         try:
-            im.results[tech] = RUNNERS[tech](clf, x, ctx, conf[tech])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                im.results[tech] = RUNNERS[tech](clf, x, ctx, conf[tech])
+            notes = list(dict.fromkeys(str(w.message) for w in caught))
+            if notes:
+                im.notes[tech] = notes
         except Exception as e:  # noqa: BLE001 -- recorded, reported, and the run goes on
             im.errors[tech] = f"{type(e).__name__}: {e}"
             log.warning("%s: %s failed: %s", name, tech, im.errors[tech], exc_info=log.isEnabledFor(logging.DEBUG))

@@ -58,6 +58,7 @@ CSS = """
 .convlens-report tr.target td{font-weight:600}
 .convlens-report .error{background:var(--badbg);color:var(--bad);border:1px solid var(--bad);border-radius:6px;
  padding:.5em .8em;margin:.6em 0}
+.convlens-report .note{color:#8a5a00;font-size:.92em;margin:.3em 0}
 .convlens-report details{margin-top:.6em}
 .convlens-report summary{cursor:pointer;color:var(--accent)}
 .convlens-report footer{margin-top:24px}
@@ -97,9 +98,11 @@ def _caption(im: ImageExplanation, tech: str, settings: dict[str, Any]) -> str:
                 f"the region lowers the {_e(s['score'])} of {label}, blue where it raises it.")
     if tech == "filters":
         chans = ", ".join(_e(c) for c in im.channels.get("filters", []))
-        return (f"Synthetic images that excite channels {chans} of <code>{_e(im.layers.get('filters', ''))}</code> "
-                "most: the channels of the Grad-CAM layer that fired most on this photo, i.e. what the network "
-                "saw here.")
+        fv, cam = im.layers.get("filters", ""), im.layers.get("gradcam", "")
+        where = f"<code>{_e(fv)}</code>" + (f" (before the activation of <code>{_e(cam)}</code>)"
+                                             if cam and fv != cam else "")
+        return (f"Synthetic images that excite channels {chans} of {where} most: the channels of the Grad-CAM "
+                "layer that fired most on this photo, i.e. what the network saw here.")
     return ""
 
 
@@ -139,6 +142,8 @@ def _image_section(report: Report, im: ImageExplanation) -> str:
         parts.append(f"<figure><h3>{_e(TITLES[tech])}</h3>")
         if tech in im.errors:
             parts.append(f'<div class="error"><strong>{_e(TITLES[tech])} failed:</strong> {_e(im.errors[tech])}</div>')
+        for note in im.notes.get(tech, []):
+            parts.append(f'<p class="note">{_e(note)}</p>')
         if png:
             parts.append(_img(png, f"{TITLES[tech]}: {im.name}"))
             parts.append(f"<figcaption>{_caption(im, tech, report.settings)}</figcaption>")
@@ -243,6 +248,7 @@ def summary_dict(report: Report, files: dict[str, list[str]] | None = None) -> d
                 "channels": im.channels,
                 "timings": im.timings,
                 "errors": im.errors,
+                "notes": im.notes,
                 "files": files.get(im.key, []),
             }
             for im in report.images
