@@ -21,6 +21,17 @@ from convlens.cli import main
 
 EVIL = "<img src=x onerror=alert(1)>.png"
 TECHS = ("activations", "gradcam", "occlusion", "filters")
+#: --fast made tinier still, so the end-to-end runs stay quick on a busy 2-core machine
+TINY = {
+    "activations": {"channels": 4},
+    "occlusion": {"patch": 112, "stride": 56},
+    "filters": {"channels": 2, "steps": 4, "size": 64},
+}
+
+
+@pytest.fixture(autouse=True)
+def tiny_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_explain_module(), "FAST", TINY)
 
 
 def _explain_module():
@@ -44,7 +55,9 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The CLI once over the folder (fast settings); returns rc, out dir, summary, html."""
     out = tmp_path_factory.mktemp("run") / "out"
-    rc = main(["explain", str(folder), "--out", str(out), "--fast", "--device", "cpu"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_explain_module(), "FAST", TINY)
+        rc = main(["explain", str(folder), "--out", str(out), "--fast", "--device", "cpu"])
     return {
         "rc": rc,
         "out": out,
@@ -88,7 +101,9 @@ def test_folder_run_files_summary_and_exit_code(run: dict, folder: Path) -> None
     assert good["ok"] is True and good["errors"] == {}
     assert good["predictions"][0]["label"] == "Egyptian cat" and len(good["predictions"]) == 5
     assert good["target"]["index"] == good["predictions"][0]["index"]
-    assert good["layers"]["gradcam"] == good["layers"]["filters"]
+    # feature visualisation optimises the Grad-CAM layer's units before its ReLU6 (bn2 -> bn2.drop)
+    assert good["layers"]["gradcam"] == "bn2" and good["layers"]["filters"] == "bn2.drop"
+    assert "filters_dead" not in good["channels"]
     assert len(good["channels"]["filters"]) == s["settings"]["filters"]["channels"]
     for tech in TECHS:
         assert f"{good['folder']}/{tech}.png" in good["files"]
@@ -97,7 +112,9 @@ def test_folder_run_files_summary_and_exit_code(run: dict, folder: Path) -> None
     assert (out / good["folder"] / "gradcam.npy").is_file() and (out / good["folder"] / "filters.npy").is_file()
     assert all((out / f).is_file() for f in good["files"])
     # the settings, versions and model are all recorded
-    assert s["settings"]["fast"] is True and s["settings"]["occlusion"]["stride"] > 0
+    assert s["settings"]["fast"] is True and s["settings"]["occlusion"] == {
+        "patch": 112, "stride": 56, "baseline": 0.0, "score": "probability"}
+    assert s["settings"]["filters"]["steps"] == 4 and s["settings"]["gradcam"] == {"method": "gradcam", "layer": None}
     assert s["model"]["name"] == "efficientnet_lite0" and s["model"]["input"]["size"] == 224
     assert s["versions"]["torch"] == torch.__version__ and s["timings"]["total_s"] > 0
     assert s["methods"] == list(TECHS)
@@ -247,3 +264,33 @@ def test_report_in_headless_chromium(run: dict, tmp_path: Path) -> None:
     # readable on a phone: nothing wider than the screen
     assert phone.layout["scrollWidth"] <= phone.layout["innerWidth"]
     assert laptop.layout["scrollWidth"] <= laptop.layout["innerWidth"]
+
+
+def test_pre_activation_layer_on_tiny_nets() -> None:
+    """Feature visualisation goes before a final once-used ReLU; a reused or absent one keeps the layer."""
+    from torch import nn
+
+    from convlens.layers import layer_table
+
+    ex = _explain_module()
+
+    class Reused(nn.Module):  # ResNet-style: one ReLU module called twice, the last call after an add
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.conv(self.relu(x)) + x)
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+        Reused(),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.SiLU()),
+    )
+    table = layer_table(net, torch.zeros(1, 3, 16, 16))
+    assert ex.pre_activation_layer(table, "1") == "1.1"
+    assert ex.pre_activation_layer(table, "0") == "0"
+    assert ex.pre_activation_layer(table, "2") == "2"
+    assert ex.pre_activation_layer(table, "3") == "3"  # SiLU never blocks the gradient

@@ -213,13 +213,10 @@ class Report:
         """The PNG of one technique's figure for one image (``"input"`` for the photo itself),
         rendered once and cached; ``None`` when there is nothing to show."""
         key = (image.key, technique)
-        if key not in self._png:
+        if key not in self._png:  # a failed drawing is remembered too (as b""), so it is tried once
             args = {"k": int(self.settings["activations"]["channels"])} if technique == "activations" else {}
-            data = _render(image, technique, args)
-            if data is None:
-                return None
-            self._png[key] = data
-        return self._png[key]
+            self._png[key] = _render(image, technique, args) or b""
+        return self._png[key] or None
 
     def outputs(self, directory: str | os.PathLike[str]) -> list[Path]:
         """The files :meth:`save` writes into ``directory``, known before anything is computed."""
