@@ -42,12 +42,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "activations": {"layers": "stages", "channels": 8},
     "gradcam": {"method": "gradcam", "layer": None},
     "occlusion": {"patch": 40, "stride": 20, "baseline": 0.0, "score": "probability"},
-    "filters": {"channels": 6, "steps": 128, "size": 128, "param": "fourier", "transforms": "standard", "seed": 0},
+    "filters": {"channels": 4, "steps": 128, "size": 128, "param": "fourier", "transforms": "standard", "seed": 0},
 }
 FAST: dict[str, dict[str, Any]] = {
     "activations": {"channels": 6},
     "occlusion": {"patch": 56, "stride": 28},
-    "filters": {"channels": 3, "steps": 32, "size": 96},
+    "filters": {"channels": 3, "steps": 48, "size": 96},
 }
 
 
