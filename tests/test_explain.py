@@ -294,3 +294,28 @@ def test_pre_activation_layer_on_tiny_nets() -> None:
     assert ex.pre_activation_layer(table, "0") == "0"
     assert ex.pre_activation_layer(table, "2") == "2"
     assert ex.pre_activation_layer(table, "3") == "3"  # SiLU never blocks the gradient
+
+
+def test_bare_module_and_tensor_batch(tmp_path: Path) -> None:
+    """A bare nn.Module with a model-ready (N, 3, H, W) batch: one entry per image, same values as the API."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )
+    x = torch.rand(2, 3, 24, 24)
+    occ_settings = {"occlusion": {"patch": 8, "stride": 4}}
+    report = convlens.explain(x, net, methods=("gradcam", "occlusion"), settings=occ_settings)
+    assert [im.name for im in report.images] == ["tensor 1[0]", "tensor 1[1]"] and not report.failed
+    for i, im in enumerate(report.images):
+        assert im.layers["gradcam"] == "3" and im.target == int(net(x[i : i + 1]).argmax())
+        cam = convlens.grad_cam(net, x[i : i + 1], layer="3")
+        torch.testing.assert_close(im.results["gradcam"].maps, cam.maps)
+        occ = convlens.occlusion(net, x[i : i + 1], patch=8, stride=4)
+        torch.testing.assert_close(im.results["occlusion"].maps, occ.maps)
+    report.save(tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["images"][0]["predictions"][0]["label"].startswith("class ")
+    assert (tmp_path / "tensor_1_0" / "occlusion.npy").is_file()

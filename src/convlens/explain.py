@@ -4,8 +4,8 @@ Per image: the top-k predictions; the activations of the model's stages (most ac
 Grad-CAM at the automatic layer for the target (default: the top-1 class); occlusion
 sensitivity; feature visualisations of the channels that fired most on this image in the
 Grad-CAM layer. A failure (a broken file, a technique that raises) is recorded for that image
-and technique and the run goes on. Drawing and writing are in :meth:`Report.save` and
-:mod:`convlens.report`; this module only computes.
+and technique and the run goes on. :meth:`Report.save` draws each result with its own ``plot()``
+and writes atomically; the HTML and JSON are formatted by :mod:`convlens.report`.
 """
 
 from __future__ import annotations
@@ -374,6 +374,10 @@ def collect_images(
                         skipped.append({"path": str(f), "reason": "not an image file (suffix)"})
             else:
                 items.append((path.name, path))
+        elif isinstance(src, Tensor):  # model-ready tensors: (3, H, W) or a batch (N, 3, H, W)
+            batch = src[None] if src.dim() == 3 else src
+            items += [(f"tensor {i + 1}" + (f"[{j}]" if len(batch) > 1 else ""), batch[j : j + 1])
+                      for j in range(len(batch))]
         else:
             filename = getattr(src, "filename", "")  # a PIL image opened from a file knows its name
             items.append((Path(filename).name if filename else f"image {i + 1}", src))
@@ -437,7 +441,7 @@ def explain(
         from .images import sample_image_path
 
         image_or_images = [sample_image_path()]
-    elif isinstance(image_or_images, (str, os.PathLike, bytes)) or not isinstance(image_or_images, Sequence):
+    elif isinstance(image_or_images, (str, os.PathLike, bytes, Tensor)) or not isinstance(image_or_images, Sequence):
         image_or_images = [image_or_images]
     items, skipped = collect_images(image_or_images)
     if not items:
@@ -510,9 +514,12 @@ def _explain_one(
     try:
         from .images import load_image
 
-        pil = load_image(src)
-        im.original_size = (pil.width, pil.height)
-        x = clf.preprocess(pil)
+        if isinstance(src, Tensor):
+            x = clf.batch(src)
+        else:
+            pil = load_image(src)
+            x = clf.preprocess(pil)
+            im.original_size = (pil.width, pil.height)
         im.rgb = clf.denormalise(x)[0].permute(1, 2, 0).float().cpu().numpy()
         logits = clf.logits(x)
         im.predictions = clf.predict(x, top=int(conf["predictions"]["top"]))[0]
