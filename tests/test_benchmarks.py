@@ -1,0 +1,157 @@
+"""The benchmark harness: discovery, skipping, table formatting and the report, on fake bench modules.
+
+No timing is asserted: the fake modules return fixed rows, so every number in the markdown is known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from benchmarks import run
+from benchmarks.common import (
+    Row,
+    agreement,
+    compare_maps,
+    fill_ratios,
+    floor_cases,
+    markdown_table,
+    measure,
+    peak_memory_mb,
+    spread_pct,
+)
+
+FAKE = '''
+from benchmarks.common import Row
+
+def tables(quick, device):
+    n = 2 if quick else 8
+    rows = [
+        Row("floor: forward", "tiny", n, 0.5),
+        Row("ours", "tiny", n, 0.75, peak_mb=12.4, extra={"r vs peer": 0.98765}),
+        Row("peer", "tiny", n, 2.0, extra={"max|Δ| vs x": 1.5e-07}),
+    ]
+    return [(f"Fake on {device}", rows)]
+'''
+
+
+@pytest.fixture
+def bench_dir(tmp_path: Path) -> Path:
+    (tmp_path / "bench_fake.py").write_text(FAKE)
+    (tmp_path / "bench_broken.py").write_text("import convlens_no_such_module\n")
+    (tmp_path / "bench_raises.py").write_text("def tables(quick, device):\n    raise RuntimeError('boom\\nline 2')\n")
+    (tmp_path / "helper.py").write_text("x = 1\n")  # not a bench module
+    return tmp_path
+
+
+def test_discover_finds_bench_modules_only_and_filters(bench_dir: Path) -> None:
+    assert list(run.discover(bench_dir)) == ["broken", "fake", "raises"]
+    assert list(run.discover(bench_dir, ["fake", "bench_raises"])) == ["fake", "raises"]
+    with pytest.raises(ValueError, match="no benchmark named nope"):
+        run.discover(bench_dir, ["nope"])
+
+
+def test_run_module_fills_ratios_and_formats_exact_values(bench_dir: Path) -> None:
+    s = run.run_module("fake", bench_dir / "bench_fake.py", quick=True, device="cpu")
+    assert s.note is None and not s.failed
+    (title, rows), = s.tables
+    assert title == "Fake on cpu"
+    assert [r.ratio for r in rows] == [1.0, 1.5, 4.0]  # seconds / the floor row's 0.5
+    lines = run.render_section(s).splitlines()
+    assert lines[0] == "### Fake on cpu"
+    assert lines[2] == "| method | model | batch | median s | x floor | peak MB | r vs peer | max\\|Δ\\| vs x |"
+    assert lines[4] == "| floor: forward | tiny | 2 | 0.5000 | 1.00 | - | - | - |"
+    assert lines[5] == "| ours | tiny | 2 | 0.7500 | 1.50 | 12 | 0.988 | - |"
+    assert lines[6] == "| peer | tiny | 2 | 2.0000 | 4.00 | - | - | 1.5e-07 |"
+
+
+def test_import_failure_is_skipped_and_errors_are_reported(bench_dir: Path) -> None:
+    broken = run.run_module("broken", bench_dir / "bench_broken.py", quick=True, device="cpu")
+    assert broken.tables == [] and not broken.failed
+    assert broken.note.startswith("skipped: import failed (ModuleNotFoundError")
+    raises = run.run_module("raises", bench_dir / "bench_raises.py", quick=True, device="cpu")
+    assert raises.failed and raises.note == "failed: RuntimeError: boom line 2"
+    assert run.render_section(raises) == "_bench_raises: failed: RuntimeError: boom line 2_\n"
+
+
+def test_report_has_machine_command_tables_and_keeps_the_reading(bench_dir: Path, tmp_path: Path) -> None:
+    sections = [run.run_module(n, p, quick=False, device="cpu") for n, p in run.discover(bench_dir).items()]
+    info = {"torch": "9.9", "threads": 2}
+    out = tmp_path / "out" / "BENCHMARKS.md"
+    text = run.render_report(sections, command="python -m benchmarks", info=info, date="2030-01-01")
+    run.write_report(out, text)
+    written = out.read_text()
+    for piece in ("- torch: 9.9", "- threads: 2", "```bash\npython -m benchmarks\n```", "Date: 2030-01-01",
+                  "## fake", "| ours | tiny | 8 | 0.7500 | 1.50 | 12 | 0.988 | - |",
+                  "_bench_broken: skipped: import failed", run.READING_PLACEHOLDER):
+        assert piece in written
+    assert run.previous_reading(out) is None  # still the placeholder
+    out.write_text(written.replace(run.READING_PLACEHOLDER, "We win on X because Y."))
+    again = run.render_report(sections, command="c", info=info, date="d", reading=run.previous_reading(out))
+    assert again.rstrip().endswith("## Reading\n\nWe win on X because Y.")
+    assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
+
+
+def test_main_writes_report_and_exits_1_when_a_module_failed(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "bench_fake.py").write_text(FAKE)
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    out = tmp_path / "B.md"
+    assert run.main(["--quick", "--out", str(out)]) == 0
+    assert "| peer | tiny | 2 | 2.0000 | 4.00 |" in capsys.readouterr().out
+    assert f"python -m benchmarks --quick --out {out}" in out.read_text()
+    (tmp_path / "bench_raises.py").write_text("def tables(quick, device):\n    raise RuntimeError('boom')\n")
+    assert run.main(["--no-write"]) == 1
+
+
+def test_fill_ratios_per_model_and_batch() -> None:
+    rows = [Row("floor", "a", 1, 2.0), Row("m", "a", 1, 3.0), Row("floor", "b", 4, 10.0), Row("m", "b", 4, 5.0)]
+    assert [r.ratio for r in fill_ratios(rows)] == [1.0, 1.5, 1.0, 0.5]
+    assert "| m | b | 4 | 5.0000 | 0.50 | - |" in markdown_table("t", rows)
+
+
+def test_spread_pct_is_iqr_over_median() -> None:
+    assert spread_pct([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(100 * (4.0 - 2.0) / 3.0)
+    assert spread_pct([1.0]) is None
+
+
+def test_compare_maps_resizes_normalises_and_flags_disagreement() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 7, 7, generator=g)
+    up = torch.nn.functional.interpolate(a[:, None], size=(28, 28), mode="bilinear", align_corners=False)
+    diff, r = compare_maps(a, up)  # the coarse map is resized to 28x28 exactly like `up` was
+    assert diff < 1e-6 and r == pytest.approx(1.0, abs=1e-9)
+    diff, r = compare_maps(a, 3 * a + 1, normalise=True)  # min-max scaling removes the affine change
+    assert diff < 1e-6 and r == pytest.approx(1.0, abs=1e-9)
+    assert compare_maps(a, 3 * a + 1)[0] == pytest.approx(float((2 * a + 1).max()), rel=1e-6)
+    cols = agreement("peer", a.numpy(), -a)
+    assert cols["r vs peer"] == pytest.approx(-1.0)
+    assert cols["max abs diff vs peer"] == pytest.approx(float(2 * a.max()))
+    b = a.clone()
+    b[1] = torch.rand(7, 7, generator=g)  # one wrong image: min over the batch shows it
+    assert compare_maps(a, b)[1] < 0.9
+    assert compare_maps(torch.ones(5, 5), a[0])[1] != compare_maps(torch.ones(5, 5), a[0])[1]  # NaN
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        compare_maps(a, a[:1])
+
+
+def test_floor_cases_and_peak_memory_on_a_tiny_net() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    cases = floor_cases(net, x, "0")
+    assert list(cases) == ["floor: forward", "floor: forward + backward to 0"]
+    before = [p.clone() for p in net.parameters()]
+    samples: dict[str, list[float]] = {}
+    secs = measure(cases, repeats=3, warmup=0, samples=samples)
+    assert set(secs) == set(cases) and all(v > 0 for v in secs.values())
+    assert all(len(samples[k]) == 3 and sorted(samples[k])[1] == secs[k] for k in cases)
+    assert all(p.grad is None for p in net.parameters())  # autograd.grad to the layer, no .grad
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert not any(m._forward_hooks for m in net.modules())  # the hook is gone
+    assert torch.is_grad_enabled()
+    # a fresh 64 MiB tensor: the profiler-based peak sees exactly its size
+    assert peak_memory_mb(lambda: torch.ones(16 * 2**20)) == pytest.approx(64.0, abs=0.01)
+
