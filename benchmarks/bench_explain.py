@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Row, machine_info, markdown_table, measure
+from .common import Row, machine_info, markdown_table, measure
 
 TECHS = ("activations", "gradcam", "occlusion", "filters")
 
