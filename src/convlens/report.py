@@ -53,6 +53,8 @@ CSS = """
 .convlens-report table{border-collapse:collapse;width:100%}
 .convlens-report td,.convlens-report th{padding:.2em .4em;text-align:left;vertical-align:top;
  border-bottom:1px solid var(--line)}
+.convlens-report table.preds th:first-child{width:2.2em}
+.convlens-report table.preds th:last-child{width:4.5em}
 .convlens-report td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
 .convlens-report .bar{height:.55em;background:var(--accent);border-radius:3px;min-width:1px}
 .convlens-report tr.target td{font-weight:600}
@@ -118,7 +120,7 @@ def _predictions(im: ImageExplanation) -> str:
             f'<div class=bar style="width:{width}"></div></td><td class=num>{100 * p.probability:.1f}%</td></tr>'
         )
     head = "<thead><tr><th>#</th><th>class</th><th>prob.</th></tr></thead>"
-    return f"<table>{head}<tbody>{''.join(rows)}</tbody></table>"
+    return f"<table class=preds>{head}<tbody>{''.join(rows)}</tbody></table>"
 
 
 def _image_section(report: Report, im: ImageExplanation) -> str:
@@ -131,6 +133,9 @@ def _image_section(report: Report, im: ImageExplanation) -> str:
         parts.append("</section>")
         return "".join(parts)
     size = f"{im.original_size[0]}×{im.original_size[1]} px" if im.original_size else ""
+    if im.rgb is not None:
+        h, w = im.rgb.shape[:2]
+        size += f"{', ' if size else ''}shown as the model sees it ({w}×{h})"
     target = (f"<p>Explained class: <strong>{_e(im.target_label)}</strong> [{_e(im.target)}]"
               f"{' (top-1)' if im.predictions and im.predictions[0].index == im.target else ''}</p>")
     parts.append(
