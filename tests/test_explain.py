@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import sys
 from html.parser import HTMLParser
@@ -118,8 +119,11 @@ def test_folder_run_files_summary_and_exit_code(run: dict, folder: Path) -> None
     assert s["model"]["name"] == "efficientnet_lite0" and s["model"]["input"]["size"] == 224
     assert s["versions"]["torch"] == torch.__version__ and s["timings"]["total_s"] > 0
     assert s["methods"] == list(TECHS)
-    # no temporary files left behind by the atomic writes
+    # no temporary files left behind by the atomic writes, and the usual permissions (not mkstemp's 0600)
     assert not [p for p in out.rglob(".*")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "report.html").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_saved_arrays_equal_the_api(run: dict, clf: convlens.Classifier) -> None:
