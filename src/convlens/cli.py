@@ -141,7 +141,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     if not items:
         raise ValueError("no image files to explain")
     out = Path(args.out)
-    check_outputs(out, image_keys([name for name, _ in items]), methods, force=args.force)  # before any work
+    check_outputs(out, image_keys([name for name, _ in items]), force=args.force)  # before any work
     import time
 
     t0 = time.perf_counter()

@@ -219,8 +219,8 @@ class Report:
         return self._png[key] or None
 
     def outputs(self, directory: str | os.PathLike[str]) -> list[Path]:
-        """The files :meth:`save` writes into ``directory``, known before anything is computed."""
-        return planned_outputs(directory, [im.key for im in self.images], self.methods)
+        """The top-level outputs of :meth:`save` in ``directory`` (known before anything is computed)."""
+        return planned_outputs(directory, [im.key for im in self.images])
 
     def save(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         """Write every output into ``directory``; returns the paths written.
@@ -233,7 +233,7 @@ class Report:
         from .results import atomic_path, save_npy
 
         directory = Path(directory)
-        check_outputs(directory, [im.key for im in self.images], self.methods, force=force)
+        check_outputs(directory, [im.key for im in self.images], force=force)
         written: list[Path] = []
 
         def write_bytes(path: Path, data: bytes) -> None:
@@ -284,22 +284,20 @@ def image_keys(names: Sequence[str]) -> list[str]:
     return keys
 
 
-def planned_outputs(directory: str | os.PathLike[str], keys: Sequence[str], methods: Sequence[str]) -> list[Path]:
+def planned_outputs(directory: str | os.PathLike[str], keys: Sequence[str]) -> list[Path]:
     """Top-level outputs in ``directory``: ``report.html``, ``summary.json`` and one folder per image."""
     directory = Path(directory)
     return [directory / "report.html", directory / "summary.json", *(directory / k for k in keys)]
 
 
-def check_outputs(
-    directory: str | os.PathLike[str], keys: Sequence[str], methods: Sequence[str], *, force: bool = False
-) -> None:
+def check_outputs(directory: str | os.PathLike[str], keys: Sequence[str], *, force: bool = False) -> None:
     """Raise ``FileExistsError`` when an output of this run already exists and ``force`` is off."""
     if force:
         return
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a folder")
-    there = [p for p in planned_outputs(directory, keys, methods) if p.exists()]
+    there = [p for p in planned_outputs(directory, keys) if p.exists()]
     if there:
         names = ", ".join(p.name for p in there[:3]) + (f" and {len(there) - 3} more" if len(there) > 3 else "")
         raise FileExistsError(
