@@ -20,6 +20,11 @@ from PIL import Image
 import convlens
 from convlens.cli import main
 
+# explain orchestrates the four techniques; until their branches are merged there is nothing to run
+# (once merged, convlens/__init__.py imports them, so a broken one fails the whole suite instead)
+for _module in ("activations", "cam", "occlusion", "featureviz"):
+    pytest.importorskip(f"convlens.methods.{_module}", reason=f"convlens.methods.{_module} is not merged yet")
+
 EVIL = "<img src=x onerror=alert(1)>.png"
 TECHS = ("activations", "gradcam", "occlusion", "filters")
 #: --fast made tinier still, so the end-to-end runs stay quick on a busy 2-core machine
