@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .explain import ImageExplanation, Report, explain
 from .hooks import LayerCapture, model_guard
 from .images import ImageError, load_image, sample_image, sample_image_path
 from .layers import LayerError, default_cam_layer, layer_table, resolve_layer, resolve_layers
@@ -24,6 +25,9 @@ __all__ = [
     "grad_cam",
     "Classifier",
     "FeatureImages",
+    "ImageExplanation",
+    "Report",
+    "explain",
     "ImageError",
     "LayerCapture",
     "LayerError",

@@ -300,9 +300,73 @@ def _run_filters(args: argparse.Namespace) -> int:
         print(f"{label:<28} {res.kind} = {float(res.objective[i]):9.4g}  -> {paths[i]}{dead}")
     print(f"grid: {paths[-1]}   arrays: {paths[-2]}")
     return 0
+    return 0
+
+
+# -- explain ------------------------------------------------------------------------------
+def _add_explain(p: argparse.ArgumentParser) -> None:
+    from .explain import METHODS
+
+    p.add_argument(
+        "images", nargs="*", metavar="IMAGE|DIR",
+        help="image files or folders of images (default: the bundled sample photo)",
+    )
+    add_model_args(p)
+    p.add_argument("--target", "-t", default=None, metavar="T", help="class index or name to explain (default: top-1)")
+    p.add_argument("--layer", "-l", default=None, metavar="L", help="Grad-CAM layer (default: automatic)")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), metavar="LIST",
+        help=f"comma-separated techniques (default: {','.join(METHODS)})",
+    )
+    _add_out(p)
+    p.add_argument(
+        "--fast", action="store_true", help="lighter settings: coarser occlusion, fewer and smaller feature images"
+    )
+    p.add_argument("--force", action="store_true", help="replace outputs of an earlier run in --out")
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from .explain import METHODS, check_outputs, collect_images, explain, image_keys
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown technique(s) {', '.join(bad) or '(none)'}; choose from {','.join(METHODS)}")
+    sources = image_list(args.images)
+    items, _ = collect_images(sources, warn=False)  # only to name the outputs; explain() warns
+    if not items:
+        raise ValueError("no image files to explain")
+    out = Path(args.out)
+    check_outputs(out, image_keys([name for name, _ in items]), force=args.force)  # before any work
+    import time
+
+    t0 = time.perf_counter()
+    clf = load_classifier(args)
+    load_s = time.perf_counter() - t0
+    report = explain(
+        sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer
+    )
+    report.timings["load_model_s"] = load_s
+    written = report.save(out, force=args.force)
+    for im in report.images:
+        if "image" in im.errors:
+            print(f"{im.name}: FAILED: {im.errors['image']}")
+            continue
+        top = im.predictions[0] if im.predictions else None
+        line = f"{im.name}: {top}" if top else im.name
+        for tech, msg in im.errors.items():
+            line += f"\n  {tech} failed: {msg}"
+        print(line)
+    n_bad = len(report.failed)
+    print(
+        f"wrote {out / 'report.html'} and {len(written) - 1} other files "
+        f"({len(report.images)} images, {n_bad} with errors, {report.timings['total_s']:.1f} s)"
+    )
+    return 1 if n_bad else 0
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "explain": ("every technique on images, with an HTML report", _add_explain, _run_explain),
     "predict": ("top-k classes for images", _add_predict, _run_predict),
     "layers": ("the model's layers with output shapes", _add_layers, _run_layers),
     "activations": ("what each layer sees: channel maps per layer", _add_activations, _run_activations),

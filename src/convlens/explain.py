@@ -1,0 +1,569 @@
+"""``explain``: every technique on every image, gathered into one :class:`Report`.
+
+Per image: the top-k predictions; the activations of the model's stages (most active channels);
+Grad-CAM at the automatic layer for the target (default: the top-1 class); occlusion
+sensitivity; feature visualisations of the channels that fired most on this image in the
+Grad-CAM layer. A failure (a broken file, a technique that raises) is recorded for that image
+and technique and the run goes on. :meth:`Report.save` draws each result with its own ``plot()``
+and writes atomically; the HTML and JSON are formatted by :mod:`convlens.report`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from .images import IMAGE_SUFFIXES, ImageError, ImageSource
+from .models import Classifier, Prediction, as_classifier, load_model
+
+__all__ = ["METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "settings_for"]
+
+log = logging.getLogger(__name__)
+
+#: The techniques, in report order.
+METHODS = ("activations", "gradcam", "occlusion", "filters")
+
+#: Default settings per technique; ``fast=True`` overlays :data:`FAST`. Chosen so one 224 px image
+#: with the default model finishes well under a minute on a 2-core CPU (see BENCHMARKS.md).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "predictions": {"top": 5},
+    "activations": {"layers": "stages", "channels": 8},
+    "gradcam": {"method": "gradcam", "layer": None},
+    "occlusion": {"patch": 40, "stride": 20, "baseline": 0.0, "score": "probability"},
+    "filters": {"channels": 4, "steps": 128, "size": 128, "param": "fourier", "transforms": "standard", "seed": 0},
+}
+FAST: dict[str, dict[str, Any]] = {
+    "activations": {"channels": 6},
+    "occlusion": {"patch": 56, "stride": 28},
+    "filters": {"channels": 3, "steps": 48, "size": 96},
+}
+
+
+class ExplainError(ValueError):
+    """Bad arguments to :func:`explain` (unknown technique, bad settings, no images)."""
+
+
+def settings_for(fast: bool = False, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """The settings :func:`explain` uses: defaults, then the ``fast`` ones, then ``overrides``."""
+    out = {k: dict(v) for k, v in DEFAULTS.items()}
+    for layer in ([FAST] if fast else []) + ([overrides] if overrides else []):
+        for tech, values in layer.items():
+            if tech not in out:
+                raise ExplainError(f"unknown settings group {tech!r}; use one of {sorted(out)}")
+            unknown = set(values) - set(out[tech])
+            if unknown:
+                raise ExplainError(f"unknown {tech} setting(s) {sorted(unknown)}; known: {sorted(out[tech])}")
+            out[tech].update(values)
+    return out
+
+
+# -- the technique runners: the only place that calls the techniques ----------------------
+def _run_activations(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
+    from .methods.activations import activations
+
+    result = activations(clf, x, s["layers"])
+    k = int(s["channels"])
+    ctx["layers"]["activations"] = list(result.maps)
+    ctx["channels"]["activations"] = {
+        name: [int(c) for c in np.asarray(_first(result.top_channels(name, k)))] for name in result.maps
+    }
+    return result
+
+
+def _run_gradcam(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
+    from .methods.cam import grad_cam
+
+    result = grad_cam(clf, x, target=ctx["target"], layer=ctx["cam_layer"], method=s["method"])
+    ctx["layers"]["gradcam"] = result.layer
+    return result
+
+
+def _run_occlusion(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
+    from .methods.occlusion import occlusion
+
+    return occlusion(
+        clf, x, target=ctx["target"], patch=s["patch"], stride=s["stride"], baseline=s["baseline"], score=s["score"]
+    )
+
+
+def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
+    from .methods.activations import activations
+    from .methods.featureviz import feature_visualization
+
+    layer = ctx["cam_layer"]
+    # "what did the network see here": the channels of the Grad-CAM layer most active on this image
+    top = activations(clf, x, [layer]).top_channels(layer, int(s["channels"]))
+    channels = [int(c) for c in np.asarray(_first(top))]
+    ctx["layers"]["filters"] = ctx["fv_layer"]
+    ctx["channels"]["filters"] = channels
+    result = feature_visualization(
+        clf, ctx["fv_layer"], channels, steps=s["steps"], size=s["size"], param=s["param"],
+        transforms=s["transforms"], seed=s["seed"],
+    )
+    dead = [c for c, d in zip(channels, getattr(result, "dead", [])) if d]
+    if dead:
+        ctx["channels"]["filters_dead"] = dead
+    return result
+
+
+#: activations whose flat zero region leaves a unit without gradient when optimised from noise
+_SATURATING = ("ReLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "Threshold")
+
+
+def pre_activation_layer(table: Sequence[Any], layer: str) -> str:
+    """The module whose output feeds ``layer``'s final activation, when there is one.
+
+    Feature visualisation from noise gets no gradient through a ReLU that is off everywhere, so,
+    as lucid does with its ``*_pre_relu`` tensors, the units are optimised before the activation:
+    if the last module to run inside ``layer`` is a (once-used) saturating activation and the one
+    before it has the same output shape, that one is returned; otherwise ``layer`` itself.
+    Channel ``c`` is the same unit either way.
+    """
+    inside = sorted((r for r in table if r.name.startswith(layer + ".") and r.order >= 0), key=lambda r: r.order)
+    if len(inside) >= 2:
+        last, before = inside[-1], inside[-2]
+        mine = next((r for r in table if r.name == layer), None)
+        if (
+            last.type in _SATURATING
+            and before.type not in _SATURATING
+            and before.shape == last.shape
+            and (mine is None or mine.shape == last.shape)
+        ):
+            return before.name
+    return layer
+
+
+RUNNERS: dict[str, Callable[[Classifier, Tensor, dict[str, Any], dict[str, Any]], Any]] = {
+    "activations": _run_activations,
+    "gradcam": _run_gradcam,
+    "occlusion": _run_occlusion,
+    "filters": _run_filters,
+}
+
+
+def _first(channels: Any) -> Any:
+    """``top_channels`` for one image: a (k,) sequence, or row 0 of an (N, k) one."""
+    a = channels.detach().cpu().numpy() if isinstance(channels, Tensor) else np.asarray(channels)
+    return a[0] if a.ndim == 2 else a
+
+
+# -- results --------------------------------------------------------------------------------
+@dataclass
+class ImageExplanation:
+    """Everything computed for one image; ``errors`` maps ``"image"`` or a technique to its error."""
+
+    name: str
+    source: str | None
+    key: str  # the image's output folder, unique within a report
+    rgb: np.ndarray | None = None  # (H, W, 3) float32 in [0, 1], as the model saw it
+    original_size: tuple[int, int] | None = None  # (width, height) before preprocessing
+    predictions: list[Prediction] = field(default_factory=list)
+    target: int | None = None
+    target_label: str | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, Any] = field(default_factory=dict)
+    channels: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)  # warnings a technique gave
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when the image loaded and every technique succeeded."""
+        return not self.errors
+
+
+@dataclass
+class Report:
+    """What :func:`explain` found: the model, the settings, and one :class:`ImageExplanation` per
+    image (in order). ``save(dir)`` writes the PNGs, raw arrays, ``summary.json`` and a
+    self-contained ``report.html``; in a notebook the report displays itself.
+    """
+
+    model: str
+    weights: str | None
+    device: str
+    input: dict[str, Any]
+    methods: tuple[str, ...]
+    settings: dict[str, Any]
+    images: list[ImageExplanation]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    created: str = ""
+    _png: dict[tuple[str, str], bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def failed(self) -> list[ImageExplanation]:
+        """The images with any error."""
+        return [im for im in self.images if not im.ok]
+
+    def png(self, image: ImageExplanation, technique: str) -> bytes | None:
+        """The PNG of one technique's figure for one image (``"input"`` for the photo itself),
+        rendered once and cached; ``None`` when there is nothing to show."""
+        key = (image.key, technique)
+        if key not in self._png:  # a failed drawing is remembered too (as b""), so it is tried once
+            args = {"k": int(self.settings["activations"]["channels"])} if technique == "activations" else {}
+            self._png[key] = _render(image, technique, args) or b""
+        return self._png[key] or None
+
+    def outputs(self, directory: str | os.PathLike[str]) -> list[Path]:
+        """The top-level outputs of :meth:`save` in ``directory`` (known before anything is computed)."""
+        return planned_outputs(directory, [im.key for im in self.images])
+
+    def save(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
+        """Write every output into ``directory``; returns the paths written.
+
+        Per image, in its own folder: ``input.png`` and per technique a PNG and the raw ``.npy``;
+        then ``summary.json`` and ``report.html`` last, so they exist only for a finished save.
+        Every file is written atomically. Existing outputs are refused unless ``force``.
+        """
+        from .report import render_html, summary_dict, to_json
+        from .results import atomic_path, save_npy
+
+        directory = Path(directory)
+        check_outputs(directory, [im.key for im in self.images], force=force)
+        written: list[Path] = []
+
+        def write_bytes(path: Path, data: bytes) -> None:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            written.append(path)
+
+        files: dict[str, list[str]] = {}
+        for im in self.images:
+            folder = directory / im.key
+            mine: list[Path] = []
+            for tech in ("input", *self.methods):
+                data = self.png(im, tech)
+                if data is not None:
+                    write_bytes(folder / f"{tech}.png", data)
+                    mine.append(written[-1])
+                for suffix, array in _arrays(im, tech):
+                    written.append(save_npy(folder / f"{tech}{suffix}.npy", array))
+                    mine.append(written[-1])
+            files[im.key] = [p.relative_to(directory).as_posix() for p in mine]
+        write_bytes(directory / "summary.json", to_json(summary_dict(self, files)).encode())
+        write_bytes(directory / "report.html", render_html(self).encode())
+        return written
+
+    def _repr_html_(self) -> str:
+        from .report import render_html
+
+        return render_html(self, standalone=False)
+
+
+def _safe_name(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+    return stem[:80]
+
+
+def image_keys(names: Sequence[str]) -> list[str]:
+    """Unique, file-system-safe folder names for images (``cat.jpg``, ``cat.jpg-2``, ...)."""
+    keys: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        base = _safe_name(name)
+        key, n = base, 1
+        while key.lower() in seen or key.lower() in ("summary.json", "report.html"):
+            n += 1
+            key = f"{base}-{n}"
+        seen.add(key.lower())
+        keys.append(key)
+    return keys
+
+
+def planned_outputs(directory: str | os.PathLike[str], keys: Sequence[str]) -> list[Path]:
+    """Top-level outputs in ``directory``: ``report.html``, ``summary.json`` and one folder per image."""
+    directory = Path(directory)
+    return [directory / "report.html", directory / "summary.json", *(directory / k for k in keys)]
+
+
+def check_outputs(directory: str | os.PathLike[str], keys: Sequence[str], *, force: bool = False) -> None:
+    """Raise ``FileExistsError`` when an output of this run already exists and ``force`` is off."""
+    if force:
+        return
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder")
+    there = [p for p in planned_outputs(directory, keys) if p.exists()]
+    if there:
+        names = ", ".join(p.name for p in there[:3]) + (f" and {len(there) - 3} more" if len(there) > 3 else "")
+        raise FileExistsError(
+            f"{directory} already holds {names} from an earlier run; use --force (force=True) to replace "
+            "them or choose another output folder"
+        )
+
+
+def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> bytes | None:
+    if technique == "input":
+        if im.rgb is None:
+            return None
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray((np.clip(im.rgb, 0, 1) * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+    result = im.results.get(technique)
+    if result is None:
+        return None
+    try:
+        fig = result.plot(**plot_args)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
+    except Exception as e:  # a figure that cannot be drawn is an error of that technique, not of the run
+        log.warning("%s: cannot draw %s: %s", im.name, technique, e)
+        im.errors[technique] = f"drawing failed: {type(e).__name__}: {e}"
+        return None
+
+
+def _arrays(im: ImageExplanation, technique: str) -> list[tuple[str, np.ndarray]]:
+    """The raw arrays of one technique: ``[(suffix, array)]``."""
+    r = im.results.get(technique)
+    if r is None:
+        return []
+    if technique == "activations":
+        return [(f"_{_safe_name(name)}", _np(t)[0]) for name, t in r.maps.items()]
+    if technique == "filters":
+        return [("", _np(r.images))]
+    return [("", r.to_numpy()[0])]
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().float().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
+
+
+# -- inputs -------------------------------------------------------------------------------
+def collect_images(
+    sources: Iterable[ImageSource], *, warn: bool = True
+) -> tuple[list[tuple[str, ImageSource]], list[dict[str, str]]]:
+    """Expand folders into their image files (by suffix, sorted, not recursive).
+
+    Returns ``([(name, source)], skipped)``: files in a folder without an image suffix are
+    skipped with a warning and listed in ``skipped``; a file named directly is always kept
+    (if it is no image, explaining it fails with a clear error).
+    """
+    items: list[tuple[str, ImageSource]] = []
+    skipped: list[dict[str, str]] = []
+    for i, src in enumerate(sources):
+        if isinstance(src, (str, os.PathLike)):
+            path = Path(src)
+            if path.is_dir():
+                for f in sorted(path.iterdir()):
+                    if f.name.startswith(".") or not f.is_file():
+                        continue
+                    if f.suffix.lower() in IMAGE_SUFFIXES:
+                        items.append((f.name, f))
+                    else:
+                        if warn:
+                            log.warning("skipping %s: not an image file", f)
+                        skipped.append({"path": str(f), "reason": "not an image file (suffix)"})
+            else:
+                items.append((path.name, path))
+        elif isinstance(src, Tensor):  # model-ready tensors: (3, H, W) or a batch (N, 3, H, W)
+            batch = src[None] if src.dim() == 3 else src
+            items += [(f"tensor {i + 1}" + (f"[{j}]" if len(batch) > 1 else ""), batch[j : j + 1])
+                      for j in range(len(batch))]
+        else:
+            filename = getattr(src, "filename", "")  # a PIL image opened from a file knows its name
+            items.append((Path(filename).name if filename else f"image {i + 1}", src))
+    return items, skipped
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from . import __version__
+
+    out = {"convlens": __version__, "python": platform.python_version(), "platform": platform.platform(),
+           "torch": torch.__version__}  # the module's own string carries the build (+cu130, +cpu)
+    for pkg in ("torchvision", "timm", "numpy", "matplotlib", "Pillow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# -- the driver ---------------------------------------------------------------------------
+def explain(
+    image_or_images: ImageSource | Sequence[ImageSource] | None = None,
+    classifier: Any = None,
+    *,
+    target: int | str | None = None,
+    methods: Sequence[str] = METHODS,
+    fast: bool = False,
+    progress: bool = False,
+    layer: str | None = None,
+    settings: dict[str, dict[str, Any]] | None = None,
+) -> Report:
+    """Explain each image with every technique in ``methods`` and gather the results.
+
+    ``image_or_images``: a path, folder, PIL image, array, bytes, or a list of them (default: the
+    bundled sample photo); ``classifier``: a :class:`Classifier` or ``nn.Module`` (default: the
+    bundled EfficientNet-Lite0); ``target``: a class index or name for every image (default: each
+    image's top-1); ``layer``: the Grad-CAM layer (default: automatic); ``settings``: per-technique
+    overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``). Errors are recorded per image
+    and technique, never raised; bad arguments raise :class:`ExplainError`.
+
+    Example::
+
+        report = convlens.explain("cat.jpg")
+        report.save("out")       # out/report.html, out/summary.json, PNGs and .npy per technique
+    """
+    t_start = time.perf_counter()
+    methods = tuple(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in RUNNERS]
+    if unknown or not methods:
+        raise ExplainError(f"unknown technique(s) {unknown}; choose from {', '.join(METHODS)}")
+    methods = tuple(m for m in METHODS if m in methods)
+    conf = settings_for(fast, settings)
+    if layer is not None:
+        conf["gradcam"]["layer"] = layer
+    if image_or_images is None:
+        from .images import sample_image_path
+
+        image_or_images = [sample_image_path()]
+    elif isinstance(image_or_images, (str, os.PathLike, bytes, Tensor)) or not isinstance(image_or_images, Sequence):
+        image_or_images = [image_or_images]
+    items, skipped = collect_images(image_or_images)
+    if not items:
+        more = f" ({len(skipped)} non-image files skipped)" if skipped else ""
+        raise ExplainError(f"no image files to explain{more}")
+
+    t0 = time.perf_counter()
+    clf = load_model() if classifier is None else as_classifier(classifier)
+    load_s = time.perf_counter() - t0
+    if target is not None and not callable(target):
+        clf.class_index(target)  # an unknown class or layer is a usage error, raised before any work
+    if conf["gradcam"]["layer"] is not None:
+        from .layers import resolve_layer
+
+        resolve_layer(clf.model, conf["gradcam"]["layer"])
+    keys = image_keys([name for name, _ in items])
+    report = Report(
+        model=clf.name,
+        weights=clf.weights,
+        device=str(clf.device),
+        input={"size": clf.size, "resize": clf.resize, "interpolation": clf.interpolation,
+               "mean": list(clf.mean), "std": list(clf.std)},
+        methods=methods,
+        settings={"fast": fast, "target": None if target is None else str(target), **conf},
+        images=[],
+        skipped=skipped,
+        created=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    report.settings["versions"] = _versions()
+
+    bar = None
+    quiet = contextlib.nullcontext()
+    if progress:
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        bar = tqdm(total=len(items), desc="explain", unit="image")
+        quiet = logging_redirect_tqdm()  # warnings print above the bar, not through it
+    cam_layers: dict[tuple[int, ...], tuple[str, str]] = {}
+    try:
+        with quiet:
+            for (name, src), key in zip(items, keys):
+                if bar is not None:
+                    bar.set_postfix_str(name[:30])
+                report.images.append(_explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar))
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    report.timings["total_s"] = time.perf_counter() - t_start
+    if classifier is None:
+        report.timings["load_model_s"] = load_s
+    return report
+
+
+def _explain_one(
+    clf: Classifier,
+    name: str,
+    src: ImageSource,
+    key: str,
+    target: Any,
+    methods: tuple[str, ...],
+    conf: dict[str, dict[str, Any]],
+    cam_layers: dict[tuple[int, ...], tuple[str, str]],
+    bar: Any,
+) -> ImageExplanation:
+    im = ImageExplanation(name=name, source=str(src) if isinstance(src, (str, os.PathLike)) else None, key=key)
+    t0 = time.perf_counter()
+    try:
+        from .images import load_image
+
+        if isinstance(src, Tensor):
+            x = clf.batch(src)
+        else:
+            pil = load_image(src)
+            x = clf.preprocess(pil)
+            im.original_size = (pil.width, pil.height)
+        im.rgb = clf.denormalise(x)[0].permute(1, 2, 0).float().cpu().numpy()
+        logits = clf.logits(x)
+        im.predictions = clf.predict(x, top=int(conf["predictions"]["top"]))[0]
+        from .targets import resolve_target
+
+        resolved = resolve_target(clf, target, 1, logits)
+        im.target, im.target_label = resolved.indices[0], resolved.labels[0]
+        shape = tuple(x.shape[1:])
+        if shape not in cam_layers:
+            from .layers import default_cam_layer, layer_table, resolve_layer
+
+            table = layer_table(clf.model, x)
+            cam = conf["gradcam"]["layer"]
+            cam = default_cam_layer(clf.model, x, table) if cam is None else resolve_layer(clf.model, cam)[0]
+            cam_layers[shape] = (cam, pre_activation_layer(table, cam))
+    except ImageError as e:
+        im.errors["image"] = str(e)
+        log.warning("%s", e)
+        return im
+    except Exception as e:  # noqa: BLE001 -- one broken image never stops the others
+        im.errors["image"] = f"{type(e).__name__}: {e}"
+        log.warning("%s: %s", name, im.errors["image"], exc_info=log.isEnabledFor(logging.DEBUG))
+        return im
+    finally:
+        im.timings["prepare_s"] = time.perf_counter() - t0
+    ctx: dict[str, Any] = {
+        "target": im.target if im.target is not None and im.target >= 0 else target,
+        "cam_layer": cam_layers[shape][0],
+        "fv_layer": cam_layers[shape][1],
+        "layers": im.layers,
+        "channels": im.channels,
+    }
+    for tech in methods:
+        if bar is not None:
+            bar.set_postfix_str(f"{name[:24]}: {tech}")
+        t1 = time.perf_counter()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                im.results[tech] = RUNNERS[tech](clf, x, ctx, conf[tech])
+            notes = list(dict.fromkeys(str(w.message) for w in caught))
+            if notes:
+                im.notes[tech] = notes
+        except Exception as e:  # noqa: BLE001 -- recorded, reported, and the run goes on
+            im.errors[tech] = f"{type(e).__name__}: {e}"
+            log.warning("%s: %s failed: %s", name, tech, im.errors[tech], exc_info=log.isEnabledFor(logging.DEBUG))
+        im.timings[f"{tech}_s"] = time.perf_counter() - t1
+    im.timings["total_s"] = time.perf_counter() - t0
+    return im
