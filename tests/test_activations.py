@@ -105,8 +105,17 @@ def test_stages_of_common_architectures():
 
 def test_stages_of_default_model(clf, sample_x):
     acts = activations(clf, sample_x, "stages")
-    assert acts.layers == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "bn2"]
+    # timm declares its stages (feature_info); we use them, as timm's features_only would
+    assert acts.layers == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"]
     assert acts.settings["stages"] is True
+    assert [t.shape[1] for t in acts.maps.values()] == [16, 24, 40, 112, 320]
+
+
+def test_stages_without_feature_info_come_from_shapes(clf, sample_x):
+    plain = torch.nn.Sequential(*list(clf.model.children())).eval()  # same modules, no feature_info
+    names = dict(enumerate(find_stages(plain, sample_x)))
+    # last map per resolution: blocks 0, 1, 2, 4 and the head's bn2 (child 4)
+    assert names == {0: "2.0", 1: "2.1", 2: "2.2", 3: "2.4", 4: "4"}
 
 
 def test_patterns_and_modules(clf, sample_x):

@@ -167,8 +167,10 @@ def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | 
 
 
 def find_stages(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None = None) -> list[str]:
-    """The model's stage outputs: the last map at each spatial resolution, found from the model's
-    structure and the shapes of one pass on ``x``.
+    """The model's stage outputs: the modules a timm model declares in its ``feature_info``
+    (EfficientNet -> ``blocks.0, .1, .2, .4, .6``, ResNet -> ``act1, layer1 .. layer4``), else
+    the last map at each spatial resolution, found from the model's structure and the shapes of
+    one pass on ``x`` as follows.
 
     The trunk is the model's children in execution order, where a child whose children output
     maps at three or more spatial sizes (a backbone container: VGG's ``features``, timm's
@@ -177,7 +179,7 @@ def find_stages(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None =
     unit before the spatial size changes, counted when its run of units holds parameters (a
     lone pooling layer is no stage) and its map has more than one position; adaptive pools are
     left out. ResNet-50 -> ``relu, layer1 .. layer4`` (the spec's five), VGG -> the ReLU before
-    each pooling, EfficientNet -> ``blocks.0, .1, .2, .4`` and the head ``bn2``.
+    each pooling, MobileNetV2 -> ``features.1, .3, .6, .13`` and the head ``features.18``.
 
     Example::
 
@@ -188,6 +190,11 @@ def find_stages(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None =
 
     def ran(name: str) -> bool:
         return name in info and info[name].order >= 0
+
+    declared = _declared_stages(model)
+    if declared and all(ran(n) and _hw(info[n].shape) is not None for n in declared):
+        log.info("stage outputs (the model's feature_info): %s", ", ".join(declared))
+        return declared
 
     def trunk(prefix: str, module: nn.Module) -> list[str]:
         kids = [f"{prefix}{n}" for n, _ in module.named_children() if ran(f"{prefix}{n}")]
@@ -220,6 +227,16 @@ def find_stages(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None =
         raise LayerError("found no stage outputs (4-D maps) in the model; name the layers explicitly")
     log.info("stage outputs: %s", ", ".join(stages))
     return stages
+
+
+def _declared_stages(model: nn.Module) -> list[str]:
+    """Module names from timm's ``feature_info`` (a list of dicts or a ``FeatureInfo``), deduplicated."""
+    info = getattr(model, "feature_info", None)
+    try:
+        names = info.module_name() if hasattr(info, "module_name") else [f["module"] for f in info or ()]
+    except (TypeError, KeyError):
+        return []
+    return list(dict.fromkeys(n for n in names if isinstance(n, str) and n))
 
 
 def _hw(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
