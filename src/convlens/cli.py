@@ -333,6 +333,9 @@ def _run_explain(args: argparse.Namespace) -> int:
     if bad or not methods:
         raise ValueError(f"unknown technique(s) {', '.join(bad) or '(none)'}; choose from {','.join(METHODS)}")
     sources = image_list(args.images)
+    missing = [str(s) for s in sources if not Path(s).exists()]
+    if missing:  # a typo on the command line is a usage error, not a failed image in a report
+        raise ValueError(f"{missing[0]}: no such file or folder")
     items, _ = collect_images(sources, warn=False)  # only to name the outputs; explain() warns
     if not items:
         raise ValueError("no image files to explain")

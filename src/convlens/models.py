@@ -262,10 +262,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusal, corrupt zip, bad header: all one message
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = (
+            "it holds pickled code or objects, which are never run" if "global" in str(e).lower()
+            else f"not a PyTorch checkpoint: {type(e).__name__}"
+        )
         raise ModelError(
-            f"cannot read weights from {path}: {first[:200]} (a plain state dict saved with "
-            "torch.save(model.state_dict()) or a .safetensors file is expected)"
+            f"cannot read weights from {path} ({why}); a plain state dict saved with "
+            "torch.save(model.state_dict(), path) or a .safetensors file is expected"
         ) from e
     for key in ("state_dict", "model_state_dict", "model", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -336,6 +339,9 @@ def _timm_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, An
         model = timm.create_model(arch, pretrained=False)
         _load_into(model, read_state_dict(weights), str(weights))
         return model, dict(model.pretrained_cfg), str(weights)
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its offline retries would repeat what the error below says
     try:
         model = timm.create_model(arch, pretrained=True)
     except Exception as e:
@@ -343,6 +349,8 @@ def _timm_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, An
             f"could not get pretrained weights for timm:{arch} (not in the Hugging Face cache and no "
             f"download: {type(e).__name__}); pass a local file with --weights / weights="
         ) from e
+    finally:
+        hub_log.setLevel(level)
     cfg = dict(model.pretrained_cfg)
     return model, cfg, cfg.get("hf_hub_id") or arch
 
