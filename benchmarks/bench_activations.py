@@ -4,7 +4,7 @@ captum's LayerActivation, on the same layers (the stage outputs).
 ``max diff`` = the largest absolute difference to convlens' maps over all layers (0 expected).
 The early-stop rows ask for the first stage only: the pass ends there.
 
-Run alone: ``PYTHONPATH=src python -m benchmarks.bench_activations [--full]``.
+Run alone: ``python -m benchmarks --only activations``.
 """
 
 from __future__ import annotations
@@ -96,14 +96,3 @@ def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:
         out.append((f"Activations of the stage outputs, one {x.shape[-1]} px image, {name}",
                     activation_table(name, model, x, quick=quick, device=device)))
     return out
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .common import machine_info, markdown_table
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print(machine_info())
-    for title, rows in tables(quick="--full" not in sys.argv, device=dev):
-        print(markdown_table(title, rows))

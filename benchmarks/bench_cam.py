@@ -9,7 +9,7 @@ Targets (issue 3): convlens Grad-CAM <= 1.15x a bare forward, its top-5 classes 
 ``rel diff`` = max |theirs - ours| / max |ours| at layer resolution, ``corr`` = Pearson
 correlation of the maps (for peers that only return normalised / resized maps).
 
-Run alone: ``PYTHONPATH=src python -m benchmarks.bench_cam [--full]``.
+Run alone: ``python -m benchmarks --only cam``.
 """
 
 from __future__ import annotations
@@ -244,14 +244,3 @@ def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:
         rows = cam_table(name, model, x, quick=quick, device=device)
         out.append((f"Grad-CAM, one {x.shape[-1]} px image, {name}", rows))
     return out
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .common import machine_info, markdown_table
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print(machine_info())
-    for title, rows in tables(quick="--full" not in sys.argv, device=dev):
-        print(markdown_table(title, rows))

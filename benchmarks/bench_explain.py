@@ -4,13 +4,12 @@ Rows: the floor (one bare forward pass of the model), ``explain`` + ``save`` at 
 settings, and with ``fast=True``; the extra columns give each technique's share (median over the
 repeats) and whether one image stays under the 60 s target. Run::
 
-    PYTHONPATH=src python -m benchmarks.bench_explain [--quick]
+    python -m benchmarks --only explain [--quick]
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .common import Row, machine_info, markdown_table, measure
+from .common import Row, measure
 
 TECHS = ("activations", "gradcam", "occlusion", "filters")
 
@@ -91,10 +90,3 @@ def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:
         out.append(("explain --fast: one image, every technique, ResNet-50",
                     _table("resnet50", clf, image, quick, device, default=device != "cpu")))
     return out
-
-
-if __name__ == "__main__":
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print(machine_info())
-    for title, rows in tables("--quick" in sys.argv, dev):
-        print(markdown_table(title, rows))

@@ -12,7 +12,7 @@ Table 2: seconds per channel at the defaults for the default model, by layer dep
 the bare floor (forward, and forward + input-only backward, to blocks.4, same batch and steps);
 ``x floor`` is relative to the latter, for the blocks.4 rows.
 
-Run alone: ``PYTHONPATH=src python -m benchmarks.bench_featureviz [--quick] [--threads N]``.
+Run alone: ``python -m benchmarks --only featureviz [--quick] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import Row, machine_info, markdown_table, measure
+from benchmarks.common import Row, measure
 
 CONV1 = [0, 8, 16, 32]
 SPEC = "spec loop (8 x full fwd + backward with param grads)"
@@ -221,19 +221,3 @@ TABLES = {
 def tables(quick: bool, device: str, only: str | None = None) -> list[tuple[str, list[Row]]]:
     """The feature-visualisation tables (see the module docstring)."""
     return [(title, fn(quick, device)) for key, (title, fn) in TABLES.items() if only in (None, key)]
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--only", choices=["figure", "channel"], default=None)
-    a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(machine_info())
-    for title, rows in tables(a.quick, a.device, a.only):
-        print(markdown_table(title, rows), flush=True)

@@ -147,20 +147,3 @@ def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:
             rows = _table(name, model, x, patch, stride, device, quick)
             out.append((f"Occlusion, {name}, patch {patch} / stride {stride}, 224 px, {device}", rows))
     return out
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from common import machine_info, markdown_table  # type: ignore[no-redef]
-
-    p = argparse.ArgumentParser()
-    p.add_argument("--full", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    print(machine_info())
-    for title, rows in tables(not a.full, a.device):
-        print(markdown_table(title, rows))
