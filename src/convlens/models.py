@@ -58,7 +58,7 @@ class Classifier:
     Example::
 
         clf = Classifier(my_net, mean=(0.5,) * 3, std=(0.5,) * 3, size=224, labels=names)
-        print(clf.predict(clf.preprocess("cat.jpg"))[0][0])
+        best = clf.predict(clf.preprocess("cat.jpg"))[0][0]  # .label, .index, .probability
     """
 
     def __init__(
