@@ -406,3 +406,14 @@ def test_cli_writes_png_and_npy(tmp_path, capsys):
 def test_cli_bad_patch_is_a_one_line_error(tmp_path, capsys):
     assert main(["occlusion", "--patch", "500", "--out", str(tmp_path)]) == 2
     assert "larger than the image" in capsys.readouterr().err
+
+
+def test_overlay_opacity_follows_the_weight():
+    from convlens.plotting import overlay
+
+    rgb = np.full((2, 2, 3), 0.25)
+    heat = np.array([[0.0, 1.0], [0.5, 1.0]])
+    out = overlay(rgb, heat, alpha=0.5, cmap="gray", weight=np.array([[0.0, 1.0], [1.0, 0.5]]))
+    np.testing.assert_allclose(out[0, 0], 0.25)  # weight 0: the photo itself
+    np.testing.assert_allclose(out[0, 1], 0.625)  # 0.5 * 0.25 + 0.5 * white
+    np.testing.assert_allclose(out[1, 1], 0.4375)  # opacity 0.25

@@ -27,10 +27,15 @@ def normalize_map(m: np.ndarray, how: str = "per_image") -> np.ndarray:
     return np.zeros_like(m) if hi - lo <= 0 else (m - lo) / (hi - lo)
 
 
-def overlay(rgb: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """Blend a [0, 1] heatmap, coloured with ``cmap`` (RGB order), over an RGB image in [0, 1]."""
+def overlay(
+    rgb: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet", weight: np.ndarray | None = None
+) -> np.ndarray:
+    """Blend a [0, 1] heatmap, coloured with ``cmap`` (RGB order), over an RGB image in [0, 1].
+    ``weight`` (same shape as ``heat``, in [0, 1]) scales the opacity per pixel, so that pixels
+    that do not matter show the photo itself."""
     colored = matplotlib.colormaps[cmap](np.clip(heat, 0, 1))[..., :3]
-    return np.clip((1 - alpha) * rgb + alpha * colored, 0, 1)
+    a = alpha if weight is None else alpha * np.clip(weight, 0, 1)[..., None]
+    return np.clip((1 - a) * rgb + a * colored, 0, 1)
 
 
 def plot_saliency(
@@ -43,8 +48,9 @@ def plot_saliency(
 ) -> Figure:
     """Input | heatmap (with colorbar) | overlay for one image of a :class:`Saliency`.
 
-    Occlusion maps are signed, so they use a diverging colormap centred on zero; CAM maps use
-    ``jet``. The title names the method, the layer and the class.
+    Occlusion maps are signed, so they use a diverging colormap centred on zero, also in the
+    overlay, whose opacity there follows the size of the drop; CAM maps use ``jet``. The title
+    names the method, the layer and the class.
     """
     m = result.to_numpy()[index]
     rgb = result.rgb(index)
@@ -59,14 +65,15 @@ def plot_saliency(
         vmax = float(np.abs(m).max()) or 1.0
         im = axes[1].imshow(m, cmap=cmap or "RdBu_r", vmin=-vmax, vmax=vmax)
         axes[1].set_title("drop in score (red: hiding it hurts)")
-        heat = normalize_map(np.clip(m, 0, None), "per_image")
+        # same colours as the heatmap; opacity follows |drop|, so windows that do not matter show the photo
+        heat, weight, cmap = (m / vmax + 1) / 2, np.abs(m) / vmax, cmap or "RdBu_r"
     else:
         shown = normalize_map(m, normalize)
         im = axes[1].imshow(shown, cmap=cmap or "jet")
         axes[1].set_title(result.method + (" (normalised)" if normalize != "none" else ""))
-        heat = normalize_map(m, "per_image")
+        heat, weight, cmap = normalize_map(m, "per_image"), None, cmap or "jet"
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
-    axes[2].imshow(overlay(rgb, heat, alpha=alpha, cmap=cmap or "jet"))
+    axes[2].imshow(overlay(rgb, heat, alpha=alpha, cmap=cmap, weight=weight))
     axes[2].set_title("overlay")
     for ax in axes:
         ax.axis("off")
