@@ -204,6 +204,8 @@ def test_usage_errors_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "saliency" in capsys.readouterr().err
     assert main(["explain", "--out", str(out), "--methods", "gradcam", "--device", "cpu", "--target", "no such"]) == 2
     assert "unknown class" in capsys.readouterr().err
+    assert main(["explain", str(tmp_path / "typo.jpg"), "--out", str(out)]) == 2
+    assert "typo.jpg: no such file or folder" in capsys.readouterr().err
     assert not out.exists()
 
 
