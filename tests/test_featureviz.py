@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torch import nn
 
@@ -305,3 +306,11 @@ def test_cli_filters(tmp_path, capsys):
     assert "blocks.1 c5" in capsys.readouterr().out
     assert main(["filters", "--layer", "nope", "--steps", "2", "--out", str(out)]) == 2
     assert "no layer named" in capsys.readouterr().err
+
+
+def test_too_small_size_is_a_clear_error():
+    # Inception's unpadded convolutions cannot run on 64 px: say so instead of a kernel-size error
+    model = torchvision.models.inception_v3(init_weights=False, aux_logits=False).eval()
+    with pytest.raises(ValueError, match="size=64 px is too small for this model to reach Mixed_7c"):
+        feature_visualization(model, "Mixed_7c", [0], steps=1, size=64)
+    assert count_hooks(model) == 0

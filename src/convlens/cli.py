@@ -421,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"convlens: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"convlens: internal error: {type(e).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
         return 1
 
 

@@ -361,7 +361,14 @@ def feature_visualization(
         torch.set_grad_enabled(True)  # also under a caller's no_grad; the guard restores the mode
 
         def forward(x: Tensor, record: bool) -> Tensor:
-            out = cap.run(model, x, input_grad=record)
+            try:
+                out = cap.run(model, x, input_grad=record)
+            except RuntimeError as e:  # e.g. Inception's valid convolutions at 64 px
+                if not any(k in str(e) for k in ("Kernel size can't be greater", "Output size is too small")):
+                    raise
+                raise ValueError(
+                    f"size={size} px is too small for this model to reach {name}; pass a larger size="
+                ) from e
             act = cap[name] if module is not None else out
             if not isinstance(act, Tensor) or act.dim() < 2:
                 raise ValueError(f"{name} does not give (N, C, ...) outputs; choose another layer")
