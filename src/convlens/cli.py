@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"convlens: internal error: {type(e).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
+        print(f"convlens: internal error: {type(e).__name__}: {first} (--debug shows the traceback)", file=sys.stderr)
         return 1
 
 
