@@ -108,10 +108,10 @@ def _blank(clf):
 
 
 # -- activations / gradcam ----------------------------------------------------------------
-def _add_out(p: argparse.ArgumentParser) -> None:
+def _add_out(p: argparse.ArgumentParser, replaced: str = "files of the same name are replaced") -> None:
     p.add_argument(
         "--out", "-o", default="convlens-out", metavar="DIR",
-        help="folder for the PNG and .npy files (default ./convlens-out); files of the same name are replaced",
+        help=f"folder for the PNG and .npy files (default ./convlens-out); {replaced}",
     )
 
 
@@ -261,14 +261,19 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         "--channels", "-c", default="0,1,2,3", metavar="LIST",
         help="comma-separated channels (class indices/names for --objective class); default 0,1,2,3",
     )
-    p.add_argument("--objective", default="channel", choices=["channel", "neuron", "layer", "class"])
+    p.add_argument(
+        "--objective", default="channel", choices=["channel", "neuron", "layer", "class"],
+        help="what to maximise: a channel's mean (default), its centre neuron, the whole layer, a class logit",
+    )
     p.add_argument("--steps", type=int, default=None, metavar="N", help="optimisation steps (default 128)")
     p.add_argument("--size", type=int, default=None, metavar="S", help="image side in pixels (default 128)")
     p.add_argument("--lr", type=float, default=None, help="step size (default 0.05)")
     p.add_argument("--param", default="fourier", choices=["fourier", "pixel"], help="image parameterisation")
     p.add_argument("--no-transforms", action="store_true", help="no robustness transforms")
-    p.add_argument("--diversity", type=float, default=0.0, help="diversity weight between repeated channels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--diversity", type=float, default=0.0, metavar="W", help="diversity weight between repeated channels"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default 0)")
     _add_out(p)
 
 
@@ -318,7 +323,7 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
         "--methods", default=",".join(METHODS), metavar="LIST",
         help=f"comma-separated techniques (default: {','.join(METHODS)})",
     )
-    _add_out(p)
+    _add_out(p, "an earlier run there is kept unless --force")
     p.add_argument(
         "--fast", action="store_true", help="lighter settings: coarser occlusion, fewer and smaller feature images"
     )
