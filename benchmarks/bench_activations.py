@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .bench_cam import _models, _repeats
-from .common import Row, measure, peak_memory_mb
+from .common import Row, table_rows
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,12 @@ def activation_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, dev
     except ImportError:
         log.warning("captum not installed: row skipped")
 
-    times = measure(cases, repeats=_repeats(forward, quick), warmup=1, device=device)
-    floor = times["bare forward (floor)"]
-    rows = []
-    for case, seconds in times.items():
-        peak = peak_memory_mb(cases[case], device)
-        rows.append(Row(case, name, x.shape[0], seconds, seconds / floor, peak, extra.get(case, {})))
+    rows = table_rows(
+        cases, model=name, batch=x.shape[0], device=device, repeats=_repeats(forward, quick),
+        floor="bare forward (floor)",
+    )
+    for r in rows:
+        r.extra = {**extra.get(r.method, {}), **r.extra}
     return rows
 
 

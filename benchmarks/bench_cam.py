@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import Row, measure, peak_memory_mb
+from .common import Row, table_rows
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +221,13 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
     except ImportError:
         log.warning("torch-cam not installed: row skipped")
 
-    times = measure(cases, repeats=_repeats(forward, quick), warmup=1, device=device)
-    floor = times["bare forward (floor)"]
-    rows = []
-    for case, seconds in times.items():
-        peak = peak_memory_mb(cases[case], device)
-        more = {"saved MB": saved_for_backward_mb(cases[case], all_models), **extra.get(case, {})}
-        rows.append(Row(case, name, x.shape[0], seconds, seconds / floor, peak, more))
-    pgc_s = times.get("pytorch-grad-cam GradCAM")
+    rows = table_rows(
+        cases, model=name, batch=x.shape[0], device=device, repeats=_repeats(forward, quick),
+        floor="bare forward (floor)",
+    )
+    for r in rows:
+        r.extra = {"saved MB": saved_for_backward_mb(cases[r.method], all_models), **extra.get(r.method, {}), **r.extra}
+    pgc_s = next((r.seconds for r in rows if r.method == "pytorch-grad-cam GradCAM"), None)
     if pgc_s:
         for r in rows:
             if r.method.startswith("convlens grad_cam"):
