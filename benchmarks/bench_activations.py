@@ -80,13 +80,10 @@ def activation_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, dev
     except ImportError:
         log.warning("captum not installed: row skipped")
 
-    rows = table_rows(
+    return table_rows(
         cases, model=name, batch=x.shape[0], device=device, repeats=_repeats(forward, quick),
-        floor="bare forward (floor)",
+        floor="bare forward (floor)", extra=extra,
     )
-    for r in rows:
-        r.extra = {**extra.get(r.method, {}), **r.extra}
-    return rows
 
 
 def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:

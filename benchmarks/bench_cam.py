@@ -221,12 +221,11 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
     except ImportError:
         log.warning("torch-cam not installed: row skipped")
 
+    extra = {c: {"saved MB": saved_for_backward_mb(fn, all_models), **extra.get(c, {})} for c, fn in cases.items()}
     rows = table_rows(
         cases, model=name, batch=x.shape[0], device=device, repeats=_repeats(forward, quick),
-        floor="bare forward (floor)",
+        floor="bare forward (floor)", extra=extra,
     )
-    for r in rows:
-        r.extra = {"saved MB": saved_for_backward_mb(cases[r.method], all_models), **extra.get(r.method, {}), **r.extra}
     pgc_s = next((r.seconds for r in rows if r.method == "pytorch-grad-cam GradCAM"), None)
     if pgc_s:
         for r in rows:

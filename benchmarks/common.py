@@ -257,12 +257,15 @@ def table_rows(
     warmup: int = 1,
     memory: bool = True,
     floor: str | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> list[Row]:
     """Time ``cases`` side by side with :func:`measure`, add peak memory and ratios: one Row each.
 
-    Each row gets ``extra["IQR %"]``, the spread of its repeats (see :func:`spread_pct`), so a
-    reader sees when the machine was too noisy for a ratio to mean much.
+    Each row gets ``extra[case]`` (correctness columns etc.), then ``extra["IQR %"]``, the spread
+    of its repeats (see :func:`spread_pct`), so a reader sees when the machine was too noisy for a
+    ratio to mean much.
     """
+    extra = extra or {}
     samples: dict[str, list[float]] = {}
     secs = measure(cases, repeats=repeats, warmup=warmup, device=device, samples=samples)
     rows = [
@@ -272,7 +275,7 @@ def table_rows(
             batch,
             secs[name],
             peak_mb=peak_memory_mb(fn, device) if memory else None,
-            extra={"IQR %": spread_pct(samples[name])},
+            extra={**extra.get(name, {}), "IQR %": spread_pct(samples[name])},
         )
         for name, fn in cases.items()
     ]
