@@ -15,6 +15,8 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .outputs import display
+
 if TYPE_CHECKING:
     from .explain import ImageExplanation, Report
 
@@ -73,7 +75,7 @@ CSS = """
 
 
 def _e(value: Any) -> str:
-    return escape(str(value), quote=True)
+    return escape(display(value), quote=True)  # control characters and undecodable bytes escaped too
 
 
 def _img(png: bytes | None, alt: str) -> str:
@@ -265,10 +267,12 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
+        return {display(k): _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
-    if v is None or isinstance(v, (str, int, float, bool)):
+    if isinstance(v, str):
+        return display(v)  # valid UTF-8 JSON, no terminal escapes, whatever the file names hold
+    if v is None or isinstance(v, (int, float, bool)):
         return v
     if hasattr(v, "tolist"):
         return _clean(v.tolist())

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import require_finite, warn_constant
 from ..hooks import model_guard
 from ..models import Classifier, as_classifier
 from ..results import Saliency
@@ -90,13 +91,20 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return out
 
 
+#: a numeric baseline larger than this is no colour in a normalised input (|x| is a few units)
+MAX_BASELINE = 100.0
+
+
 def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int]) -> Tensor:
     """The replacement values, broadcastable to ``x`` (N, C, H, W)."""
     if isinstance(baseline, bool):
         raise ValueError("baseline must be a number, 'mean', 'blur' or a tensor, not a bool")
     if isinstance(baseline, (int, float)):
-        if not math.isfinite(baseline):
-            raise ValueError(f"baseline must be finite, got {baseline}")
+        if not math.isfinite(baseline) or abs(baseline) > MAX_BASELINE:
+            raise ValueError(
+                f"baseline {baseline:g} is not a colour: a number in the model's normalised space is at most "
+                f"{MAX_BASELINE:g} in size (0 is the mean colour)"
+            )
         return torch.full((1, 1, 1, 1), float(baseline), device=x.device, dtype=x.dtype)
     if isinstance(baseline, str):
         if baseline == "mean":
@@ -106,7 +114,7 @@ def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int]) -> Tensor:
             return _gaussian_blur(x, max(patch) / 4)
         raise ValueError(f"baseline must be a number, one of {BASELINES} or a tensor, not {baseline!r}")
     if isinstance(baseline, Tensor):
-        b = baseline.to(x.device, x.dtype)
+        b = require_finite(baseline.to(x.device, x.dtype), "the baseline tensor")
         try:
             torch.broadcast_shapes(b.shape, x.shape)
             b = b.expand_as(x) if b.dim() <= 4 else None
@@ -257,6 +265,7 @@ def occlusion(
         logits = model(x)
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise ValueError("the model must return logits of shape (N, classes)")
+        require_finite(logits, "the model's output")
         resolved = resolve_target(clf, target, n, logits)
         scorers = [_Scorer(score, resolved.indices[i], resolved.fn) for i in range(n)]
         clean = torch.stack([scorers[i](logits[i : i + 1])[0] for i in range(n)])
@@ -283,7 +292,8 @@ def occlusion(
             if hasattr(evaluator, "close"):
                 evaluator.close()
 
-    raw = drops.view(n, len(starts_y), len(starts_x))
+    raw = require_finite(drops.view(n, len(starts_y), len(starts_x)), "the occlusion drops")
+    warn_constant(raw, "occlusion", "hiding any window changes nothing; try a larger patch or another baseline")
     acc = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
     ay = _coverage_matrix(height, ph, starts_y, acc, x.device)
     ax = _coverage_matrix(width, pw, starts_x, acc, x.device)
