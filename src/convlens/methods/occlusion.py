@@ -102,8 +102,8 @@ def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int]) -> Tensor:
     if isinstance(baseline, (int, float)):
         if not math.isfinite(baseline) or abs(baseline) > MAX_BASELINE:
             raise ValueError(
-                f"baseline {baseline:g} is not a colour: a number in the model's normalised space is at most "
-                f"{MAX_BASELINE:g} in size (0 is the mean colour)"
+                f"baseline {baseline:g} is not a colour: a finite number in the model's normalised space, at "
+                f"most {MAX_BASELINE:g} in size (0 is the mean colour)"
             )
         return torch.full((1, 1, 1, 1), float(baseline), device=x.device, dtype=x.dtype)
     if isinstance(baseline, str):
