@@ -530,6 +530,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``convlens`` command; returns the exit code (0 ok, 1 some images failed or an
+    internal error, 2 bad input, 130 interrupted, 141 stdout closed)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while parsing or cleaning up
+        print("convlens: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

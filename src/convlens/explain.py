@@ -457,7 +457,7 @@ def explain(
         image_or_images = [image_or_images]
     items, skipped = collect_images(image_or_images)
     if not items:
-        more = f" ({len(skipped)} non-image files skipped)" if skipped else ""
+        more = f" ({len(skipped)} folder entries skipped: {skipped[0]['reason']}, ...)" if skipped else ""
         raise ExplainError(f"no image files to explain{more}")
 
     t0 = time.perf_counter()

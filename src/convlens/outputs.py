@@ -371,6 +371,17 @@ class RunWriter:
         names = [*self.files, *self.keys]
         old = _read_manifest(self.root) if self.root.is_dir() else None
         there = [n for n in names if os.path.lexists(self.root / n)]
+        # an input of this run is never replaced or removed, --force or not
+        for src in self.inputs:
+            if not isinstance(src, (str, os.PathLike)):
+                continue
+            real = Path(os.path.realpath(src))
+            for n in [*names, *(manifest_entries(old) if old else [])]:
+                target = self.root / n
+                if real == target or target in real.parents:
+                    raise FileExistsError(
+                        f"{display(self.out)}/{display(n)} would replace the input {display(src)}; choose another "
+                        "output folder")
         if (old is not None or there) and not self.force:
             what = ", ".join(display(n) for n in there[:3]) + (f" and {len(there) - 3} more" if len(there) > 3 else "")
             if old is None:
@@ -385,17 +396,6 @@ class RunWriter:
         self._replace = list(dict.fromkeys([*(manifest_entries(old) if old else []), *there]))
         if old is not None:
             self._replace.append(MANIFEST)
-        # an input of this run is never replaced or removed, --force or not
-        for src in self.inputs:
-            if not isinstance(src, (str, os.PathLike)):
-                continue
-            real = Path(os.path.realpath(src))
-            for n in [*names, *self._replace]:
-                target = self.root / n
-                if real == target or target in real.parents:
-                    raise FileExistsError(
-                        f"{display(self.out)}/{display(n)} would replace the input {display(src)}; choose another "
-                        "output folder")
 
     # -- staging ----------------------------------------------------------------------------
     @property

@@ -178,7 +178,7 @@ def _body(report: Report) -> str:
     if bad:
         status += f", <strong style=\"color:var(--bad)\">{bad} with errors</strong>"
     if report.skipped:
-        status += f", {len(report.skipped)} non-image file{'s' if len(report.skipped) != 1 else ''} skipped"
+        status += f", {len(report.skipped)} folder entr{'ies' if len(report.skipped) != 1 else 'y'} skipped"
     total = report.timings.get("total_s")
     if total is not None:
         status += f" in {total:.1f} s"
