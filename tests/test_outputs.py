@@ -82,14 +82,14 @@ def manifest(out: Path) -> dict:
 
 # -- naming ----------------------------------------------------------------------------------
 def test_keys_keep_the_whole_name_and_are_unique_and_stable() -> None:
-    keys = outputs.image_keys(["cat.v2.jpg", "cat.png", "cat.png", "CAT.PNG", "summary.json", "a\x1b[2Jb.png"],
-                              ["d/cat.v2.jpg", "a/cat.png", "b/cat.png", "c/CAT.PNG", "s/summary.json", "e.png"])
+    names = ["cat.v2.jpg", "cat.png", "cat.png", "CAT.PNG", "summary.json", "a\x1b[2Jb.png"]
+    sources = ["d/cat.v2.jpg", "a/cat.png", "b/cat.png", "c/CAT.PNG", "s/summary.json", "e.png"]
+    keys = outputs.image_keys(names, sources)
     assert keys[:2] == ["cat.v2.jpg", "cat.png"]
     assert keys[2].startswith("cat.png~") and keys[3].startswith("CAT.PNG~") and keys[4].startswith("summary.json~")
     assert keys[5].startswith("a_[2Jb.png~") and "\x1b" not in keys[5]
     assert len({k.lower() for k in keys}) == len(keys)
-    assert keys == outputs.image_keys(["cat.v2.jpg", "cat.png", "cat.png", "CAT.PNG", "summary.json", "a\x1b[2Jb.png"],
-                                      ["d/cat.v2.jpg", "a/cat.png", "b/cat.png", "c/CAT.PNG", "s/summary.json", "e.png"])
+    assert keys == outputs.image_keys(names, sources)  # stable: the same inputs give the same keys
     long = outputs.image_keys(["x" * 240 + ".jpg", os.fsdecode(b"caf\xe9.jpg"), ".hidden.png", "..", "a/b.png"])
     assert all(len(k.encode()) <= outputs.MAX_KEY_BYTES + 9 and "/" not in k for k in long)
     assert long[1].startswith("caf_.jpg~") and long[1].encode("utf-8")  # encodable: no lone surrogate
