@@ -97,10 +97,10 @@ def test_keys_keep_the_whole_name_and_are_unique_and_stable() -> None:
 
 
 def test_display_escapes_terminal_codes_and_undecodable_bytes() -> None:
-    assert outputs.display("a\x1b[31mb\n.jpg") == "a\\x1b[31mb\\x0a.jpg"
-    assert outputs.display(os.fsdecode(b"caf\xe9.jpg")) == "caf\\xe9.jpg"
-    assert outputs.display("\u202egnp.exe") == "\\u202egnp.exe"  # a bidi override
-    assert outputs.display("café 猫.jpg") == "café 猫.jpg"
+    assert outputs.printable("a\x1b[31mb\n.jpg") == "a\\x1b[31mb\\x0a.jpg"
+    assert outputs.printable(os.fsdecode(b"caf\xe9.jpg")) == "caf\\xe9.jpg"
+    assert outputs.printable("\u202egnp.exe") == "\\u202egnp.exe"  # a bidi override
+    assert outputs.printable("café 猫.jpg") == "café 猫.jpg"
 
 
 # -- case 1: a user's own file overwritten ------------------------------------------------------
@@ -230,6 +230,23 @@ def test_case3_force_moves_symlinks_aside_never_writes_through_them(tmp_path: Pa
     assert (outside / "report.html").read_bytes() == b"precious too"
     assert not (out / "p.png").is_symlink() and (out / "p.png" / "gradcam.npy").is_file()
     assert not (out / "report.html").is_symlink()
+
+
+def test_force_never_reaches_outside_out_through_an_edited_manifest(tmp_path: Path, tiny_cli) -> None:
+    img = photo(tmp_path / "p.png")
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "keep.txt").write_text("mine")
+    out = tmp_path / "out"
+    args = ["gradcam", str(img), "--out", str(out)]
+    assert main(args) == 0
+    m = manifest(out)
+    m["files"] = ["../victim", "/etc", ".."]
+    m["images"].append({"key": "../victim", "files": ["../victim/keep.txt"]})
+    (out / outputs.MANIFEST).write_text(json.dumps(m))
+    assert main([*args, "--force"]) == 0
+    assert (tmp_path / "victim" / "keep.txt").read_text() == "mine"
+    (out / outputs.MANIFEST).write_text("[1, 2]")  # damaged: an earlier run all the same
+    assert main(args) == 2 and main([*args, "--force"]) == 0
 
 
 # -- case 4: undecodable and very long names ------------------------------------------------------
@@ -542,7 +559,7 @@ def test_a_folder_of_every_bad_case_through_explain(tmp_path: Path, clf, monkeyp
     s = json.loads((out / "summary.json").read_text())
     by_name = {im["name"]: im for im in s["images"]}
     for name in good:
-        im = by_name[outputs.display(name)]
+        im = by_name[outputs.printable(name)]
         assert im["ok"], im["errors"]
         assert {Path(f).name for f in im["files"]} >= {f"{t}.png" for t in ("input", *EXPLAIN.METHODS)}
         assert all((out / f).is_file() for f in im["files"])

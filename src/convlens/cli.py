@@ -24,11 +24,11 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away
 
 
-def display(text: object) -> str:
-    """``text`` safe for the terminal (see :func:`convlens.outputs.display`)."""
-    from .outputs import display as _display
+def printable(text: object) -> str:
+    """``text`` safe for the terminal (see :func:`convlens.outputs.printable`)."""
+    from .outputs import printable as _printable
 
-    return _display(text)
+    return _printable(text)
 
 
 def _version() -> str:
@@ -86,7 +86,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     clf = load_classifier(args)
     for path in image_list(args.images):
         preds = clf.predict(clf.preprocess(path), top=args.top)[0]
-        print(f"{display(Path(path).name)}  ({clf.name})")
+        print(f"{printable(Path(path).name)}  ({clf.name})")
         for rank, p in enumerate(preds, 1):
             print(f"  {rank}. {p.label:<32} {p.probability:7.2%}  [{p.index}]")
     return 0
@@ -162,11 +162,11 @@ def _per_image(
     failed = 0
     with run:
         for path, key in zip(paths, keys):
-            name = display(Path(path).name)
+            name = printable(Path(path).name)
             try:
                 result = compute(clf, path)
             except (ImageError, NonFiniteError) as e:
-                print(f"{name}: FAILED: {display(e)}")
+                print(f"{name}: FAILED: {printable(e)}")
                 run.commit_image(key, name=Path(path).name, source=path, ok=False)
                 failed += 1
                 continue
@@ -223,7 +223,7 @@ def _run_activations(args: argparse.Namespace) -> int:
         print(f"{name}  ({clf.name})")
         for layer, m in result.maps.items():
             print(f"  {layer:<24} {'x'.join(map(str, m.shape[1:]))}")
-        print(f"  wrote {len(written)} files to {display(written[0].parent)}")
+        print(f"  wrote {len(written)} files to {printable(written[0].parent)}")
 
     def files(result):
         return activations_files(result, "", channels=channels, k=args.k)
@@ -276,7 +276,7 @@ def _run_gradcam(args: argparse.Namespace) -> int:
     def show(clf, name, result, written):
         print(f"{name}  ({clf.name}, {args.method} at {result.layer})")
         for i, (idx, label) in enumerate(zip(result.target, result.labels)):
-            print(f"  {display(label)} [{idx}] -> {display(written[2 * i])}, {display(written[2 * i + 1].name)}")
+            print(f"  {printable(label)} [{idx}] -> {printable(written[2 * i])}, {printable(written[2 * i + 1].name)}")
 
     return _per_image(
         args, "gradcam", compute, lambda r: saliency_files(r, stem, alpha=args.alpha), show, prepare=prepare
@@ -351,10 +351,10 @@ def _run_occlusion(args: argparse.Namespace) -> int:
 
     def show(clf, name, res, written):
         ny, nx = res.settings["windows"]
-        print(f"{name}: {display(res.labels[0])} [{res.target[0]}], {ny * nx} windows, "
+        print(f"{name}: {printable(res.labels[0])} [{res.target[0]}], {ny * nx} windows, "
               f"max drop {float(res.raw.max()):.4f}")
         for w in written:
-            print(f"  wrote {display(w)}")
+            print(f"  wrote {printable(w)}")
 
     return _per_image(args, "occlusion", compute, lambda r: saliency_files(r, "occlusion"), show, prepare=prepare)
 
@@ -423,8 +423,8 @@ def _run_filters(args: argparse.Namespace) -> int:
     for i, label in enumerate(res.labels):
         dead = "  (dead unit)" if res.dead[i] else ""
         png = next(p for n, p in by_name.items() if n.startswith(f"{key}_{i}_"))
-        print(f"{display(label):<28} {res.kind} = {float(res.objective[i]):9.4g}  -> {display(png)}{dead}")
-    print(f"grid: {display(by_name[key + '_grid.png'])}   arrays: {display(by_name[key + '.npy'])}")
+        print(f"{printable(label):<28} {res.kind} = {float(res.objective[i]):9.4g}  -> {printable(png)}{dead}")
+    print(f"grid: {printable(by_name[key + '_grid.png'])}   arrays: {printable(by_name[key + '.npy'])}")
     return 0
 
 
@@ -484,7 +484,7 @@ def _run_explain(args: argparse.Namespace) -> int:
             print(f"{im.name}: FAILED: {im.errors['image']}")
             continue
         top = im.predictions[0] if im.predictions else None
-        line = f"{im.name}: {display(top)}" if top else im.name
+        line = f"{im.name}: {printable(top)}" if top else im.name
         for tech, msg in im.errors.items():
             line += f"\n  {tech} failed: {msg}"
         print(line)
@@ -493,7 +493,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     n_bad = len(report.failed)
     n_files = sum(len(f) for f in report._files.values())
     print(
-        f"wrote {display(run.root / 'report.html')}, summary.json and {n_files} other files "
+        f"wrote {printable(run.root / 'report.html')}, summary.json and {n_files} other files "
         f"({len(report.images)} images, {n_bad} with errors, {len(report.skipped)} skipped, "
         f"{report.timings['total_s']:.1f} s)"
     )
@@ -568,12 +568,12 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"convlens: error: {display(msg)}", file=sys.stderr)
+        print(f"convlens: error: {printable(msg)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:
         if args.debug:
             raise
-        first = display((str(e).strip().splitlines() or [""])[0][:300])
+        first = printable((str(e).strip().splitlines() or [""])[0][:300])
         print(f"convlens: internal error: {type(e).__name__}: {first} (--debug shows the traceback)", file=sys.stderr)
         return 1
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from .checks import NonFiniteError, require_finite
 from .images import IMAGE_SUFFIXES, ImageError, ImageSource
 from .models import Classifier, Prediction, as_classifier, load_model
-from .outputs import RunWriter, check_interrupt, display, is_regular, safe_key
+from .outputs import RunWriter, check_interrupt, is_regular, printable, safe_key
 from .outputs import image_keys as _image_keys
 
 __all__ = ["METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "settings_for"]
@@ -313,8 +313,8 @@ def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> 
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         return buf.getvalue()
     except Exception as e:  # a figure that cannot be drawn is an error of that technique, not of the run
-        log.warning("%s: cannot draw %s: %s", im.name, technique, display(e))
-        im.errors[technique] = display(f"drawing failed: {type(e).__name__}: {e}")
+        log.warning("%s: cannot draw %s: %s", im.name, technique, printable(e))
+        im.errors[technique] = printable(f"drawing failed: {type(e).__name__}: {e}")
         return None
 
 
@@ -374,8 +374,8 @@ def collect_images(
                         items.append((f.name, f))
                         continue
                     if warn:
-                        log.warning("skipping %s: %s", display(f), why)
-                    skipped.append({"path": display(f), "reason": why})
+                        log.warning("skipping %s: %s", printable(f), why)
+                    skipped.append({"path": printable(f), "reason": why})
             else:
                 items.append((path.name, path))
         elif isinstance(src, Tensor):  # model-ready tensors: (3, H, W) or a batch (N, 3, H, W)
@@ -497,7 +497,7 @@ def explain(
         with quiet:
             for (name, src), key in zip(items, keys):
                 if bar is not None:
-                    bar.set_postfix_str(display(name)[:30])
+                    bar.set_postfix_str(printable(name)[:30])
                 report.images.append(_explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar))
                 check_interrupt()
                 if on_image is not None:
@@ -525,7 +525,7 @@ def _explain_one(
     bar: Any,
 ) -> ImageExplanation:
     is_path = isinstance(src, (str, os.PathLike))
-    im = ImageExplanation(name=display(name), source=display(src) if is_path else None, key=key,
+    im = ImageExplanation(name=printable(name), source=printable(src) if is_path else None, key=key,
                           path=src if is_path else None)
     t0 = time.perf_counter()
     try:
@@ -553,11 +553,11 @@ def _explain_one(
             cam = default_cam_layer(clf.model, x, table) if cam is None else resolve_layer(clf.model, cam)[0]
             cam_layers[shape] = (cam, pre_activation_layer(table, cam))
     except (ImageError, NonFiniteError) as e:
-        im.errors["image"] = display(e)
+        im.errors["image"] = printable(e)
         log.warning("%s: %s", im.name, im.errors["image"])
         return im
     except Exception as e:  # noqa: BLE001 -- one broken image never stops the others
-        im.errors["image"] = display(f"{type(e).__name__}: {e}")
+        im.errors["image"] = printable(f"{type(e).__name__}: {e}")
         log.warning("%s: %s", im.name, im.errors["image"], exc_info=log.isEnabledFor(logging.DEBUG))
         return im
     finally:
@@ -571,20 +571,20 @@ def _explain_one(
     }
     for tech in methods:
         if bar is not None:
-            bar.set_postfix_str(f"{display(name)[:24]}: {tech}")
+            bar.set_postfix_str(f"{printable(name)[:24]}: {tech}")
         t1 = time.perf_counter()
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 im.results[tech] = _finite(RUNNERS[tech](clf, x, ctx, conf[tech]), tech)
-            notes = list(dict.fromkeys(display(w.message) for w in caught))
+            notes = list(dict.fromkeys(printable(w.message) for w in caught))
             if notes:
                 im.notes[tech] = notes
         except NonFiniteError as e:
-            im.errors[tech] = display(e)
+            im.errors[tech] = printable(e)
             log.warning("%s: %s failed: %s", im.name, tech, im.errors[tech])
         except Exception as e:  # noqa: BLE001 -- recorded, reported, and the run goes on
-            im.errors[tech] = display(f"{type(e).__name__}: {e}")
+            im.errors[tech] = printable(f"{type(e).__name__}: {e}")
             log.warning("%s: %s failed: %s", im.name, tech, im.errors[tech], exc_info=log.isEnabledFor(logging.DEBUG))
         im.timings[f"{tech}_s"] = time.perf_counter() - t1
         check_interrupt()

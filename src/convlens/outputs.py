@@ -42,8 +42,8 @@ from typing import IO, Any
 import numpy as np
 
 __all__ = [
-    "MANIFEST", "MAX_KEY_BYTES", "RunWriter", "atomic_path", "check_interrupt", "display", "hold_interrupts",
-    "image_keys", "interruptible", "resolve_out", "safe_key", "save_files", "write_file",
+    "MANIFEST", "MAX_KEY_BYTES", "RunWriter", "atomic_path", "check_interrupt", "hold_interrupts", "image_keys",
+    "interruptible", "manifest_entries", "printable", "resolve_out", "safe_key", "save_files", "write_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,14 @@ Writer = Callable[[IO[bytes]], None]
 
 
 # -- names ----------------------------------------------------------------------------------
-def display(text: Any) -> str:
+def printable(text: Any) -> str:
     """``text`` safe to print, log, or put in JSON and HTML: undecodable bytes (surrogate escapes
     from ``os.fsdecode``) become ``\\xNN``, control and format characters (terminal escapes, bidi
     overrides, newlines) become ``\\xNN``/``\\uNNNN``; everything else is kept.
 
     Example::
 
-        display("a\\x1b[31mb.jpg")  # 'a\\\\x1b[31mb.jpg'
+        printable("a\\x1b[31mb.jpg")  # 'a\\\\x1b[31mb.jpg'
     """
     out = []
     for ch in str(text):
@@ -208,17 +208,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a short temporary name: a 240-byte output name must not make a 260-byte temporary one
-    fd, tmp = tempfile.mkstemp(prefix=".convlens-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = ""
     try:
+        # a short temporary name: a 240-byte output name must not make a 260-byte temporary one
+        fd, tmp = tempfile.mkstemp(prefix=".convlens-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         os.chmod(tmp, _umask_mode())  # mkstemp makes the file private (0600)
         yield Path(tmp)
         os.replace(tmp, path)
         _WRITTEN.add(os.path.realpath(path))
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def write_file(path: str | os.PathLike[str], data: bytes | Writer) -> Path:
@@ -260,10 +262,10 @@ def save_files(files: Sequence[tuple[Path, Writer | bytes]], *, force: bool = Fa
         real = os.path.realpath(p)
         if os.path.lexists(p) and not force:
             if os.path.isdir(p) and not os.path.islink(p):
-                raise IsADirectoryError(f"{display(p)} is a folder")
+                raise IsADirectoryError(f"{printable(p)} is a folder")
             if os.path.islink(p) or real not in _WRITTEN:
                 raise FileExistsError(
-                    f"{display(p)} exists and convlens did not write it; pass force=True to replace it")
+                    f"{printable(p)} exists and convlens did not write it; pass force=True to replace it")
         elif not os.path.lexists(p):
             _check_parent(p.parent)
     written = []
@@ -277,12 +279,12 @@ def _check_parent(folder: Path) -> None:
     probe = Path(os.path.realpath(folder))
     while not probe.exists():
         if os.path.lexists(probe):
-            raise NotADirectoryError(f"{display(folder)}: a dangling symlink is in the way")
+            raise NotADirectoryError(f"{printable(folder)}: a dangling symlink is in the way")
         probe = probe.parent
     if not probe.is_dir():
-        raise NotADirectoryError(f"{display(folder)}: {display(probe)} is a file, not a folder")
+        raise NotADirectoryError(f"{printable(folder)}: {printable(probe)} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(f"{display(folder)}: cannot write in {display(probe)}")
+        raise PermissionError(f"{printable(folder)}: cannot write in {printable(probe)}")
 
 
 def resolve_out(path: str | os.PathLike[str]) -> Path:
@@ -295,10 +297,10 @@ def resolve_out(path: str | os.PathLike[str]) -> Path:
     """
     p = Path(path)
     if os.path.islink(p) and not p.exists():
-        raise NotADirectoryError(f"--out {display(p)} is a dangling symlink")
+        raise NotADirectoryError(f"--out {printable(p)} is a dangling symlink")
     real = Path(os.path.realpath(p))
     if real.exists() and not real.is_dir():
-        raise NotADirectoryError(f"--out {display(p)} exists and is not a folder")
+        raise NotADirectoryError(f"--out {printable(p)} exists and is not a folder")
     _check_parent(real)
     return real
 
@@ -312,7 +314,7 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
         if path.is_symlink() or not path.is_file():
             raise ValueError
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != "convlens-manifest":
+        if not isinstance(data, dict) or data.get("format") != "convlens-manifest":
             raise ValueError
         return data
     except (OSError, ValueError):
@@ -320,8 +322,11 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def manifest_entries(manifest: dict[str, Any]) -> list[str]:
-    """The top-level names a manifest's run owns: its files and one folder per image."""
-    return [*manifest.get("files", []), *(im["key"] for im in manifest.get("images", []) if im.get("files"))]
+    """The top-level names a manifest's run owns: its files and one folder per image. Only plain
+    names count: a manifest that was edited to say ``../elsewhere`` never reaches outside ``out``."""
+    names = [*manifest.get("files", []), *(im.get("key") for im in manifest.get("images", []) if im.get("files"))]
+    return [n for n in names if isinstance(n, str) and n not in ("", ".", "..", MANIFEST)
+            and not set(n) & {"/", "\\", "\0"} and not n.startswith(STAGING_PREFIX)]
 
 
 def _sha256(path: Path) -> str | None:
@@ -380,17 +385,18 @@ class RunWriter:
                 target = self.root / n
                 if real == target or target in real.parents:
                     raise FileExistsError(
-                        f"{display(self.out)}/{display(n)} would replace the input {display(src)}; choose another "
-                        "output folder")
+                        f"{printable(self.out)}/{printable(n)} would replace the input {printable(src)}; choose "
+                        "another output folder")
         if (old is not None or there) and not self.force:
-            what = ", ".join(display(n) for n in there[:3]) + (f" and {len(there) - 3} more" if len(there) > 3 else "")
+            more = f" and {len(there) - 3} more" if len(there) > 3 else ""
+            what = ", ".join(printable(n) for n in there[:3]) + more
             if old is None:
                 raise FileExistsError(
-                    f"{display(self.out)} already holds {what}, which convlens did not write; use --force "
+                    f"{printable(self.out)} already holds {what}, which convlens did not write; use --force "
                     "(force=True) to replace it or choose another output folder")
             what = what or f"an earlier {old.get('command', 'convlens')} run"
             raise FileExistsError(
-                f"{display(self.out)} already holds {what} from an earlier run; use --force (force=True) to "
+                f"{printable(self.out)} already holds {what} from an earlier run; use --force (force=True) to "
                 "replace that run or choose another output folder")
         self._old = old
         self._replace = list(dict.fromkeys([*(manifest_entries(old) if old else []), *there]))
@@ -434,12 +440,12 @@ class RunWriter:
         """The image ``key`` is complete: move its folder into place (at the end when replacing
         an earlier run) and record it in the manifest. Returns its files (relative to ``out``)."""
         files = sorted(f for f in self._staged_files if f.startswith(key + "/"))
-        rec: dict[str, Any] = {"key": key, "name": display(name if name is not None else key), "ok": ok,
+        rec: dict[str, Any] = {"key": key, "name": printable(name if name is not None else key), "ok": ok,
                                "files": files}
         if isinstance(source, (str, os.PathLike)):
             real = os.path.abspath(source)
-            rec["source"] = display(real)
-            if display(real) != real:
+            rec["source"] = printable(real)
+            if printable(real) != real:
                 rec["source_hex"] = os.fsencode(real).hex()  # the exact bytes, for matching later
             with contextlib.suppress(OSError):
                 st = os.stat(real)

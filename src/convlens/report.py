@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .outputs import display
+from .outputs import printable
 
 if TYPE_CHECKING:
     from .explain import ImageExplanation, Report
@@ -75,7 +75,7 @@ CSS = """
 
 
 def _e(value: Any) -> str:
-    return escape(display(value), quote=True)  # control characters and undecodable bytes escaped too
+    return escape(printable(value), quote=True)  # control characters and undecodable bytes escaped too
 
 
 def _img(png: bytes | None, alt: str) -> str:
@@ -267,11 +267,11 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {display(k): _clean(x) for k, x in v.items()}
+        return {printable(k): _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
     if isinstance(v, str):
-        return display(v)  # valid UTF-8 JSON, no terminal escapes, whatever the file names hold
+        return printable(v)  # valid UTF-8 JSON, no terminal escapes, whatever the file names hold
     if v is None or isinstance(v, (int, float, bool)):
         return v
     if hasattr(v, "tolist"):
