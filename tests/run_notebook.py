@@ -1,9 +1,9 @@
 """Execute a notebook in a real Jupyter kernel (nbclient + ipykernel), render it, screenshot it.
 
 The kernel is this interpreter (``sys.executable -m ipykernel_launcher``) through a private kernel
-spec, so a ``python3`` kernel spec elsewhere on the machine is never picked up; it imports the
-checkout's ``src`` (put first on ``PYTHONPATH``, the same code an editable install points at) and
-runs with ``OMP_NUM_THREADS=1``. Used by ``tests/test_notebook.py`` and to make
+spec and IPython profile, so a ``python3`` kernel spec or a startup file elsewhere on the machine
+is never picked up; it imports the checkout's ``src`` (put first on ``PYTHONPATH``, the same code
+an editable install points at) and runs with ``OMP_NUM_THREADS=1``. Used by ``tests/test_notebook.py`` and to make
 ``docs/notebook.png``::
 
     python tests/run_notebook.py docs/tour.ipynb --html tour.html --png docs/notebook.png
@@ -42,12 +42,13 @@ def execute(nb: nbformat.NotebookNode, *, cwd: str | os.PathLike[str], timeout: 
             "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "convlens (test)",
             "language": "python",
-            "env": kernel_env(),
+            # a private IPython profile: no startup files or config of the machine's user run in it
+            "env": {**kernel_env(), "IPYTHONDIR": str(Path(kdir) / "ipython")},
         }
         (Path(kdir) / KERNEL).mkdir()
         (Path(kdir) / KERNEL / "kernel.json").write_text(json.dumps(spec))
         ksm = KernelSpecManager(kernel_dirs=[kdir], ensure_native_kernel=False)
-        km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=ksm)
+        km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=ksm, connection_file=str(Path(kdir) / "conn.json"))
         client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(cwd)}})
         client.execute()
     return nb
