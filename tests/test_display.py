@@ -173,3 +173,5 @@ def test_rich_display_on_a_new_result_class() -> None:
     assert _png(curve._repr_png_()).shape[1] >= 300
     assert "_repr_png_" not in vars(_HtmlOnly)  # its own HTML is its picture
     assert _check_repr(repr(_HtmlOnly(torch.zeros(3, 3)))) == ["_HtmlOnly", "table (3, 3); float32 on cpu"]
+    # the device is the tensors' own (meta tensors stand in for a GPU here)
+    assert repr(_HtmlOnly(torch.zeros(3, 3, dtype=torch.float16, device="meta"))).endswith("float16 on meta")
