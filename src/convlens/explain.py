@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from .display import rich_display, short
 from .images import IMAGE_SUFFIXES, ImageError, ImageSource
 from .models import Classifier, Prediction, as_classifier, load_model
 
@@ -160,6 +161,7 @@ def _first(channels: Any) -> Any:
 
 
 # -- results --------------------------------------------------------------------------------
+@rich_display
 @dataclass
 class ImageExplanation:
     """Everything computed for one image; ``errors`` maps ``"image"`` or a technique to its error."""
@@ -184,7 +186,17 @@ class ImageExplanation:
         """True when the image loaded and every technique succeeded."""
         return not self.errors
 
+    def _repr_lines(self) -> list[str]:
+        size = f" {self.original_size[0]}x{self.original_size[1]} px" if self.original_size else ""
+        target = f"target {self.target_label} [{self.target}]" if self.target is not None else "no target"
+        top = f" (top-1 {self.predictions[0].label} {100 * self.predictions[0].probability:.1f}%)" \
+            if self.predictions else ""
+        errors = "; errors: " + ", ".join(f"{k}: {short(v, 40)}" for k, v in self.errors.items()) if self.errors else ""
+        return [f"ImageExplanation: {self.name}{size}, {target}{top}",
+                f"results: {', '.join(self.results) or 'none'}{errors}"]
 
+
+@rich_display
 @dataclass
 class Report:
     """What :func:`explain` found: the model, the settings, and one :class:`ImageExplanation` per
@@ -257,6 +269,18 @@ class Report:
         write_bytes(directory / "summary.json", to_json(summary_dict(self, files)).encode())
         write_bytes(directory / "report.html", render_html(self).encode())
         return written
+
+    def _repr_lines(self) -> list[str]:
+        weights = f" ({short(self.weights)})" if self.weights else ""  # the file name, not where it is installed
+        fast = ", fast" if self.settings.get("fast") else ""
+        n = len(self.images)
+        head = f"Report: {self.model}{weights} on {self.device}; {', '.join(self.methods)}{fast}"
+        shown = [f"{im.name}: {im.target_label} [{im.target}]" if im.ok else f"{im.name}: FAILED" for im in self.images]
+        images = f"{n} image{'s' if n != 1 else ''}: " + ", ".join(shown[:3]) + (", …" if n > 3 else "")
+        total = self.timings.get("total_s")
+        status = (f"{len(self.failed)} with errors" if self.failed else "no errors") + (
+            f"; {total:.1f} s" if total is not None else "")
+        return [head, images, f"{status}; .save(dir) writes report.html, summary.json and the figures"]
 
     def _repr_html_(self) -> str:
         from .report import render_html
