@@ -25,6 +25,7 @@ import numpy as np
 from torch import Tensor
 
 from .checks import NonFiniteError, require_finite
+from .display import rich_display, short
 from .images import IMAGE_SUFFIXES, ImageError, ImageSource
 from .models import Classifier, Prediction, as_classifier, load_model
 from .outputs import RunWriter, check_interrupt, is_regular, printable, safe_key
@@ -162,6 +163,7 @@ def _first(channels: Any) -> Any:
 
 
 # -- results --------------------------------------------------------------------------------
+@rich_display
 @dataclass
 class ImageExplanation:
     """Everything computed for one image; ``errors`` maps ``"image"`` or a technique to its error."""
@@ -187,7 +189,17 @@ class ImageExplanation:
         """True when the image loaded and every technique succeeded."""
         return not self.errors
 
+    def _repr_lines(self) -> list[str]:
+        size = f" {self.original_size[0]}x{self.original_size[1]} px" if self.original_size else ""
+        target = f"target {self.target_label} [{self.target}]" if self.target is not None else "no target"
+        top = f" (top-1 {self.predictions[0].label} {100 * self.predictions[0].probability:.1f}%)" \
+            if self.predictions else ""
+        errors = "; errors: " + ", ".join(f"{k}: {short(v, 40)}" for k, v in self.errors.items()) if self.errors else ""
+        return [f"ImageExplanation: {self.name}{size}, {target}{top}",
+                f"results: {', '.join(self.results) or 'none'}{errors}"]
 
+
+@rich_display
 @dataclass
 class Report:
     """What :func:`explain` found: the model, the settings, and one :class:`ImageExplanation` per
@@ -269,6 +281,18 @@ class Report:
             self.finish(run)
         files = [f for im in self.images for f in self._files.get(im.key, [])]
         return [run.root / f for f in (*files, "summary.json", "report.html")]
+
+    def _repr_lines(self) -> list[str]:
+        weights = f" ({short(self.weights)})" if self.weights else ""  # the file name, not where it is installed
+        fast = ", fast" if self.settings.get("fast") else ""
+        n = len(self.images)
+        head = f"Report: {self.model}{weights} on {self.device}; {', '.join(self.methods)}{fast}"
+        shown = [f"{im.name}: {im.target_label} [{im.target}]" if im.ok else f"{im.name}: FAILED" for im in self.images]
+        images = f"{n} image{'s' if n != 1 else ''}: " + ", ".join(shown[:3]) + (", …" if n > 3 else "")
+        total = self.timings.get("total_s")
+        status = (f"{len(self.failed)} with errors" if self.failed else "no errors") + (
+            f"; {total:.1f} s" if total is not None else "")
+        return [head, images, f"{status}; .save(dir) writes report.html, summary.json and the figures"]
 
     def _repr_html_(self) -> str:
         from .report import render_html

@@ -8,12 +8,32 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from .display import figure_png
+
 if TYPE_CHECKING:
     from .results import Activations, FeatureImages, Saliency
 
-__all__ = ["normalize_map", "overlay", "plot_saliency", "plot_activations", "plot_feature_images"]
+__all__ = ["ResultFigure", "normalize_map", "overlay", "plot_saliency", "plot_activations", "plot_feature_images"]
 
 NORMALIZE = ("per_image", "none")
+
+
+class ResultFigure(Figure):
+    """A matplotlib ``Figure`` that displays itself in Jupyter through ``_repr_png_``.
+
+    What every ``.plot()`` returns (make new figures with it too): no backend, no pyplot, nothing
+    registered globally, so it shows up in a fresh kernel as the last line of a cell, and it is
+    shown once where ``%matplotlib inline`` is on (that backend's formatter for figures takes
+    precedence over this method, and a figure pyplot does not know is never flushed by it).
+
+    Example::
+
+        fig = ResultFigure(figsize=(4, 3)); fig.subplots().plot([0, 1])
+        fig  # the last line of a notebook cell: the picture
+    """
+
+    def _repr_png_(self) -> bytes:
+        return figure_png(self)
 
 
 def normalize_map(m: np.ndarray, how: str = "per_image") -> np.ndarray:
@@ -56,8 +76,8 @@ def plot_saliency(
     rgb = result.rgb(index)
     signed = result.method == "occlusion"
     label = result.labels[index] if index < len(result.labels) else f"class {result.target[index]}"
-    # a bare Figure, not pyplot: nothing global to close, shown once in notebooks
-    fig = Figure(figsize=(12, 4.2))
+    # a bare Figure, not pyplot: nothing global to close; it shows itself once in notebooks
+    fig = ResultFigure(figsize=(12, 4.2))
     axes = fig.subplots(1, 3)
     axes[0].imshow(rgb)
     axes[0].set_title("input")
@@ -115,7 +135,7 @@ def plot_activations(
     picks = {n: _channel_choice(result, n, index, channels, k) for n in result.maps}
     cols = max(1, max(len(p) for p in picks.values()))
     rows = len(picks)
-    fig = Figure(figsize=(1.6 * cols + 1.2, 1.75 * rows + 0.6))
+    fig = ResultFigure(figsize=(1.6 * cols + 1.2, 1.75 * rows + 0.6))
     axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
     for r, (name, chans) in enumerate(picks.items()):
         m = result.maps[name][index].detach().float().cpu().numpy()
@@ -146,7 +166,7 @@ def plot_feature_images(result: FeatureImages, *, ncols: int | None = None) -> F
     n = len(result.channels)
     ncols = max(1, min(ncols or min(n, 4), n))
     nrows = -(-n // ncols)
-    fig = Figure(figsize=(2.4 * ncols, 2.9 * nrows + 0.3))
+    fig = ResultFigure(figsize=(2.4 * ncols, 2.9 * nrows + 0.3))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for i, ax in enumerate(axes):
         ax.axis("off")

@@ -73,6 +73,14 @@ CSS = """
 }
 """
 
+#: For the notebook fragment only: notebook front-ends style every table in an output (JupyterLab
+#: right-aligns cells with a two-class selector and stripes rows); the doubled class outranks that.
+NOTEBOOK_CSS = """
+.convlens-report.convlens-report td,.convlens-report.convlens-report th{text-align:left}
+.convlens-report.convlens-report td.num{text-align:right}
+.convlens-report.convlens-report tbody tr{background:none}
+"""
+
 
 def _e(value: Any) -> str:
     return escape(printable(value), quote=True)  # control characters and undecodable bytes escaped too
@@ -213,7 +221,7 @@ def render_html(report: Report, *, standalone: bool = True) -> str:
     """
     body = f'<div class="convlens-report">{_body(report)}</div>'
     if not standalone:
-        return f"<style>{CSS}</style>{body}"
+        return f"<style>{CSS}{NOTEBOOK_CSS}</style>{body}"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'

@@ -323,6 +323,10 @@ def occlusion(
 
 
 def _progress(enabled: bool, total: int) -> Any:
-    from tqdm.auto import tqdm
+    # tqdm.auto only when a bar is wanted: in a Jupyter kernel without ipywidgets importing it warns
+    if enabled:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
 
     return tqdm(total=total, disable=not enabled, unit="window", desc="occlusion", leave=False)
