@@ -249,6 +249,35 @@ def test_force_never_reaches_outside_out_through_an_edited_manifest(tmp_path: Pa
     assert main(args) == 2 and main([*args, "--force"]) == 0
 
 
+def test_a_full_disk_during_force_leaves_the_old_run(tmp_path: Path, tiny_cli, monkeypatch, capsys) -> None:
+    imgs = [str(photo(tmp_path / f"{i}.png", i)) for i in range(2)]
+    out = tmp_path / "out"
+    args = ["explain", *imgs, "--methods", "gradcam", "--out", str(out)]
+    assert main(args) == 0
+    old = tree(out)
+    real = outputs.write_file
+    calls = []
+
+    def full(path, data):
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(outputs, "write_file", full)
+    assert main([*args, "--force", "--target", "1"]) == 2
+    assert "No space left" in capsys.readouterr().err and tree(out) == old
+
+
+def test_force_never_removes_an_input_inside_the_earlier_run(tmp_path: Path, tiny_cli, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["explain", str(photo(tmp_path / "p.png")), "--methods", "gradcam", "--out", str(out)]) == 0
+    inside = out / "p.png" / "input.png"
+    before = tree(out)
+    assert main(["explain", str(inside), "--methods", "gradcam", "--out", str(out), "--force"]) == 2
+    assert "would replace the input" in capsys.readouterr().err and tree(out) == before
+
+
 # -- case 4: undecodable and very long names ------------------------------------------------------
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS refuses non-UTF-8 file names")
 def test_case4_undecodable_and_long_names_go_through_explain(tmp_path: Path, tiny_cli, capsys) -> None:
@@ -326,6 +355,43 @@ def test_case6_constant_maps_warn_in_occlusion_and_activations() -> None:
 
 
 # -- case 7: Ctrl-C -------------------------------------------------------------------------------
+WEAKREF_DRIVER = textwrap.dedent("""
+    import gc, signal, sys, weakref
+    import torch
+    from torch import nn
+    import convlens.cli as cli
+    from convlens.models import Classifier
+    explain = sys.modules["convlens.explain"]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(6, 5)).eval()
+    cli.load_classifier = lambda args: Classifier(net, mean=(0.5,) * 3, std=(0.5,) * 3, size=32)
+    real = explain.RUNNERS["gradcam"]
+    class Thing:
+        pass
+    def collected(*args, **kwargs):
+        t = Thing()
+        weakref.finalize(t, signal.raise_signal, signal.SIGINT)  # Ctrl-C inside a weakref callback
+        del t
+        gc.collect()
+        return real(*args, **kwargs)
+    explain.RUNNERS["gradcam"] = collected
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_case7_ctrl_c_inside_a_weakref_callback_is_not_lost(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(convlens.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", WEAKREF_DRIVER, "explain", str(photo(tmp_path / "p.png")), "--methods", "gradcam",
+         "--out", str(out)], capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert run.returncode == 130 and run.stderr.endswith("\nconvlens: interrupted\n"), run.stderr
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr
+    assert not (out / "summary.json").exists()
+
+
 def test_case7_a_swallowed_ctrl_c_still_ends_the_run_with_130(tmp_path: Path, tiny_cli, monkeypatch) -> None:
     real = EXPLAIN.RUNNERS["gradcam"]
 

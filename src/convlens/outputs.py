@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -166,12 +167,22 @@ def interruptible() -> Iterator[None]:
             return  # raised when the held section ends
         raise KeyboardInterrupt
 
+    def unraisable(info: Any) -> None:
+        # a Ctrl-C that lands in a weakref callback or __del__ cannot propagate: Python would print
+        # "Exception ignored in ..." and go on; it is remembered (handler) and raised at the next step
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            _pending["interrupt"] = True
+            return
+        old_hook(info)
+
     _pending["interrupt"] = False
     old = signal.signal(signal.SIGINT, handler)
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, old)
+        sys.unraisablehook = old_hook
 
 
 @contextlib.contextmanager
