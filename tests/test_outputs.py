@@ -141,6 +141,7 @@ def test_case1_occlusion_two_inputs_of_the_same_name(tmp_path: Path, tiny_cli) -
         np.testing.assert_allclose(np.load(out / key / "occlusion.npy"), ref.to_numpy()[0], rtol=1e-5, atol=1e-7)
     m = manifest(out)
     assert m["complete"] is True and [im["key"] for im in m["images"]] == keys
+    assert m["command"] == "occlusion" and m["settings"]["patch"] == 8 and m["settings"]["score"] == "probability"
     assert m["images"][1]["source"] == str(tmp_path / "b" / "cat.png")
     import hashlib
 

@@ -140,6 +140,11 @@ def _add_out(p: argparse.ArgumentParser) -> None:
     )
 
 
+def run_settings(args: argparse.Namespace) -> dict:
+    """The command's options as the manifest records them (inputs, --out and --force aside)."""
+    return {k: v for k, v in vars(args).items() if k not in ("run", "images", "out", "force", "debug", "verbose")}
+
+
 def _per_image(
     args: argparse.Namespace, command: str, compute: Callable, files: Callable, show: Callable, prepare=None
 ) -> int:
@@ -155,7 +160,7 @@ def _per_image(
         if not Path(path).exists():
             raise ValueError(f"{path}: no such file")
     keys = image_keys([Path(p).name for p in paths], paths)
-    run = RunWriter(args.out, command, keys=keys, inputs=paths, force=args.force)  # refused before any work
+    run = RunWriter(args.out, command, keys=keys, inputs=paths, force=args.force, settings=run_settings(args))
     clf = load_classifier(args)
     if prepare is not None:
         prepare(clf)
@@ -406,7 +411,7 @@ def _run_filters(args: argparse.Namespace) -> int:
     if args.size is not None and not 16 <= args.size <= MAX_SIZE:
         raise ValueError(f"--size must be from 16 to {MAX_SIZE} pixels, not {args.size}")
     key = safe_key(args.layer if args.objective != "class" else "class")[0]
-    run = RunWriter(args.out, "filters", keys=[key], force=args.force)  # refused before any work
+    run = RunWriter(args.out, "filters", keys=[key], force=args.force, settings=run_settings(args))  # before work
     clf = load_classifier(args)
     options = {k: getattr(args, k) for k in ("steps", "size", "lr") if getattr(args, k) is not None}
     res = feature_visualization(
@@ -466,7 +471,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     if not items:
         raise ValueError("no image files to explain")
     planned = [SimpleNamespace(key=k, path=src) for k, (_, src) in zip(item_keys(items), items)]
-    run = run_writer(args.out, planned, force=args.force)  # before any work
+    run = run_writer(args.out, planned, force=args.force, settings=run_settings(args))  # before any work
     import time
 
     t0 = time.perf_counter()

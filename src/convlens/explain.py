@@ -242,7 +242,7 @@ class Report:
         """A :class:`convlens.outputs.RunWriter` for this report's files in ``directory``; raises
         ``FileExistsError`` when ``directory`` holds an earlier run or a file of the same name
         (unless ``force``), before anything is written."""
-        return run_writer(directory, self.images, force=force)
+        return run_writer(directory, self.images, force=force, settings=self.settings)
 
     def save_image(self, run: RunWriter, im: ImageExplanation) -> list[str]:
         """Stage one image's files (``input.png``, per technique a PNG and the raw ``.npy``) and
@@ -312,11 +312,14 @@ def planned_outputs(directory: str | os.PathLike[str], keys: Sequence[str]) -> l
     return [directory / "report.html", directory / "summary.json", *(directory / k for k in keys)]
 
 
-def run_writer(directory: str | os.PathLike[str], images: Sequence[Any], *, force: bool = False) -> RunWriter:
+def run_writer(
+    directory: str | os.PathLike[str], images: Sequence[Any], *, force: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> RunWriter:
     """The checked :class:`RunWriter` of an explain run over ``images`` (items with ``key`` and
     ``path``); raises before any work when ``directory`` cannot take the run."""
     return RunWriter(directory, "explain", keys=[im.key for im in images], files=["report.html", "summary.json"],
-                     inputs=[im.path for im in images if im.path is not None], force=force)
+                     inputs=[im.path for im in images if im.path is not None], force=force, settings=settings or {})
 
 
 def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> bytes | None:

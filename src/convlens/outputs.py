@@ -371,6 +371,7 @@ class RunWriter:
     files: Sequence[str] = ()
     inputs: Sequence[Any] = ()
     force: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)  # what produced the run (for a later resume)
     root: Path = field(init=False)
     _old: dict[str, Any] | None = field(init=False, default=None)
     _replace: list[str] = field(init=False, default_factory=list)
@@ -380,6 +381,7 @@ class RunWriter:
     _top: list[str] = field(init=False, default_factory=list)
     _staged_files: list[str] = field(init=False, default_factory=list)
     _run_id: str = field(init=False, default_factory=lambda: uuid.uuid4().hex[:12])
+    _created: str = field(init=False, default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _done: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -475,7 +477,8 @@ class RunWriter:
 
         return {
             "format": "convlens-manifest", "version": 1, "convlens": __version__, "command": self.command,
-            "run": self._run_id, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": complete,
+            "run": self._run_id, "created": self._created, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "complete": complete, "settings": json.loads(json.dumps(self.settings, default=str)),
             "files": list(self._top) if complete else [],
             "images": list(self._images.values()),
         }
