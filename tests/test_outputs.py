@@ -181,6 +181,8 @@ def test_case2_dotdot_and_symlink_spellings_do_not_bypass_the_guard(tmp_path: Pa
     assert main([*base, "--out", str(tmp_path / "link")]) == 2
     os.unlink(tmp_path / "link")
     assert tree(tmp_path) == before and not (out / "nonexist").exists()
+    assert main([*base, "--out", str(out / "nonexist" / ".." / "p")]) == 0  # a new folder: no stray one
+    assert (out / "p" / "summary.json").is_file() and not (out / "nonexist").exists()
 
 
 # -- case 3: an interrupted --force run ----------------------------------------------------------

@@ -88,7 +88,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         preds = clf.predict(clf.preprocess(path), top=args.top)[0]
         print(f"{printable(Path(path).name)}  ({clf.name})")
         for rank, p in enumerate(preds, 1):
-            print(f"  {rank}. {p.label:<32} {p.probability:7.2%}  [{p.index}]")
+            print(f"  {rank}. {printable(p.label):<32} {p.probability:7.2%}  [{p.index}]")
     return 0
 
 
