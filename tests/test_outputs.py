@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -638,6 +639,9 @@ def test_a_folder_of_every_bad_case_through_explain(tmp_path: Path, clf, monkeyp
     assert {Path(x["path"]).name for x in s["skipped"]} == {"dangling.jpg", "fifo.jpg", "photo.jpg", "readme.txt"}
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "\x1b" not in html and "\\x1b" in html and "fifo.jpg" in html
+    anchors = re.findall(r'href="#([^"]+)"', html)  # the navigation works whatever the names hold
+    assert len(anchors) == len(s["images"]) and all(f'id="{a}"' in html for a in anchors)
+    assert all(re.fullmatch(r"img-\d+", a) for a in anchors)
     m = manifest(out)
     assert m["complete"] and {im["key"] for im in m["images"] if im["files"]} == {
         im["folder"] for im in s["images"] if im["files"]}

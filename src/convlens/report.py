@@ -134,7 +134,9 @@ def _predictions(im: ImageExplanation) -> str:
 
 
 def _image_section(report: Report, im: ImageExplanation) -> str:
-    parts = [f'<section class="image" id="img-{_e(im.key)}"><h2>{_e(im.name)}</h2>']
+    # the anchor is the image's position: a folder name may hold spaces, which an id cannot
+    anchor = f"img-{next(i for i, other in enumerate(report.images) if other is im)}"
+    parts = [f'<section class="image" id="{anchor}"><h2>{_e(im.name)}</h2>']
     if "image" in im.errors:
         msg = _e(im.errors["image"])
         parts.append(f'<div class="error"><strong>Could not explain this image:</strong> {msg}</div>')
@@ -199,8 +201,8 @@ def _body(report: Report) -> str:
     ]
     if n > 1:
         links = "".join(
-            f'<li><a href="#img-{_e(im.key)}"{" class=bad" if not im.ok else ""}>{_e(im.name)}</a></li>'
-            for im in report.images
+            f'<li><a href="#img-{i}"{" class=bad" if not im.ok else ""}>{_e(im.name)}</a></li>'
+            for i, im in enumerate(report.images)
         )
         out.append(f"<nav><ul>{links}</ul></nav>")
     out.append("</header>")
