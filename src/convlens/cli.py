@@ -20,8 +20,9 @@ __all__ = ["main"]
 log = logging.getLogger("convlens")
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it (143 for SIGTERM)
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away
+MAX_TOP = 50  # gradcam --top: one figure per class
 
 
 def printable(text: object) -> str:
@@ -260,8 +261,8 @@ def _run_gradcam(args: argparse.Namespace) -> int:
 
     if args.target and args.top:
         raise ValueError("give either --target or --top, not both")
-    if args.top is not None and args.top < 1:
-        raise ValueError("--top must be at least 1")
+    if args.top is not None and not 1 <= args.top <= MAX_TOP:
+        raise ValueError(f"--top must be from 1 to {MAX_TOP} (each class writes a figure), not {args.top}")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError("--alpha must be between 0 and 1")
     target = None if not args.target else [args.target]
@@ -541,7 +542,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:  # also while parsing or cleaning up
         print("convlens: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + interrupt_signal()
+
+
+def interrupt_signal() -> int:
+    """The signal that ended the run: SIGTERM when ``kill`` stopped it, else SIGINT (Ctrl-C)."""
+    from .outputs import last_signal
+
+    return last_signal()
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -564,7 +572,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return rc
     except KeyboardInterrupt:
         print("convlens: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + interrupt_signal()
     except BrokenPipeError:  # `convlens predict | head`: the reader left; stop quietly
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

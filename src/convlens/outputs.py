@@ -142,7 +142,12 @@ def image_keys(names: Sequence[str], sources: Sequence[Any] | None = None) -> li
 
 # -- Ctrl-C ---------------------------------------------------------------------------------
 _state = threading.local()
-_pending = {"interrupt": False}
+_pending: dict[str, Any] = {"interrupt": False, "signal": signal.SIGINT}
+
+
+def last_signal() -> int:
+    """The signal behind the last interrupt (``SIGINT`` or ``SIGTERM``)."""
+    return int(_pending["signal"])
 
 
 def check_interrupt() -> None:
@@ -155,14 +160,15 @@ def check_interrupt() -> None:
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """Within the block, Ctrl-C raises ``KeyboardInterrupt`` as usual and is also remembered, so
-    :func:`check_interrupt` re-raises it if it was swallowed. The CLI wraps each command in it."""
+    """Within the block, Ctrl-C (and ``SIGTERM``) raises ``KeyboardInterrupt`` and is also
+    remembered, so :func:`check_interrupt` re-raises it if it was swallowed. The CLI wraps each
+    command in it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        _pending["interrupt"] = True
+        _pending["interrupt"], _pending["signal"] = True, signum
         if getattr(_state, "held", 0):
             return  # raised when the held section ends
         raise KeyboardInterrupt
@@ -175,13 +181,14 @@ def interruptible() -> Iterator[None]:
             return
         old_hook(info)
 
-    _pending["interrupt"] = False
-    old = signal.signal(signal.SIGINT, handler)
+    _pending["interrupt"], _pending["signal"] = False, signal.SIGINT
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
         sys.unraisablehook = old_hook
 
 
