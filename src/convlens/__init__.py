@@ -10,6 +10,8 @@ from .methods.activations import activations
 from .methods.cam import CAM_METHODS, grad_cam
 from .methods.featureviz import FeatureImages, feature_visualization
 from .methods.occlusion import occlusion
+from .metrics.faithfulness import deletion, insertion
+from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
 from .results import Activations, Saliency
 
@@ -43,6 +45,11 @@ __all__ = [
     "load_model",
     "model_guard",
     "occlusion",
+    "deletion",
+    "insertion",
+    "PerturbationCurve",
+    "SanityCheck",
+    "ClassSensitivity",
     "resolve_layer",
     "resolve_layers",
     "sample_image",

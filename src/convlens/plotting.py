@@ -11,7 +11,10 @@ from matplotlib.figure import Figure
 if TYPE_CHECKING:
     from .results import Activations, FeatureImages, Saliency
 
-__all__ = ["normalize_map", "overlay", "plot_saliency", "plot_activations", "plot_feature_images"]
+__all__ = [
+    "normalize_map", "overlay", "plot_saliency", "plot_activations", "plot_feature_images",
+    "plot_curves", "plot_sanity",
+]
 
 NORMALIZE = ("per_image", "none")
 
@@ -157,5 +160,68 @@ def plot_feature_images(result: FeatureImages, *, ncols: int | None = None) -> F
         note = "  DEAD" if result.dead and result.dead[i] else ""
         ax.set_title(f"{label}{note}\n{result.kind} = {float(result.objective[i]):.3g}", fontsize=8)
     fig.suptitle(f"feature visualisation: {result.layer} ({result.settings.get('param', '')})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# -- metrics ------------------------------------------------------------------------------
+def plot_curves(curves: list, index: int = 0, *, title: str | None = None, ax: object | None = None) -> Figure:
+    """Deletion / insertion curves of image ``index``: one line per curve (labelled with its
+    method and AUC), the first one's area shaded. ``curves`` are
+    :class:`convlens.metrics.results.PerturbationCurve`; with ``ax`` the lines go there."""
+    if not curves:
+        raise ValueError("no curves to plot")
+    own = ax is None
+    fig = Figure(figsize=(5.2, 3.8)) if own else ax.figure
+    ax = fig.subplots() if own else ax
+    for j, c in enumerate(curves):
+        f = c.fractions.detach().float().cpu().numpy()
+        s = c.scores[index].detach().float().cpu().numpy()
+        dashed = c.method in ("random map", "centred Gaussian", "random")
+        (line,) = ax.plot(f, s, "--" if dashed else "-", lw=1.6, label=f"{c.method}  AUC {float(c.auc[index]):.3f}")
+        if j == 0:
+            ax.fill_between(f, s, alpha=0.15, color=line.get_color())
+    kinds = sorted({c.kind for c in curves})
+    what = "removed" if kinds == ["deletion"] else "revealed" if kinds == ["insertion"] else "affected"
+    ax.set_xlabel(f"fraction of pixels {what} (most salient first)")
+    score = curves[0].settings.get("score", "probability")
+    label = curves[0].labels[index] if index < len(curves[0].labels) else ""
+    ax.set_ylabel(f"{score} of {label}" if label else score)
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    better = {"deletion": "lower is better", "insertion": "higher is better"}
+    ax.set_title(title or " / ".join(f"{k} ({better.get(k, '')})" for k in kinds), fontsize=10)
+    if own:
+        fig.tight_layout()
+    return fig
+
+
+def plot_sanity(result: object, index: int = 0) -> Figure:
+    """Adebayo et al.'s cascading-randomisation figure for image ``index`` of a
+    :class:`convlens.metrics.results.SanityCheck`: the input, the original map, then the map
+    after each step (each normalised to [0, 1] on its own), with Spearman rho and SSIM."""
+    maps = result.maps[index].detach().float().cpu().numpy()
+    rgb = result.images[index].detach().float().permute(1, 2, 0).cpu().numpy()
+    cols = maps.shape[0] + 1
+    fig = Figure(figsize=(1.9 * cols, 2.5))
+    axes = fig.subplots(1, cols)
+    axes[0].imshow(rgb)
+    axes[0].set_title("input", fontsize=8)
+    axes[1].imshow(normalize_map(maps[0]), cmap="jet", vmin=0, vmax=1)
+    axes[1].set_title(f"original\n{result.method}", fontsize=8)
+    for j, stage in enumerate(result.stages):
+        ax = axes[j + 2]
+        ax.imshow(normalize_map(maps[j + 1]), cmap="jet", vmin=0, vmax=1)
+        rho, ssim = float(result.spearman[index, j]), float(result.ssim[index, j])
+        ax.set_title(f"+ {stage}\nrho {rho:.2f}, SSIM {ssim:.2f}", fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    verdict = "passes" if result.passed[index] else "FAILS"
+    fig.suptitle(
+        f"{result.method} under cascading randomisation (output layer first): {verdict} "
+        f"(rho after {result.stages[0]} {'<' if result.passed[index] else '>='} {result.threshold:g})",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
