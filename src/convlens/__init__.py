@@ -12,6 +12,7 @@ from .methods.featureviz import FeatureImages, feature_visualization
 from .methods.occlusion import occlusion
 from .metrics.faithfulness import deletion, insertion
 from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
+from .metrics.sanity import class_sensitivity, sanity_check
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
 from .results import Activations, Saliency
 
@@ -50,6 +51,8 @@ __all__ = [
     "PerturbationCurve",
     "SanityCheck",
     "ClassSensitivity",
+    "class_sensitivity",
+    "sanity_check",
     "resolve_layer",
     "resolve_layers",
     "sample_image",
