@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "normalize_map", "overlay", "plot_saliency", "plot_activations", "plot_feature_images",
-    "plot_curves", "plot_sanity",
+    "plot_curves", "plot_sanity", "plot_comparison",
 ]
 
 NORMALIZE = ("per_image", "none")
@@ -223,5 +223,34 @@ def plot_sanity(result: object, index: int = 0) -> Figure:
         f"(rho after {result.stages[0]} {'<' if result.passed[index] else '>='} {result.threshold:g})",
         fontsize=9,
     )
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparison(comparison: object) -> Figure:
+    """Deletion (left) and insertion (right) curves of every row of a
+    :class:`convlens.metrics.compare.Comparison`, averaged over its images; reference rows dashed
+    grey, the AUC (mean over images) in each legend entry."""
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    rows = [r for r in comparison.rows if not r.error]
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for r in rows:
+            c = getattr(r, kind)
+            f = c.fractions.detach().float().cpu().numpy()
+            s = c.scores.detach().float().mean(0).cpu().numpy()
+            style = {"ls": "--", "color": "0.45" if r.method == "random map" else "0.7"} if r.reference else {}
+            ax.plot(f, s, lw=1.5, label=f"{r.method}  {float(c.auc.mean()):.3f}", **style)
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        what = "removed" if kind == "deletion" else "revealed"
+        ax.set_xlabel(f"fraction of pixels {what}, most salient first")
+        ax.set_ylabel("probability of the target class")
+        better = "lower" if kind == "deletion" else "higher"
+        ax.set_title(f"{kind} (AUC, {better} is better)", fontsize=10)
+        ax.legend(fontsize=7)
+    n = len(comparison.images)
+    fig.suptitle(f"{comparison.model}: {n} image{'s' if n != 1 else ''}" + (" (mean curves)" if n > 1 else ""),
+                 fontsize=10)
     fig.tight_layout()
     return fig

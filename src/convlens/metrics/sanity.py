@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from ..hooks import model_guard
-from ..layers import find_stages, layer_table, resolve_layer
+from ..layers import find_stages, layer_table, remembered, resolve_layer
 from ..models import Classifier, as_classifier
+from ..results import Saliency
 from ..targets import Target, resolve_target
 from ._common import MethodSpec, make_map, method_name, spearman, ssim
 from .results import ClassSensitivity, SanityCheck
@@ -58,6 +59,10 @@ def cascade_stages(model: nn.Module, x: Tensor) -> list[str]:
 
         cascade_stages(clf.model, x)   # ['classifier', 'blocks.6', 'blocks.4', 'blocks.2', 'blocks.1', 'blocks.0']
     """
+    return list(remembered(model, ("cascade_stages", tuple(x.shape[1:])), lambda: _cascade_stages(model, x)))
+
+
+def _cascade_stages(model: nn.Module, x: Tensor) -> list[str]:
     table = layer_table(model, x)
     own = _with_params(model)
     ran = [r for r in table if r.order >= 0 and r.name in own and any(True for _ in own[r.name].parameters(False))]
@@ -71,7 +76,9 @@ def cascade_stages(model: nn.Module, x: Tensor) -> list[str]:
 def _steps(model: nn.Module, x: Tensor, stages: Sequence[str]) -> list[list[str]]:
     """For each stage (top down): the names of the modules its step re-initialises, i.e. those with
     parameters that run at or after the first module of the stage and were not reset before."""
-    table = {r.name: r for r in layer_table(model, x)}
+    # one traced pass per model and input shape (the comparison asks once per method)
+    key = ("layer_table", tuple(x.shape[1:]))
+    table = {r.name: r for r in remembered(model, key, lambda: layer_table(model, x))}
     own = _with_params(model)
     done: set[str] = set()
     out = []
@@ -113,6 +120,23 @@ def _fixed_target(clf: Classifier, x: Tensor, target: Target) -> tuple[list[int]
     return list(resolved.indices), list(resolved.labels), logits
 
 
+def _given_or_made(
+    clf: Classifier, x: Tensor, method: MethodSpec, indices: list[int], layer: str | None,
+    options: dict[str, Any] | None, original: Saliency | Tensor | None,
+) -> tuple[Tensor, Saliency | None]:
+    if original is None:
+        return make_map(clf, x, method, indices, layer=layer, options=options)
+    if isinstance(original, Saliency):
+        if list(original.target) != indices:
+            raise ValueError(f"the given map explains classes {original.target}, not the targets {indices}")
+        maps, sal = original.maps, original
+    else:
+        maps, sal = (original[None] if original.dim() == 2 else original), None
+    if maps.dim() != 3 or maps.shape[0] != x.shape[0]:
+        raise ValueError(f"the given map must be (N, H, W) for {x.shape[0]} images, got {tuple(maps.shape)}")
+    return maps.detach().to(x.device, torch.float32), sal
+
+
 def sanity_check(
     model_or_classifier: Any,
     x: Any,
@@ -125,6 +149,7 @@ def sanity_check(
     draws: int = 10,
     threshold: float = SANITY_THRESHOLD,
     options: dict[str, Any] | None = None,
+    original: Saliency | Tensor | None = None,
 ) -> SanityCheck:
     """Cascading model-parameter randomisation of a private copy of the model: ``spearman[n, j]``
     and ``ssim[n, j]`` compare image ``n``'s original map with the map after step ``j`` (the
@@ -140,7 +165,9 @@ def sanity_check(
     ``method``: a CAM method name, ``"occlusion"``, or ``f(clf, x, target) -> Saliency | tensor``;
     ``options`` are passed to it (e.g. occlusion's ``patch``/``stride``). ``stages``: module names
     (default :func:`cascade_stages`; ``stages=[]`` is refused). ``target``: default the original
-    model's top-1 class, kept for every randomised model. The user's model is never touched.
+    model's top-1 class, kept for every randomised model. ``original``: the method's map on the
+    user's model for these targets, when the caller has it already (saves one run). The user's
+    model is never touched.
 
     Example::
 
@@ -150,7 +177,7 @@ def sanity_check(
     clf = as_classifier(model_or_classifier)
     x = clf.batch(x)
     indices, labels, _ = _fixed_target(clf, x, target)
-    original, sal = make_map(clf, x, method, indices, layer=layer, options=options)
+    original, sal = _given_or_made(clf, x, method, indices, layer, options, original)
     used_layer = layer if layer is not None else (sal.layer if sal is not None else None)
     stages = cascade_stages(clf.model, x) if stages is None else [resolve_layer(clf.model, s)[0] for s in stages]
     if not stages:
@@ -218,10 +245,12 @@ def class_sensitivity(
     layer: str | None = None,
     threshold: float = CLASS_THRESHOLD,
     options: dict[str, Any] | None = None,
+    original: Saliency | Tensor | None = None,
 ) -> ClassSensitivity:
     """Rank correlation per image between ``method``'s map for ``target`` (default: top-1) and
     for ``other`` (default: the least likely class): ``rho = spearman(map_target, map_other)``;
     ``discriminative[n] = rho[n] < threshold`` (NaN, a constant map, counts as not).
+    ``original``: the target's map when the caller has it already (saves one run).
 
     Example::
 
@@ -236,7 +265,7 @@ def class_sensitivity(
         other_labels = [clf.label(i) for i in others]
     else:
         others, other_labels, _ = _fixed_target(clf, x, other)
-    a, sal = make_map(clf, x, method, indices, layer=layer, options=options)
+    a, sal = _given_or_made(clf, x, method, indices, layer, options, original)
     used_layer = layer if layer is not None else (sal.layer if sal is not None else None)
     b, _ = make_map(clf, x, method, others, layer=used_layer, options=options, quiet=True)
     rho = spearman(a, b)
