@@ -10,6 +10,7 @@ from .methods.activations import activations
 from .methods.cam import CAM_METHODS, grad_cam
 from .methods.featureviz import FeatureImages, feature_visualization
 from .methods.occlusion import occlusion
+from .metrics.compare import Comparison, compare
 from .metrics.faithfulness import deletion, insertion
 from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
 from .metrics.sanity import class_sensitivity, sanity_check
@@ -53,6 +54,8 @@ __all__ = [
     "ClassSensitivity",
     "class_sensitivity",
     "sanity_check",
+    "compare",
+    "Comparison",
     "resolve_layer",
     "resolve_layers",
     "sample_image",

@@ -70,15 +70,17 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation per image of two (N, H, W) maps (ties get average ranks);
-    NaN where either map is constant. Returns (N,) float32 on ``a``'s device."""
+    """Spearman rank correlation per image of two (N, H, W) maps (ties get average ranks). A
+    constant map shares no ordering with a varying one: 0; two constant maps: NaN (nothing to
+    compare). Returns (N,) float32 on ``a``'s device."""
     from scipy.stats import spearmanr
 
     out = []
     for u, v in zip(_np(a), _np(b)):
         u, v = u.ravel(), v.ravel()
-        if np.ptp(u) == 0 or np.ptp(v) == 0:
-            out.append(float("nan"))
+        flat_u, flat_v = np.ptp(u) == 0, np.ptp(v) == 0
+        if flat_u or flat_v:
+            out.append(float("nan") if flat_u and flat_v else 0.0)
             continue
         out.append(float(spearmanr(u, v).statistic))
     return torch.tensor(out, dtype=torch.float32, device=a.device)

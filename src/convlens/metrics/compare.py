@@ -53,8 +53,8 @@ SANITY_DRAWS = {"occlusion": 1, "scorecam": 1}
 
 def reference_map(kind: str, n: int, height: int, width: int, *, seed: int = 0,
                   device: torch.device | str = "cpu") -> Tensor:
-    """A reference map (n, H, W): ``"random map"`` uniform noise per pixel (seeded, drawn on the
-    CPU so every device gets the same map) or ``"centred Gaussian"``
+    """A reference map (n, H, W), the same for every image: ``"random map"`` uniform noise per
+    pixel (seeded, drawn on the CPU so every device gets the same map) or ``"centred Gaussian"``
     ``exp(-((y - cy)^2 + (x - cx)^2) / (2 sigma^2))`` with ``sigma = min(H, W) / 4``.
 
     Example::
@@ -62,8 +62,8 @@ def reference_map(kind: str, n: int, height: int, width: int, *, seed: int = 0,
         reference_map("centred Gaussian", 1, 224, 224)
     """
     if kind == "random map":
-        g = torch.Generator().manual_seed(seed)
-        return torch.rand(n, height, width, generator=g).to(device)
+        g = torch.Generator().manual_seed(seed)  # the same map for every image, however they are batched
+        return torch.rand(height, width, generator=g).expand(n, -1, -1).contiguous().to(device)
     if kind == "centred Gaussian":
         y = torch.arange(height, dtype=torch.float32) - (height - 1) / 2
         x = torch.arange(width, dtype=torch.float32) - (width - 1) / 2

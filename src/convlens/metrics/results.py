@@ -76,7 +76,8 @@ class SanityCheck:
     ``stages`` the randomisation steps from the output down (each step re-initialises that stage
     and everything above it); ``spearman`` and ``ssim`` (N, stages) compare each randomised map
     with the original; ``passed`` (N,) True where the rank correlation after the first step (the
-    classifier alone) is below ``threshold`` (NaN, a map that became constant, counts as changed).
+    classifier alone) is below ``threshold`` (a map that became constant has correlation 0; NaN,
+    both maps constant, does not pass).
     ``maps`` (N, stages+1, H, W): the original map, then one per step.
     """
 

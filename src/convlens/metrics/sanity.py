@@ -154,8 +154,9 @@ def sanity_check(
     """Cascading model-parameter randomisation of a private copy of the model: ``spearman[n, j]``
     and ``ssim[n, j]`` compare image ``n``'s original map with the map after step ``j`` (the
     classifier, then each stage from the top, cumulatively re-initialised with the modules' own
-    ``reset_parameters``, seeded by ``seed``). ``passed[n] = spearman[n, 0] < threshold`` (NaN,
-    a map that became constant, counts as changed). The first step, which gives the verdict, is
+    ``reset_parameters``, seeded by ``seed``). ``passed[n] = spearman[n, 0] < threshold``; a map
+    that becomes constant has correlation 0 (changed), and NaN (original and randomised maps both
+    constant: nothing to judge) does not pass. The first step, which gives the verdict, is
     drawn ``draws`` times (seeds ``seed .. seed+draws-1``) and its
     ``spearman``/``ssim`` are the means over the draws: one random classifier can, by chance,
     weight the image's strongest activations positively and give a map that still looks like the
@@ -217,7 +218,7 @@ def sanity_check(
     draws_ssim = torch.stack([sim[:, 0], *first_ssim], 1)
     rho[:, 0] = draws_rho.nanmean(1)
     sim[:, 0] = draws_ssim.mean(1)
-    passed = [not bool(r >= threshold) for r in rho[:, 0].tolist()]
+    passed = [bool(r < threshold) for r in rho[:, 0].tolist()]
     log.info("sanity check of %s: rho after %s = %s", method_name(method), stages[0], rho[:, 0].tolist())
     return SanityCheck(
         method=method_name(method),
