@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "normalize_map", "overlay", "plot_saliency", "plot_activations", "plot_feature_images",
-    "plot_curves", "plot_sanity", "plot_comparison",
+    "plot_curves", "plot_sanity", "plot_comparison", "plot_trust",
 ]
 
 NORMALIZE = ("per_image", "none")
@@ -252,5 +252,29 @@ def plot_comparison(comparison: object) -> Figure:
     n = len(comparison.images)
     fig.suptitle(f"{comparison.model}: {n} image{'s' if n != 1 else ''}" + (" (mean curves)" if n > 1 else ""),
                  fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_trust(result: object) -> Figure:
+    """The report's trust figure: deletion (left) and insertion (right) curves of each map of a
+    :class:`convlens.metrics.results.TrustSummary` beside the random map's (dashed)."""
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
+    for j, ax in enumerate(axes):
+        curves = [pair[j] for pair in result.curves.values()]
+        for name, c in zip(result.curves, curves):
+            f = c.fractions.detach().float().cpu().numpy()
+            s = c.scores[0].detach().float().cpu().numpy()
+            style = {"ls": "--", "color": "0.45"} if name == "random map" else {}
+            ax.plot(f, s, lw=1.6, label=f"{name}  AUC {float(c.auc[0]):.3f}", **style)
+        kind = curves[0].kind
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        what = "removed" if kind == "deletion" else "revealed"
+        ax.set_xlabel(f"fraction of pixels {what}, most salient first")
+        ax.set_ylabel("probability of " + (result.labels[0] if result.labels else "the target"))
+        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

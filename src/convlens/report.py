@@ -25,6 +25,7 @@ TITLES = {
     "activations": "Activations",
     "gradcam": "Grad-CAM",
     "occlusion": "Occlusion sensitivity",
+    "trust": "How far to trust these maps",
     "filters": "Feature visualisation",
 }
 
@@ -98,6 +99,8 @@ def _caption(im: ImageExplanation, tech: str, settings: dict[str, Any]) -> str:
         s = settings["occlusion"]
         return (f"A grey patch of {_e(s['patch'])} px, moved in steps of {_e(s['stride'])} px; red where hiding "
                 f"the region lowers the {_e(s['score'])} of {label}, blue where it raises it.")
+    if tech == "trust":
+        return trust_caption(im.results.get("trust"), label)
     if tech == "filters":
         chans = ", ".join(_e(c) for c in im.channels.get("filters", []))
         fv, cam = im.layers.get("filters", ""), im.layers.get("gradcam", "")
@@ -254,6 +257,7 @@ def summary_dict(report: Report, files: dict[str, list[str]] | None = None) -> d
                 "timings": im.timings,
                 "errors": im.errors,
                 "notes": im.notes,
+                "trust": im.results["trust"].to_dict() if "trust" in im.results else None,
                 "files": files.get(im.key, []),
             }
             for im in report.images
@@ -361,4 +365,39 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
         ".convlens-report td.bad{color:var(--bad);font-weight:600}"
         "body{margin:0;background:#f4f6f9}</style></head>\n"
         f'<body><div class="convlens-report">{body}</div></body></html>\n'
+    )
+
+
+# -- the trust section (convlens explain) ---------------------------------------------------
+def trust_caption(trust: Any, label: str) -> str:
+    """The caption of the report's "How far to trust these maps" figure: a table of each map's
+    deletion and insertion AUC (beside the random map's), class sensitivity and sanity verdict,
+    and a line saying how to read them."""
+    if trust is None:
+        return ""
+    from .metrics.trust import NAMES
+
+    auc = trust.auc()
+    rows = []
+    for tech, a in auc.items():
+        name = "random map" if tech == "random map" else NAMES.get(tech, tech)
+        rho = trust.class_rho.get(tech)
+        other = trust.other.get(tech)
+        cls = "–" if rho is None or not math.isfinite(rho) else (
+            f"{rho:.2f} vs “{_e(other)}” ({'different' if rho < trust.settings['class_threshold'] else 'same'} map)")
+        v = trust.sanity.get(tech)
+        sanity = "–" if v is None else (
+            f"{'passes' if v['passed'] else '<strong>fails</strong>'} (ρ {v['rho']:.2f} after re-initialising "
+            f"<code>{_e(v['stage'])}</code>; checked once on {_e(v['image'])})")
+        rows.append(f"<tr><td>{_e(name)}</td><td class=num>{a['deletion']:.3f}</td>"
+                    f"<td class=num>{a['insertion']:.3f}</td><td>{cls}</td><td>{sanity}</td></tr>")
+    head = ("<tr><th>map</th><th>deletion AUC ↓</th><th>insertion AUC ↑</th><th>class ρ (vs least likely)</th>"
+            "<th>sanity check (model randomisation)</th></tr>")
+    steps, base = trust.settings.get("steps"), trust.settings.get("baseline")
+    return (
+        f"Hiding the pixels a map ranks highest first (deletion, {_e(steps)} steps, replaced by a "
+        f"<code>{_e(base)}</code> copy) should make the probability of {label} fall faster than for a random "
+        "map; revealing them first (insertion) should make it rise faster. A map whose ρ with the least likely "
+        "class is high does not tell classes apart; one that passes the sanity check changes when the classifier "
+        f"is random, as an explanation of the decision must.<table>{head}{''.join(rows)}</table>"
     )

@@ -16,7 +16,7 @@ from ..results import save_figure, save_npy
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["PerturbationCurve", "SanityCheck", "ClassSensitivity"]
+__all__ = ["PerturbationCurve", "SanityCheck", "ClassSensitivity", "TrustSummary"]
 
 
 def _stem(path: str | os.PathLike[str]) -> Path:
@@ -144,3 +144,52 @@ class ClassSensitivity:
     def to_numpy(self) -> np.ndarray:
         """The maps as float32 (N, 2, H, W)."""
         return self.maps.detach().float().cpu().numpy()
+
+
+@dataclass(frozen=True, eq=False)
+class TrustSummary:
+    """For one image, how far its maps can be trusted (:func:`convlens.metrics.trust.trust_summary`).
+
+    ``curves``: technique (and ``"random map"``) -> (deletion, insertion) curves; ``class_rho``:
+    technique -> rank correlation with the least likely class's map (``other``: that class);
+    ``sanity``: technique -> the model's verdict (``passed``, ``rho``, ``image``, ``stage``, ...);
+    ``findings``: technique -> plain-words statements where a map should not be trusted.
+    """
+
+    curves: dict[str, tuple[PerturbationCurve, PerturbationCurve]] = field(repr=False)
+    class_rho: dict[str, float | None]
+    other: dict[str, str]
+    sanity: dict[str, dict[str, Any]]
+    findings: dict[str, list[str]]
+    target: list[int]
+    labels: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def auc(self) -> dict[str, dict[str, float]]:
+        """technique -> {"deletion": AUC, "insertion": AUC} (first image)."""
+        return {k: {"deletion": float(d.auc[0]), "insertion": float(i.auc[0])} for k, (d, i) in self.curves.items()}
+
+    def to_numpy(self) -> np.ndarray:
+        """(1, rows, 2, steps+1) float32: per row (in ``curves`` order) the deletion and insertion scores."""
+        rows = [np.stack([d.to_numpy()[0], i.to_numpy()[0]]) for d, i in self.curves.values()]
+        return np.stack(rows)[None].astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready numbers: AUCs, class sensitivity, sanity verdicts, findings, settings."""
+        first = next(iter(self.curves.values()))[0]
+        return {
+            "auc": self.auc(),
+            "fractions": first.fractions.tolist(),
+            "curves": {k: {"deletion": d.scores[0].tolist(), "insertion": i.scores[0].tolist()}
+                       for k, (d, i) in self.curves.items()},
+            "class_sensitivity": {k: {"rho": v, "other": self.other.get(k)} for k, v in self.class_rho.items()},
+            "sanity": self.sanity,
+            "findings": self.findings,
+            "settings": self.settings,
+        }
+
+    def plot(self) -> Figure:
+        """Deletion (left) and insertion (right) curves of every map beside the random map's."""
+        from ..plotting import plot_trust
+
+        return plot_trust(self)
