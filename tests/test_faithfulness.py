@@ -190,3 +190,14 @@ def test_plot_and_save_write_png_and_npy(tmp_path):
 
     assert np.load(written[1]).tolist() == [[10.0, 8.0, 5.0, 1.0, 0.0]]
     assert "tensor(" not in repr(d) and "4.750" in repr(d)
+
+
+def test_several_classes_per_image_follow_the_saliency_rows():
+    net = tiny_net().eval()
+    x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(4))
+    cam = convlens.grad_cam(net, x, layer="3", top=2)  # rows: image 0 x2, image 1 x2
+    d = convlens.deletion(net, x, cam, steps=4, score="logit")
+    assert d.target == cam.target and d.scores.shape == (4, 5)
+    for row, (i, t) in enumerate(zip(cam.settings["image_index"], cam.target)):
+        one = convlens.deletion(net, x[i : i + 1], cam.maps[row : row + 1], target=t, steps=4, score="logit")
+        torch.testing.assert_close(d.scores[row], one.scores[0])
