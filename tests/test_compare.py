@@ -114,3 +114,21 @@ def test_cli_compare_on_the_sample_photo(tmp_path, capsys, clf):
     assert main(["compare", "--methods", "gradcam,saliency", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
     assert_same(before, clf.model)
+
+
+def test_cli_compare_over_a_folder_aggregates_and_skips_a_broken_file(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    convlens.sample_image().save(folder / "a.png")
+    convlens.sample_image().transpose(0).save(folder / "b.png")  # mirrored
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    out = tmp_path / "cmp"
+    code = main(["compare", str(folder), "--methods", "gradcam", "--steps", "2", "--no-sanity", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1 and "broken.jpg: skipped" in captured.err
+    assert "2 images" in captured.out and " ± " in captured.out  # mean ± spread over the two photos
+    data = json.loads((out / "compare.json").read_text())
+    assert data["images"] == ["a.png", "b.png"]
+    per = [r for r in data["per_image"] if r["method"] == "gradcam"]
+    mean = sum(r["deletion_auc"] for r in per) / 2
+    assert data["summary"][0]["deletion_auc"] == pytest.approx(mean)
