@@ -2,8 +2,10 @@
 
 Per image: the top-k predictions; the activations of the model's stages (most active channels);
 Grad-CAM at the automatic layer for the target (default: the top-1 class); occlusion
-sensitivity; feature visualisations of the channels that fired most on this image in the
-Grad-CAM layer. A failure (a broken file, a technique that raises) is recorded for that image
+sensitivity; how far to trust those two maps (``trust``: deletion / insertion beside a random
+map, class sensitivity, and the Grad-CAM method's sanity verdict, computed once per run);
+feature visualisations of the channels that fired most on this image in the Grad-CAM layer.
+A failure (a broken file, a technique that raises) is recorded for that image
 and technique and the run goes on. :meth:`Report.save` draws each result with its own ``plot()``
 and writes atomically; the HTML and JSON are formatted by :mod:`convlens.report`.
 """
