@@ -428,8 +428,7 @@ def compare(
     for ref in references:
         m = reference_map(ref, n, h, w, seed=seed, device=x.device)
         d = replace(deletion(clf, x, m, **curve_args), method=ref)
-        rows.append(MethodScores(ref, True, d, replace(insertion(clf, x, m, **curve_args), method=ref),
-                                 seconds=[0.0] * n))
+        rows.append(MethodScores(ref, True, d, replace(insertion(clf, x, m, **curve_args), method=ref)))
     image_names = list(names) if names is not None else [f"image {i + 1}" for i in range(n)]
     return Comparison(
         rows=rows,

@@ -96,14 +96,9 @@ def _maps_and_target(saliency: Saliency | Tensor, x: Tensor, target: Target) -> 
     return maps, x, target, method
 
 
-def _default_batch(x: Tensor, n: int, batch_size: int | None) -> int:
-    """Step images per forward: the caller's, else occlusion's rule for full forwards (1 on the
-    CPU, where larger batches measured slower; on a GPU what half the free memory holds)."""
-    if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        return batch_size
-    return -1  # resolved inside the guard, where a probe forward may run
+def _check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def perturbation_curve(
@@ -135,7 +130,7 @@ def perturbation_curve(
     clf: Classifier = as_classifier(model_or_classifier)
     x = clf.batch(x)
     maps, x, target, method = _maps_and_target(saliency, x, target)
-    bs = _default_batch(x, steps + 1, batch_size)
+    _check_batch_size(batch_size)
     n, c, h, w = x.shape
     hw = h * w
     sig = blur_sigma(h, w) if sigma is None else float(sigma)
@@ -156,10 +151,13 @@ def perturbation_curve(
     jobs = [(i, k) for i in range(n) for k in range(steps + 1)]
     outputs: list[Tensor] = []
     with model_guard(model), torch.no_grad():
-        if bs < 0:
-            from ..methods.occlusion import _default_batch as occlusion_batch
+        bs = batch_size
+        if bs is None:
+            # occlusion's rule for full forwards: 1 on a CPU (larger batches measured slower there),
+            # on a GPU what half the free memory holds, from a probe forward's peak
+            from ..methods.occlusion import _default_batch
 
-            bs = occlusion_batch(model, x, len(jobs), False)
+            bs = _default_batch(model, x, len(jobs), False)
         for start in range(0, len(jobs), bs):
             batch = torch.stack([step_image(i, k) for i, k in jobs[start : start + bs]])
             out = model(batch)
