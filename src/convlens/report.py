@@ -349,13 +349,13 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
     body = (
         f"<header><h1>Which map to believe</h1><p class=meta>model <strong>{_e(comparison.model)}</strong> · "
         f"{n} image{'s' if n != 1 else ''}</p></header>"
-        f'<section class="image"><h2>Summary</h2><table>{head}{"".join(rows)}</table>'
+        f'<section class="image"><h2>Summary</h2><div class=scroll><table>{head}{"".join(rows)}</table></div>'
         f"<p>Class-discriminative for this model: <strong>{_e(disc)}</strong>. Ranking: "
         f"{_e(' > '.join(comparison.ranking()))}.</p><ul>{verdicts}</ul>"
         f"<p class=meta>{how}</p></section>"
         f'<section class="image"><h2>Curves</h2>{_img(png, "deletion and insertion curves")}</section>'
-        f'<section class="image"><details><summary>Per image</summary><table><tr>'
-        + "".join(f"<th>{_e(k)}</th>" for k in keys) + f"</tr>{prow}</table></details></section>"
+        f'<section class="image"><details><summary>Per image</summary><div class=scroll><table><tr>'
+        + "".join(f"<th>{_e(k)}</th>" for k in keys) + f"</tr>{prow}</table></div></details></section>"
     )
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -363,6 +363,7 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>convlens compare: {_e(comparison.model)}</title><style>{CSS}"
         ".convlens-report td.bad{color:var(--bad);font-weight:600}"
+        ".convlens-report th{overflow-wrap:normal}.convlens-report .scroll{overflow-x:auto}"
         "body{margin:0;background:#f4f6f9}</style></head>\n"
         f'<body><div class="convlens-report">{body}</div></body></html>\n'
     )
