@@ -27,7 +27,7 @@ def test_steps_reinitialise_from_the_output_down_cumulatively():
     assert _steps(net, x, ["3"]) == [["3", "6"]]
 
 
-def test_a_fixed_map_fails_and_the_model_is_untouched():
+def test_a_fixed_map_fails_and_the_model_is_untouched(tmp_path):
     net = tiny_net()
     net.train()
     net[3].weight.grad = torch.ones_like(net[3].weight)
@@ -45,6 +45,12 @@ def test_a_fixed_map_fails_and_the_model_is_untouched():
     assert check.stages == ["6", "3", "0"] and check.method == "ignores_the_model"
     assert check.maps.shape == (2, 4, 16, 16)
     assert_same(before, net)
+    png, npy = check.save(tmp_path / "sanity", index=1)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    import numpy as np
+
+    np.testing.assert_array_equal(np.load(npy)[1, 2], fixed.numpy())
+    assert "tensor(" not in repr(check) and "passed=[False, False]" in repr(check)
 
 
 def test_a_map_of_the_randomised_weights_changes():
