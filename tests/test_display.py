@@ -175,3 +175,17 @@ def test_rich_display_on_a_new_result_class() -> None:
     assert _check_repr(repr(_HtmlOnly(torch.zeros(3, 3)))) == ["_HtmlOnly", "table (3, 3); float32 on cpu"]
     # the device is the tensors' own (meta tensors stand in for a GPU here)
     assert repr(_HtmlOnly(torch.zeros(3, 3, dtype=torch.float16, device="meta"))).endswith("float16 on meta")
+
+
+def test_metric_results_show_themselves(clf, sample_x, cam) -> None:
+    """Deletion curves, class sensitivity and the sanity check: a short repr and a picture."""
+    results = [
+        convlens.deletion(clf, sample_x, cam, steps=4),
+        convlens.class_sensitivity(clf, sample_x),
+        convlens.sanity_check(clf, sample_x, stages=["classifier"]),
+    ]
+    for r in results:
+        lines = _check_repr(repr(r))
+        assert lines[0].startswith(type(r).__name__)
+        pixels = _png(r._repr_png_())
+        assert pixels.shape[0] >= 150 and pixels.shape[1] >= 300 and pixels.std() > 10

@@ -443,6 +443,21 @@ class RunWriter:
         folder.mkdir(exist_ok=True)
         return folder / name
 
+    def folder(self, key: str | None = None) -> Path:
+        """The staging folder of image ``key`` (``None``: the top level), for code that writes its
+        files itself (each atomically); tell the run about them with :meth:`add`."""
+        return self.path(key, "-").parent
+
+    def add(self, key: str | None, name: str) -> str:
+        """Record file ``name`` written into :meth:`folder` ``(key)``; returns its relative path."""
+        if not (self.folder(key) / name).is_file():
+            raise FileNotFoundError(f"{printable(name)} was not written into the staging folder")
+        if key is None:
+            self._top.append(name)
+            return name
+        self._staged_files.append(f"{key}/{name}")
+        return f"{key}/{name}"
+
     def write(self, key: str | None, name: str, data: bytes | Writer) -> str:
         """Stage one file; returns its path relative to ``out`` (``key/name``)."""
         check_interrupt()
