@@ -625,6 +625,14 @@ def feature_files(result: Any, path: str | os.PathLike[str]) -> list[tuple[Path,
     return files
 
 
+def figure_and_array_files(result: Any, path: str | os.PathLike[str], *plot_args: Any) -> list[tuple[Path, Writer]]:
+    """``<path>.png`` (``result.plot(*plot_args)``) and ``<path>.npy`` (``result.to_numpy()``): the
+    files of a metric result (deletion/insertion curves, a sanity check, class sensitivity)."""
+    base = _base(path)
+    return [(base.with_name(base.name + ".png"), _lazy_figure(result.plot, *plot_args)),
+            (base.with_name(base.name + ".npy"), npy_writer(result.to_numpy()))]
+
+
 def _lazy_figure(plot: Callable[..., Any], *args: Any, **kwargs: Any) -> Writer:
     def write(f: IO[bytes]) -> None:
         figure_writer(plot(*args, **kwargs))(f)

@@ -290,27 +290,21 @@ class Comparison:
 
         return plot_comparison(self)
 
-    def save(self, directory: str | os.PathLike[str]) -> list[Path]:
+    def save(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         """Write ``compare.csv``, ``compare.json``, ``compare.png`` and ``compare.html`` into
-        ``directory`` (each atomically); returns the paths."""
+        ``directory`` (each atomically; a file convlens did not write is refused unless ``force``);
+        returns the paths."""
+        from .. import outputs
         from ..report import comparison_html, to_json
-        from ..results import atomic_path
 
         d = Path(directory)
-        written = []
-        fig = self.plot()
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
-        for name, data in (
-            ("compare.csv", self.to_csv().encode()),
-            ("compare.json", to_json(self.to_dict()).encode()),
-            ("compare.png", png.getvalue()),
-            ("compare.html", comparison_html(self, png.getvalue()).encode()),
-        ):
-            with atomic_path(d / name) as tmp:
-                tmp.write_bytes(data)
-            written.append(d / name)
-        return written
+        png = outputs.to_bytes(outputs.figure_writer(self.plot(), 110))
+        return outputs.save_files([
+            (d / "compare.csv", self.to_csv().encode()),
+            (d / "compare.json", to_json(self.to_dict()).encode()),
+            (d / "compare.png", png),
+            (d / "compare.html", comparison_html(self, png).encode()),
+        ], force=force)
 
 
 def merge(parts: Sequence[Comparison]) -> Comparison:

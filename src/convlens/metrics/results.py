@@ -11,18 +11,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor
 
+from .. import outputs
 from ..display import rich_display
-from ..results import save_figure, save_npy
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["PerturbationCurve", "SanityCheck", "ClassSensitivity", "TrustSummary"]
-
-
-def _stem(path: str | os.PathLike[str]) -> Path:
-    base = Path(path)
-    return base.with_suffix("") if base.suffix in (".png", ".npy") else base
 
 
 @rich_display
@@ -62,13 +57,11 @@ class PerturbationCurve:
 
         return plot_curves([self, *(others or [])], index)
 
-    def save(self, path: str | os.PathLike[str], *, index: int = 0) -> list[Path]:
-        """Write ``<path>.png`` (the figure of image ``index``) and ``<path>.npy`` (all scores)."""
-        base = _stem(path)
-        return [
-            save_figure(base.with_suffix(".png"), self.plot(index)),
-            save_npy(base.with_suffix(".npy"), self.to_numpy()),
-        ]
+    def save(self, path: str | os.PathLike[str], *, index: int = 0, force: bool = False) -> list[Path]:
+        """Write ``<path>.png`` (the figure of image ``index``) and ``<path>.npy`` (all scores); the
+        whole name is kept (only a ``.png``/``.npy`` suffix is dropped) and a file convlens did not
+        write is refused unless ``force``."""
+        return outputs.save_files(outputs.figure_and_array_files(self, path, index), force=force)
 
 
 @rich_display
@@ -112,13 +105,11 @@ class SanityCheck:
 
         return plot_sanity(self, index)
 
-    def save(self, path: str | os.PathLike[str], *, index: int = 0) -> list[Path]:
-        """Write ``<path>.png`` (the figure of image ``index``) and ``<path>.npy`` (all maps)."""
-        base = _stem(path)
-        return [
-            save_figure(base.with_suffix(".png"), self.plot(index)),
-            save_npy(base.with_suffix(".npy"), self.to_numpy()),
-        ]
+    def save(self, path: str | os.PathLike[str], *, index: int = 0, force: bool = False) -> list[Path]:
+        """Write ``<path>.png`` (the figure of image ``index``) and ``<path>.npy`` (all maps); the
+        whole name is kept (only a ``.png``/``.npy`` suffix is dropped) and a file convlens did not
+        write is refused unless ``force``."""
+        return outputs.save_files(outputs.figure_and_array_files(self, path, index), force=force)
 
 
 @rich_display
