@@ -64,8 +64,9 @@ def test_summary_aggregates_and_ranks(small):
         d = r.deletion.auc.double()
         assert summ[r.method]["deletion_auc"] == pytest.approx(float(d.mean()))
         assert summ[r.method]["deletion_auc_std"] == pytest.approx(float(d.std()))  # n - 1, as the table says
-    diffs = {m: summ[m]["difference"] for m in ("gradcam", "eigencam")}
-    assert cmp.ranking() == sorted(diffs, key=lambda m: -diffs[m])
+    # trustworthy methods first (here: class-discriminative, as sanity was not run), then by difference
+    keys = {m: (summ[m]["class_discriminative"] is False, -summ[m]["difference"]) for m in ("gradcam", "eigencam")}
+    assert cmp.ranking() == sorted(keys, key=keys.get)
     assert "rank" not in summ["random map"]
     assert summ["gradcam"]["sanity_passed"] is None
     # two one-image comparisons merged give the two-image one

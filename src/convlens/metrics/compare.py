@@ -103,6 +103,13 @@ def _stat(values: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
+def trusted(summary: dict[str, Any]) -> bool:
+    """A summary row not shown untrustworthy: it passes the sanity check on at least half of the
+    images (or was not checked) and is not shown to ignore the class."""
+    passed = summary.get("sanity_passed")
+    return (passed is None or passed >= 0.5) and summary.get("class_discriminative") is not False
+
+
 @rich_display
 @dataclass(frozen=True, eq=False)
 class Comparison:
@@ -157,8 +164,10 @@ class Comparison:
     def summary(self) -> list[dict[str, Any]]:
         """Per row: mean and standard deviation over the images of every number, the share of
         images passing the sanity check, whether the method is class-discriminative (mean class
-        sensitivity below the threshold) and its rank (1 = best insertion - deletion; references
-        are not ranked)."""
+        sensitivity below the threshold) and its rank: methods that pass the sanity check on most
+        images and are not shown to ignore the class come first, each group ordered by insertion -
+        deletion (a map that fails either test can still score well on the curves: Grad-CAM++ on
+        the default model does; references are not ranked)."""
         recs = self.per_image()
         out = []
         for r in self.rows:
@@ -175,13 +184,14 @@ class Comparison:
             s["class_discriminative"] = None if cs is None or not math.isfinite(cs) else cs < CLASS_THRESHOLD
             out.append(s)
         ranked = sorted((s for s in out if not s["reference"] and s.get("difference") is not None),
-                        key=lambda s: -s["difference"])
+                        key=lambda s: (not trusted(s), -s["difference"]))
         for k, s in enumerate(ranked, 1):
             s["rank"] = k
         return out
 
     def ranking(self) -> list[str]:
-        """The methods, best first (insertion AUC - deletion AUC, mean over the images)."""
+        """The methods, best first: trustworthy ones (see :meth:`summary`) before the others, then by
+        insertion AUC - deletion AUC, mean over the images."""
         return [s["method"] for s in sorted(self.summary(), key=lambda s: s.get("rank", 1e9)) if "rank" in s]
 
     def discriminative(self) -> list[str]:
@@ -245,7 +255,8 @@ class Comparison:
         disc = self.discriminative()
         lines.append("")
         lines.append(f"class-discriminative for {self.model or 'this model'}: {', '.join(disc) if disc else 'none'}")
-        lines.append(f"ranking (insertion - deletion): {' > '.join(self.ranking())}")
+        lines.append("ranking (passing sanity and class checks first, then insertion - deletion): "
+                     + " > ".join(self.ranking()))
         lines += [f"- {v}" for v in self.verdicts()]
         return "\n".join(lines)
 
@@ -441,6 +452,7 @@ def compare(
             "sanity": {"stage": head, "threshold": SANITY_THRESHOLD, "seed": seed,
                        "draws": {m: SANITY_DRAWS.get(m, 10) for m in methods}} if sanity else None,
             "class_sensitivity": {"other": "least likely class", "threshold": CLASS_THRESHOLD},
-            "ranking": "insertion AUC - deletion AUC, mean over images",
+            "ranking": "methods passing the sanity and class checks first, then insertion AUC - deletion AUC, "
+                       "mean over images",
         },
     )
