@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -218,6 +218,7 @@ def occlusion(
     score: str = "probability",
     progress: bool = False,
     fast: bool = True,
+    callback: Callable[[int, int], None] | None = None,
 ) -> Saliency:
     """Occlusion sensitivity of each image in ``x``: ``maps[n, i, j]`` is the mean, over the windows
     that cover pixel ``(i, j)``, of ``s(x) - s(x with the window set to the baseline)``.
@@ -230,7 +231,9 @@ def occlusion(
     the drop is in its value (it receives the logits). ``score``: ``"probability"`` (softmax) or
     ``"logit"``. ``batch_size``: windows per forward (default per device, see ``_default_batch``).
     ``fast=False`` runs one full forward of the unmodified model per window (the reference).
-    ``raw`` holds the drop per window on the (rows, cols) window grid.
+    ``raw`` holds the drop per window on the (rows, cols) window grid. ``callback``, if given, is
+    called as ``callback(windows_done, windows_total)`` after each batch of windows (an exception
+    it raises stops the call, e.g. to cancel).
 
     Example::
 
@@ -278,6 +281,8 @@ def occlusion(
                     idx = torch.tensor([c[0] for c in chunk], device=x.device)
                     drops[i, idx] = clean[i] - scores
                     bar.update(len(chunk))
+                    if callback is not None:
+                        callback(i * n_windows + chunk[-1][0] + 1, n * n_windows)
         finally:
             bar.close()
             if hasattr(evaluator, "close"):
