@@ -12,6 +12,7 @@ from .methods.featureviz import FeatureImages, feature_visualization
 from .methods.occlusion import occlusion
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
 from .results import Activations, Saliency
+from .serve import serve  # the function; needs the extra convlens[serve] only when called
 
 try:
     __version__ = version("convlens")
@@ -47,4 +48,5 @@ __all__ = [
     "resolve_layers",
     "sample_image",
     "sample_image_path",
+    "serve",
 ]

@@ -373,6 +373,56 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 1 if n_bad else 0
 
 
+# -- serve (the local browser explorer) -----------------------------------------------------
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "images", nargs="*", metavar="IMAGE|DIR",
+        help="image files or folders of images (default: the bundled sample photo)",
+    )
+    add_model_args(p)
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--host", default="127.0.0.1", metavar="H",
+        help="address to listen on (default 127.0.0.1: this machine only; anything else warns)",
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .serve import MissingExtra, is_loopback, require_extra
+
+    try:
+        require_extra()  # before loading a model: the one-line install hint
+    except MissingExtra as e:
+        print(f"convlens: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not 0 <= args.port <= 65535:
+        raise ValueError("--port must be between 0 and 65535")
+    missing = [s for s in args.images if not Path(s).exists()]
+    if missing:
+        raise ValueError(f"{missing[0]}: no such file or folder")
+    from .serve import Server
+    from .serve.explorer import Explorer
+
+    if not is_loopback(args.host):
+        print(f"convlens serve: warning: listening on {args.host}: anyone who can reach this machine on that "
+              "network can use the explorer and run your model", file=sys.stderr)
+    explorer = Explorer(load_classifier(args), image_list(args.images))
+    bad = [e for e in explorer.images() if e.error]
+    for e in bad:
+        print(f"convlens serve: {e.name}: {e.error}", file=sys.stderr)
+    if len(bad) == len(explorer.images()):
+        raise ValueError("none of the images could be read")
+    server = Server(explorer, args.host, args.port)
+    print(f"convlens explorer: {server.url}  ({len(explorer.images())} images, {explorer.clf.name}; Ctrl-C stops)",
+          flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    print("convlens serve: stopped", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "explain": ("every technique on images, with an HTML report", _add_explain, _run_explain),
     "predict": ("top-k classes for images", _add_predict, _run_predict),
@@ -381,6 +431,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "gradcam": ("Grad-CAM family heatmaps: which regions drive a class", _add_gradcam, _run_gradcam),
     "occlusion": ("occlusion sensitivity maps (PNG + .npy)", _add_occlusion, _run_occlusion),
     "filters": ("feature visualisation: images that excite chosen channels", _add_filters, _run_filters),
+    "serve": ("explore a model in the browser: a local web page (needs convlens[serve])", _add_serve, _run_serve),
 }
 
 
