@@ -133,10 +133,16 @@ function search() {
   const q = $("search").value.trim().toLowerCase();
   const out = $("search-results");
   if (!q) { out.replaceChildren(); return; }
-  const hits = [];
-  for (let i = 0; i < S.labels.length && hits.length < 30; i++) {
-    if (S.labels[i].toLowerCase().includes(q) || String(i) === q) hits.push(i);
-  }
+  // exact name or index first, then names that start with it, then a word that does, then any
+  const rank = (name, i) => {
+    const n = name.toLowerCase();
+    if (n === q || String(i) === q) return 0;
+    if (n.startsWith(q)) return 1;
+    if (n.split(/[\s,'-]+/).some((w) => w.startsWith(q))) return 2;
+    return n.includes(q) ? 3 : -1;
+  };
+  const hits = S.labels.map((name, i) => [rank(name, i), i]).filter(([r]) => r >= 0)
+    .sort((a, b) => a[0] - b[0] || a[1] - b[1]).slice(0, 30).map(([, i]) => i);
   out.replaceChildren(...(hits.length ? hits.map((i) => classButton(i, S.labels[i])) : [el("li", { className: "muted", text: "no class matches" })]));
 }
 
