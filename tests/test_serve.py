@@ -456,3 +456,107 @@ def test_cam_from_layer_is_grad_cams_rule(tiny_clf):
         torch.testing.assert_close(maps, lib.maps)
     with pytest.raises(ValueError, match="needs the gradient"):
         cam_from_layer("gradcam", cap["act2"].detach(), None, (32, 32))
+
+
+# -- the command and the Python entry point ---------------------------------------------------
+def test_cli_without_the_extra_prints_the_install_hint(monkeypatch, capsys):
+    import importlib.util
+
+    from convlens.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("convlens: error: convlens serve needs the optional web server: pip install 'convlens[serve]' "
+                   "(uvicorn not installed)")
+
+
+def test_cli_bad_input_is_a_one_line_error(capsys, tmp_path):
+    from convlens.cli import main
+
+    assert main(["serve", str(tmp_path / "missing.jpg")]) == 2
+    assert capsys.readouterr().err.strip().endswith("missing.jpg: no such file or folder")
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port must be between 0 and 65535" in capsys.readouterr().err
+
+
+def test_port_in_use_is_a_clear_oserror(explorer):
+    import socket
+
+    from convlens.serve import Server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1:\d+ .*pass another --port"):
+            Server(explorer, "127.0.0.1", s.getsockname()[1])
+
+
+def test_cli_prints_the_url_serves_and_stops_on_ctrl_c(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    img = tmp_path / "red.png"
+    img.write_bytes(_png_bytes())
+    src = str(Path(convlens.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "convlens.cli", "serve", str(img), str(tmp_path), "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("convlens explorer: http://127.0.0.1:") and "(2 images, efficientnet_lite0" in line
+        url = line.split()[2]
+        with urllib.request.urlopen(url + "api/state", timeout=60) as r:
+            names = [i["name"] for i in __import__("json").load(r)["images"]]
+        assert names == ["red.png", "red.png"]  # the file, then the folder's one image
+        req = urllib.request.Request(url + "api/state", headers={"Host": "attacker.example"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        assert e.value.code == 400
+    finally:
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and err.strip() == "convlens serve: stopped", err
+
+
+def test_serve_in_the_background_shows_itself_inline(tiny_clf):
+    import json
+    import urllib.request
+
+    srv = convlens.serve(tiny_clf, Image.new("RGB", (32, 32), (1, 2, 3)), block=False)
+    try:
+        assert srv.url.startswith("http://127.0.0.1:") and srv.port != 8000
+        with urllib.request.urlopen(srv.url + "api/state", timeout=30) as r:
+            st = json.load(r)
+        assert st["model"] == "Tiny" and [i["name"] for i in st["images"]] == ["image 1"]
+        assert f'<iframe src="{srv.url}"' in srv._repr_html_()
+    finally:
+        srv.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(srv.url, timeout=5)
+
+
+def test_serve_function_survives_the_subpackage_import():
+    import convlens.serve.app  # noqa: F401  (importing the subpackage must not replace the function)
+
+    assert callable(convlens.serve) and convlens.serve.__name__ == "serve"
+
+
+def test_other_hosts_warn_and_are_allowed_by_name(caplog, tiny_clf):
+    from convlens.serve import allowed_hosts, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    assert allowed_hosts("192.168.1.5") == {"127.0.0.1", "localhost", "::1", "192.168.1.5"}
+    import socket
+
+    assert socket.gethostname() in allowed_hosts("0.0.0.0")
+    with caplog.at_level("WARNING", logger="convlens.serve"):
+        srv = convlens.serve(tiny_clf, Image.new("RGB", (32, 32)), host="0.0.0.0", block=False)
+        srv.stop()
+    assert "anyone who can reach this machine on that network can use the explorer" in caplog.text

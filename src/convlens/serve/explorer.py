@@ -485,7 +485,9 @@ class Explorer:
 
         def run(progress: Callable[[int, int], None]) -> None:
             kw = {"callback": progress} if _supports_callback(grad_cam) else {}
-            res = grad_cam(self.clf, x, target=cls, layer=layer, method="scorecam", **kw)
+            # small batches: progress, cancel and the requests waiting for the model get a turn
+            # every 16 masked forwards instead of every ~50 (10 s on 2 shared cores)
+            res = grad_cam(self.clf, x, target=cls, layer=layer, method="scorecam", batch_size=16, **kw)
             self._maps.put((image_id, layer, cls, "scorecam"), (res.raw[0], res.maps[0]))
 
         return self.submit("scorecam", ("scorecam", image_id, layer, cls), run)
