@@ -560,3 +560,14 @@ def test_other_hosts_warn_and_are_allowed_by_name(caplog, tiny_clf):
         srv = convlens.serve(tiny_clf, Image.new("RGB", (32, 32)), host="0.0.0.0", block=False)
         srv.stop()
     assert "anyone who can reach this machine on that network can use the explorer" in caplog.text
+
+
+def test_a_finished_job_whose_result_was_evicted_runs_again(tiny_client):
+    c, ex, clf, entry = tiny_client
+    body = {"image": entry.id, "cls": 0, "patch": 16, "stride": 16}
+    first = _wait(c, c.post("/api/occlusion", json=body).json()["job"])
+    assert c.post("/api/occlusion", json=body).status_code == 200
+    ex._occlusion.drop(lambda k: False)  # as the LRU does when full
+    again = c.post("/api/occlusion", json=body).json()["job"]
+    assert again["id"] != first["id"] and _wait(c, again)["state"] == "done"
+    assert c.post("/api/occlusion", json=body).status_code == 200

@@ -405,11 +405,13 @@ class Explorer:
                 "maps": act[0, top].float().cpu().numpy(), "count": int(act.shape[1])}
 
     # -- jobs -------------------------------------------------------------------------------------
-    def submit(self, kind: str, key: Hashable, fn: Callable[[Callable[[int, int], None]], Any]) -> Job:
-        """Queue ``fn(progress)`` on the worker, or return the job already made for ``key``."""
+    def submit(self, kind: str, key: Hashable, fn: Callable[[Callable[[int, int], None]], Any],
+               cached: Callable[[], bool] = lambda: True) -> Job:
+        """Queue ``fn(progress)`` on the worker, or return the job already made for ``key``
+        (a finished one only while ``cached()`` says its result is still in the cache)."""
         with self._jobs_cv:
             for job in self._jobs.values():
-                if job.key == key and job.state in ("queued", "running", "done"):
+                if job.key == key and (job.state in ("queued", "running") or (job.state == "done" and cached())):
                     return job
             job = Job(secrets.token_urlsafe(9), kind, key, fn)
             self._jobs[job.id] = job
@@ -490,7 +492,8 @@ class Explorer:
             res = grad_cam(self.clf, x, target=cls, layer=layer, method="scorecam", batch_size=16, **kw)
             self._maps.put((image_id, layer, cls, "scorecam"), (res.raw[0], res.maps[0]))
 
-        return self.submit("scorecam", ("scorecam", image_id, layer, cls), run)
+        return self.submit("scorecam", ("scorecam", image_id, layer, cls), run,
+                           lambda: (image_id, layer, cls, "scorecam") in self._maps)
 
     def occlusion_job(self, image_id: str, cls: int | str | None, patch: int, stride: int) -> Job:
         """Occlusion sensitivity (``convlens.occlusion``) as a job; result in :meth:`occlusion_result`."""
@@ -508,7 +511,7 @@ class Explorer:
             res = occlusion(self.clf, x, target=cls, patch=patch, stride=stride, **kw)
             self._occlusion.put(key, res)
 
-        return self.submit("occlusion", ("occlusion", *key), run)
+        return self.submit("occlusion", ("occlusion", *key), run, lambda: key in self._occlusion)
 
     def occlusion_result(self, image_id: str, cls: int | str | None, patch: int, stride: int) -> Any:
         """The finished occlusion :class:`~convlens.Saliency`, or None."""
@@ -524,7 +527,7 @@ class Explorer:
             res = feature_visualization(self.clf, layer, [int(channel)], **kw)
             self._features.put(key, res)
 
-        return self.submit("features", ("features", *key), run)
+        return self.submit("features", ("features", *key), run, lambda: key in self._features)
 
     def feature_result(self, layer: str, channel: int) -> Any:
         """The cached :class:`~convlens.FeatureImages` of one channel, or None."""
