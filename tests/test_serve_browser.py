@@ -130,6 +130,34 @@ def test_the_page_in_chromium(server, browser, tmp_path: Path) -> None:
     assert "blocks.4" in d.find_element(By.ID, "cam-title").text
     assert "of 112 channels of blocks.4" in d.find_element(By.ID, "channels-note").text
 
+    # a channel click shows what it wants (a background job with a progress bar)
+    d.find_elements(By.CSS_SELECTOR, "#channels button")[0].click()
+    _until(d, "document.getElementById('feature-img').getAttribute('src')", timeout=300)
+    channel = d.find_elements(By.CSS_SELECTOR, "#channels button")[0].get_attribute("data-channel")
+    assert d.find_element(By.ID, "feature-title").text == f"What blocks.4 channel {channel} wants"
+    assert d.execute_script("return document.getElementById('feature-img').naturalWidth") == 128
+
+    # occlusion: a long run is cancelled from its progress bar, a short one shows its map
+    for field, value in (("patch", "8"), ("stride", "2")):  # 11881 windows: minutes
+        d.find_element(By.ID, field).clear()
+        d.find_element(By.ID, field).send_keys(value)
+    d.find_element(By.ID, "occ-run").click()
+    t0 = time.perf_counter()
+    while d.execute_script("return document.getElementById('occ-progress').hidden"):
+        assert time.perf_counter() - t0 < 60
+        time.sleep(0.05)
+    d.find_element(By.ID, "occ-cancel").click()
+    _until(d, "document.getElementById('occ-note').textContent === 'cancelled'")
+    jobs = [j for j in server.explorer._jobs.values() if j.kind == "occlusion"]
+    assert [j.state for j in jobs] == ["cancelled"] and jobs[0].done < jobs[0].total == 11881
+    assert d.execute_script("return document.getElementById('occ-viewer').hidden")
+    for field, value in (("patch", "56"), ("stride", "56")):
+        d.find_element(By.ID, field).clear()
+        d.find_element(By.ID, field).send_keys(value)
+    d.find_element(By.ID, "occ-run").click()
+    _until(d, "document.getElementById('occ-heat').getAttribute('src')", timeout=300)
+    assert "16 windows of 56 px every 56 px" in d.find_element(By.ID, "occ-note").text
+
     # the opacity slider acts on the page alone
     d.execute_script("const o = document.getElementById('opacity'); o.value = '0.8';"
                      "o.dispatchEvent(new Event('input'));")
@@ -171,8 +199,11 @@ def test_the_page_in_chromium(server, browser, tmp_path: Path) -> None:
         d.execute_script("document.getElementById('search').dispatchEvent(new Event('input'))")
         d.find_elements(By.CSS_SELECTOR, "#channels button")[0].click()
         _until(d, "document.getElementById('feature-img').getAttribute('src')", timeout=300)
+        for field, value in (("patch", "40"), ("stride", "20")):
+            d.find_element(By.ID, field).clear()
+            d.find_element(By.ID, field).send_keys(value)
         d.find_element(By.ID, "occ-run").click()
-        _until(d, "document.getElementById('occ-heat').getAttribute('src')", timeout=300)
+        _until(d, "document.getElementById('occ-note').textContent.includes('121 windows')", timeout=300)
         d.execute_script("window.scrollTo(0, 0); document.activeElement.blur()")
         height = d.execute_script("return document.documentElement.scrollHeight")
         chrome = d.execute_script("return window.outerHeight - window.innerHeight")

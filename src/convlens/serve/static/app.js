@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const METHOD_NAMES = { gradcam: "Grad-CAM", "gradcam++": "Grad-CAM++", xgradcam: "XGrad-CAM",
   layercam: "LayerCAM", scorecam: "Score-CAM (slow)", eigencam: "EigenCAM" };
 const S = { images: [], labels: [], image: null, cls: null, top1: null, method: "gradcam", layer: "",
-  scale: "norm", channel: null, camJob: null, featureJob: null, occJob: null, seq: { cam: 0, ch: 0, feat: 0, pred: 0 } };
+  scale: "norm", channel: null, camJob: null, featureJob: null, occJob: null, seq: { cam: 0, ch: 0, feat: 0, pred: 0, occ: 0 } };
 
 function el(tag, props = {}, ...children) {
   const e = document.createElement(tag);
@@ -49,11 +49,14 @@ async function api(path, opts = {}) {
 
 const post = (path, data) => api(path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(data) });
 
-// poll a job until it ends; onProgress(done, total)
-async function waitJob(job, onProgress) {
+// poll a job until it ends; onProgress(done, total). When stale() turns true (the user moved on)
+// the polling stops and null is returned: the job goes on in the background and its result is
+// cached for when the user comes back (Cancel stops it).
+async function waitJob(job, onProgress, stale = () => false) {
   pending(1);
   try {
     while (job.state === "queued" || job.state === "running") {
+      if (stale()) return null;
       onProgress(job.done, job.total);
       await new Promise((r) => setTimeout(r, 250));
       job = (await api(`/api/jobs/${encodeURIComponent(job.id)}`)).body;
@@ -92,6 +95,8 @@ async function selectImage(id) {
   $("occ-photo").src = $("photo").src;
   $("occ-viewer").hidden = true;
   $("occ-note").textContent = "";
+  $("occ-progress").hidden = true;
+  S.seq.occ++;  // an occlusion still running for the previous image is not shown here
   const seq = ++S.seq.pred;
   try {
     const { body } = await api(`/api/predict?image=${encodeURIComponent(id)}&k=5`);
@@ -157,6 +162,7 @@ async function refreshCam() {
   const seq = ++S.seq.cam;
   const t0 = performance.now();
   const q = camQuery();
+  $("cam-progress").hidden = true;
   $("dl-png").href = `/api/cam.png?${q}&alpha=${$("opacity").value}`;
   $("dl-npy").href = `/api/cam.npy?${q}`;
   try {
@@ -164,7 +170,8 @@ async function refreshCam() {
     if (r.status === 202) {
       S.camJob = r.body.job;
       $("cam-progress").hidden = false;
-      const job = await waitJob(r.body.job, (d, t) => setBar($("cam-bar"), d, t));
+      const job = await waitJob(r.body.job, (d, t) => setBar($("cam-bar"), d, t), () => seq !== S.seq.cam);
+      if (!job) return;
       $("cam-progress").hidden = true;
       S.camJob = null;
       if (job.state !== "done") { if (job.state === "error") showError(job.error); return; }
@@ -214,13 +221,15 @@ async function showFeature(layer, channel, button) {
   $("feature-img").removeAttribute("src");
   $("feature-img").alt = `feature visualisation of ${layer} channel ${channel}`;
   $("feature-note").textContent = "";
+  $("feature-progress").hidden = true;
   try {
     let r = await post("/api/features", { layer, channel });
     if (r.status === 202) {
       S.featureJob = r.body.job;
       $("feature-progress").hidden = false;
       $("feature-note").textContent = "optimising an image (once per layer and channel, then cached)…";
-      const job = await waitJob(r.body.job, (d, t) => setBar($("feature-bar"), d, t));
+      const job = await waitJob(r.body.job, (d, t) => setBar($("feature-bar"), d, t), () => seq !== S.seq.feat);
+      if (!job) return;
       $("feature-progress").hidden = true;
       S.featureJob = null;
       if (job.state !== "done") { $("feature-note").textContent = job.state === "error" ? job.error : "cancelled"; return; }
@@ -239,24 +248,30 @@ async function showFeature(layer, channel, button) {
 async function runOcclusion() {
   if (!S.image) return;
   const data = { image: S.image, cls: currentClass(), patch: Number($("patch").value), stride: Number($("stride").value) };
+  const seq = ++S.seq.occ;
+  const stale = () => seq !== S.seq.occ;
   $("occ-note").textContent = "";
+  $("occ-progress").hidden = true;
   try {
     let r = await post("/api/occlusion", data);
     if (r.status === 202) {
       S.occJob = r.body.job;
       $("occ-progress").hidden = false;
-      const job = await waitJob(r.body.job, (d, t) => setBar($("occ-bar"), d, t));
+      const job = await waitJob(r.body.job, (d, t) => setBar($("occ-bar"), d, t), stale);
+      if (!job) return;
       $("occ-progress").hidden = true;
       S.occJob = null;
       if (job.state !== "done") { $("occ-note").textContent = job.state === "error" ? job.error : "cancelled"; return; }
       r = await post("/api/occlusion", data);
     }
+    if (stale()) return;
     const o = r.body;
     $("occ-viewer").hidden = false;
     $("occ-heat").src = o.png;
     $("occ-note").textContent = `${o.label}: ${o.windows} windows of ${o.patch} px every ${o.stride} px; ` +
       `largest drop ${o.max_drop.toPrecision(3)}, largest rise ${(-o.min_drop).toPrecision(3)}`;
   } catch (e) {
+    if (stale()) return;
     $("occ-progress").hidden = true;
     showError(e.message);
   }
