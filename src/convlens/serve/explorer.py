@@ -315,8 +315,11 @@ class Explorer:
     def logits(self, image_id: str) -> Tensor:
         """(1, K) logits of the image (from the cached pass at the default layer)."""
         layer = self._layer(None)
-        with self.lock:
-            return self._graph(image_id, layer).out.detach()
+        graph = self._graphs.get((image_id, layer))
+        if graph is None:  # the lock only for a new pass: a running job must not delay cached answers
+            with self.lock:
+                graph = self._graph(image_id, layer)
+        return graph.out.detach()
 
     def predictions(self, image_id: str, k: int = 5) -> list[dict[str, Any]]:
         """The top-``k`` classes with their softmax probabilities."""
