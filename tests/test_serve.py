@@ -571,3 +571,61 @@ def test_a_finished_job_whose_result_was_evicted_runs_again(tiny_client):
     again = c.post("/api/occlusion", json=body).json()["job"]
     assert again["id"] != first["id"] and _wait(c, again)["state"] == "done"
     assert c.post("/api/occlusion", json=body).status_code == 200
+
+
+def test_in_a_notebook_it_serves_in_the_background_and_shows_inline(tmp_path):
+    """A real IPython kernel (as Jupyter runs it): `convlens.serve(...)` returns at once, the
+    cell's result is the page in an iframe, and the server answers while the kernel is idle."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    jc = pytest.importorskip("jupyter_client", reason="jupyter_client is not installed")
+    pytest.importorskip("ipykernel", reason="ipykernel is not installed")
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = tmp_path / "kernels" / "convlens-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "convlens test", "language": "python",
+    }))
+    km = jc.KernelManager(kernel_name="convlens-test",
+                          kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]))
+    src = str(Path(convlens.__file__).resolve().parents[1])
+    km.start_kernel(env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"})
+    kc = km.client()
+    kc.start_channels()
+
+    def run(code: str) -> list[tuple[str, dict]]:
+        msg_id = kc.execute(code)
+        out = []
+        while True:
+            msg = kc.get_iopub_msg(timeout=120)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            out.append((msg["msg_type"], msg["content"]))
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return out
+
+    try:
+        kc.wait_for_ready(timeout=120)
+        out = run(
+            "import torch, convlens\nfrom torch import nn\n"
+            "m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n"
+            "clf = convlens.Classifier(m, mean=(0.5,)*3, std=(0.5,)*3, size=32)\n"
+            "srv = convlens.serve(clf, torch.rand(3, 32, 32))\n"
+            "srv"
+        )
+        result = [c for t, c in out if t == "execute_result"]
+        assert result, out
+        html = result[0]["data"]["text/html"]
+        assert html.startswith('<iframe src="http://127.0.0.1:') and 'title="convlens explorer"' in html
+        out = run("import urllib.request, json\n"
+                  "json.load(urllib.request.urlopen(srv.url + 'api/state'))['model']")
+        assert [c["data"]["text/plain"] for t, c in out if t == "execute_result"] == ["'Sequential'"]
+        run("srv.stop()")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
