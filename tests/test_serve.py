@@ -629,3 +629,14 @@ def test_in_a_notebook_it_serves_in_the_background_and_shows_inline(tmp_path):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_many_clients_at_once_get_the_librarys_values(client, clf, image_id, sample_x):
+    from concurrent.futures import ThreadPoolExecutor
+
+    asks = [(cls, method) for cls in (1, 2, 281, 285, 900) for method in ("gradcam", "layercam", "eigencam")]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda a: _npy(client, image=image_id, cls=a[0], method=a[1], layer="blocks.6"), asks))
+    for (cls, method), m in zip(asks, got):
+        lib = convlens.grad_cam(clf, sample_x, target=cls, method=method, layer="blocks.6").maps[0]
+        np.testing.assert_allclose(m, lib.numpy(), rtol=1e-5, atol=1e-6)
