@@ -329,7 +329,7 @@ async function upload(file) {
     S.images.push(body);
     await selectImage(body.id);
   } catch (e) {
-    showError(`${file.name}: ${e.message}`.replace(`${file.name}: ${file.name}: `, `${file.name}: `));
+    showError(e.message.startsWith(`${file.name}: `) ? e.message : `${file.name}: ${e.message}`);
   } finally {
     $("upload-input").value = "";
   }
