@@ -273,6 +273,8 @@ def occlusion(
                  n_windows, len(starts_y), len(starts_x), bs, evaluator.name)
         drops = torch.empty(n, n_windows, device=x.device, dtype=torch.float32)
         bar = _progress(progress, n * n_windows)
+        if callback is not None:
+            bar = _Reporting(bar, callback)
         try:
             for i in range(n):
                 xi, bi = x[i : i + 1], base[i : i + 1]
@@ -281,8 +283,6 @@ def occlusion(
                     idx = torch.tensor([c[0] for c in chunk], device=x.device)
                     drops[i, idx] = clean[i] - scores
                     bar.update(len(chunk))
-                    if callback is not None:
-                        callback(i * n_windows + chunk[-1][0] + 1, n * n_windows)
         finally:
             bar.close()
             if hasattr(evaluator, "close"):
@@ -315,6 +315,29 @@ def occlusion(
             "boundaries": list(getattr(evaluator, "split_names", [])),
         },
     )
+
+
+class _Reporting:
+    """A progress bar that also calls ``callback(done, total)`` after each ``update``."""
+
+    def __init__(self, bar: Any, callback: Callable[[int, int], None]) -> None:
+        self.bar, self.callback, self.done = bar, callback, 0
+
+    @property
+    def total(self) -> int:
+        return self.bar.total
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.bar.total = value
+
+    def update(self, k: int) -> None:
+        self.bar.update(k)
+        self.done += k
+        self.callback(self.done, self.total)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _progress(enabled: bool, total: int) -> Any:
