@@ -210,9 +210,43 @@ def test_bad_parameters_are_clear_errors(client, image_id):
     assert client.get("/api/predict", params={"image": image_id, "k": "x"}).status_code == 400
 
 
-def test_metrics_answer_501_until_wired(client, image_id):
+def test_metrics_answer_501_without_convlens_deletion(client, image_id, monkeypatch):
+    for name in ("deletion", "insertion"):
+        monkeypatch.delattr(convlens, name, raising=False)
     r = client.get("/api/metrics", params={"image": image_id})
     assert r.status_code == 501 and "metrics not available" in r.json()["error"]
+    assert client.get("/api/state").json()["metrics"] is False
+
+
+def test_metrics_pass_the_served_map_to_convlens_deletion_and_insertion(client, clf, image_id, sample_x,
+                                                                        monkeypatch):
+    """The wiring to convlens.deletion / insertion (branch `trust`), with stand-ins that record
+    what they get and answer a PerturbationCurve's fields."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake(kind):
+        def curve(model, x, saliency, *, target=None):
+            calls.append((kind, model, x, saliency, target))
+            return SimpleNamespace(fractions=torch.linspace(0, 1, 3), scores=torch.tensor([[0.9, 0.5, 0.1]]),
+                                   auc=torch.tensor([0.5 if kind == "deletion" else 0.6]))
+        return curve
+
+    monkeypatch.setattr(convlens, "deletion", fake("deletion"), raising=False)
+    monkeypatch.setattr(convlens, "insertion", fake("insertion"), raising=False)
+    params = {"image": image_id, "cls": 281, "method": "layercam"}
+    r = client.get("/api/metrics", params=params)
+    assert r.status_code == 202
+    assert _wait(client, r.json()["job"])["state"] == "done"
+    j = client.get("/api/metrics", params=params).json()
+    assert j["deletion"] == {"x": [0.0, 0.5, 1.0], "y": pytest.approx([0.9, 0.5, 0.1]), "auc": 0.5}
+    assert j["insertion"]["auc"] == pytest.approx(0.6)
+    assert [c[0] for c in calls] == ["deletion", "insertion"]  # once: the second answer is cached
+    lib = convlens.grad_cam(clf, sample_x, target=281, method="layercam").maps
+    for _, model, x, saliency, target in calls:
+        assert model is clf and torch.equal(x, sample_x) and target == 281
+        torch.testing.assert_close(saliency, lib, rtol=1e-5, atol=1e-6)
 
 
 def test_page_and_assets_are_local(client):

@@ -158,6 +158,14 @@ def test_the_page_in_chromium(server, browser, tmp_path: Path) -> None:
     _until(d, "document.getElementById('occ-heat').getAttribute('src')", timeout=300)
     assert "16 windows of 56 px every 56 px" in d.find_element(By.ID, "occ-note").text
 
+    # the deletion / insertion curves of the map, where this convlens has them (branch `trust`)
+    if hasattr(convlens, "deletion") and hasattr(convlens, "insertion"):
+        d.find_element(By.ID, "curves-run").click()
+        _until(d, "document.querySelectorAll('#metrics svg polyline').length === 2", timeout=300)
+        assert "deletion AUC" in d.find_element(By.ID, "metrics").text
+    else:
+        assert d.find_element(By.ID, "metrics").text.startswith("metrics not available")
+
     # the opacity slider acts on the page alone
     d.execute_script("const o = document.getElementById('opacity'); o.value = '0.8';"
                      "o.dispatchEvent(new Event('input'));")

@@ -318,14 +318,26 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
 
         return await handler(add)(request)
 
-    def metrics(request: Request) -> Response:
-        # LEAD: wire the deletion/insertion curves here once `convlens.deletion` / `convlens.insertion`
-        # (branch `trust`) are merged: compute them for the current map (ex.cam(...)["maps"]) on
-        # ex.image(image_id).x and answer {"deletion": {"x": [...], "y": [...], "auc": a},
-        # "insertion": {...}}; the page (app.js, drawCurves) already draws that shape.
+    def metrics(request: Request) -> Response | dict[str, Any]:
+        # the deletion/insertion curves of the current map, from convlens.deletion / insertion
+        # (branch `trust`): 501 while this convlens has none, 202 + a job the first time
         if not _metrics_available():
             return _error("metrics not available: this convlens has no convlens.deletion / convlens.insertion", 501)
-        return _error("metrics are not wired into the explorer yet", 501)
+        image_id, cls, method, layer, _ = cam_params(request)
+        found = ex.curves_result(image_id, cls, method, layer)
+        if found is None:
+            try:
+                job = ex.curves_job(image_id, cls, method, layer)
+            except KeyError:
+                raise KeyError("compute the map first (Score-CAM runs as a job)") from None
+            if job.state != "done":
+                return JSONResponse({"job": job.public()}, status_code=202)
+            found = ex.curves_result(image_id, cls, method, layer)
+
+        def curve(c: Any) -> dict[str, Any]:  # PerturbationCurve: fractions, scores (1, steps+1), auc (1,)
+            return {"x": c.fractions.tolist(), "y": c.scores[0].tolist(), "auc": float(c.auc[0])}
+
+        return {"deletion": curve(found[0]), "insertion": curve(found[1])}
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html")

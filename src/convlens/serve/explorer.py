@@ -203,6 +203,7 @@ class Explorer:
         self._acts: LRU = LRU(24)  # (image, layer) -> (1, C, h, w)
         self._features: LRU = LRU(512)  # (layer, channel) -> FeatureImages of one channel
         self._occlusion: LRU = LRU(32)  # (image, class, patch, stride) -> Saliency
+        self._curves: LRU = LRU(64)  # (image, layer, class, method) -> (deletion, insertion)
         self._layers: list[dict[str, Any]] | None = None
         self._default_layer: str | None = None
         self._jobs: dict[str, Job] = {}
@@ -535,3 +536,29 @@ class Explorer:
     def feature_result(self, layer: str, channel: int) -> Any:
         """The cached :class:`~convlens.FeatureImages` of one channel, or None."""
         return self._features.get((self._layer(layer), int(channel)))
+
+    # -- deletion / insertion of the current map (convlens.deletion / insertion, branch `trust`) --
+    def curves_job(self, image_id: str, cls: int | str | None, method: str, layer: str | None) -> Job:
+        """The deletion and insertion curves of a map as a job (each is ``steps`` + 1 forwards);
+        the map itself is computed first, here, outside the job's hold on the model."""
+        import convlens
+
+        if not (hasattr(convlens, "deletion") and hasattr(convlens, "insertion")):
+            raise NotImplementedError("metrics not available: this convlens has no convlens.deletion / insertion")
+        res = self.cam(image_id, cls, method, layer)
+        key = (image_id, res["layer"], res["target"], method)
+        x, maps, target = self.image(image_id).x, res["maps"][None], res["target"]
+
+        def run(progress: Callable[[int, int], None]) -> None:
+            progress(0, 2)
+            deletion = convlens.deletion(self.clf, x, maps, target=target)
+            progress(1, 2)
+            insertion = convlens.insertion(self.clf, x, maps, target=target)
+            progress(2, 2)
+            self._curves.put(key, (deletion, insertion))
+
+        return self.submit("curves", ("curves", *key), run, lambda: key in self._curves)
+
+    def curves_result(self, image_id: str, cls: int | str | None, method: str, layer: str | None) -> Any:
+        """The cached ``(deletion, insertion)`` curves of a map, or None."""
+        return self._curves.get((image_id, self._layer(layer), self.class_index(image_id, cls), method))

@@ -282,17 +282,37 @@ async function cancel(job) {
 }
 
 // ---- deletion / insertion ------------------------------------------------------------------------
-async function refreshMetrics() {
+function refreshMetrics() {
   const box = $("metrics");
+  S.seq.curves = (S.seq.curves || 0) + 1;
   if (!S.metrics) {
     box.replaceChildren(el("p", { className: "muted", text: "metrics not available: this convlens has no deletion / insertion metrics yet." }));
     return;
   }
+  const b = el("button", { type: "button", id: "curves-run", text: "Curves of this map" });
+  b.addEventListener("click", computeCurves);
+  box.replaceChildren(el("p", { className: "muted", text: "The class's probability as the map's most salient pixels are removed " +
+    "(deletion: lower is better) or restored (insertion: higher is better)." }), b);
+}
+
+async function computeCurves() {
+  const box = $("metrics");
+  const seq = S.seq.curves;
+  const stale = () => seq !== S.seq.curves;
+  const q = camQuery();
+  const bar = el("progress", { max: 1 });
+  box.replaceChildren(bar);
   try {
-    const { body } = await api(`/api/metrics?${camQuery()}`);
-    drawCurves(box, body);
+    let r = await api(`/api/metrics?${q}`);
+    if (r.status === 202) {
+      const job = await waitJob(r.body.job, (d, t) => setBar(bar, d, t), stale);
+      if (!job) return;
+      if (job.state !== "done") { box.replaceChildren(el("p", { className: "muted", text: job.error || job.state })); return; }
+      r = await api(`/api/metrics?${q}`);
+    }
+    if (!stale()) drawCurves(box, r.body);
   } catch (e) {
-    box.replaceChildren(el("p", { className: "muted", text: e.status === 501 ? e.message : `could not compute: ${e.message}` }));
+    if (!stale()) box.replaceChildren(el("p", { className: "muted", text: e.message }));
   }
 }
 
@@ -300,9 +320,18 @@ async function refreshMetrics() {
 function drawCurves(box, data) {
   const NS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(NS, "svg");
-  svg.setAttribute("viewBox", "0 0 320 200");
+  svg.setAttribute("viewBox", "0 0 320 204");
   svg.setAttribute("role", "img");
   const colours = { deletion: "#c0392b", insertion: "#2456c7" };
+  const frame = document.createElementNS(NS, "rect");
+  for (const [k, v] of Object.entries({ x: 20, y: 15, width: 290, height: 170, class: "frame" })) frame.setAttribute(k, v);
+  svg.append(frame);
+  for (const [x, y, t, anchor] of [[20, 198, "0", "start"], [310, 198, "all pixels", "end"], [16, 19, "1", "end"], [16, 187, "0", "end"]]) {
+    const label = document.createElementNS(NS, "text");
+    label.setAttribute("x", x); label.setAttribute("y", y); label.setAttribute("text-anchor", anchor);
+    label.textContent = t;
+    svg.append(label);
+  }
   const parts = [];
   for (const [name, c] of Object.entries(data)) {
     if (!c || !c.x) continue;
