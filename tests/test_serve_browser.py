@@ -212,6 +212,9 @@ def test_the_page_in_chromium(server, browser, tmp_path: Path) -> None:
             d.find_element(By.ID, field).send_keys(value)
         d.find_element(By.ID, "occ-run").click()
         _until(d, "document.getElementById('occ-note').textContent.includes('121 windows')", timeout=300)
+        if hasattr(convlens, "deletion") and hasattr(convlens, "insertion"):
+            d.find_element(By.ID, "curves-run").click()
+            _until(d, "document.querySelectorAll('#metrics svg polyline').length === 2", timeout=300)
         d.execute_script("window.scrollTo(0, 0); document.activeElement.blur()")
         height = d.execute_script("return document.documentElement.scrollHeight")
         chrome = d.execute_script("return window.outerHeight - window.innerHeight")

@@ -342,10 +342,16 @@ function drawCurves(box, data) {
     line.setAttribute("stroke", colours[name] || "#444");
     line.setAttribute("stroke-width", "2");
     svg.append(line);
-    parts.push(`${name} AUC ${Number(c.auc).toPrecision(3)}`);
+    parts.push([`${name} AUC ${Number(c.auc).toPrecision(3)}`, colours[name] || "#444"]);
   }
-  svg.setAttribute("aria-label", parts.join(", "));
-  box.replaceChildren(svg, el("p", { className: "muted", text: parts.join(" · ") }));
+  svg.setAttribute("aria-label", parts.map((p) => p[0]).join(", "));
+  const caption = el("p", { className: "muted" });
+  parts.forEach(([text, colour], i) => {
+    const span = el("span", { text: (i ? " · " : "") + "— " + text });
+    span.style.color = colour;
+    caption.append(span);
+  });
+  box.replaceChildren(svg, caption);
 }
 
 // ---- upload ---------------------------------------------------------------------------------------
