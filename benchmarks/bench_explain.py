@@ -19,7 +19,7 @@ import torch
 
 from .common import Row, measure
 
-TECHS = ("activations", "gradcam", "occlusion", "filters")
+TECHS = ("activations", "gradcam", "occlusion", "trust", "filters")
 
 
 def _explain_case(clf: Any, image: Any, fast: bool, sink: list[dict[str, float]]) -> Callable[[], None]:

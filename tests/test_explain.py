@@ -26,7 +26,7 @@ for _module in ("activations", "cam", "occlusion", "featureviz"):
     pytest.importorskip(f"convlens.methods.{_module}", reason=f"convlens.methods.{_module} is not merged yet")
 
 EVIL = "<img src=x onerror=alert(1)>.png"
-TECHS = ("activations", "gradcam", "occlusion", "filters")
+TECHS = ("activations", "gradcam", "occlusion", "trust", "filters")
 #: --fast made tinier still, so the end-to-end runs stay quick on a busy 2-core machine
 TINY = {
     "activations": {"channels": 4},
@@ -330,3 +330,39 @@ def test_bare_module_and_tensor_batch(tmp_path: Path) -> None:
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["images"][0]["predictions"][0]["label"].startswith("class ")
     assert (tmp_path / "tensor_1_0" / "occlusion.npy").is_file()
+
+
+def test_trust_section_numbers_once_per_run_sanity_and_plain_words(tmp_path: Path, clf) -> None:
+    """The trust technique: AUCs equal the metrics called directly, the sanity verdict is computed once
+    per run (on the first image) and shared, and a method that fails says so where its map is shown."""
+    from tests.test_hooks import assert_same, snapshot
+
+    before = snapshot(clf.model)
+    x = clf.preprocess(convlens.sample_image())
+    report = convlens.explain([x, x.flip(-1)], clf, methods=("gradcam", "trust"),
+                              settings={"gradcam": {"method": "gradcam++"}, "trust": {"steps": 4}})
+    assert not report.failed
+    first, second = report.images
+    t = first.results["trust"]
+    cam = first.results["gradcam"]
+    assert t.auc()["gradcam"]["deletion"] == pytest.approx(float(convlens.deletion(clf, x, cam, steps=4).auc[0]))
+    assert set(t.curves) == {"gradcam", "random map"}
+    # once per run: both images carry the verdict computed on the first
+    v = t.sanity["gradcam"]
+    assert v is second.results["trust"].sanity["gradcam"] and v["image"] == first.name
+    assert v["method"] == "gradcam++" and v["passed"] is False and v["rho"] > 0.8
+    # Grad-CAM++ is neither sane nor class-discriminative on this model: said where its map is shown
+    notes = " ".join(first.notes["gradcam"])
+    assert "hardly changes when the classifier is replaced by a random one" in notes
+    assert "does not tell the classes apart" in notes
+    report.save(tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["images"][0]["trust"]["auc"]["gradcam"]["deletion"] == pytest.approx(t.auc()["gradcam"]["deletion"])
+    assert s["images"][0]["trust"]["sanity"]["gradcam"]["passed"] is False
+    html = (tmp_path / "report.html").read_text()
+    assert "How far to trust these maps" in html and "hardly changes" in html
+    assert_same(before, clf.model)
+    from convlens.explain import ExplainError
+
+    with pytest.raises(ExplainError, match="trust technique"):
+        convlens.explain(x, clf, methods=("activations", "trust"))

@@ -10,6 +10,10 @@ from .methods.activations import activations
 from .methods.cam import CAM_METHODS, grad_cam
 from .methods.featureviz import FeatureImages, feature_visualization
 from .methods.occlusion import occlusion
+from .metrics.compare import Comparison, compare
+from .metrics.faithfulness import deletion, insertion
+from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
+from .metrics.sanity import class_sensitivity, sanity_check
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
 from .results import Activations, Saliency
 from .serve import serve  # the function; needs the extra convlens[serve] only when called
@@ -44,6 +48,15 @@ __all__ = [
     "load_model",
     "model_guard",
     "occlusion",
+    "deletion",
+    "insertion",
+    "PerturbationCurve",
+    "SanityCheck",
+    "ClassSensitivity",
+    "class_sensitivity",
+    "sanity_check",
+    "compare",
+    "Comparison",
     "resolve_layer",
     "resolve_layers",
     "sample_image",

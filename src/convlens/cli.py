@@ -373,6 +373,89 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 1 if n_bad else 0
 
 
+# -- compare ------------------------------------------------------------------------------
+COMPARE_FILES = ("compare.csv", "compare.json", "compare.png", "compare.html")
+
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    from .metrics.compare import ALL_METHODS, DEFAULT_METHODS
+
+    p.add_argument(
+        "images", nargs="*", metavar="IMAGE|DIR",
+        help="image files or folders of images (default: the bundled sample photo)",
+    )
+    add_model_args(p)
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), metavar="LIST",
+        help=f"comma-separated methods, or 'all' ({','.join(ALL_METHODS)}); default: {','.join(DEFAULT_METHODS)} "
+        "(Score-CAM costs one forward per channel: minutes on a CPU)",
+    )
+    p.add_argument("--target", "-t", default=None, metavar="T", help="class index or name (default: top-1 per image)")
+    p.add_argument("--steps", type=int, default=16, metavar="N", help="deletion/insertion steps (default 16)")
+    p.add_argument(
+        "--baseline", "-b", type=_baseline_arg, default="blur", metavar="B",
+        help="what replaces removed pixels: blur (default), mean, or a number in normalised space",
+    )
+    p.add_argument("--no-sanity", action="store_true", help="skip the sanity check (model randomisation)")
+    p.add_argument(
+        "--out", "-o", default="convlens-compare", metavar="DIR",
+        help="folder for compare.csv/.json/.png/.html (default ./convlens-compare); kept unless --force",
+    )
+    p.add_argument("--force", action="store_true", help="replace the outputs of an earlier comparison in --out")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .explain import collect_images
+    from .images import ImageError, load_image
+    from .metrics.compare import ALL_METHODS, compare, merge
+
+    methods = list(ALL_METHODS) if args.methods.strip() == "all" else [
+        m.strip() for m in args.methods.split(",") if m.strip()
+    ]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {','.join(ALL_METHODS)}")
+    if args.steps < 1:
+        raise ValueError("--steps must be at least 1")
+    sources = image_list(args.images)
+    missing = [str(s) for s in sources if not Path(s).exists()]
+    if missing:
+        raise ValueError(f"{missing[0]}: no such file or folder")
+    items, _ = collect_images(sources)
+    if not items:
+        raise ValueError("no image files to compare")
+    out = Path(args.out)
+    there = [out / f for f in COMPARE_FILES if (out / f).exists()]
+    if there and not args.force:
+        raise FileExistsError(f"{there[0]} exists from an earlier run; use --force or another --out")
+    import time
+
+    t0 = time.perf_counter()
+    clf = load_classifier(args)
+    parts, failed = [], 0
+    for i, (name, src) in enumerate(items, 1):
+        try:
+            x = clf.preprocess(load_image(src))
+        except (ImageError, OSError, ValueError) as e:
+            print(f"{name}: skipped: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if len(items) > 1:
+            print(f"[{i}/{len(items)}] {name}", file=sys.stderr, flush=True)
+        parts.append(compare(clf, x, methods, target=args.target, steps=args.steps, baseline=args.baseline,
+                             sanity=not args.no_sanity, names=[name]))
+    if not parts:
+        raise ValueError("none of the images could be read")
+    result = merge(parts)
+    written = result.save(out)
+    print(f"{clf.name}: {len(parts)} image{'s' if len(parts) != 1 else ''}, target "
+          f"{', '.join(dict.fromkeys(result.labels))}\n")
+    print(result.format_table())
+    print(f"\nwrote {', '.join(str(p) for p in written)} ({time.perf_counter() - t0:.1f} s)")
+    errors = any(r.error for r in result.rows)
+    return 1 if failed or errors else 0
+
+
 # -- serve (the local browser explorer) -----------------------------------------------------
 def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -431,6 +514,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "gradcam": ("Grad-CAM family heatmaps: which regions drive a class", _add_gradcam, _run_gradcam),
     "occlusion": ("occlusion sensitivity maps (PNG + .npy)", _add_occlusion, _run_occlusion),
     "filters": ("feature visualisation: images that excite chosen channels", _add_filters, _run_filters),
+    "compare": ("which map to believe: faithfulness, class sensitivity and sanity of every method",
+                _add_compare, _run_compare),
     "serve": ("explore a model in the browser: a local web page (needs convlens[serve])", _add_serve, _run_serve),
 }
 

@@ -2,8 +2,10 @@
 
 Per image: the top-k predictions; the activations of the model's stages (most active channels);
 Grad-CAM at the automatic layer for the target (default: the top-1 class); occlusion
-sensitivity; feature visualisations of the channels that fired most on this image in the
-Grad-CAM layer. A failure (a broken file, a technique that raises) is recorded for that image
+sensitivity; how far to trust those two maps (``trust``: deletion / insertion beside a random
+map, class sensitivity, and the Grad-CAM method's sanity verdict, computed once per run);
+feature visualisations of the channels that fired most on this image in the Grad-CAM layer.
+A failure (a broken file, a technique that raises) is recorded for that image
 and technique and the run goes on. :meth:`Report.save` draws each result with its own ``plot()``
 and writes atomically; the HTML and JSON are formatted by :mod:`convlens.report`.
 """
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from .display import rich_display, short
 from .images import IMAGE_SUFFIXES, ImageError, ImageSource
 from .models import Classifier, Prediction, as_classifier, load_model
 
@@ -33,7 +36,7 @@ __all__ = ["METHODS", "ExplainError", "ImageExplanation", "Report", "collect_ima
 log = logging.getLogger(__name__)
 
 #: The techniques, in report order.
-METHODS = ("activations", "gradcam", "occlusion", "filters")
+METHODS = ("activations", "gradcam", "occlusion", "trust", "filters")
 
 #: Default settings per technique; ``fast=True`` overlays :data:`FAST`. Chosen so one 224 px image
 #: with the default model finishes well under a minute on a 2-core CPU (see BENCHMARKS.md).
@@ -43,11 +46,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "gradcam": {"method": "gradcam", "layer": None},
     "occlusion": {"patch": 40, "stride": 20, "baseline": 0.0, "score": "probability"},
     "filters": {"channels": 4, "steps": 128, "size": 128, "param": "fourier", "transforms": "standard", "seed": 0},
+    "trust": {"steps": 16, "baseline": "blur"},
 }
 FAST: dict[str, dict[str, Any]] = {
     "activations": {"channels": 6},
     "occlusion": {"patch": 56, "stride": 28},
     "filters": {"channels": 3, "steps": 48, "size": 96},
+    "trust": {"steps": 8},
 }
 
 
@@ -118,6 +123,31 @@ def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
     return result
 
 
+def _run_trust(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
+    """Deletion / insertion of this image's Grad-CAM and occlusion maps beside a random map's, their
+    class sensitivity, and the Grad-CAM method's sanity verdict, computed once per model and run
+    (on the first image) and shared; plain-words findings go to the notes of the judged technique."""
+    from .metrics.trust import model_sanity, trust_summary
+
+    maps = {t: ctx["results"][t] for t in ("gradcam", "occlusion") if t in ctx["results"]}
+    if not maps:
+        raise ValueError("nothing to judge: the gradcam and occlusion techniques failed or did not run")
+    sanity = {}
+    if "gradcam" in maps:
+        cam = maps["gradcam"]
+        key = ("sanity", cam.method, cam.layer, tuple(x.shape[1:]))
+        if key not in ctx["run"]:
+            check = model_sanity(clf, x, cam)
+            ctx["run"][key] = {"method": cam.method, "passed": check.passed[0], "rho": float(check.spearman[0, 0]),
+                               "stage": check.stages[0], "threshold": check.threshold, "image": ctx["name"],
+                               "draws": len(check.settings["draws"][0])}
+        sanity["gradcam"] = ctx["run"][key]
+    result = trust_summary(clf, x, maps, sanity=sanity, steps=int(s["steps"]), baseline=s["baseline"])
+    for tech, lines in result.findings.items():
+        ctx["notes"].setdefault(tech, []).extend(lines)
+    return result
+
+
 #: activations whose flat zero region leaves a unit without gradient when optimised from noise
 _SATURATING = ("ReLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "Threshold")
 
@@ -149,6 +179,7 @@ RUNNERS: dict[str, Callable[[Classifier, Tensor, dict[str, Any], dict[str, Any]]
     "activations": _run_activations,
     "gradcam": _run_gradcam,
     "occlusion": _run_occlusion,
+    "trust": _run_trust,
     "filters": _run_filters,
 }
 
@@ -160,6 +191,7 @@ def _first(channels: Any) -> Any:
 
 
 # -- results --------------------------------------------------------------------------------
+@rich_display
 @dataclass
 class ImageExplanation:
     """Everything computed for one image; ``errors`` maps ``"image"`` or a technique to its error."""
@@ -184,7 +216,17 @@ class ImageExplanation:
         """True when the image loaded and every technique succeeded."""
         return not self.errors
 
+    def _repr_lines(self) -> list[str]:
+        size = f" {self.original_size[0]}x{self.original_size[1]} px" if self.original_size else ""
+        target = f"target {self.target_label} [{self.target}]" if self.target is not None else "no target"
+        top = f" (top-1 {self.predictions[0].label} {100 * self.predictions[0].probability:.1f}%)" \
+            if self.predictions else ""
+        errors = "; errors: " + ", ".join(f"{k}: {short(v, 40)}" for k, v in self.errors.items()) if self.errors else ""
+        return [f"ImageExplanation: {self.name}{size}, {target}{top}",
+                f"results: {', '.join(self.results) or 'none'}{errors}"]
 
+
+@rich_display
 @dataclass
 class Report:
     """What :func:`explain` found: the model, the settings, and one :class:`ImageExplanation` per
@@ -257,6 +299,18 @@ class Report:
         write_bytes(directory / "summary.json", to_json(summary_dict(self, files)).encode())
         write_bytes(directory / "report.html", render_html(self).encode())
         return written
+
+    def _repr_lines(self) -> list[str]:
+        weights = f" ({short(self.weights)})" if self.weights else ""  # the file name, not where it is installed
+        fast = ", fast" if self.settings.get("fast") else ""
+        n = len(self.images)
+        head = f"Report: {self.model}{weights} on {self.device}; {', '.join(self.methods)}{fast}"
+        shown = [f"{im.name}: {im.target_label} [{im.target}]" if im.ok else f"{im.name}: FAILED" for im in self.images]
+        images = f"{n} image{'s' if n != 1 else ''}: " + ", ".join(shown[:3]) + (", …" if n > 3 else "")
+        total = self.timings.get("total_s")
+        status = (f"{len(self.failed)} with errors" if self.failed else "no errors") + (
+            f"; {total:.1f} s" if total is not None else "")
+        return [head, images, f"{status}; .save(dir) writes report.html, summary.json and the figures"]
 
     def _repr_html_(self) -> str:
         from .report import render_html
@@ -432,6 +486,8 @@ def explain(
     if unknown or not methods:
         raise ExplainError(f"unknown technique(s) {unknown}; choose from {', '.join(METHODS)}")
     methods = tuple(m for m in METHODS if m in methods)
+    if "trust" in methods and not {"gradcam", "occlusion"} & set(methods):
+        raise ExplainError("the trust technique judges the gradcam and occlusion maps: add one of them")
     conf = settings_for(fast, settings)
     if layer is not None:
         conf["gradcam"]["layer"] = layer
@@ -479,12 +535,15 @@ def explain(
         bar = tqdm(total=len(items), desc="explain", unit="image")
         quiet = logging_redirect_tqdm()  # warnings print above the bar, not through it
     cam_layers: dict[tuple[int, ...], tuple[str, str]] = {}
+    run_cache: dict[Any, Any] = {}  # what is computed once per model and run (the sanity verdict)
     try:
         with quiet:
             for (name, src), key in zip(items, keys):
                 if bar is not None:
                     bar.set_postfix_str(name[:30])
-                report.images.append(_explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar))
+                report.images.append(
+                    _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, run_cache)
+                )
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -506,6 +565,7 @@ def _explain_one(
     conf: dict[str, dict[str, Any]],
     cam_layers: dict[tuple[int, ...], tuple[str, str]],
     bar: Any,
+    run_cache: dict[Any, Any] | None = None,
 ) -> ImageExplanation:
     im = ImageExplanation(name=name, source=str(src) if isinstance(src, (str, os.PathLike)) else None, key=key)
     t0 = time.perf_counter()
@@ -549,6 +609,10 @@ def _explain_one(
         "fv_layer": cam_layers[shape][1],
         "layers": im.layers,
         "channels": im.channels,
+        "results": im.results,
+        "notes": im.notes,
+        "name": name,
+        "run": {} if run_cache is None else run_cache,
     }
     for tech in methods:
         if bar is not None:

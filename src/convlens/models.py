@@ -306,7 +306,7 @@ def _default_model(weights: str | None) -> tuple[nn.Module, dict[str, Any], str]
     the same shapes as timm's ``tf_efficientnet_lite0`` state dict, so they are paired in order,
     each pair's shape checked.
     """
-    import timm
+    timm = _import_timm()
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if weights is None:
@@ -329,7 +329,7 @@ def _default_model(weights: str | None) -> tuple[nn.Module, dict[str, Any], str]
 
 
 def _timm_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, Any], str]:
-    import timm
+    timm = _import_timm()
 
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch}*")[:3]
@@ -449,3 +449,15 @@ def _out_features(model: nn.Module) -> int | None:
         if isinstance(m, nn.Linear):
             last = m
     return getattr(last, "out_features", None)
+
+
+def _import_timm() -> Any:
+    """``timm``, imported without the ``TqdmWarning`` ("IProgress not found") that its
+    ``huggingface_hub`` import gives in a Jupyter kernel without ipywidgets: loading a model shows
+    no progress bar, so the warning would only be noise (with a site-packages path) in the cell."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import timm
+    return timm

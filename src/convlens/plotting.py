@@ -8,12 +8,35 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from .display import figure_png
+
 if TYPE_CHECKING:
     from .results import Activations, FeatureImages, Saliency
 
-__all__ = ["normalize_map", "overlay", "plot_saliency", "plot_activations", "plot_feature_images"]
+__all__ = [
+    "ResultFigure", "normalize_map", "overlay", "plot_saliency", "plot_activations", "plot_feature_images",
+    "plot_curves", "plot_sanity", "plot_class_sensitivity", "plot_comparison", "plot_trust",
+]
 
 NORMALIZE = ("per_image", "none")
+
+
+class ResultFigure(Figure):
+    """A matplotlib ``Figure`` that displays itself in Jupyter through ``_repr_png_``.
+
+    What every ``.plot()`` returns (make new figures with it too): no backend, no pyplot, nothing
+    registered globally, so it shows up in a fresh kernel as the last line of a cell, and it is
+    shown once where ``%matplotlib inline`` is on (that backend's formatter for figures takes
+    precedence over this method, and a figure pyplot does not know is never flushed by it).
+
+    Example::
+
+        fig = ResultFigure(figsize=(4, 3)); fig.subplots().plot([0, 1])
+        fig  # the last line of a notebook cell: the picture
+    """
+
+    def _repr_png_(self) -> bytes:
+        return figure_png(self)
 
 
 def normalize_map(m: np.ndarray, how: str = "per_image") -> np.ndarray:
@@ -56,8 +79,8 @@ def plot_saliency(
     rgb = result.rgb(index)
     signed = result.method == "occlusion"
     label = result.labels[index] if index < len(result.labels) else f"class {result.target[index]}"
-    # a bare Figure, not pyplot: nothing global to close, shown once in notebooks
-    fig = Figure(figsize=(12, 4.2))
+    # a bare Figure, not pyplot: nothing global to close; it shows itself once in notebooks
+    fig = ResultFigure(figsize=(12, 4.2))
     axes = fig.subplots(1, 3)
     axes[0].imshow(rgb)
     axes[0].set_title("input")
@@ -115,7 +138,7 @@ def plot_activations(
     picks = {n: _channel_choice(result, n, index, channels, k) for n in result.maps}
     cols = max(1, max(len(p) for p in picks.values()))
     rows = len(picks)
-    fig = Figure(figsize=(1.6 * cols + 1.2, 1.75 * rows + 0.6))
+    fig = ResultFigure(figsize=(1.6 * cols + 1.2, 1.75 * rows + 0.6))
     axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
     for r, (name, chans) in enumerate(picks.items()):
         m = result.maps[name][index].detach().float().cpu().numpy()
@@ -146,7 +169,7 @@ def plot_feature_images(result: FeatureImages, *, ncols: int | None = None) -> F
     n = len(result.channels)
     ncols = max(1, min(ncols or min(n, 4), n))
     nrows = -(-n // ncols)
-    fig = Figure(figsize=(2.4 * ncols, 2.9 * nrows + 0.3))
+    fig = ResultFigure(figsize=(2.4 * ncols, 2.9 * nrows + 0.3))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for i, ax in enumerate(axes):
         ax.axis("off")
@@ -157,5 +180,140 @@ def plot_feature_images(result: FeatureImages, *, ncols: int | None = None) -> F
         note = "  DEAD" if result.dead and result.dead[i] else ""
         ax.set_title(f"{label}{note}\n{result.kind} = {float(result.objective[i]):.3g}", fontsize=8)
     fig.suptitle(f"feature visualisation: {result.layer} ({result.settings.get('param', '')})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# -- metrics ------------------------------------------------------------------------------
+def plot_curves(curves: list, index: int = 0, *, title: str | None = None, ax: object | None = None) -> Figure:
+    """Deletion / insertion curves of image ``index``: one line per curve (labelled with its
+    method and AUC), the first one's area shaded. ``curves`` are
+    :class:`convlens.metrics.results.PerturbationCurve`; with ``ax`` the lines go there."""
+    if not curves:
+        raise ValueError("no curves to plot")
+    own = ax is None
+    fig = ResultFigure(figsize=(5.2, 3.8)) if own else ax.figure
+    ax = fig.subplots() if own else ax
+    for j, c in enumerate(curves):
+        f = c.fractions.detach().float().cpu().numpy()
+        s = c.scores[index].detach().float().cpu().numpy()
+        dashed = c.method in ("random map", "centred Gaussian", "random")
+        (line,) = ax.plot(f, s, "--" if dashed else "-", lw=1.6, label=f"{c.method}  AUC {float(c.auc[index]):.3f}")
+        if j == 0:
+            ax.fill_between(f, s, alpha=0.15, color=line.get_color())
+    kinds = sorted({c.kind for c in curves})
+    what = "removed" if kinds == ["deletion"] else "revealed" if kinds == ["insertion"] else "affected"
+    ax.set_xlabel(f"fraction of pixels {what} (most salient first)")
+    score = curves[0].settings.get("score", "probability")
+    label = curves[0].labels[index] if index < len(curves[0].labels) else ""
+    ax.set_ylabel(f"{score} of {label}" if label else score)
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    better = {"deletion": "lower is better", "insertion": "higher is better"}
+    ax.set_title(title or " / ".join(f"{k} ({better.get(k, '')})" for k in kinds), fontsize=10)
+    if own:
+        fig.tight_layout()
+    return fig
+
+
+def plot_sanity(result: object, index: int = 0) -> Figure:
+    """Adebayo et al.'s cascading-randomisation figure for image ``index`` of a
+    :class:`convlens.metrics.results.SanityCheck`: the input, the original map, then the map
+    after each step (each normalised to [0, 1] on its own), with Spearman rho and SSIM."""
+    maps = result.maps[index].detach().float().cpu().numpy()
+    rgb = result.images[index].detach().float().permute(1, 2, 0).cpu().numpy()
+    cols = maps.shape[0] + 1
+    fig = ResultFigure(figsize=(1.9 * cols, 2.5))
+    axes = fig.subplots(1, cols)
+    axes[0].imshow(rgb)
+    axes[0].set_title("input", fontsize=8)
+    axes[1].imshow(normalize_map(maps[0]), cmap="jet", vmin=0, vmax=1)
+    axes[1].set_title(f"original\n{result.method}", fontsize=8)
+    for j, stage in enumerate(result.stages):
+        ax = axes[j + 2]
+        ax.imshow(normalize_map(maps[j + 1]), cmap="jet", vmin=0, vmax=1)
+        rho, ssim = float(result.spearman[index, j]), float(result.ssim[index, j])
+        ax.set_title(f"+ {stage}\nrho {rho:.2f}, SSIM {ssim:.2f}", fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    verdict = "passes" if result.passed[index] else "FAILS"
+    fig.suptitle(
+        f"{result.method} under cascading randomisation (output layer first): {verdict} "
+        f"(rho after {result.stages[0]} {'<' if result.passed[index] else '>='} {result.threshold:g})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_sensitivity(result: object, index: int = 0) -> Figure:
+    """The target's map beside the other class's map for image ``index`` of a
+    :class:`convlens.metrics.results.ClassSensitivity` (each normalised on its own), with their
+    rank correlation: a class-discriminative method draws two different maps."""
+    maps = result.maps[index].detach().float().cpu().numpy()
+    fig = ResultFigure(figsize=(6.4, 3.4))
+    axes = fig.subplots(1, 2)
+    names = [result.labels[index] if result.labels else str(result.target[index]),
+             result.other_labels[index] if result.other_labels else str(result.other[index])]
+    for ax, m, name in zip(axes, maps, names):
+        ax.imshow(normalize_map(m), cmap="jet", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    verdict = "class-discriminative" if result.discriminative[index] else "NOT class-discriminative"
+    fig.suptitle(f"{result.method}: rho {float(result.spearman[index]):.2f} -> {verdict}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparison(comparison: object) -> Figure:
+    """Deletion (left) and insertion (right) curves of every row of a
+    :class:`convlens.metrics.compare.Comparison`, averaged over its images; reference rows dashed
+    grey, the AUC (mean over images) in each legend entry."""
+    fig = ResultFigure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    rows = [r for r in comparison.rows if not r.error]
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for r in rows:
+            c = getattr(r, kind)
+            f = c.fractions.detach().float().cpu().numpy()
+            s = c.scores.detach().float().mean(0).cpu().numpy()
+            style = {"ls": "--", "color": "0.45" if r.method == "random map" else "0.7"} if r.reference else {}
+            ax.plot(f, s, lw=1.5, label=f"{r.method}  {float(c.auc.mean()):.3f}", **style)
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        what = "removed" if kind == "deletion" else "revealed"
+        ax.set_xlabel(f"fraction of pixels {what}, most salient first")
+        ax.set_ylabel("probability of the target class")
+        better = "lower" if kind == "deletion" else "higher"
+        ax.set_title(f"{kind} (AUC, {better} is better)", fontsize=10)
+        ax.legend(fontsize=7)
+    n = len(comparison.images)
+    fig.suptitle(f"{comparison.model}: {n} image{'s' if n != 1 else ''}" + (" (mean curves)" if n > 1 else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_trust(result: object) -> Figure:
+    """The report's trust figure: deletion (left) and insertion (right) curves of each map of a
+    :class:`convlens.metrics.results.TrustSummary` beside the random map's (dashed)."""
+    fig = ResultFigure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
+    for j, ax in enumerate(axes):
+        curves = [pair[j] for pair in result.curves.values()]
+        for name, c in zip(result.curves, curves):
+            f = c.fractions.detach().float().cpu().numpy()
+            s = c.scores[0].detach().float().cpu().numpy()
+            style = {"ls": "--", "color": "0.45"} if name == "random map" else {}
+            ax.plot(f, s, lw=1.6, label=f"{name}  AUC {float(c.auc[0]):.3f}", **style)
+        kind = curves[0].kind
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        what = "removed" if kind == "deletion" else "revealed"
+        ax.set_xlabel(f"fraction of pixels {what}, most salient first")
+        ax.set_ylabel("probability of " + (result.labels[0] if result.labels else "the target"))
+        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -25,6 +25,7 @@ TITLES = {
     "activations": "Activations",
     "gradcam": "Grad-CAM",
     "occlusion": "Occlusion sensitivity",
+    "trust": "How far to trust these maps",
     "filters": "Feature visualisation",
 }
 
@@ -71,6 +72,14 @@ CSS = """
 }
 """
 
+#: For the notebook fragment only: notebook front-ends style every table in an output (JupyterLab
+#: right-aligns cells with a two-class selector and stripes rows); the doubled class outranks that.
+NOTEBOOK_CSS = """
+.convlens-report.convlens-report td,.convlens-report.convlens-report th{text-align:left}
+.convlens-report.convlens-report td.num{text-align:right}
+.convlens-report.convlens-report tbody tr{background:none}
+"""
+
 
 def _e(value: Any) -> str:
     return escape(str(value), quote=True)
@@ -98,6 +107,8 @@ def _caption(im: ImageExplanation, tech: str, settings: dict[str, Any]) -> str:
         s = settings["occlusion"]
         return (f"A grey patch of {_e(s['patch'])} px, moved in steps of {_e(s['stride'])} px; red where hiding "
                 f"the region lowers the {_e(s['score'])} of {label}, blue where it raises it.")
+    if tech == "trust":
+        return trust_caption(im.results.get("trust"), label)
     if tech == "filters":
         chans = ", ".join(_e(c) for c in im.channels.get("filters", []))
         fv, cam = im.layers.get("filters", ""), im.layers.get("gradcam", "")
@@ -211,7 +222,7 @@ def render_html(report: Report, *, standalone: bool = True) -> str:
     """
     body = f'<div class="convlens-report">{_body(report)}</div>'
     if not standalone:
-        return f"<style>{CSS}</style>{body}"
+        return f"<style>{CSS}{NOTEBOOK_CSS}</style>{body}"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
@@ -254,6 +265,7 @@ def summary_dict(report: Report, files: dict[str, list[str]] | None = None) -> d
                 "timings": im.timings,
                 "errors": im.errors,
                 "notes": im.notes,
+                "trust": im.results["trust"].to_dict() if "trust" in im.results else None,
                 "files": files.get(im.key, []),
             }
             for im in report.images
@@ -278,3 +290,123 @@ def _clean(v: Any) -> Any:
 def to_json(data: dict[str, Any]) -> str:
     """Strict JSON (non-finite numbers become null; other objects their ``str``)."""
     return json.dumps(_clean(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+# -- the comparison page (convlens compare) -------------------------------------------------
+def _num(v: Any, digits: int = 3) -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def comparison_html(comparison: Any, png: bytes | None = None) -> str:
+    """The self-contained HTML page of a :class:`convlens.metrics.compare.Comparison`: the summary
+    table (mean ± spread over the images), the ranking, the verdicts in words, the curves, and the
+    per-image numbers, in the report's style (same CSS, no script, no network).
+
+    Example::
+
+        Path("compare.html").write_text(comparison_html(convlens.compare(clf, x)))
+    """
+    summary = comparison.summary()
+    n = len(comparison.images)
+
+    def cell(s: dict[str, Any], key: str, digits: int = 3) -> str:
+        v, sd = s.get(key), s.get(key + "_std")
+        text = _num(v, digits) + (f" ± {_num(sd, digits)}" if n > 1 and v is not None else "")
+        return f"<td class=num>{_e(text)}</td>"
+
+    rows = []
+    for s in summary:
+        name = _e(s["method"]) + (" <span class=muted>(reference)</span>" if s["reference"] else "")
+        if s.get("error"):
+            rows.append(f"<tr><td>{name}</td><td colspan=8 class=error>{_e(s['error'])}</td></tr>")
+            continue
+        passed = s.get("sanity_passed")
+        sanity = "–" if passed is None else (("pass" if passed == 1 else "FAIL") if n == 1 else f"{passed:.0%} pass")
+        cls = ' class="bad"' if passed is not None and passed < 1 else ""
+        disc = s.get("class_discriminative")
+        rows.append(
+            f"<tr><td>{name}</td>{cell(s, 'deletion_auc')}{cell(s, 'insertion_auc')}{cell(s, 'difference')}"
+            f"{cell(s, 'class_sensitivity', 2)}<td>{'–' if disc is None else ('yes' if disc else 'no')}</td>"
+            f"{cell(s, 'sanity_rho', 2)}<td{cls}>{_e(sanity)}</td>{cell(s, 'seconds', 2)}"
+            f"<td class=num>{_e(s.get('rank', ''))}</td></tr>"
+        )
+    head = ("<tr><th>method</th><th>deletion AUC ↓</th><th>insertion AUC ↑</th><th>ins − del ↑</th>"
+            "<th>class ρ ↓</th><th>class-discriminative</th><th>sanity ρ ↓</th><th>sanity</th><th>map s</th>"
+            "<th>rank</th></tr>")
+    verdicts = "".join(f"<li>{_e(v)}</li>" for v in comparison.verdicts()) or "<li>No method failed a check.</li>"
+    disc = ", ".join(comparison.discriminative()) or "none"
+    per = comparison.per_image()
+    keys = ["image", "method", "deletion_auc", "insertion_auc", "class_sensitivity", "sanity_rho", "seconds"]
+
+    def pcell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"<td class=num>{_e(_num(v, 3))}</td>"
+        return f"<td>{_e('' if v is None else v)}</td>"
+
+    prow = "".join("<tr>" + "".join(pcell(r.get(k)) for k in keys) + "</tr>" for r in per)
+    s = comparison.settings
+    how = (
+        f"Deletion / insertion: {s.get('steps')} steps, baseline <code>{_e(s.get('baseline'))}</code>, score = "
+        "probability of the target class, AUC = trapezoid over the fraction of pixels. Class ρ: Spearman rank "
+        "correlation between a method's map for the target and for the least likely class (below "
+        f"{s.get('class_sensitivity', {}).get('threshold', '')}: class-discriminative). Sanity ρ: Spearman rank "
+        "correlation between the map and the map after the classifier is re-initialised (Adebayo et al. 2018); "
+        f"below {(s.get('sanity') or {}).get('threshold', '')} passes. Occlusion: "
+        f"<code>{_e(s.get('occlusion'))}</code>. Ranking: {_e(s.get('ranking', ''))}."
+    )
+    body = (
+        f"<header><h1>Which map to believe</h1><p class=meta>model <strong>{_e(comparison.model)}</strong> · "
+        f"{n} image{'s' if n != 1 else ''}</p></header>"
+        f'<section class="image"><h2>Summary</h2><div class=scroll><table>{head}{"".join(rows)}</table></div>'
+        f"<p>Class-discriminative for this model: <strong>{_e(disc)}</strong>. Ranking: "
+        f"{_e(' > '.join(comparison.ranking()))}.</p><ul>{verdicts}</ul>"
+        f"<p class=meta>{how}</p></section>"
+        f'<section class="image"><h2>Curves</h2>{_img(png, "deletion and insertion curves")}</section>'
+        f'<section class="image"><details><summary>Per image</summary><div class=scroll><table><tr>'
+        + "".join(f"<th>{_e(k)}</th>" for k in keys) + f"</tr>{prow}</table></div></details></section>"
+    )
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>convlens compare: {_e(comparison.model)}</title><style>{CSS}"
+        ".convlens-report td.bad{color:var(--bad);font-weight:600}"
+        ".convlens-report th{overflow-wrap:normal}.convlens-report .scroll{overflow-x:auto}"
+        "body{margin:0;background:#f4f6f9}</style></head>\n"
+        f'<body><div class="convlens-report">{body}</div></body></html>\n'
+    )
+
+
+# -- the trust section (convlens explain) ---------------------------------------------------
+def trust_caption(trust: Any, label: str) -> str:
+    """The caption of the report's "How far to trust these maps" figure: a table of each map's
+    deletion and insertion AUC (beside the random map's), class sensitivity and sanity verdict,
+    and a line saying how to read them."""
+    if trust is None:
+        return ""
+    from .metrics.trust import NAMES
+
+    auc = trust.auc()
+    rows = []
+    for tech, a in auc.items():
+        name = "random map" if tech == "random map" else NAMES.get(tech, tech)
+        rho = trust.class_rho.get(tech)
+        other = trust.other.get(tech)
+        cls = "–" if rho is None or not math.isfinite(rho) else (
+            f"{rho:.2f} vs “{_e(other)}” ({'different' if rho < trust.settings['class_threshold'] else 'same'} map)")
+        v = trust.sanity.get(tech)
+        sanity = "–" if v is None else (
+            f"{'passes' if v['passed'] else '<strong>fails</strong>'} (ρ {v['rho']:.2f} after re-initialising "
+            f"<code>{_e(v['stage'])}</code>; checked once on {_e(v['image'])})")
+        rows.append(f"<tr><td>{_e(name)}</td><td class=num>{a['deletion']:.3f}</td>"
+                    f"<td class=num>{a['insertion']:.3f}</td><td>{cls}</td><td>{sanity}</td></tr>")
+    head = ("<tr><th>map</th><th>deletion AUC ↓</th><th>insertion AUC ↑</th><th>class ρ (vs least likely)</th>"
+            "<th>sanity check (model randomisation)</th></tr>")
+    steps, base = trust.settings.get("steps"), trust.settings.get("baseline")
+    return (
+        f"Hiding the pixels a map ranks highest first (deletion, {_e(steps)} steps, replaced by a "
+        f"<code>{_e(base)}</code> copy) should make the probability of {label} fall faster than for a random "
+        "map; revealing them first (insertion) should make it rise faster. A map whose ρ with the least likely "
+        "class is high does not tell classes apart; one that passes the sanity check changes when the classifier "
+        f"is random, as an explanation of the decision must.<table>{head}{''.join(rows)}</table>"
+    )

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor
 
+from .display import caption, rich_display, short
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -53,6 +55,7 @@ def save_figure(path: str | os.PathLike[str], fig: Figure, *, dpi: int = 120) ->
     return Path(path)
 
 
+@rich_display
 @dataclass(frozen=True, eq=False)
 class Saliency:
     """A saliency map per image, from Grad-CAM-style methods or occlusion.
@@ -89,6 +92,10 @@ class Saliency:
 
         return plot_saliency(self, index, normalize=normalize, alpha=alpha, cmap=cmap)
 
+    def _display_caption(self) -> str:
+        n = self.maps.shape[0]
+        return caption(self) + (f" · showing row 0 of {n}: .plot(i) for the others" if n > 1 else "")
+
     def save(self, path: str | os.PathLike[str], *, index: int | None = None, **plot_args: Any) -> list[Path]:
         """Write ``<path>.png`` (the figure) and ``<path>.npy`` (raw maps) per image.
 
@@ -105,6 +112,7 @@ class Saliency:
         return written
 
 
+@rich_display
 @dataclass(frozen=True, eq=False)
 class Activations:
     """Layer outputs for a batch: ``maps`` name -> (N, C, h, w) tensor, in execution order;
@@ -152,6 +160,21 @@ class Activations:
 
         return plot_activations(self, index, channels=channels, k=k, cmap=cmap)
 
+    def _repr_lines(self) -> list[str]:
+        n = self.images.shape[0]
+        what = " (the model's stages)" if self.settings.get("stages") else ""
+        head = f"Activations: {len(self.maps)} layers{what} for {n} image{'s' if n != 1 else ''}"
+        shapes = ", ".join(f"{name} {tuple(t.shape[1:])}" for name, t in self.maps.items())
+        first = next(iter(self.maps.values()), None)
+        device = f"{str(first.dtype).removeprefix('torch.')} on {first.device}" if first is not None else ""
+        return [head, f"maps (C, h, w): {shapes}", f"{device}; .top_channels(name, k), .plot(index), .save(dir)"]
+
+    def _display_caption(self) -> str:
+        n = self.images.shape[0]
+        return f"{len(self.maps)} layers: {', '.join(self.maps)}" + (
+            f" · showing image 0 of {n}: .plot(i) for the others" if n > 1 else ""
+        )
+
     def save(
         self, directory: str | os.PathLike[str], *, prefix: str = "activations", **plot_args: Any
     ) -> list[Path]:
@@ -168,6 +191,7 @@ class Activations:
         return written
 
 
+@rich_display
 @dataclass(frozen=True, eq=False)
 class FeatureImages:
     """Images that excite units of a layer, from :func:`convlens.feature_visualization`.
@@ -208,6 +232,23 @@ class FeatureImages:
         from .plotting import plot_feature_images
 
         return plot_feature_images(self, ncols=ncols)
+
+    def _repr_lines(self) -> list[str]:
+        units = short([c for c in self.channels], 40) if any(c is not None for c in self.channels) else "the layer"
+        dead = [c for c, d in zip(self.channels, self.dead) if d]
+        head = f"FeatureImages: {self.kind} objective at {self.layer}, units {units}"
+        scores = ", ".join(f"{float(v):.3g}" for v in self.objective[:4]) + (", …" if len(self.objective) > 4 else "")
+        body = (f"images {tuple(self.images.shape)} {str(self.images.dtype).removeprefix('torch.')} on "
+                f"{self.images.device}; objective {scores}" + (f"; dead units {short(dead)}" if dead else ""))
+        settings = ", ".join(f"{k}={short(v, 24)}" for k, v in self.settings.items())
+        return [head, body, f"settings: {settings}"]
+
+    def _display_caption(self) -> str:
+        s = self.settings
+        knobs = [f"{s[k]} {k}" for k in ("steps",) if k in s] + [
+            f"{k} {short(s[k], 16)}" for k in ("size", "param", "transforms", "seed", "diversity") if k in s
+        ]
+        return f"{self.kind} objective at {self.layer} · " + ", ".join(knobs)
 
     def save(self, path: str | os.PathLike[str]) -> list[Path]:
         """Write ``<path>_<i>_c<channel>.png`` per image (the exact pixels, 1:1, via PIL),

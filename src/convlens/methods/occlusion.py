@@ -16,14 +16,14 @@ every call and give the same map to float32 rounding.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..baselines import BASELINES, make_baseline  # noqa: F401 -- BASELINES: the old name
+from ..baselines import gaussian_blur as _gaussian_blur  # noqa: F401 -- the old name
 from ..hooks import model_guard
 from ..models import Classifier, as_classifier
 from ..results import Saliency
@@ -34,7 +34,6 @@ __all__ = ["occlusion", "window_starts"]
 log = logging.getLogger(__name__)
 
 SCORES = ("probability", "logit")
-BASELINES = ("mean", "blur")
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -72,54 +71,10 @@ def _coverage_matrix(size: int, patch: int, starts: list[int], dtype: torch.dtyp
     return ((pix >= s) & (pix < s + patch)).to(dtype)
 
 
-def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of a (N, C, H, W) batch with replicated borders."""
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    out = x
-    for dim, kernel in ((2, k.view(1, 1, -1, 1)), (3, k.view(1, 1, 1, -1))):
-        size = out.shape[dim]
-        r = min(radius, size - 1)
-        kern = kernel.narrow(dim, radius - r, 2 * r + 1)
-        kern = kern / kern.sum()
-        pad = (0, 0, r, r) if dim == 2 else (r, r, 0, 0)
-        out = F.conv2d(F.pad(out, pad, mode="replicate"), kern.expand(c, 1, *kern.shape[2:]), groups=c)
-    return out
-
-
 def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int]) -> Tensor:
-    """The replacement values, broadcastable to ``x`` (N, C, H, W)."""
-    if isinstance(baseline, bool):
-        raise ValueError("baseline must be a number, 'mean', 'blur' or a tensor, not a bool")
-    if isinstance(baseline, (int, float)):
-        if not math.isfinite(baseline):
-            raise ValueError(f"baseline must be finite, got {baseline}")
-        return torch.full((1, 1, 1, 1), float(baseline), device=x.device, dtype=x.dtype)
-    if isinstance(baseline, str):
-        if baseline == "mean":
-            return x.mean(dim=(2, 3), keepdim=True)
-        if baseline == "blur":
-            # sigma a quarter of the patch: detail inside the window is gone, colours stay
-            return _gaussian_blur(x, max(patch) / 4)
-        raise ValueError(f"baseline must be a number, one of {BASELINES} or a tensor, not {baseline!r}")
-    if isinstance(baseline, Tensor):
-        b = baseline.to(x.device, x.dtype)
-        try:
-            torch.broadcast_shapes(b.shape, x.shape)
-            b = b.expand_as(x) if b.dim() <= 4 else None
-        except RuntimeError:
-            b = None
-        if b is None:
-            raise ValueError(
-                f"a baseline tensor must broadcast to the input {tuple(x.shape)}, got {tuple(baseline.shape)}"
-            )
-        if not torch.isfinite(b).all():
-            raise ValueError("the baseline tensor has non-finite values")
-        return b
-    raise ValueError(f"baseline must be a number, 'mean', 'blur' or a tensor, not {type(baseline).__name__}")
+    """The replacement values, broadcastable to ``x`` (N, C, H, W); "blur" uses sigma = patch / 4:
+    detail inside the window is gone, colours stay."""
+    return make_baseline(baseline, x, sigma=max(patch) / 4)
 
 
 # rough bytes of activations alive at once per image in a forward, per input element: ResNet-50's
@@ -341,6 +296,10 @@ class _Reporting:
 
 
 def _progress(enabled: bool, total: int) -> Any:
-    from tqdm.auto import tqdm
+    # tqdm.auto only when a bar is wanted: in a Jupyter kernel without ipywidgets importing it warns
+    if enabled:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
 
     return tqdm(total=total, disable=not enabled, unit="window", desc="occlusion", leave=False)

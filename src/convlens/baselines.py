@@ -1,0 +1,79 @@
+"""What replaces hidden pixels: the one baseline rule shared by occlusion and the deletion /
+insertion metrics (a number, the image's channel means, a Gaussian blur, or a tensor)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["BASELINES", "gaussian_blur", "make_baseline", "describe_baseline"]
+
+BASELINES = ("mean", "blur")
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of a (N, C, H, W) batch with replicated borders (kernel radius
+    ``ceil(3 sigma)``, cut to the image size)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    out = x
+    for dim, kernel in ((2, k.view(1, 1, -1, 1)), (3, k.view(1, 1, 1, -1))):
+        size = out.shape[dim]
+        r = min(radius, size - 1)
+        kern = kernel.narrow(dim, radius - r, 2 * r + 1)
+        kern = kern / kern.sum()
+        pad = (0, 0, r, r) if dim == 2 else (r, r, 0, 0)
+        out = F.conv2d(F.pad(out, pad, mode="replicate"), kern.expand(c, 1, *kern.shape[2:]), groups=c)
+    return out
+
+
+def make_baseline(baseline: Any, x: Tensor, *, sigma: float) -> Tensor:
+    """The replacement values for ``x`` (N, C, H, W), broadcastable to it.
+
+    ``baseline``: a number in the model's normalised input space (0 is the mean colour),
+    ``"mean"`` (each image's channel means), ``"blur"`` (:func:`gaussian_blur` with ``sigma``
+    pixels) or a tensor broadcastable to ``x``. Anything else raises ``ValueError``.
+
+    Example::
+
+        base = make_baseline("blur", x, sigma=10.0)   # (N, C, H, W)
+    """
+    if isinstance(baseline, bool):
+        raise ValueError("baseline must be a number, 'mean', 'blur' or a tensor, not a bool")
+    if isinstance(baseline, (int, float)):
+        if not math.isfinite(baseline):
+            raise ValueError(f"baseline must be finite, got {baseline}")
+        return torch.full((1, 1, 1, 1), float(baseline), device=x.device, dtype=x.dtype)
+    if isinstance(baseline, str):
+        if baseline == "mean":
+            return x.mean(dim=(2, 3), keepdim=True)
+        if baseline == "blur":
+            return gaussian_blur(x, sigma)
+        raise ValueError(f"baseline must be a number, one of {BASELINES} or a tensor, not {baseline!r}")
+    if isinstance(baseline, Tensor):
+        b = baseline.to(x.device, x.dtype)
+        try:
+            torch.broadcast_shapes(b.shape, x.shape)
+            b = b.expand_as(x) if b.dim() <= 4 else None
+        except RuntimeError:
+            b = None
+        if b is None:
+            raise ValueError(
+                f"a baseline tensor must broadcast to the input {tuple(x.shape)}, got {tuple(baseline.shape)}"
+            )
+        if not torch.isfinite(b).all():
+            raise ValueError("the baseline tensor has non-finite values")
+        return b
+    raise ValueError(f"baseline must be a number, 'mean', 'blur' or a tensor, not {type(baseline).__name__}")
+
+
+def describe_baseline(baseline: Any) -> Any:
+    """How a baseline is recorded in a result's settings: the number or name, else ``"tensor"``."""
+    return baseline if isinstance(baseline, (int, float, str)) else "tensor"

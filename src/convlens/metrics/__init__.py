@@ -1,0 +1,1 @@
+"""Code that judges maps: deletion / insertion, sanity checks, class sensitivity, comparisons."""

@@ -1,0 +1,253 @@
+"""Deletion and insertion (Petsiuk et al., "RISE", BMVC 2018): does hiding the pixels a map ranks
+highest remove the evidence for the class, and does revealing them first restore it?
+
+Definition (kept exact, so numbers compare between versions and with the literature):
+
+- the map (N, H, W) is resized bilinearly to the input size when it is not at it;
+- the pixels of each image are ordered by the map, highest first, ties by flat index
+  (a stable sort of ``-map.flatten()``);
+- step ``k = 0..steps`` affects the first ``min(ceil(H*W / steps) * k, H*W)`` pixels of that
+  order, all channels at once. Deletion replaces them in the input by the baseline; insertion
+  starts from the baseline and puts them back from the input;
+- the score is the target's softmax probability (or its logit, or a callable's value);
+- ``AUC = (sum_k s_k - s_0 / 2 - s_steps / 2) / steps``, the trapezoid over ``k / steps``.
+
+Every step image goes through the model once ((steps+1) forwards per image and curve, in
+batches under a memory budget); the target, when not given, is resolved from the clean image's
+output, which is step 0 of deletion and the last step of insertion, so no extra forward is paid.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..baselines import describe_baseline, make_baseline
+from ..hooks import model_guard
+from ..models import Classifier, as_classifier
+from ..results import Saliency
+from ..targets import Target, resolve_target
+from .results import PerturbationCurve
+
+__all__ = ["deletion", "insertion", "perturbation_curve", "auc", "pixel_order", "blur_sigma"]
+
+log = logging.getLogger(__name__)
+
+SCORES = ("probability", "logit")
+KINDS = ("deletion", "insertion")
+
+
+def blur_sigma(height: int, width: int) -> float:
+    """The default sigma of the ``"blur"`` baseline: ``max(H, W) / 22.4`` (10 px at 224 px,
+    the blur of occlusion's default 40 px window)."""
+    return max(height, width) / 22.4
+
+
+def auc(scores: Tensor) -> Tensor:
+    """Trapezoid area under (N, steps+1) scores over the fractions ``k / steps``:
+    ``(sum(s) - s[0]/2 - s[-1]/2) / steps``.
+
+    Example::
+
+        auc(torch.tensor([[1.0, 0.5, 0.0]]))   # tensor([0.5])
+    """
+    steps = scores.shape[-1] - 1
+    return (scores.sum(-1) - scores[..., 0] / 2 - scores[..., -1] / 2) / steps
+
+
+def pixel_order(maps: Tensor) -> Tensor:
+    """(N, H*W) flat pixel indices, highest map value first, ties by flat index (stable sort).
+
+    Example::
+
+        pixel_order(torch.tensor([[[0.0, 2.0], [2.0, 1.0]]]))   # tensor([[1, 2, 3, 0]])
+    """
+    return torch.sort(-maps.flatten(1).float(), dim=1, stable=True).indices
+
+
+def _maps_and_target(saliency: Saliency | Tensor, x: Tensor, target: Target) -> tuple[Tensor, Tensor, Target, str]:
+    """(maps at the input size, the matching inputs, the target, the method name)."""
+    method = "map"
+    if isinstance(saliency, Saliency):
+        maps, method = saliency.maps, saliency.method
+        index = saliency.settings.get("image_index")
+        if index is not None and maps.shape[0] != x.shape[0] and len(index) == maps.shape[0]:
+            x = x[torch.as_tensor(index, device=x.device)]  # several classes per image (top=k)
+        if target is None:
+            target = list(saliency.target) if min(saliency.target) >= 0 else None
+    elif isinstance(saliency, Tensor):
+        maps = saliency[None] if saliency.dim() == 2 else saliency
+    else:
+        raise ValueError(f"saliency must be a Saliency result or an (N, H, W) tensor, not {type(saliency).__name__}")
+    if maps.dim() != 3:
+        raise ValueError(f"a saliency map tensor must be (N, H, W) or (H, W), got shape {tuple(maps.shape)}")
+    if maps.shape[0] != x.shape[0]:
+        raise ValueError(f"{maps.shape[0]} maps for {x.shape[0]} images; give one map per image")
+    maps = maps.detach().to(x.device, torch.float32)
+    if not torch.isfinite(maps).all():
+        raise ValueError("the saliency map has non-finite values")
+    if maps.shape[-2:] != x.shape[-2:]:
+        maps = F.interpolate(maps[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return maps, x, target, method
+
+
+def _check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def perturbation_curve(
+    kind: str,
+    model_or_classifier: Any,
+    x: Any,
+    saliency: Saliency | Tensor,
+    *,
+    target: Target = None,
+    steps: int = 16,
+    baseline: float | str | Tensor = "blur",
+    score: str = "probability",
+    batch_size: int | None = None,
+    sigma: float | None = None,
+) -> PerturbationCurve:
+    """Deletion (``kind="deletion"``) or insertion curve; see :func:`deletion` and the module doc.
+
+    Example::
+
+        curve = perturbation_curve("insertion", clf, x, cam)
+        curve.auc
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, not {score!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    clf: Classifier = as_classifier(model_or_classifier)
+    x = clf.batch(x)
+    maps, x, target, method = _maps_and_target(saliency, x, target)
+    _check_batch_size(batch_size)
+    n, c, h, w = x.shape
+    hw = h * w
+    sig = blur_sigma(h, w) if sigma is None else float(sigma)
+    base = make_baseline(baseline, x, sigma=sig).expand_as(x)
+    order = pixel_order(maps)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(hw, device=x.device).expand(n, -1))
+    per_step = math.ceil(hw / steps)
+    counts = [min(per_step * k, hw) for k in range(steps + 1)]
+
+    def step_image(i: int, k: int) -> Tensor:
+        hidden = (rank[i] < counts[k]).view(1, h, w)  # pixels affected at step k
+        if kind == "deletion":
+            return torch.where(hidden, base[i], x[i])
+        return torch.where(hidden, x[i], base[i])
+
+    model = clf.model
+    jobs = [(i, k) for i in range(n) for k in range(steps + 1)]
+    outputs: list[Tensor] = []
+    with model_guard(model), torch.no_grad():
+        bs = batch_size
+        if bs is None:
+            # occlusion's rule for full forwards: 1 on a CPU (larger batches measured slower there),
+            # on a GPU what half the free memory holds, from a probe forward's peak
+            from ..methods.occlusion import _default_batch
+
+            bs = _default_batch(model, x, len(jobs), False)
+        for start in range(0, len(jobs), bs):
+            batch = torch.stack([step_image(i, k) for i, k in jobs[start : start + bs]])
+            out = model(batch)
+            if not isinstance(out, Tensor) or out.dim() != 2:
+                raise ValueError("the model must return logits of shape (N, classes)")
+            outputs.append(out.float())
+    out = torch.cat(outputs).view(n, steps + 1, -1)
+    clean = out[:, 0] if kind == "deletion" else out[:, -1]
+    resolved = resolve_target(clf, target, n, clean)
+    values = out.softmax(-1) if score == "probability" and resolved.fn is None else out
+    if resolved.fn is not None:
+        scores = torch.stack([resolved.score(values[:, k]) for k in range(steps + 1)], 1).float()
+    else:
+        idx = torch.as_tensor(resolved.indices, device=x.device)
+        scores = values.gather(2, idx.view(n, 1, 1).expand(n, steps + 1, 1))[..., 0]
+    log.info("%s: %d images x %d steps, %d px per step, batches of %d", kind, n, steps + 1, per_step, bs)
+    return PerturbationCurve(
+        kind=kind,
+        fractions=torch.arange(steps + 1, device=x.device, dtype=torch.float32) / steps,
+        scores=scores,
+        auc=auc(scores),
+        target=list(resolved.indices),
+        method=method,
+        labels=list(resolved.labels),
+        settings={
+            "steps": steps,
+            "baseline": describe_baseline(baseline),
+            "blur_sigma": sig if baseline == "blur" else None,
+            "score": "custom" if resolved.fn is not None else score,
+            "pixels_per_step": per_step,
+            "batch_size": bs,
+            "forwards": len(jobs),
+        },
+    )
+
+
+def deletion(
+    model_or_classifier: Any,
+    x: Any,
+    saliency: Saliency | Tensor,
+    *,
+    target: Target = None,
+    steps: int = 16,
+    baseline: float | str | Tensor = "blur",
+    score: str = "probability",
+    batch_size: int | None = None,
+    sigma: float | None = None,
+) -> PerturbationCurve:
+    """Deletion curve: the target's score as the map's most salient pixels are replaced by the
+    baseline, ``ceil(H*W/steps)`` more at each of ``steps`` steps (lower AUC = the map found the
+    evidence). ``s_k = score(x with the first min(ceil(HW/steps) k, HW) pixels of the map's order
+    set to the baseline)``, ``AUC = (sum s - s_0/2 - s_steps/2) / steps``.
+
+    ``saliency``: a :class:`Saliency` (its ``maps`` and, when ``target`` is None, its ``target``)
+    or an (N, H, W) tensor (default target: the top-1 class). ``baseline``: a number in the
+    model's normalised space, ``"mean"``, ``"blur"`` (default, Gaussian with ``sigma`` px,
+    default ``max(H, W) / 22.4``) or a tensor. ``score``: ``"probability"`` (softmax) or
+    ``"logit"``. ``batch_size``: step images per forward (default: by device and memory).
+
+    Example::
+
+        cam = convlens.grad_cam(clf, x)
+        convlens.deletion(clf, x, cam).auc     # (N,)
+    """
+    return perturbation_curve("deletion", model_or_classifier, x, saliency, target=target, steps=steps,
+                              baseline=baseline, score=score, batch_size=batch_size, sigma=sigma)
+
+
+def insertion(
+    model_or_classifier: Any,
+    x: Any,
+    saliency: Saliency | Tensor,
+    *,
+    target: Target = None,
+    steps: int = 16,
+    baseline: float | str | Tensor = "blur",
+    score: str = "probability",
+    batch_size: int | None = None,
+    sigma: float | None = None,
+) -> PerturbationCurve:
+    """Insertion curve: starting from the baseline, the map's most salient pixels are put back
+    from the input, ``ceil(H*W/steps)`` more per step (higher AUC = the map found the evidence).
+    ``s_k = score(baseline with the first min(ceil(HW/steps) k, HW) pixels of the map's order
+    taken from x)``, ``AUC = (sum s - s_0/2 - s_steps/2) / steps``. Arguments as in
+    :func:`deletion` (default baseline ``"blur"``, as RISE uses for insertion).
+
+    Example::
+
+        occ = convlens.occlusion(clf, x)
+        convlens.insertion(clf, x, occ).plot()
+    """
+    return perturbation_curve("insertion", model_or_classifier, x, saliency, target=target, steps=steps,
+                              baseline=baseline, score=score, batch_size=batch_size, sigma=sigma)

@@ -1,0 +1,134 @@
+"""convlens.compare and `convlens compare`: rows equal the metrics called one by one, references,
+aggregation over images, the files written, the model untouched."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from tests.test_hooks import assert_same, snapshot
+from tests.test_occlusion import SmallNet, _randomise_bn
+
+import convlens
+from convlens.cli import main
+from convlens.metrics.compare import merge, reference_map
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    net = _randomise_bn(SmallNet()).eval()
+    g = torch.Generator().manual_seed(2)
+    blobs = torch.nn.functional.interpolate(torch.randn(2, 3, 4, 4, generator=g), size=64, mode="bilinear")
+    return net, 2 * blobs + 0.3 * torch.randn(2, 3, 64, 64, generator=g)
+
+
+OCC = {"patch": 16, "stride": 8}
+
+
+def test_rows_equal_the_metrics_one_by_one(small):
+    net, x = small
+    before = snapshot(net)
+    cmp = convlens.compare(net, x, ("gradcam", "occlusion"), steps=8, occlusion=OCC)
+    assert [r.method for r in cmp.rows] == ["gradcam", "occlusion", "random map", "centred Gaussian"]
+    cam = convlens.grad_cam(net, x)
+    assert cmp.target == cam.target
+    row = cmp.row("gradcam")
+    torch.testing.assert_close(row.deletion.scores, convlens.deletion(net, x, cam, steps=8).scores)
+    torch.testing.assert_close(row.insertion.auc, convlens.insertion(net, x, cam, steps=8).auc)
+    cs = convlens.class_sensitivity(net, x, "gradcam")
+    torch.testing.assert_close(row.class_rho, cs.spearman)
+    occ = convlens.occlusion(net, x, **OCC)
+    torch.testing.assert_close(cmp.row("occlusion").deletion.scores, convlens.deletion(net, x, occ, steps=8).scores)
+    rnd = reference_map("random map", 2, 64, 64)
+    torch.testing.assert_close(cmp.row("random map").insertion.scores, convlens.insertion(net, x, rnd, steps=8).scores)
+    assert cmp.row("random map").class_rho is None
+    assert_same(before, net)
+
+
+def test_summary_aggregates_and_ranks(small):
+    net, x = small
+    cmp = convlens.compare(net, x, ("gradcam", "eigencam"), steps=4, sanity=False)
+    summ = {s["method"]: s for s in cmp.summary()}
+    for r in cmp.rows:
+        d = r.deletion.auc.double()
+        assert summ[r.method]["deletion_auc"] == pytest.approx(float(d.mean()))
+        assert summ[r.method]["deletion_auc_std"] == pytest.approx(float(d.std()))  # n - 1, as the table says
+    diffs = {m: summ[m]["difference"] for m in ("gradcam", "eigencam")}
+    assert cmp.ranking() == sorted(diffs, key=lambda m: -diffs[m])
+    assert "rank" not in summ["random map"]
+    assert summ["gradcam"]["sanity_passed"] is None
+    # two one-image comparisons merged give the two-image one
+    parts = [convlens.compare(net, x[i : i + 1], ("gradcam", "eigencam"), steps=4, sanity=False, names=[f"i{i}"])
+             for i in range(2)]
+    merged = merge(parts)
+    assert merged.images == ["i0", "i1"]
+    for r in cmp.rows:
+        torch.testing.assert_close(merged.row(r.method).deletion.auc, r.deletion.auc, atol=1e-6, rtol=0)
+    # Eigen-CAM ignores the class: its maps for both classes agree exactly
+    assert summ["eigencam"]["class_sensitivity"] == pytest.approx(1.0)
+    assert summ["eigencam"]["class_discriminative"] is False
+
+
+def test_a_failing_method_gets_a_row_and_the_others_go_on(small):
+    net, x = small
+    cmp = convlens.compare(net, x[:1], ("gradcam", "occlusion"), steps=4, sanity=False,
+                           occlusion={"patch": 200, "stride": 8})
+    assert "larger than the image" in cmp.row("occlusion").error
+    assert cmp.row("gradcam").error is None
+    assert any("occlusion: failed" in v for v in cmp.verdicts())
+    with pytest.raises(ValueError, match="unknown method"):
+        convlens.compare(net, x, ("gradcam", "nope"))
+
+
+def test_cli_compare_on_the_sample_photo(tmp_path, capsys, clf):
+    out = tmp_path / "cmp"
+    before = snapshot(clf.model)
+    code = main(["compare", "--methods", "gradcam,eigencam", "--steps", "4", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "class-discriminative for efficientnet_lite0: gradcam" in text
+    assert "eigencam: not class-discriminative" in text and "eigencam: fails the sanity check" in text
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["method"] for r in rows] == ["gradcam", "eigencam", "random map", "centred Gaussian"]
+    data = json.loads((out / "compare.json").read_text())
+    assert data["class_discriminative"] == ["gradcam"]
+    assert data["per_image"][0]["sanity_passed"] is True and data["per_image"][1]["sanity_passed"] is False
+    assert float(rows[0]["deletion_auc"]) == pytest.approx(data["summary"][0]["deletion_auc"])
+    html = (out / "compare.html").read_text()
+    assert "<script" not in html and "Content-Security-Policy" in html and "data:image/png;base64," in html
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # an earlier run is kept; bad input is a one-line error
+    assert main(["compare", "--methods", "gradcam", "--out", str(out)]) == 2
+    assert "exists from an earlier run" in capsys.readouterr().err
+    assert main(["compare", "--methods", "gradcam,saliency", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+    assert_same(before, clf.model)
+
+
+def test_cli_compare_over_a_folder_aggregates_and_skips_a_broken_file(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    convlens.sample_image().save(folder / "a.png")
+    convlens.sample_image().transpose(0).save(folder / "b.png")  # mirrored
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    out = tmp_path / "cmp"
+    code = main(["compare", str(folder), "--methods", "gradcam", "--steps", "2", "--no-sanity", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1 and "broken.jpg: skipped" in captured.err
+    assert "2 images" in captured.out and " ± " in captured.out  # mean ± spread over the two photos
+    data = json.loads((out / "compare.json").read_text())
+    assert data["images"] == ["a.png", "b.png"]
+    per = [r for r in data["per_image"] if r["method"] == "gradcam"]
+    mean = sum(r["deletion_auc"] for r in per) / 2
+    assert data["summary"][0]["deletion_auc"] == pytest.approx(mean)
