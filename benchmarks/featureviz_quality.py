@@ -93,8 +93,8 @@ def main() -> None:
     print("share of spectral energy above half Nyquist (mean over images):")
     print(f"  fourier {hf_f.mean():.4f}   pixel {hf_p.mean():.4f}   photos {hf_photo.mean():.4f}")
     if a.out:
-        fourier.save(f"{a.out}/{a.layer}_fourier")
-        pixel.save(f"{a.out}/{a.layer}_pixel")
+        fourier.save(f"{a.out}/{a.layer}_fourier", force=True)  # the benchmark's own output folder
+        pixel.save(f"{a.out}/{a.layer}_pixel", force=True)
 
 
 if __name__ == "__main__":

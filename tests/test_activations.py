@@ -181,8 +181,9 @@ def test_save_png_and_npy(tmp_path, clf, sample_x):
 def test_cli_activations(tmp_path, capsys, monkeypatch, clf):
     monkeypatch.setattr("convlens.cli.load_classifier", lambda args: clf)
     assert main(["activations", "--layers", "blocks.1", "bn2", "--channels", "0,3", "--out", str(tmp_path)]) == 0
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["chelsea_activations.png", "chelsea_activations_blocks.1.npy", "chelsea_activations_bn2.npy"]
+    names = sorted(p.name for p in (tmp_path / "chelsea.jpg").iterdir())
+    assert names == ["activations.png", "activations_blocks.1.npy", "activations_bn2.npy"]
     assert "1280x7x7" in capsys.readouterr().out
-    assert main(["activations", "--channels", "a,b", "--out", str(tmp_path)]) == 2
-    assert main(["activations", "--layers", "nope", "--out", str(tmp_path)]) == 2
+    assert main(["activations", "--channels", "a,b", "--out", str(tmp_path / "a")]) == 2
+    assert main(["activations", "--layers", "nope", "--out", str(tmp_path / "b")]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "b").exists()

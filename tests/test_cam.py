@@ -357,11 +357,10 @@ def test_plot_and_save(tmp_path, clf, sample_x):
 def test_cli_gradcam_writes_png_and_npy(tmp_path, capsys, monkeypatch, clf):
     monkeypatch.setattr("convlens.cli.load_classifier", lambda args: clf)  # load once per session
     assert main(["gradcam", "--method", "gradcam++", "--top", "2", "--out", str(tmp_path)]) == 0
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["chelsea_gradcampp_0.npy", "chelsea_gradcampp_0.png", "chelsea_gradcampp_1.npy",
-                     "chelsea_gradcampp_1.png"]
-    assert np.load(tmp_path / "chelsea_gradcampp_0.npy").shape == (224, 224)
+    names = sorted(p.name for p in (tmp_path / "chelsea.jpg").iterdir())
+    assert names == ["gradcampp_0.npy", "gradcampp_0.png", "gradcampp_1.npy", "gradcampp_1.png"]
+    assert np.load(tmp_path / "chelsea.jpg" / "gradcampp_0.npy").shape == (224, 224)
     assert "Egyptian cat [285]" in capsys.readouterr().out
-    assert main(["gradcam", "--target", "tabbby", "--out", str(tmp_path)]) == 2
+    assert main(["gradcam", "--target", "tabbby", "--out", str(tmp_path / "a")]) == 2
     assert "did you mean 'tabby'" in capsys.readouterr().err
-    assert main(["gradcam", "--layer", "nope", "--out", str(tmp_path)]) == 2
+    assert main(["gradcam", "--layer", "nope", "--out", str(tmp_path / "b")]) == 2

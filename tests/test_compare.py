@@ -110,7 +110,7 @@ def test_cli_compare_on_the_sample_photo(tmp_path, capsys, clf):
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     # an earlier run is kept; bad input is a one-line error
     assert main(["compare", "--methods", "gradcam", "--out", str(out)]) == 2
-    assert "exists from an earlier run" in capsys.readouterr().err
+    assert "from an earlier run" in capsys.readouterr().err
     assert main(["compare", "--methods", "gradcam,saliency", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
     assert_same(before, clf.model)

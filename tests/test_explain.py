@@ -125,7 +125,7 @@ def test_folder_run_files_summary_and_exit_code(run: dict, folder: Path) -> None
     assert s["versions"]["torch"] == torch.__version__ and s["timings"]["total_s"] > 0
     assert s["methods"] == list(TECHS)
     # no temporary files left behind by the atomic writes, and the usual permissions (not mkstemp's 0600)
-    assert not [p for p in out.rglob(".*")]
+    assert [p.name for p in out.rglob(".*")] == [".convlens-manifest.json"]
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "report.html").stat().st_mode & 0o777 == 0o666 & ~umask
@@ -176,7 +176,8 @@ def test_malicious_file_name_is_escaped(run: dict) -> None:
     for tag, attrs in _tags(html):
         assert not any(k.startswith("on") for k in attrs), (tag, attrs)
     evil = _image(s, EVIL)
-    assert evil["ok"] is True and re.fullmatch(r"[A-Za-z0-9._-]+", evil["folder"])
+    # the whole name, its "<" and ">" made safe, and a hash of the path since it had to change
+    assert evil["ok"] is True and re.fullmatch(r"_img src=x onerror=alert\(1\)_\.png~[0-9a-f]{8}", evil["folder"])
     assert (run["out"] / evil["folder"] / "gradcam.png").is_file()
 
 
@@ -243,10 +244,13 @@ def test_interrupted_save_leaves_no_partial_file(clf, monkeypatch, tmp_path: Pat
     with pytest.raises(KeyboardInterrupt):
         report.save(tmp_path)
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    # the per-image files and summary.json are complete; report.html was never half-written
-    assert "report.html" not in files and not [f for f in files if Path(f).name.startswith(".")]
-    assert files == ["chelsea.jpg/gradcam.npy", "chelsea.jpg/gradcam.png", "chelsea.jpg/input.png", "summary.json"]
-    json.loads((tmp_path / "summary.json").read_text())
+    # the image was complete and moved into place; summary.json and report.html were staged together
+    # and never moved in; the staging folder is gone; the manifest says the run is incomplete
+    assert files == [".convlens-manifest.json", "chelsea.jpg/gradcam.npy", "chelsea.jpg/gradcam.png",
+                     "chelsea.jpg/input.png"]
+    manifest = json.loads((tmp_path / ".convlens-manifest.json").read_text())
+    assert manifest["complete"] is False and manifest["files"] == []
+    assert manifest["images"][0]["files"] == files[1:] and manifest["images"][0]["key"] == "chelsea.jpg"
     with Image.open(tmp_path / "chelsea.jpg" / "gradcam.png") as im:
         im.load()
 
@@ -329,7 +333,7 @@ def test_bare_module_and_tensor_batch(tmp_path: Path) -> None:
     report.save(tmp_path)
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["images"][0]["predictions"][0]["label"].startswith("class ")
-    assert (tmp_path / "tensor_1_0" / "occlusion.npy").is_file()
+    assert (tmp_path / "tensor 1[0]" / "occlusion.npy").is_file()
 
 
 def test_trust_section_numbers_once_per_run_sanity_and_plain_words(tmp_path: Path, clf) -> None:

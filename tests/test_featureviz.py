@@ -301,10 +301,10 @@ def test_cli_filters(tmp_path, capsys):
     args = ["--layer", "blocks.1", "--channels", "0,5", "--steps", "2", "--size", "32", "--out", str(out)]
     rc = main(["filters", *args])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["blocks_1.npy", "blocks_1_0_c0.png", "blocks_1_1_c5.png",
-                                                      "blocks_1_grid.png"]
+    assert sorted(p.name for p in (out / "blocks.1").iterdir()) == [
+        "blocks.1.npy", "blocks.1_0_c0.png", "blocks.1_1_c5.png", "blocks.1_grid.png"]
     assert "blocks.1 c5" in capsys.readouterr().out
-    assert main(["filters", "--layer", "nope", "--steps", "2", "--out", str(out)]) == 2
+    assert main(["filters", "--layer", "nope", "--steps", "2", "--out", str(tmp_path / "p")]) == 2
     assert "no layer named" in capsys.readouterr().err
 
 

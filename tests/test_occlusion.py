@@ -395,12 +395,13 @@ def test_progress_bar(net, img, capsys):
 def test_cli_writes_png_and_npy(tmp_path, capsys):
     code = main(["occlusion", "--patch", "112", "--stride", "56", "--target", "285", "--out", str(tmp_path)])
     assert code == 0
-    stem = convlens.sample_image_path().stem
-    arr = np.load(tmp_path / f"{stem}_occlusion.npy")
+    folder = tmp_path / convlens.sample_image_path().name  # the whole file name: chelsea.jpg/
+    arr = np.load(folder / "occlusion.npy")
     assert arr.shape == (224, 224) and np.abs(arr).max() > 0
-    assert (tmp_path / f"{stem}_occlusion.png").stat().st_size > 1000
+    assert (folder / "occlusion.png").stat().st_size > 1000
     assert "[285]" in capsys.readouterr().out
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # no temporary files or staging folder left; the manifest lists what was written
+    assert [p.name for p in tmp_path.rglob(".*")] == [".convlens-manifest.json"]
 
 
 def test_cli_bad_patch_is_a_one_line_error(tmp_path, capsys):

@@ -34,6 +34,10 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return out
 
 
+#: a numeric baseline larger than this is no colour in a normalised input (|x| is a few units)
+MAX_BASELINE = 100.0
+
+
 def make_baseline(baseline: Any, x: Tensor, *, sigma: float) -> Tensor:
     """The replacement values for ``x`` (N, C, H, W), broadcastable to it.
 
@@ -48,8 +52,11 @@ def make_baseline(baseline: Any, x: Tensor, *, sigma: float) -> Tensor:
     if isinstance(baseline, bool):
         raise ValueError("baseline must be a number, 'mean', 'blur' or a tensor, not a bool")
     if isinstance(baseline, (int, float)):
-        if not math.isfinite(baseline):
-            raise ValueError(f"baseline must be finite, got {baseline}")
+        if not math.isfinite(baseline) or abs(baseline) > MAX_BASELINE:
+            raise ValueError(
+                f"baseline {baseline:g} is not a colour: a finite number in the model's normalised space, at "
+                f"most {MAX_BASELINE:g} in size (0 is the mean colour)"
+            )
         return torch.full((1, 1, 1, 1), float(baseline), device=x.device, dtype=x.dtype)
     if isinstance(baseline, str):
         if baseline == "mean":

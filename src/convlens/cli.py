@@ -8,7 +8,9 @@ traceback only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +20,16 @@ __all__ = ["main"]
 log = logging.getLogger("convlens")
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it (143 for SIGTERM)
+EXIT_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away
+MAX_TOP = 50  # gradcam --top: one figure per class
+
+
+def printable(text: object) -> str:
+    """``text`` safe for the terminal (see :func:`convlens.outputs.printable`)."""
+    from .outputs import printable as _printable
+
+    return _printable(text)
 
 
 def _version() -> str:
@@ -36,7 +48,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "EfficientNet-Lite0 with ImageNet weights (offline)",
     )
     g.add_argument("--weights", "-w", default=None, metavar="FILE", help="local .pth/.pt/.safetensors state dict")
-    g.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument("--device", default="auto", type=_device_arg, metavar="D",
+                   help="auto (default), cpu, cuda, cuda:N or mps")
+
+
+def _device_arg(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device convlens runs on; use auto, cpu, cuda, cuda:N, mps")
+    return text
 
 
 def load_classifier(args: argparse.Namespace):
@@ -66,9 +87,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     clf = load_classifier(args)
     for path in image_list(args.images):
         preds = clf.predict(clf.preprocess(path), top=args.top)[0]
-        print(f"{Path(path).name}  ({clf.name})")
+        print(f"{printable(Path(path).name)}  ({clf.name})")
         for rank, p in enumerate(preds, 1):
-            print(f"  {rank}. {p.label:<32} {p.probability:7.2%}  [{p.index}]")
+            print(f"  {rank}. {printable(p.label):<32} {p.probability:7.2%}  [{p.index}]")
     return 0
 
 
@@ -108,11 +129,61 @@ def _blank(clf):
 
 
 # -- activations / gradcam ----------------------------------------------------------------
-def _add_out(p: argparse.ArgumentParser, replaced: str = "files of the same name are replaced") -> None:
+def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", "-o", default="convlens-out", metavar="DIR",
-        help=f"folder for the PNG and .npy files (default ./convlens-out); {replaced}",
+        help="folder for the results, one subfolder per image named after its whole file name "
+        "(default ./convlens-out); an earlier run there is kept unless --force",
     )
+    p.add_argument(
+        "--force", action="store_true",
+        help="replace the earlier run in --out as a whole (and files in the way of this run's outputs)",
+    )
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The command's options as the manifest records them (inputs, --out and --force aside)."""
+    return {k: v for k, v in vars(args).items() if k not in ("run", "images", "out", "force", "debug", "verbose")}
+
+
+def _per_image(
+    args: argparse.Namespace, command: str, compute: Callable, files: Callable, show: Callable, prepare=None
+) -> int:
+    """The shared loop of activations/gradcam/occlusion: check --out (before any work), load the
+    model, then per image compute, stage its files and move its folder into place. An image that
+    cannot be read or gives NaN/inf fails alone (exit 1)."""
+    from .checks import NonFiniteError
+    from .images import ImageError
+    from .outputs import RunWriter, image_keys
+
+    paths = image_list(args.images)
+    for path in paths:
+        if not Path(path).exists():
+            raise ValueError(f"{path}: no such file")
+    keys = image_keys([Path(p).name for p in paths], paths)
+    run = RunWriter(args.out, command, keys=keys, inputs=paths, force=args.force, settings=run_settings(args))
+    clf = load_classifier(args)
+    if prepare is not None:
+        prepare(clf)
+    failed = 0
+    with run:
+        for path, key in zip(paths, keys):
+            name = printable(Path(path).name)
+            try:
+                result = compute(clf, path)
+            except (ImageError, NonFiniteError) as e:
+                print(f"{name}: FAILED: {printable(e)}")
+                run.commit_image(key, name=Path(path).name, source=path, ok=False)
+                failed += 1
+                continue
+            for p, w in files(result):
+                run.write(key, p.name, w)
+            written = run.commit_image(key, name=Path(path).name, source=path)
+            show(clf, name, result, [run.root / f for f in written])
+        run.finish()
+    if failed:
+        print(f"{failed} of {len(paths)} images failed")
+    return 1 if failed else 0
 
 
 def _add_activations(p: argparse.ArgumentParser) -> None:
@@ -132,6 +203,7 @@ def _add_activations(p: argparse.ArgumentParser) -> None:
 
 def _run_activations(args: argparse.Namespace) -> int:
     from .methods.activations import activations
+    from .outputs import activations_files
 
     if args.k < 1:
         raise ValueError("-k must be at least 1")
@@ -141,16 +213,28 @@ def _run_activations(args: argparse.Namespace) -> int:
             channels = [int(c) for c in args.channels.split(",") if c.strip()]
         except ValueError:
             raise ValueError(f"--channels is 'top', 'first' or indices like 0,5,9, not {args.channels!r}") from None
+        if not channels or min(channels) < 0:
+            raise ValueError(f"--channels takes non-negative indices, not {args.channels!r}")
     layers = "stages" if args.layers == ["stages"] else args.layers
-    clf = load_classifier(args)
-    for path in image_list(args.images):
+
+    def compute(clf, path):
         result = activations(clf, clf.preprocess(path), layers)
-        written = result.save(args.out, prefix=f"{Path(path).stem}_activations", channels=channels, k=args.k)
-        print(f"{Path(path).name}  ({clf.name})")
-        for name, m in result.maps.items():
-            print(f"  {name:<24} {'x'.join(map(str, m.shape[1:]))}")
-        print(f"  wrote {len(written)} files to {args.out}: {written[-1].name}, ...")
-    return 0
+        if isinstance(channels, list):  # known only now: checked before anything is written
+            for name, m in result.maps.items():
+                if max(channels) >= m.shape[1]:
+                    raise ValueError(f"--channels {max(channels)} is out of range: {name} has {m.shape[1]} channels")
+        return result
+
+    def show(clf, name, result, written):
+        print(f"{name}  ({clf.name})")
+        for layer, m in result.maps.items():
+            print(f"  {layer:<24} {'x'.join(map(str, m.shape[1:]))}")
+        print(f"  wrote {len(written)} files to {printable(written[0].parent)}")
+
+    def files(result):
+        return activations_files(result, "", channels=channels, k=args.k)
+
+    return _per_image(args, "activations", compute, files, show)
 
 
 def _add_gradcam(p: argparse.ArgumentParser) -> None:
@@ -173,22 +257,36 @@ def _add_gradcam(p: argparse.ArgumentParser) -> None:
 
 def _run_gradcam(args: argparse.Namespace) -> int:
     from .methods.cam import grad_cam
+    from .outputs import saliency_files
 
     if args.target and args.top:
         raise ValueError("give either --target or --top, not both")
+    if args.top is not None and not 1 <= args.top <= MAX_TOP:
+        raise ValueError(f"--top must be from 1 to {MAX_TOP} (each class writes a figure), not {args.top}")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError("--alpha must be between 0 and 1")
-    clf = load_classifier(args)
     target = None if not args.target else [args.target]
-    stem_method = args.method.replace("+", "p")
-    for path in image_list(args.images):
-        result = grad_cam(clf, clf.preprocess(path), target=target, layer=args.layer, method=args.method, top=args.top)
-        base = Path(args.out) / f"{Path(path).stem}_{stem_method}"
-        written = result.save(base, alpha=args.alpha)
-        print(f"{Path(path).name}  ({clf.name}, {args.method} at {result.layer})")
+    stem = args.method.replace("+", "p")
+
+    def prepare(clf):  # an unknown layer or class is a usage error before any image is done
+        if args.layer is not None:
+            from .layers import resolve_layer
+
+            resolve_layer(clf.model, args.layer)
+        for t in args.target or []:
+            clf.class_index(int(t) if t.isdigit() else t)
+
+    def compute(clf, path):
+        return grad_cam(clf, clf.preprocess(path), target=target, layer=args.layer, method=args.method, top=args.top)
+
+    def show(clf, name, result, written):
+        print(f"{name}  ({clf.name}, {args.method} at {result.layer})")
         for i, (idx, label) in enumerate(zip(result.target, result.labels)):
-            print(f"  {label} [{idx}] -> {written[2 * i].name}, {written[2 * i + 1].name}")
-    return 0
+            print(f"  {printable(label)} [{idx}] -> {printable(written[2 * i])}, {printable(written[2 * i + 1].name)}")
+
+    return _per_image(
+        args, "gradcam", compute, lambda r: saliency_files(r, stem, alpha=args.alpha), show, prepare=prepare
+    )
 
 
 # -- occlusion ----------------------------------------------------------------------------
@@ -209,10 +307,16 @@ def _int_pair(text: str) -> int | tuple[int, int]:
 def _baseline_arg(text: str) -> float | str:
     if text in ("mean", "blur"):
         return text
+    from .methods.occlusion import MAX_BASELINE
+
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"baseline is a number, 'mean' or 'blur', not {text!r}") from None
+    if not abs(value) <= MAX_BASELINE:  # also NaN
+        raise argparse.ArgumentTypeError(
+            f"baseline {text} is no colour: a number in normalised space from -{MAX_BASELINE:g} to {MAX_BASELINE:g}")
+    return value
 
 
 def _add_occlusion(p: argparse.ArgumentParser) -> None:
@@ -235,22 +339,30 @@ def _add_occlusion(p: argparse.ArgumentParser) -> None:
 
 def _run_occlusion(args: argparse.Namespace) -> int:
     from .methods.occlusion import occlusion
+    from .outputs import saliency_files
 
-    clf = load_classifier(args)
-    out = Path(args.out)
-    for path in image_list(args.images):
-        res = occlusion(
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+
+    def prepare(clf):
+        if args.target is not None:
+            clf.class_index(int(args.target) if args.target.isdigit() else args.target)
+
+    def compute(clf, path):
+        return occlusion(
             clf, clf.preprocess(path), target=args.target, patch=args.patch, stride=args.stride,
             baseline=args.baseline, score=args.score, batch_size=args.batch_size,
             progress=not args.no_progress and sys.stderr.isatty(),
         )
-        written = res.save(out / f"{Path(path).stem}_occlusion")
+
+    def show(clf, name, res, written):
         ny, nx = res.settings["windows"]
-        print(f"{Path(path).name}: {res.labels[0]} [{res.target[0]}], {ny * nx} windows, "
+        print(f"{name}: {printable(res.labels[0])} [{res.target[0]}], {ny * nx} windows, "
               f"max drop {float(res.raw.max()):.4f}")
         for w in written:
-            print(f"  wrote {w}")
-    return 0
+            print(f"  wrote {printable(w)}")
+
+    return _per_image(args, "occlusion", compute, lambda r: saliency_files(r, "occlusion"), show, prepare=prepare)
 
 
 # -- filters (feature visualisation) --------------------------------------------------------
@@ -291,6 +403,16 @@ def _run_filters(args: argparse.Namespace) -> int:
         units: list = [int(c) for c in items]
     else:
         units = [int(c) if c.isdigit() else c for c in items]
+    for name in ("steps", "size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1")
+    from .methods.featureviz import MAX_SIZE
+    from .outputs import RunWriter, feature_files, safe_key
+
+    if args.size is not None and not 16 <= args.size <= MAX_SIZE:
+        raise ValueError(f"--size must be from 16 to {MAX_SIZE} pixels, not {args.size}")
+    key = safe_key(args.layer if args.objective != "class" else "class")[0]
+    run = RunWriter(args.out, "filters", keys=[key], force=args.force, settings=run_settings(args))  # before work
     clf = load_classifier(args)
     options = {k: getattr(args, k) for k in ("steps", "size", "lr") if getattr(args, k) is not None}
     res = feature_visualization(
@@ -298,13 +420,17 @@ def _run_filters(args: argparse.Namespace) -> int:
         param=args.param, transforms=() if args.no_transforms else "standard", diversity=args.diversity,
         seed=args.seed, progress=sys.stderr.isatty(), **options,
     )
-    stem = (res.layer if args.objective != "class" else "class").replace(".", "_")
-    paths = res.save(Path(args.out) / stem)
+    with run:
+        for p, w in feature_files(res, key):
+            run.write(key, p.name, w)
+        paths = [run.root / f for f in run.commit_image(key, name=key)]
+        run.finish()
+    by_name = {p.name: p for p in paths}
     for i, label in enumerate(res.labels):
         dead = "  (dead unit)" if res.dead[i] else ""
-        print(f"{label:<28} {res.kind} = {float(res.objective[i]):9.4g}  -> {paths[i]}{dead}")
-    print(f"grid: {paths[-1]}   arrays: {paths[-2]}")
-    return 0
+        png = next(p for n, p in by_name.items() if n.startswith(f"{key}_{i}_"))
+        print(f"{printable(label):<28} {res.kind} = {float(res.objective[i]):9.4g}  -> {printable(png)}{dead}")
+    print(f"grid: {printable(by_name[key + '_grid.png'])}   arrays: {printable(by_name[key + '.npy'])}")
     return 0
 
 
@@ -323,15 +449,16 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
         "--methods", default=",".join(METHODS), metavar="LIST",
         help=f"comma-separated techniques (default: {','.join(METHODS)})",
     )
-    _add_out(p, "an earlier run there is kept unless --force")
+    _add_out(p)
     p.add_argument(
         "--fast", action="store_true", help="lighter settings: coarser occlusion, fewer and smaller feature images"
     )
-    p.add_argument("--force", action="store_true", help="replace outputs of an earlier run in --out")
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from .explain import METHODS, check_outputs, collect_images, explain, image_keys
+    from types import SimpleNamespace
+
+    from .explain import METHODS, collect_images, explain, item_keys, run_writer
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -344,31 +471,37 @@ def _run_explain(args: argparse.Namespace) -> int:
     items, _ = collect_images(sources, warn=False)  # only to name the outputs; explain() warns
     if not items:
         raise ValueError("no image files to explain")
-    out = Path(args.out)
-    check_outputs(out, image_keys([name for name, _ in items]), force=args.force)  # before any work
+    planned = [SimpleNamespace(key=k, path=src) for k, (_, src) in zip(item_keys(items), items)]
+    run = run_writer(args.out, planned, force=args.force, settings=run_settings(args))  # before any work
     import time
 
     t0 = time.perf_counter()
     clf = load_classifier(args)
     load_s = time.perf_counter() - t0
-    report = explain(
-        sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer
-    )
-    report.timings["load_model_s"] = load_s
-    written = report.save(out, force=args.force)
+    with run:
+        report = explain(
+            sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer,
+            on_image=lambda rep, im: rep.save_image(run, im),  # each image lands as soon as it is done
+        )
+        report.timings["load_model_s"] = load_s
+        report.finish(run)
     for im in report.images:
         if "image" in im.errors:
             print(f"{im.name}: FAILED: {im.errors['image']}")
             continue
         top = im.predictions[0] if im.predictions else None
-        line = f"{im.name}: {top}" if top else im.name
+        line = f"{im.name}: {printable(top)}" if top else im.name
         for tech, msg in im.errors.items():
             line += f"\n  {tech} failed: {msg}"
         print(line)
+    for s in report.skipped:
+        print(f"skipped {s['path']}: {s['reason']}")
     n_bad = len(report.failed)
+    n_files = sum(len(f) for f in report._files.values())
     print(
-        f"wrote {out / 'report.html'} and {len(written) - 1} other files "
-        f"({len(report.images)} images, {n_bad} with errors, {report.timings['total_s']:.1f} s)"
+        f"wrote {printable(run.root / 'report.html')}, summary.json and {n_files} other files "
+        f"({len(report.images)} images, {n_bad} with errors, {len(report.skipped)} skipped, "
+        f"{report.timings['total_s']:.1f} s)"
     )
     return 1 if n_bad else 0
 
@@ -424,10 +557,10 @@ def _run_compare(args: argparse.Namespace) -> int:
     items, _ = collect_images(sources)
     if not items:
         raise ValueError("no image files to compare")
-    out = Path(args.out)
-    there = [out / f for f in COMPARE_FILES if (out / f).exists()]
-    if there and not args.force:
-        raise FileExistsError(f"{there[0]} exists from an earlier run; use --force or another --out")
+    from .outputs import RunWriter
+
+    run = RunWriter(args.out, "compare", files=COMPARE_FILES, force=args.force, settings=run_settings(args),
+                    inputs=[s for _, s in items])  # refused before any work
     import time
 
     t0 = time.perf_counter()
@@ -437,21 +570,23 @@ def _run_compare(args: argparse.Namespace) -> int:
         try:
             x = clf.preprocess(load_image(src))
         except (ImageError, OSError, ValueError) as e:
-            print(f"{name}: skipped: {e}", file=sys.stderr)
+            print(f"{printable(name)}: skipped: {printable(e)}", file=sys.stderr)
             failed += 1
             continue
         if len(items) > 1:
-            print(f"[{i}/{len(items)}] {name}", file=sys.stderr, flush=True)
+            print(f"[{i}/{len(items)}] {printable(name)}", file=sys.stderr, flush=True)
         parts.append(compare(clf, x, methods, target=args.target, steps=args.steps, baseline=args.baseline,
                              sanity=not args.no_sanity, names=[name]))
     if not parts:
         raise ValueError("none of the images could be read")
     result = merge(parts)
-    written = result.save(out)
+    with run:  # staged, then moved into place together (an earlier comparison replaced as a whole)
+        written = [run.root / run.add(None, p.name) for p in result.save(run.folder())]
+        run.finish()
     print(f"{clf.name}: {len(parts)} image{'s' if len(parts) != 1 else ''}, target "
           f"{', '.join(dict.fromkeys(result.labels))}\n")
     print(result.format_table())
-    print(f"\nwrote {', '.join(str(p) for p in written)} ({time.perf_counter() - t0:.1f} s)")
+    print(f"\nwrote {', '.join(printable(p) for p in written)} ({time.perf_counter() - t0:.1f} s)")
     errors = any(r.error for r in result.rows)
     return 1 if failed or errors else 0
 
@@ -498,10 +633,18 @@ def _run_serve(args: argparse.Namespace) -> int:
     server = Server(explorer, args.host, args.port)
     print(f"convlens explorer: {server.url}  ({len(explorer.images())} images, {explorer.clf.name}; Ctrl-C stops)",
           flush=True)
+    import signal
+
+    # Ctrl-C is how a server is stopped, not an interrupted run: uvicorn shuts down and hands the
+    # signal on, which the plain handler turns into the KeyboardInterrupt caught here (exit 0);
+    # SIGTERM keeps the CLI's meaning (143)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.run()
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print("convlens serve: stopped", file=sys.stderr)
     return 0
 
@@ -539,6 +682,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``convlens`` command; returns the exit code (0 ok, 1 some images failed or an
+    internal error, 2 bad input, 130 interrupted, 141 stdout closed)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while parsing or cleaning up
+        print("convlens: interrupted", file=sys.stderr)
+        return 128 + interrupt_signal()
+
+
+def interrupt_signal() -> int:
+    """The signal that ended the run: SIGTERM when ``kill`` stopped it, else SIGINT (Ctrl-C)."""
+    from .outputs import last_signal
+
+    return last_signal()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -548,21 +708,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose or args.debug else logging.WARNING,
         format="convlens: %(message)s",
     )
+    from .outputs import check_interrupt, interruptible
+
     try:
-        return args.run(args)
+        with interruptible():
+            rc = args.run(args)
+            sys.stdout.flush()  # a closed pipe shows here, not at exit
+            check_interrupt()  # a Ctrl-C that some library swallowed still ends the run as interrupted
+            return rc
     except KeyboardInterrupt:
         print("convlens: interrupted", file=sys.stderr)
-        return 130
+        return 128 + interrupt_signal()
+    except BrokenPipeError:  # `convlens predict | head`: the reader left; stop quietly
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except (ValueError, OSError, TypeError) as e:
         if args.debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"convlens: error: {msg}", file=sys.stderr)
+        print(f"convlens: error: {printable(msg)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:
         if args.debug:
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
+        first = printable((str(e).strip().splitlines() or [""])[0][:300])
         print(f"convlens: internal error: {type(e).__name__}: {first} (--debug shows the traceback)", file=sys.stderr)
         return 1
 

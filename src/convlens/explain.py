@@ -16,7 +16,6 @@ import contextlib
 import io
 import logging
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -27,9 +26,12 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from .checks import NonFiniteError, require_finite
 from .display import rich_display, short
 from .images import IMAGE_SUFFIXES, ImageError, ImageSource
 from .models import Classifier, Prediction, as_classifier, load_model
+from .outputs import RunWriter, check_interrupt, is_regular, printable, safe_key
+from .outputs import image_keys as _image_keys
 
 __all__ = ["METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "settings_for"]
 
@@ -196,9 +198,10 @@ def _first(channels: Any) -> Any:
 class ImageExplanation:
     """Everything computed for one image; ``errors`` maps ``"image"`` or a technique to its error."""
 
-    name: str
-    source: str | None
+    name: str  # display-safe (control characters and undecodable bytes escaped)
+    source: str | None  # display-safe path
     key: str  # the image's output folder, unique within a report
+    path: Any = field(default=None, repr=False)  # the path exactly as given (for the manifest)
     rgb: np.ndarray | None = None  # (H, W, 3) float32 in [0, 1], as the model saw it
     original_size: tuple[int, int] | None = None  # (width, height) before preprocessing
     predictions: list[Prediction] = field(default_factory=list)
@@ -245,6 +248,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     created: str = ""
     _png: dict[tuple[str, str], bytes] = field(default_factory=dict, repr=False)
+    _files: dict[str, list[str]] = field(default_factory=dict, repr=False)  # image key -> files written
 
     @property
     def failed(self) -> list[ImageExplanation]:
@@ -264,41 +268,49 @@ class Report:
         """The top-level outputs of :meth:`save` in ``directory`` (known before anything is computed)."""
         return planned_outputs(directory, [im.key for im in self.images])
 
+    def writer(self, directory: str | os.PathLike[str], *, force: bool = False) -> RunWriter:
+        """A :class:`convlens.outputs.RunWriter` for this report's files in ``directory``; raises
+        ``FileExistsError`` when ``directory`` holds an earlier run or a file of the same name
+        (unless ``force``), before anything is written."""
+        return run_writer(directory, self.images, force=force, settings=self.settings)
+
+    def save_image(self, run: RunWriter, im: ImageExplanation) -> list[str]:
+        """Stage one image's files (``input.png``, per technique a PNG and the raw ``.npy``) and
+        move its folder into place; returns its files relative to the output folder."""
+        from .outputs import npy_writer
+
+        for tech in ("input", *self.methods):
+            data = self.png(im, tech)
+            if data is not None:
+                run.write(im.key, f"{tech}.png", data)
+            for suffix, array in _arrays(im, tech):
+                run.write(im.key, f"{tech}{suffix}.npy", npy_writer(array))
+        self._files[im.key] = run.commit_image(im.key, name=im.name, source=im.path, ok=im.ok)
+        return self._files[im.key]
+
+    def finish(self, run: RunWriter) -> None:
+        """Write ``summary.json`` and ``report.html`` (they describe exactly the image files
+        written) and put everything in place, replacing an earlier run as a whole."""
+        from .report import render_html, summary_dict, to_json
+
+        run.write(None, "summary.json", to_json(summary_dict(self, self._files)).encode())
+        run.write(None, "report.html", render_html(self).encode())
+        run.finish()
+
     def save(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         """Write every output into ``directory``; returns the paths written.
 
         Per image, in its own folder: ``input.png`` and per technique a PNG and the raw ``.npy``;
-        then ``summary.json`` and ``report.html`` last, so they exist only for a finished save.
-        Every file is written atomically. Existing outputs are refused unless ``force``.
+        then ``summary.json`` and ``report.html``. Everything is staged and moved into place
+        (see :mod:`convlens.outputs`): an interrupted save leaves no half-written file. An earlier
+        run or a file of the same name in ``directory`` is refused unless ``force``.
         """
-        from .report import render_html, summary_dict, to_json
-        from .results import atomic_path, save_npy
-
-        directory = Path(directory)
-        check_outputs(directory, [im.key for im in self.images], force=force)
-        written: list[Path] = []
-
-        def write_bytes(path: Path, data: bytes) -> None:
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(data)
-            written.append(path)
-
-        files: dict[str, list[str]] = {}
-        for im in self.images:
-            folder = directory / im.key
-            mine: list[Path] = []
-            for tech in ("input", *self.methods):
-                data = self.png(im, tech)
-                if data is not None:
-                    write_bytes(folder / f"{tech}.png", data)
-                    mine.append(written[-1])
-                for suffix, array in _arrays(im, tech):
-                    written.append(save_npy(folder / f"{tech}{suffix}.npy", array))
-                    mine.append(written[-1])
-            files[im.key] = [p.relative_to(directory).as_posix() for p in mine]
-        write_bytes(directory / "summary.json", to_json(summary_dict(self, files)).encode())
-        write_bytes(directory / "report.html", render_html(self).encode())
-        return written
+        with self.writer(directory, force=force) as run:
+            for im in self.images:
+                self.save_image(run, im)
+            self.finish(run)
+        files = [f for im in self.images for f in self._files.get(im.key, [])]
+        return [run.root / f for f in (*files, "summary.json", "report.html")]
 
     def _repr_lines(self) -> list[str]:
         weights = f" ({short(self.weights)})" if self.weights else ""  # the file name, not where it is installed
@@ -318,24 +330,10 @@ class Report:
         return render_html(self, standalone=False)
 
 
-def _safe_name(name: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
-    return stem[:80]
-
-
-def image_keys(names: Sequence[str]) -> list[str]:
-    """Unique, file-system-safe folder names for images (``cat.jpg``, ``cat.jpg-2``, ...)."""
-    keys: list[str] = []
-    seen: set[str] = set()
-    for name in names:
-        base = _safe_name(name)
-        key, n = base, 1
-        while key.lower() in seen or key.lower() in ("summary.json", "report.html"):
-            n += 1
-            key = f"{base}-{n}"
-        seen.add(key.lower())
-        keys.append(key)
-    return keys
+def image_keys(names: Sequence[str], sources: Sequence[Any] | None = None) -> list[str]:
+    """Unique, file-system-safe folder names for images, from their whole file names
+    (:func:`convlens.outputs.image_keys`)."""
+    return _image_keys(names, sources)
 
 
 def planned_outputs(directory: str | os.PathLike[str], keys: Sequence[str]) -> list[Path]:
@@ -344,20 +342,14 @@ def planned_outputs(directory: str | os.PathLike[str], keys: Sequence[str]) -> l
     return [directory / "report.html", directory / "summary.json", *(directory / k for k in keys)]
 
 
-def check_outputs(directory: str | os.PathLike[str], keys: Sequence[str], *, force: bool = False) -> None:
-    """Raise ``FileExistsError`` when an output of this run already exists and ``force`` is off."""
-    if force:
-        return
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a folder")
-    there = [p for p in planned_outputs(directory, keys) if p.exists()]
-    if there:
-        names = ", ".join(p.name for p in there[:3]) + (f" and {len(there) - 3} more" if len(there) > 3 else "")
-        raise FileExistsError(
-            f"{directory} already holds {names} from an earlier run; use --force (force=True) to replace "
-            "them or choose another output folder"
-        )
+def run_writer(
+    directory: str | os.PathLike[str], images: Sequence[Any], *, force: bool = False,
+    settings: dict[str, Any] | None = None,
+) -> RunWriter:
+    """The checked :class:`RunWriter` of an explain run over ``images`` (items with ``key`` and
+    ``path``); raises before any work when ``directory`` cannot take the run."""
+    return RunWriter(directory, "explain", keys=[im.key for im in images], files=["report.html", "summary.json"],
+                     inputs=[im.path for im in images if im.path is not None], force=force, settings=settings or {})
 
 
 def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> bytes | None:
@@ -378,8 +370,8 @@ def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> 
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         return buf.getvalue()
     except Exception as e:  # a figure that cannot be drawn is an error of that technique, not of the run
-        log.warning("%s: cannot draw %s: %s", im.name, technique, e)
-        im.errors[technique] = f"drawing failed: {type(e).__name__}: {e}"
+        log.warning("%s: cannot draw %s: %s", im.name, technique, printable(e))
+        im.errors[technique] = printable(f"drawing failed: {type(e).__name__}: {e}")
         return None
 
 
@@ -389,7 +381,7 @@ def _arrays(im: ImageExplanation, technique: str) -> list[tuple[str, np.ndarray]
     if r is None:
         return []
     if technique == "activations":
-        return [(f"_{_safe_name(name)}", _np(t)[0]) for name, t in r.maps.items()]
+        return [(f"_{safe_key(name)[0]}", _np(t)[0]) for name, t in r.maps.items()]
     if technique == "filters":
         return [("", _np(r.images))]
     return [("", r.to_numpy()[0])]
@@ -400,14 +392,32 @@ def _np(t: Any) -> np.ndarray:
 
 
 # -- inputs -------------------------------------------------------------------------------
+def _unusable(f: Path) -> str | None:
+    """Why a folder entry cannot be explained, or ``None`` when it is an image file to try."""
+    if f.name.startswith("."):
+        return "hidden file"
+    if f.is_symlink() and not f.exists():
+        return "dangling symlink"
+    if f.is_dir():
+        return "a folder (folders are not searched)"
+    if not is_regular(f):
+        return "not a regular file (a FIFO, socket or device)"
+    if f.suffix.lower() not in IMAGE_SUFFIXES:
+        return "not an image file (suffix)"
+    if not os.access(f, os.R_OK):
+        return "not readable (permission denied)"
+    return None
+
+
 def collect_images(
     sources: Iterable[ImageSource], *, warn: bool = True
 ) -> tuple[list[tuple[str, ImageSource]], list[dict[str, str]]]:
     """Expand folders into their image files (by suffix, sorted, not recursive).
 
-    Returns ``([(name, source)], skipped)``: files in a folder without an image suffix are
-    skipped with a warning and listed in ``skipped``; a file named directly is always kept
-    (if it is no image, explaining it fails with a clear error).
+    Returns ``([(name, source)], skipped)``: every folder entry that is not used (hidden files,
+    dangling symlinks, subfolders, FIFOs and devices, files without an image suffix, unreadable
+    files) is listed in ``skipped`` with the reason (display-safe path), with a warning; a file
+    named directly is always kept (if it is no image, explaining it fails with a clear error).
     """
     items: list[tuple[str, ImageSource]] = []
     skipped: list[dict[str, str]] = []
@@ -416,14 +426,13 @@ def collect_images(
             path = Path(src)
             if path.is_dir():
                 for f in sorted(path.iterdir()):
-                    if f.name.startswith(".") or not f.is_file():
-                        continue
-                    if f.suffix.lower() in IMAGE_SUFFIXES:
+                    why = _unusable(f)
+                    if why is None:
                         items.append((f.name, f))
-                    else:
-                        if warn:
-                            log.warning("skipping %s: not an image file", f)
-                        skipped.append({"path": str(f), "reason": "not an image file (suffix)"})
+                        continue
+                    if warn:
+                        log.warning("skipping %s: %s", printable(f), why)
+                    skipped.append({"path": printable(f), "reason": why})
             else:
                 items.append((path.name, path))
         elif isinstance(src, Tensor):  # model-ready tensors: (3, H, W) or a batch (N, 3, H, W)
@@ -434,6 +443,11 @@ def collect_images(
             filename = getattr(src, "filename", "")  # a PIL image opened from a file knows its name
             items.append((Path(filename).name if filename else f"image {i + 1}", src))
     return items, skipped
+
+
+def item_keys(items: Sequence[tuple[str, ImageSource]]) -> list[str]:
+    """The output folder of each ``(name, source)`` from :func:`collect_images`."""
+    return image_keys([n for n, _ in items], [s if isinstance(s, (str, os.PathLike)) else n for n, s in items])
 
 
 def _versions() -> dict[str, str]:
@@ -465,6 +479,7 @@ def explain(
     progress: bool = False,
     layer: str | None = None,
     settings: dict[str, dict[str, Any]] | None = None,
+    on_image: Callable[[Report, ImageExplanation], None] | None = None,
 ) -> Report:
     """Explain each image with every technique in ``methods`` and gather the results.
 
@@ -472,8 +487,10 @@ def explain(
     bundled sample photo); ``classifier``: a :class:`Classifier` or ``nn.Module`` (default: the
     bundled EfficientNet-Lite0); ``target``: a class index or name for every image (default: each
     image's top-1); ``layer``: the Grad-CAM layer (default: automatic); ``settings``: per-technique
-    overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``). Errors are recorded per image
-    and technique, never raised; bad arguments raise :class:`ExplainError`.
+    overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``); ``on_image(report, image)``
+    is called as each image is done (the CLI saves it then). Errors (also NaN or infinite logits
+    or maps) are recorded per image and technique, never raised; bad arguments raise
+    :class:`ExplainError`.
 
     Example::
 
@@ -499,7 +516,7 @@ def explain(
         image_or_images = [image_or_images]
     items, skipped = collect_images(image_or_images)
     if not items:
-        more = f" ({len(skipped)} non-image files skipped)" if skipped else ""
+        more = f" ({len(skipped)} folder entries skipped: {skipped[0]['reason']}, ...)" if skipped else ""
         raise ExplainError(f"no image files to explain{more}")
 
     t0 = time.perf_counter()
@@ -511,7 +528,7 @@ def explain(
         from .layers import resolve_layer
 
         resolve_layer(clf.model, conf["gradcam"]["layer"])
-    keys = image_keys([name for name, _ in items])
+    keys = item_keys(items)
     report = Report(
         model=clf.name,
         weights=clf.weights,
@@ -540,10 +557,13 @@ def explain(
         with quiet:
             for (name, src), key in zip(items, keys):
                 if bar is not None:
-                    bar.set_postfix_str(name[:30])
+                    bar.set_postfix_str(printable(name)[:30])
                 report.images.append(
                     _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, run_cache)
                 )
+                check_interrupt()
+                if on_image is not None:
+                    on_image(report, report.images[-1])
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -567,7 +587,9 @@ def _explain_one(
     bar: Any,
     run_cache: dict[Any, Any] | None = None,
 ) -> ImageExplanation:
-    im = ImageExplanation(name=name, source=str(src) if isinstance(src, (str, os.PathLike)) else None, key=key)
+    is_path = isinstance(src, (str, os.PathLike))
+    im = ImageExplanation(name=printable(name), source=printable(src) if is_path else None, key=key,
+                          path=src if is_path else None)
     t0 = time.perf_counter()
     try:
         from .images import load_image
@@ -579,7 +601,7 @@ def _explain_one(
             x = clf.preprocess(pil)
             im.original_size = (pil.width, pil.height)
         im.rgb = clf.denormalise(x)[0].permute(1, 2, 0).float().cpu().numpy()
-        logits = clf.logits(x)
+        logits = require_finite(clf.logits(x), "the model's output")
         im.predictions = clf.predict(x, top=int(conf["predictions"]["top"]))[0]
         from .targets import resolve_target
 
@@ -593,13 +615,13 @@ def _explain_one(
             cam = conf["gradcam"]["layer"]
             cam = default_cam_layer(clf.model, x, table) if cam is None else resolve_layer(clf.model, cam)[0]
             cam_layers[shape] = (cam, pre_activation_layer(table, cam))
-    except ImageError as e:
-        im.errors["image"] = str(e)
-        log.warning("%s", e)
+    except (ImageError, NonFiniteError) as e:
+        im.errors["image"] = printable(e)
+        log.warning("%s: %s", im.name, im.errors["image"])
         return im
     except Exception as e:  # noqa: BLE001 -- one broken image never stops the others
-        im.errors["image"] = f"{type(e).__name__}: {e}"
-        log.warning("%s: %s", name, im.errors["image"], exc_info=log.isEnabledFor(logging.DEBUG))
+        im.errors["image"] = printable(f"{type(e).__name__}: {e}")
+        log.warning("%s: %s", im.name, im.errors["image"], exc_info=log.isEnabledFor(logging.DEBUG))
         return im
     finally:
         im.timings["prepare_s"] = time.perf_counter() - t0
@@ -616,18 +638,32 @@ def _explain_one(
     }
     for tech in methods:
         if bar is not None:
-            bar.set_postfix_str(f"{name[:24]}: {tech}")
+            bar.set_postfix_str(f"{printable(name)[:24]}: {tech}")
         t1 = time.perf_counter()
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                im.results[tech] = RUNNERS[tech](clf, x, ctx, conf[tech])
-            notes = list(dict.fromkeys(str(w.message) for w in caught))
+                im.results[tech] = _finite(RUNNERS[tech](clf, x, ctx, conf[tech]), tech)
+            notes = list(dict.fromkeys(printable(w.message) for w in caught))
             if notes:
                 im.notes[tech] = notes
+        except NonFiniteError as e:
+            im.errors[tech] = printable(e)
+            log.warning("%s: %s failed: %s", im.name, tech, im.errors[tech])
         except Exception as e:  # noqa: BLE001 -- recorded, reported, and the run goes on
-            im.errors[tech] = f"{type(e).__name__}: {e}"
-            log.warning("%s: %s failed: %s", name, tech, im.errors[tech], exc_info=log.isEnabledFor(logging.DEBUG))
+            im.errors[tech] = printable(f"{type(e).__name__}: {e}")
+            log.warning("%s: %s failed: %s", im.name, tech, im.errors[tech], exc_info=log.isEnabledFor(logging.DEBUG))
         im.timings[f"{tech}_s"] = time.perf_counter() - t1
+        check_interrupt()
     im.timings["total_s"] = time.perf_counter() - t0
     return im
+
+
+def _finite(result: Any, tech: str) -> Any:
+    """``result`` when every map or image in it is finite; else :class:`NonFiniteError`."""
+    tensors = result.maps if isinstance(getattr(result, "maps", None), dict) else {
+        "": getattr(result, "maps", getattr(result, "images", None))}
+    for name, t in tensors.items():
+        if isinstance(t, Tensor):
+            require_finite(t, f"the {tech} map{' of ' + name if name else ''}")
+    return result

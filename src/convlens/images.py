@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -13,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
-    "IMAGE_SUFFIXES", "MAX_PIXELS", "ImageError", "ImageSource", "load_image", "sample_image", "sample_image_path",
+    "FORMATS", "IMAGE_SUFFIXES", "MAX_PIXELS", "ImageError",
+    "ImageSource", "load_image", "sample_image", "sample_image_path",
 ]
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]  # noqa: UP007 (a runtime alias on 3.10)
@@ -21,6 +23,10 @@ ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]  # noqa: U
 #: Larger images are refused (a 20k x 20k photo is 400 Mpx; this is about 9500 x 9500).
 MAX_PIXELS = 90_000_000
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
+#: The only Pillow decoders convlens lets open a file (``JPEG`` includes the MPO files of many
+#: cameras; ``PPM`` reads PPM/PGM/PNM). Whatever a file's content looks like, no other plugin
+#: runs, in particular none that calls an external program (EPS/PS would start Ghostscript).
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 
 class ImageError(ValueError):
@@ -45,19 +51,22 @@ def _open(source: str | os.PathLike | bytes, label: str) -> Image.Image:
     else:
         path = Path(source)
         if not path.exists():
-            raise ImageError(f"{label}: no such file")
+            raise ImageError(f"{label}: " + ("a dangling symlink" if path.is_symlink() else "no such file"))
         if path.is_dir():
             raise ImageError(f"{label}: is a folder, not an image file")
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block, a device never end
+            raise ImageError(f"{label}: not a regular file (a FIFO, socket or device)")
         if path.stat().st_size == 0:
             raise ImageError(f"{label}: the file is empty")
         fp = path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            img = Image.open(fp, formats=FORMATS)
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         if isinstance(e, UnidentifiedImageError):
-            raise ImageError(f"{label}: not an image file Pillow can read") from None
+            raise ImageError(
+                f"{label}: not an image in a supported format ({', '.join(FORMATS)})") from None
         raise ImageError(f"{label}: the image is too large to decode safely") from None
     except OSError as e:
         raise ImageError(f"{label}: cannot read the file ({e})") from None

@@ -239,8 +239,14 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from e
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta holds no data; xla and others are not supported
+        raise ModelError(f"device {str(device)!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("CUDA was asked for but no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"there is no {dev}: {torch.cuda.device_count()} CUDA device(s) are available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("MPS (Apple GPU) was asked for but is not available here; use --device cpu")
     return dev
 
 
@@ -283,6 +289,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
 def _load_into(model: nn.Module, sd: dict[str, Tensor], source: str) -> None:
     own = model.state_dict()
+    # BatchNorm's counter is optional in a checkpoint (older torch did not save it; torch's own
+    # strict load fills it in): keep the model's value rather than refusing the file
+    absent = [k for k in own if k not in sd and k.rsplit(".", 1)[-1] == "num_batches_tracked"]
+    if absent:
+        sd = {**sd, **{k: own[k].clone() for k in absent}}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]

@@ -15,6 +15,8 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .outputs import printable
+
 if TYPE_CHECKING:
     from .explain import ImageExplanation, Report
 
@@ -82,7 +84,7 @@ NOTEBOOK_CSS = """
 
 
 def _e(value: Any) -> str:
-    return escape(str(value), quote=True)
+    return escape(printable(value), quote=True)  # control characters and undecodable bytes escaped too
 
 
 def _img(png: bytes | None, alt: str) -> str:
@@ -135,7 +137,9 @@ def _predictions(im: ImageExplanation) -> str:
 
 
 def _image_section(report: Report, im: ImageExplanation) -> str:
-    parts = [f'<section class="image" id="img-{_e(im.key)}"><h2>{_e(im.name)}</h2>']
+    # the anchor is the image's position: a folder name may hold spaces, which an id cannot
+    anchor = f"img-{next(i for i, other in enumerate(report.images) if other is im)}"
+    parts = [f'<section class="image" id="{anchor}"><h2>{_e(im.name)}</h2>']
     if "image" in im.errors:
         msg = _e(im.errors["image"])
         parts.append(f'<div class="error"><strong>Could not explain this image:</strong> {msg}</div>')
@@ -187,7 +191,7 @@ def _body(report: Report) -> str:
     if bad:
         status += f", <strong style=\"color:var(--bad)\">{bad} with errors</strong>"
     if report.skipped:
-        status += f", {len(report.skipped)} non-image file{'s' if len(report.skipped) != 1 else ''} skipped"
+        status += f", {len(report.skipped)} folder entr{'ies' if len(report.skipped) != 1 else 'y'} skipped"
     total = report.timings.get("total_s")
     if total is not None:
         status += f" in {total:.1f} s"
@@ -200,8 +204,8 @@ def _body(report: Report) -> str:
     ]
     if n > 1:
         links = "".join(
-            f'<li><a href="#img-{_e(im.key)}"{" class=bad" if not im.ok else ""}>{_e(im.name)}</a></li>'
-            for im in report.images
+            f'<li><a href="#img-{i}"{" class=bad" if not im.ok else ""}>{_e(im.name)}</a></li>'
+            for i, im in enumerate(report.images)
         )
         out.append(f"<nav><ul>{links}</ul></nav>")
     out.append("</header>")
@@ -277,10 +281,12 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
+        return {printable(k): _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
-    if v is None or isinstance(v, (str, int, float, bool)):
+    if isinstance(v, str):
+        return printable(v)  # valid UTF-8 JSON, no terminal escapes, whatever the file names hold
+    if v is None or isinstance(v, (int, float, bool)):
         return v
     if hasattr(v, "tolist"):
         return _clean(v.tolist())

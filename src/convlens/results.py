@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor
 
+from . import outputs
 from .display import caption, rich_display, short
 
 if TYPE_CHECKING:
@@ -21,38 +20,20 @@ if TYPE_CHECKING:
 __all__ = ["Saliency", "Activations", "FeatureImages", "atomic_path", "save_npy", "save_figure"]
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds,
-    so an interrupted write never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); outputs get the usual permissions under the umask
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    so an interrupted write never leaves a half-written file (see :mod:`convlens.outputs`)."""
+    return outputs.atomic_path(path)
 
 
 def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     """Write ``array`` to ``path`` (``.npy``) atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-    return Path(path)
+    return outputs.write_file(path, outputs.npy_writer(array))
 
 
 def save_figure(path: str | os.PathLike[str], fig: Figure, *, dpi: int = 120) -> Path:
     """Write a matplotlib figure as PNG atomically."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    return Path(path)
+    return outputs.write_file(path, outputs.figure_writer(fig, dpi))
 
 
 @rich_display
@@ -96,20 +77,16 @@ class Saliency:
         n = self.maps.shape[0]
         return caption(self) + (f" · showing row 0 of {n}: .plot(i) for the others" if n > 1 else "")
 
-    def save(self, path: str | os.PathLike[str], *, index: int | None = None, **plot_args: Any) -> list[Path]:
-        """Write ``<path>.png`` (the figure) and ``<path>.npy`` (raw maps) per image.
+    def save(
+        self, path: str | os.PathLike[str], *, index: int | None = None, force: bool = False, **plot_args: Any
+    ) -> list[Path]:
+        """Write ``<path>.png`` (the figure) and ``<path>.npy`` (raw maps) per image; the whole name
+        is kept (``cam.v2`` -> ``cam.v2.png``), only a ``.png``/``.npy`` suffix is dropped.
 
-        With several images the index is appended (``gradcam_0.png``...). Returns the paths.
+        With several images the index is appended (``gradcam_0.png``...). A file convlens did not
+        write is refused unless ``force``. Returns the paths.
         """
-        base = Path(path)
-        base = base.with_suffix("") if base.suffix in (".png", ".npy") else base
-        indices = range(self.maps.shape[0]) if index is None else [index]
-        written = []
-        for i in indices:
-            stem = base if len(indices) == 1 else base.with_name(f"{base.name}_{i}")
-            written.append(save_figure(stem.with_suffix(".png"), self.plot(i, **plot_args)))
-            written.append(save_npy(stem.with_suffix(".npy"), self.to_numpy()[i]))
-        return written
+        return outputs.save_files(outputs.saliency_files(self, path, index=index, **plot_args), force=force)
 
 
 @rich_display
@@ -176,19 +153,13 @@ class Activations:
         )
 
     def save(
-        self, directory: str | os.PathLike[str], *, prefix: str = "activations", **plot_args: Any
+        self, directory: str | os.PathLike[str], *, prefix: str = "activations", force: bool = False,
+        **plot_args: Any,
     ) -> list[Path]:
         """Write ``<prefix>_<layer>.npy`` (N, C, h, w) per layer and ``<prefix>.png`` (one grid
-        per image: ``<prefix>_<i>.png`` when there are several). Returns the paths."""
-        d = Path(directory)
-        written = []
-        for name, arr in self.to_numpy().items():
-            written.append(save_npy(d / f"{prefix}_{name}.npy", arr))
-        n = self.images.shape[0]
-        for i in range(n):
-            png = d / (f"{prefix}.png" if n == 1 else f"{prefix}_{i}.png")
-            written.append(save_figure(png, self.plot(i, **plot_args)))
-        return written
+        per image: ``<prefix>_<i>.png`` when there are several). A file convlens did not write is
+        refused unless ``force``. Returns the paths."""
+        return outputs.save_files(outputs.activations_files(self, directory, prefix=prefix, **plot_args), force=force)
 
 
 @rich_display
@@ -250,20 +221,9 @@ class FeatureImages:
         ]
         return f"{self.kind} objective at {self.layer} · " + ", ".join(knobs)
 
-    def save(self, path: str | os.PathLike[str]) -> list[Path]:
+    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         """Write ``<path>_<i>_c<channel>.png`` per image (the exact pixels, 1:1, via PIL),
-        ``<path>.npy`` (all images, float32) and ``<path>_grid.png`` (the labelled figure)."""
-        from PIL import Image
-
-        base = Path(path)
-        base = base.with_suffix("") if base.suffix in (".png", ".npy") else base
-        written = []
-        for i, unit in enumerate(self.channels):
-            tag = "layer" if unit is None else f"c{unit}"
-            out = base.with_name(f"{base.name}_{i}_{tag}.png")
-            with atomic_path(out) as tmp:
-                Image.fromarray(self.uint8(i), mode="RGB").save(tmp, format="PNG")
-            written.append(out)
-        written.append(save_npy(base.with_suffix(".npy"), self.to_numpy()))
-        written.append(save_figure(base.with_name(f"{base.name}_grid.png"), self.plot()))
-        return written
+        ``<path>.npy`` (all images, float32) and ``<path>_grid.png`` (the labelled figure); the
+        whole name is kept (``blocks.4`` -> ``blocks.4.npy``). A file convlens did not write is
+        refused unless ``force``."""
+        return outputs.save_files(outputs.feature_files(self, path), force=force)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
+from ..checks import require_finite, warn_constant
 from ..hooks import LayerCapture, model_guard
 from ..layers import LayerError, LayerSpec, find_stages, forget, remembered, resolve_layers
 from ..models import Classifier, as_classifier
@@ -62,7 +63,9 @@ def activations(
         n, shape = next(iter(not_maps.items()))
         raise LayerError(f"layer {n!r} outputs shape {shape}, not an (N, C, h, w) map")
     # hooks fire in execution order: the dict keeps the order in which the network computed them
-    maps = {n: t.detach().float() for n, t in outputs.items()}
+    maps = {n: require_finite(t.detach().float(), f"the output of {n}") for n, t in outputs.items()}
+    for n, t in maps.items():
+        warn_constant(t, f"activations of {n}", "every channel holds one value")
     log.info("activations of %s", ", ".join(f"{n} {tuple(t.shape[1:])}" for n, t in maps.items()))
     return Activations(
         maps=maps,

@@ -19,7 +19,6 @@ The eps values and Score-CAM's softmax over channels follow pytorch-grad-cam, so
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import require_finite, warn_constant
 from ..hooks import LayerCapture, model_guard
 from ..layers import LayerError, LayerSpec, default_cam_layer, forget, remembered, resolve_layer
 from ..models import Classifier, as_classifier
@@ -271,13 +271,14 @@ def grad_cam(
             raise ValueError(
                 "the model's output is not (N, classes) logits; pass a callable target that scores it"
             )
+        require_finite(out, "the model's output")
         rows = _rows(clf, target, top, out)
         settings: dict[str, object] = {"image_index": rows.image, "layer_shape": tuple(a.shape[1:])}
         if top is not None:
             settings["top"] = top
         with torch.no_grad():
             if needs_grad:
-                g = _gradients(out, a, rows)
+                g = require_finite(_gradients(out, a, rows), f"the gradient at {name}")
                 raw, maps = cam_from_layer(method, a.detach()[rows.image], g, x.shape[-2:])
             elif method == "eigencam":
                 raw, maps = cam_from_layer(method, a.detach(), None, x.shape[-2:])
@@ -287,15 +288,7 @@ def grad_cam(
                 raw = torch.nan_to_num((w[:, :, None, None] * a.detach()[rows.image]).sum(1)).clamp(min=0)
                 maps = F.interpolate(raw[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
                 settings["batch_size"] = bs
-    flat = raw.flatten(1)
-    constant = ((flat.max(1).values - flat.min(1).values) <= 0).nonzero()[:, 0].tolist()
-    if constant:
-        warnings.warn(
-            f"{method} map is constant (all {float(flat[constant[0], 0]):g}) for rows {constant}: "
-            f"nothing at {name} supports the target",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    warn_constant(raw, method, f"nothing at {name} supports the target")
     images = clf.denormalise(x.detach())[rows.image]
     return Saliency(
         maps=maps.float(),

@@ -55,6 +55,10 @@ Transform = Callable[[Tensor, torch.Generator], Tensor]
 _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 _COLOR = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
 
+#: the largest image side: a 1024 px Fourier image already takes seconds per step on a CPU, and a
+#: side of 100000 would ask for tens of gigabytes
+MAX_SIZE = 1024
+
 
 # -- robustness transforms ------------------------------------------------------------------
 def pad(width: int, mode: str = "reflect", value: float = 0.5) -> Transform:
@@ -319,8 +323,8 @@ def feature_visualization(
         raise ValueError(f"param must be one of {PARAMS}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError("steps must be a positive integer")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
-        raise ValueError("size must be an integer >= 16 pixels")
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= MAX_SIZE:
+        raise ValueError(f"size must be an integer from 16 to {MAX_SIZE} pixels, not {size!r}")
     if not lr > 0 or not math.isfinite(lr):
         raise ValueError("lr must be positive")
     if not diversity >= 0:

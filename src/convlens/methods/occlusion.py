@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..baselines import BASELINES, make_baseline  # noqa: F401 -- BASELINES: the old name
+from ..baselines import BASELINES, MAX_BASELINE, make_baseline  # noqa: F401 -- BASELINES: the old name
 from ..baselines import gaussian_blur as _gaussian_blur  # noqa: F401 -- the old name
+from ..checks import require_finite, warn_constant
 from ..hooks import model_guard
 from ..models import Classifier, as_classifier
 from ..results import Saliency
@@ -215,6 +216,7 @@ def occlusion(
         logits = model(x)
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise ValueError("the model must return logits of shape (N, classes)")
+        require_finite(logits, "the model's output")
         resolved = resolve_target(clf, target, n, logits)
         scorers = [_Scorer(score, resolved.indices[i], resolved.fn) for i in range(n)]
         clean = torch.stack([scorers[i](logits[i : i + 1])[0] for i in range(n)])
@@ -243,7 +245,8 @@ def occlusion(
             if hasattr(evaluator, "close"):
                 evaluator.close()
 
-    raw = drops.view(n, len(starts_y), len(starts_x))
+    raw = require_finite(drops.view(n, len(starts_y), len(starts_x)), "the occlusion drops")
+    warn_constant(raw, "occlusion", "hiding any window changes nothing; try a larger patch or another baseline")
     acc = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
     ay = _coverage_matrix(height, ph, starts_y, acc, x.device)
     ax = _coverage_matrix(width, pw, starts_x, acc, x.device)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import require_finite
 from ..hooks import LayerCapture, model_guard
 from ..images import ImageError, load_image
 from ..layers import LayerError, default_cam_layer, layer_table, resolve_layer
@@ -311,6 +312,7 @@ class Explorer:
             raise LayerError(f"layer {name!r} outputs shape {tuple(a.shape)}; CAMs need a (N, C, h, w) map")
         if not isinstance(out, Tensor) or out.dim() != 2:
             raise ValueError("the model's output is not (N, classes) logits")
+        require_finite(out, "the model's output")  # as grad_cam does
         return self._graphs.put(key, _Graph(out, a))
 
     def logits(self, image_id: str) -> Tensor:
@@ -335,7 +337,7 @@ class Explorer:
             seed = torch.zeros_like(g.out)
             seed[0, cls] = 1.0
             (grad,) = torch.autograd.grad(g.out, g.a, grad_outputs=seed, retain_graph=True)
-            g.grads.put(cls, grad)
+            g.grads.put(cls, require_finite(grad, "the gradient at the layer"))
         return grad
 
     def class_index(self, image_id: str, cls: int | str | None) -> int:

@@ -1,0 +1,51 @@
+"""Checks every technique shares: non-finite numbers are errors, constant maps are warnings."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = ["NonFiniteError", "require_finite", "warn_constant"]
+
+
+class NonFiniteError(ValueError):
+    """NaN or infinity in a model's output or in a map: the result would be meaningless."""
+
+
+def require_finite(t: Tensor, what: str) -> Tensor:
+    """Return ``t`` when all its values are finite, else raise :class:`NonFiniteError` saying
+    what holds how many NaN/inf values (a checkpoint with NaN weights, an overflowing baseline).
+
+    Example::
+
+        logits = require_finite(model(x), "the model's output")
+    """
+    bad = ~torch.isfinite(t.detach())
+    if bool(bad.any()):
+        nan = int(torch.isnan(t.detach()).sum())
+        raise NonFiniteError(
+            f"{what} holds {nan} NaN and {int(bad.sum()) - nan} infinite values of {t.numel()}"
+            " (broken weights or an extreme input?)"
+        )
+    return t
+
+
+def warn_constant(maps: Tensor, method: str, why: str = "nothing supports the target") -> list[int]:
+    """Warn (``RuntimeWarning``) when a row of ``maps`` (N, ...) holds one value only: such a map
+    says nothing. Returns the constant rows.
+
+    Example::
+
+        warn_constant(result.raw, "occlusion")
+    """
+    flat = maps.detach().flatten(1)
+    constant = ((flat.max(1).values - flat.min(1).values) <= 0).nonzero()[:, 0].tolist()
+    if constant:
+        warnings.warn(
+            f"{method} map is constant (all {float(flat[constant[0], 0]):g}) for rows {constant}: {why}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return constant

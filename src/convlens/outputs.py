@@ -1,0 +1,632 @@
+"""The one rule for the files convlens writes: names, uniqueness, staging, manifest, ``--force``.
+
+Naming: every image gets a *key*, its whole file name made safe (``cat.v2.jpg`` -> ``cat.v2.jpg``);
+its results go into the folder ``<out>/<key>/`` (``gradcam.png``, ``gradcam.npy``, ...). A name that
+had to be changed (control characters, undecodable bytes, ``/ \\ : * ? " < > |``, a leading dot,
+over :data:`MAX_KEY_BYTES` bytes) or that repeats an earlier key of the run (``a/cat.png`` and
+``b/cat.png``, also differing only in case) gets ``~`` and 8 hex digits of the SHA-1 of the
+source's full path, so keys are unique within a run and the same for the same inputs.
+
+A run (:class:`RunWriter`) writes into ``<out>/.convlens-staging-XXXX/`` and renames each image's
+folder into place when it is complete; ``<out>/.convlens-manifest.json`` lists what is there. An
+``--out`` that holds an earlier run, or any entry this run would write, is refused unless
+``force``; with ``force`` the earlier run is replaced as a whole at the end (its entries are
+moved aside, the new ones moved in, then the old ones deleted, with Ctrl-C held back for those
+few renames), so an interrupted run leaves the old run or the new, never a mix. Entries are moved,
+never written through: a symlink in ``--out`` is replaced as a link, its target untouched.
+Library ``save()`` calls write each file to a temporary name beside it and rename it; they refuse
+a file they did not write in this process unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+__all__ = [
+    "MANIFEST", "MAX_KEY_BYTES", "RunWriter", "atomic_path", "check_interrupt", "hold_interrupts", "image_keys",
+    "interruptible", "manifest_entries", "printable", "resolve_out", "safe_key", "save_files", "write_file",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = ".convlens-manifest.json"
+STAGING_PREFIX = ".convlens-staging-"
+#: top-level names no image key may take (compared case-insensitively)
+RESERVED = frozenset({"report.html", "summary.json", MANIFEST})
+MAX_KEY_BYTES = 120
+_BAD_CHARS = set('/\\:*?"<>|')
+
+Writer = Callable[[IO[bytes]], None]
+
+
+# -- names ----------------------------------------------------------------------------------
+def printable(text: Any) -> str:
+    """``text`` safe to print, log, or put in JSON and HTML: undecodable bytes (surrogate escapes
+    from ``os.fsdecode``) become ``\\xNN``, control and format characters (terminal escapes, bidi
+    overrides, newlines) become ``\\xNN``/``\\uNNNN``; everything else is kept.
+
+    Example::
+
+        printable("a\\x1b[31mb.jpg")  # 'a\\\\x1b[31mb.jpg'
+    """
+    out = []
+    for ch in str(text):
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _digest(source: Any) -> str:
+    raw = os.fsencode(os.path.abspath(source)) if isinstance(source, (str, os.PathLike)) else str(source).encode(
+        "utf-8", "surrogateescape")
+    return hashlib.sha1(raw).hexdigest()[:8]
+
+
+def safe_key(name: str) -> tuple[str, bool]:
+    """``(key, changed)``: ``name`` as one safe path component, and whether it had to change.
+
+    Keeps letters of any script, digits, spaces and punctuation; replaces path separators,
+    characters Windows forbids, control/format characters and undecodable bytes by ``_``; a
+    leading dot or space by ``_``; cuts to :data:`MAX_KEY_BYTES` UTF-8 bytes.
+
+    Example::
+
+        safe_key("cat.v2.jpg")  # ('cat.v2.jpg', False)
+    """
+    chars = []
+    for ch in name:
+        o = ord(ch)
+        bad = ch in _BAD_CHARS or 0xD800 <= o <= 0xDFFF or unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+        chars.append("_" if bad else ch)
+    key = "".join(chars).rstrip(" .")
+    if key[:1] in (".", " ", "-"):
+        key = "_" + key[1:]
+    data = key.encode("utf-8")
+    if len(data) > MAX_KEY_BYTES:
+        key = data[:MAX_KEY_BYTES].decode("utf-8", "ignore").rstrip(" .")
+    key = key or "image"
+    return key, key != name
+
+
+def image_keys(names: Sequence[str], sources: Sequence[Any] | None = None) -> list[str]:
+    """Unique keys (folder names) for a run's images, from their whole file names.
+
+    A changed or repeated name gets ``~`` and 8 hex digits of the SHA-1 of its source's absolute
+    path (its name when there is no path), then ``-2``, ``-3`` if that still repeats.
+
+    Example::
+
+        image_keys(["cat.png", "cat.png"], ["a/cat.png", "b/cat.png"])  # ['cat.png', 'cat.png~1b2c...']
+    """
+    sources = list(sources) if sources is not None else list(names)
+    keys: list[str] = []
+    seen = {r.lower() for r in RESERVED}
+    for name, src in zip(names, sources):
+        base, changed = safe_key(str(name))
+        key = base
+        if changed or key.lower() in seen or key.lower().startswith(STAGING_PREFIX):
+            key = f"{base}~{_digest(src)}"
+        n = 1
+        while key.lower() in seen:
+            n += 1
+            key = f"{base}~{_digest(src)}-{n}"
+        seen.add(key.lower())
+        keys.append(key)
+    return keys
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------
+_state = threading.local()
+_pending: dict[str, Any] = {"interrupt": False, "signal": signal.SIGINT}
+
+
+def last_signal() -> int:
+    """The signal behind the last interrupt (``SIGINT`` or ``SIGTERM``)."""
+    return int(_pending["signal"])
+
+
+def check_interrupt() -> None:
+    """Raise ``KeyboardInterrupt`` when a Ctrl-C arrived that something swallowed (a weakref
+    callback, a ``finally`` in third-party code). Called between steps of a run."""
+    if _pending["interrupt"]:
+        _pending["interrupt"] = False
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Within the block, Ctrl-C (and ``SIGTERM``) raises ``KeyboardInterrupt`` and is also
+    remembered, so :func:`check_interrupt` re-raises it if it was swallowed. The CLI wraps each
+    command in it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        _pending["interrupt"], _pending["signal"] = True, signum
+        if getattr(_state, "held", 0):
+            return  # raised when the held section ends
+        raise KeyboardInterrupt
+
+    def unraisable(info: Any) -> None:
+        # a Ctrl-C that lands in a weakref callback or __del__ cannot propagate: Python would print
+        # "Exception ignored in ..." and go on; it is remembered (handler) and raised at the next step
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            _pending["interrupt"] = True
+            return
+        old_hook(info)
+
+    _pending["interrupt"], _pending["signal"] = False, signal.SIGINT
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+        sys.unraisablehook = old_hook
+
+
+@contextlib.contextmanager
+def hold_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C back during a few renames that must happen together; it is raised after."""
+    _state.held = getattr(_state, "held", 0) + 1
+    try:
+        yield
+    finally:
+        _state.held -= 1
+    if not _state.held:
+        check_interrupt()
+
+
+# -- single files -----------------------------------------------------------------------------
+_WRITTEN: set[str] = set()  # resolved paths this process wrote: a library save() may replace them
+
+
+def _umask_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; it is renamed to ``path`` only if the block
+    succeeds (an existing ``path``, even a symlink, is replaced, never written through), so an
+    interrupted write never leaves a half-written file.
+
+    Example::
+
+        with atomic_path("out/a.txt") as tmp: tmp.write_text("hi")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ""
+    try:
+        # a short temporary name: a 240-byte output name must not make a 260-byte temporary one
+        fd, tmp = tempfile.mkstemp(prefix=".convlens-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, _umask_mode())  # mkstemp makes the file private (0600)
+        yield Path(tmp)
+        os.replace(tmp, path)
+        _WRITTEN.add(os.path.realpath(path))
+    finally:
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def write_file(path: str | os.PathLike[str], data: bytes | Writer) -> Path:
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data) if isinstance(data, (bytes, bytearray)) else data(f)
+    return Path(path)
+
+
+def npy_writer(array: np.ndarray) -> Writer:
+    """A writer of ``array`` as ``.npy``."""
+    return lambda f: np.save(f, np.asarray(array))
+
+
+def figure_writer(fig: Any, dpi: int = 120) -> Writer:
+    """A writer of a matplotlib figure as PNG."""
+    return lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+
+
+def png_writer(rgb_uint8: np.ndarray) -> Writer:
+    """A writer of an (H, W, 3) uint8 array as PNG, pixel for pixel."""
+    from PIL import Image
+
+    return lambda f: Image.fromarray(rgb_uint8, mode="RGB").save(f, format="PNG")
+
+
+def save_files(files: Sequence[tuple[Path, Writer | bytes]], *, force: bool = False) -> list[Path]:
+    """Write ``files`` (``(path, data)``) for a library ``save()``: first check that none would
+    replace a file this process did not write (unless ``force``), then write each atomically.
+
+    Example::
+
+        save_files([(Path("out/cam.png"), png_bytes)])
+    """
+    paths = [Path(p) for p, _ in files]
+    if len({os.path.realpath(p) for p in paths}) != len(paths):
+        raise ValueError("two outputs of one save() would have the same name")
+    for p in paths:
+        real = os.path.realpath(p)
+        if os.path.lexists(p) and not force:
+            if os.path.isdir(p) and not os.path.islink(p):
+                raise IsADirectoryError(f"{printable(p)} is a folder")
+            if os.path.islink(p) or real not in _WRITTEN:
+                raise FileExistsError(
+                    f"{printable(p)} exists and convlens did not write it; pass force=True to replace it")
+        elif not os.path.lexists(p):
+            _check_parent(p.parent)
+    written = []
+    for p, data in files:
+        check_interrupt()
+        written.append(write_file(p, data))
+    return written
+
+
+def _check_parent(folder: Path) -> None:
+    probe = Path(os.path.realpath(folder))
+    while not probe.exists():
+        if os.path.lexists(probe):
+            raise NotADirectoryError(f"{printable(folder)}: a dangling symlink is in the way")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"{printable(folder)}: {printable(probe)} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"{printable(folder)}: cannot write in {printable(probe)}")
+
+
+def resolve_out(path: str | os.PathLike[str]) -> Path:
+    """The output folder with symlinks and ``..`` resolved, checked before any work: it must be a
+    folder or creatable (no file or dangling symlink in the way) and writable.
+
+    Example::
+
+        resolve_out("out/nonexist/../o")  # Path('/abs/out/o'); creates nothing
+    """
+    p = Path(path)
+    if os.path.islink(p) and not p.exists():
+        raise NotADirectoryError(f"--out {printable(p)} is a dangling symlink")
+    real = Path(os.path.realpath(p))
+    if real.exists() and not real.is_dir():
+        raise NotADirectoryError(f"--out {printable(p)} exists and is not a folder")
+    _check_parent(real)
+    return real
+
+
+# -- a run ----------------------------------------------------------------------------------
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    if not os.path.lexists(path):
+        return None
+    try:
+        if path.is_symlink() or not path.is_file():
+            raise ValueError
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("format") != "convlens-manifest":
+            raise ValueError
+        return data
+    except (OSError, ValueError):
+        return {"format": "damaged", "files": [], "images": []}
+
+
+def manifest_entries(manifest: dict[str, Any]) -> list[str]:
+    """The top-level names a manifest's run owns: its files and one folder per image. Only plain
+    names count: a manifest that was edited to say ``../elsewhere`` never reaches outside ``out``."""
+    names = [*manifest.get("files", []), *(im.get("key") for im in manifest.get("images", []) if im.get("files"))]
+    return [n for n in names if isinstance(n, str) and n not in ("", ".", "..", MANIFEST)
+            and not set(n) & {"/", "\\", "\0"} and not n.startswith(STAGING_PREFIX)]
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
+@dataclass
+class RunWriter:
+    """The outputs of one run in ``out``: check, stage, commit, manifest.
+
+    ``keys``: the image folders the run may write; ``files``: its top-level files (``report.html``,
+    ``summary.json``); ``inputs``: the run's input paths, which are never replaced. The checks run
+    at construction, before any work; nothing is created until the first write.
+
+    Example::
+
+        with RunWriter("out", "gradcam", keys=["cat.jpg"]) as run:
+            run.write("cat.jpg", "gradcam.png", png_bytes); run.commit_image("cat.jpg", name="cat.jpg")
+    """
+
+    out: str | os.PathLike[str]
+    command: str
+    keys: Sequence[str] = ()
+    files: Sequence[str] = ()
+    inputs: Sequence[Any] = ()
+    force: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)  # what produced the run (for a later resume)
+    root: Path = field(init=False)
+    _old: dict[str, Any] | None = field(init=False, default=None)
+    _replace: list[str] = field(init=False, default_factory=list)
+    _staging: Path | None = field(init=False, default=None)
+    _created_out: bool = field(init=False, default=False)
+    _images: dict[str, dict[str, Any]] = field(init=False, default_factory=dict)
+    _top: list[str] = field(init=False, default_factory=list)
+    _staged_files: list[str] = field(init=False, default_factory=list)
+    _run_id: str = field(init=False, default_factory=lambda: uuid.uuid4().hex[:12])
+    _created: str = field(init=False, default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _done: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.root = resolve_out(self.out)
+        names = [*self.files, *self.keys]
+        old = _read_manifest(self.root) if self.root.is_dir() else None
+        there = [n for n in names if os.path.lexists(self.root / n)]
+        # an input of this run is never replaced or removed, --force or not
+        for src in self.inputs:
+            if not isinstance(src, (str, os.PathLike)):
+                continue
+            real = Path(os.path.realpath(src))
+            for n in [*names, *(manifest_entries(old) if old else [])]:
+                target = self.root / n
+                if real == target or target in real.parents:
+                    raise FileExistsError(
+                        f"{printable(self.out)}/{printable(n)} would replace the input {printable(src)}; choose "
+                        "another output folder")
+        if (old is not None or there) and not self.force:
+            more = f" and {len(there) - 3} more" if len(there) > 3 else ""
+            what = ", ".join(printable(n) for n in there[:3]) + more
+            if old is None:
+                raise FileExistsError(
+                    f"{printable(self.out)} already holds {what}, which convlens did not write; use --force "
+                    "(force=True) to replace it or choose another output folder")
+            what = what or f"an earlier {old.get('command', 'convlens')} run"
+            raise FileExistsError(
+                f"{printable(self.out)} already holds {what} from an earlier run; use --force (force=True) to "
+                "replace that run or choose another output folder")
+        self._old = old
+        self._replace = list(dict.fromkeys([*(manifest_entries(old) if old else []), *there]))
+        if old is not None:
+            self._replace.append(MANIFEST)
+
+    # -- staging ----------------------------------------------------------------------------
+    @property
+    def deferred(self) -> bool:
+        """True when results wait in staging until the end (an earlier run is being replaced)."""
+        return bool(self._replace)
+
+    def _stage(self) -> Path:
+        if self._staging is None:
+            if not self.root.exists():
+                self.root.mkdir(parents=True)
+                self._created_out = True
+            self._staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
+        return self._staging
+
+    def path(self, key: str | None, name: str) -> Path:
+        """Where to stage file ``name`` of image ``key`` (``None``: a top-level file)."""
+        folder = self._stage() if key is None else self._stage() / key
+        folder.mkdir(exist_ok=True)
+        return folder / name
+
+    def folder(self, key: str | None = None) -> Path:
+        """The staging folder of image ``key`` (``None``: the top level), for code that writes its
+        files itself (each atomically); tell the run about them with :meth:`add`."""
+        return self.path(key, "-").parent
+
+    def add(self, key: str | None, name: str) -> str:
+        """Record file ``name`` written into :meth:`folder` ``(key)``; returns its relative path."""
+        if not (self.folder(key) / name).is_file():
+            raise FileNotFoundError(f"{printable(name)} was not written into the staging folder")
+        if key is None:
+            self._top.append(name)
+            return name
+        self._staged_files.append(f"{key}/{name}")
+        return f"{key}/{name}"
+
+    def write(self, key: str | None, name: str, data: bytes | Writer) -> str:
+        """Stage one file; returns its path relative to ``out`` (``key/name``)."""
+        check_interrupt()
+        if key is not None and key not in self.keys:
+            raise ValueError(f"{key!r} is not an image of this run")
+        write_file(self.path(key, name), data)
+        rel = name if key is None else f"{key}/{name}"
+        if key is None:
+            self._top.append(name)
+        else:
+            self._staged_files.append(rel)
+        return rel
+
+    def commit_image(self, key: str, *, name: str | None = None, source: Any = None, ok: bool = True) -> list[str]:
+        """The image ``key`` is complete: move its folder into place (at the end when replacing
+        an earlier run) and record it in the manifest. Returns its files (relative to ``out``)."""
+        files = sorted(f for f in self._staged_files if f.startswith(key + "/"))
+        rec: dict[str, Any] = {"key": key, "name": printable(name if name is not None else key), "ok": ok,
+                               "files": files}
+        if isinstance(source, (str, os.PathLike)):
+            real = os.path.abspath(source)
+            rec["source"] = printable(real)
+            if printable(real) != real:
+                rec["source_hex"] = os.fsencode(real).hex()  # the exact bytes, for matching later
+            with contextlib.suppress(OSError):
+                st = os.stat(real)
+                rec["size"], rec["mtime_ns"] = st.st_size, st.st_mtime_ns
+            if os.path.isfile(real):
+                rec["sha256"] = _sha256(Path(real))
+        self._images[key] = rec
+        if files and not self.deferred:
+            with hold_interrupts():
+                os.rename(self._stage() / key, self.root / key)
+                self._write_manifest(complete=False)
+        return files
+
+    def _manifest(self, complete: bool) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "format": "convlens-manifest", "version": 1, "convlens": __version__, "command": self.command,
+            "run": self._run_id, "created": self._created, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "complete": complete, "settings": json.loads(json.dumps(self.settings, default=str)),
+            "files": list(self._top) if complete else [],
+            "images": list(self._images.values()),
+        }
+
+    def _write_manifest(self, complete: bool) -> None:
+        data = json.dumps(self._manifest(complete), indent=1, ensure_ascii=False).encode("utf-8")
+        write_file(self.root / MANIFEST, data)
+
+    def finish(self) -> None:
+        """Move everything still staged into place, replacing the earlier run as a whole, and
+        write the manifest; then remove the staging folder."""
+        check_interrupt()
+        staging = self._stage()
+        new = [k for k in self._images if self._images[k]["files"] and (staging / k).exists()] + list(self._top)
+        old_dir = staging / ".old"
+        moved_old: list[str] = []
+        moved_new: list[str] = []
+        with hold_interrupts():
+            try:
+                old_dir.mkdir(exist_ok=True)
+                for n in self._replace:
+                    if os.path.lexists(self.root / n):  # moved, not followed: a symlink goes as a link
+                        os.rename(self.root / n, old_dir / n)
+                        moved_old.append(n)
+                for n in new:
+                    os.rename(staging / n, self.root / n)
+                    moved_new.append(n)
+                self._write_manifest(complete=True)
+            except BaseException:
+                for n in reversed(moved_new):
+                    with contextlib.suppress(OSError):
+                        os.rename(self.root / n, staging / n)
+                for n in reversed(moved_old):
+                    with contextlib.suppress(OSError):
+                        os.rename(old_dir / n, self.root / n)
+                raise
+            self._done = True
+        self._cleanup()
+
+    def abort(self) -> None:
+        """Drop what is staged (the earlier run, if any, stays as it was)."""
+        self._cleanup()
+        if self._created_out and self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
+
+    def _cleanup(self) -> None:
+        if self._staging is not None and self._staging.exists():
+            shutil.rmtree(self._staging, ignore_errors=True)  # never follows symlinks
+        self._staging = None
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and not self._done:
+            with hold_interrupts():
+                self.abort()
+
+
+def to_bytes(writer: Writer) -> bytes:
+    """What ``writer`` writes, as bytes."""
+    buf = io.BytesIO()
+    writer(buf)
+    return buf.getvalue()
+
+
+def is_regular(path: Path) -> bool:
+    """True for a regular file (after symlinks)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+# -- the files of each result ----------------------------------------------------------------
+def _base(path: str | os.PathLike[str]) -> Path:
+    """``path`` without a ``.png``/``.npy`` suffix; any other dot stays (``cam.v2`` -> ``cam.v2.png``)."""
+    p = Path(path)
+    return p.with_name(p.stem) if p.suffix.lower() in (".png", ".npy") else p
+
+
+def saliency_files(result: Any, path: str | os.PathLike[str], *, index: int | None = None,
+                   **plot_args: Any) -> list[tuple[Path, Writer]]:
+    """The files of a :class:`~convlens.results.Saliency`: ``<path>.png`` (figure) and ``<path>.npy``
+    (raw map) per row; with several rows ``<path>_<row>.png`` ... (rows are images or targets)."""
+    base = _base(path)
+    rows = range(result.maps.shape[0]) if index is None else [index]
+    files: list[tuple[Path, Writer]] = []
+    arrays = result.to_numpy()
+    for i in rows:
+        stem = base.name if len(rows) == 1 else f"{base.name}_{i}"
+        files.append((base.with_name(stem + ".png"), _lazy_figure(result.plot, i, **plot_args)))
+        files.append((base.with_name(stem + ".npy"), npy_writer(arrays[i])))
+    return files
+
+
+def activations_files(result: Any, directory: str | os.PathLike[str], *, prefix: str = "activations",
+                      **plot_args: Any) -> list[tuple[Path, Writer]]:
+    """The files of an :class:`~convlens.results.Activations`: ``<prefix>_<layer>.npy`` per layer,
+    ``<prefix>.png`` (``<prefix>_<i>.png`` per image when there are several)."""
+    d = Path(directory)
+    files: list[tuple[Path, Writer]] = [
+        (d / f"{prefix}_{safe_key(name)[0]}.npy", npy_writer(arr)) for name, arr in result.to_numpy().items()
+    ]
+    n = result.images.shape[0]
+    for i in range(n):
+        png = d / (f"{prefix}.png" if n == 1 else f"{prefix}_{i}.png")
+        files.append((png, _lazy_figure(result.plot, i, **plot_args)))
+    return files
+
+
+def feature_files(result: Any, path: str | os.PathLike[str]) -> list[tuple[Path, Writer]]:
+    """The files of a :class:`~convlens.results.FeatureImages`: ``<path>_<i>_c<channel>.png`` per
+    image (exact pixels), ``<path>.npy`` (all images) and ``<path>_grid.png`` (the figure)."""
+    base = _base(path)
+    files: list[tuple[Path, Writer]] = []
+    for i, unit in enumerate(result.channels):
+        tag = "layer" if unit is None else f"c{safe_key(str(unit))[0]}"
+        files.append((base.with_name(f"{base.name}_{i}_{tag}.png"), png_writer(result.uint8(i))))
+    files.append((base.with_name(base.name + ".npy"), npy_writer(result.to_numpy())))
+    files.append((base.with_name(base.name + "_grid.png"), _lazy_figure(result.plot)))
+    return files
+
+
+def _lazy_figure(plot: Callable[..., Any], *args: Any, **kwargs: Any) -> Writer:
+    def write(f: IO[bytes]) -> None:
+        figure_writer(plot(*args, **kwargs))(f)
+
+    return write
