@@ -16,6 +16,7 @@ from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
 from .metrics.sanity import class_sensitivity, sanity_check
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
 from .results import Activations, Saliency
+from .serve import serve  # the function; needs the extra convlens[serve] only when called
 
 try:
     __version__ = version("convlens")
@@ -60,4 +61,5 @@ __all__ = [
     "resolve_layers",
     "sample_image",
     "sample_image_path",
+    "serve",
 ]

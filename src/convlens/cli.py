@@ -591,6 +591,64 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 1 if failed or errors else 0
 
 
+# -- serve (the local browser explorer) -----------------------------------------------------
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "images", nargs="*", metavar="IMAGE|DIR",
+        help="image files or folders of images (default: the bundled sample photo)",
+    )
+    add_model_args(p)
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="port (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--host", default="127.0.0.1", metavar="H",
+        help="address to listen on (default 127.0.0.1: this machine only; anything else warns)",
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .serve import MissingExtra, is_loopback, require_extra
+
+    try:
+        require_extra()  # before loading a model: the one-line install hint
+    except MissingExtra as e:
+        print(f"convlens: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not 0 <= args.port <= 65535:
+        raise ValueError("--port must be between 0 and 65535")
+    missing = [s for s in args.images if not Path(s).exists()]
+    if missing:
+        raise ValueError(f"{missing[0]}: no such file or folder")
+    from .serve import Server
+    from .serve.explorer import Explorer
+
+    if not is_loopback(args.host):
+        print(f"convlens serve: warning: listening on {args.host}: anyone who can reach this machine on that "
+              "network can use the explorer and run your model", file=sys.stderr)
+    explorer = Explorer(load_classifier(args), image_list(args.images))
+    bad = [e for e in explorer.images() if e.error]
+    for e in bad:
+        print(f"convlens serve: {e.name}: {e.error}", file=sys.stderr)
+    if len(bad) == len(explorer.images()):
+        raise ValueError("none of the images could be read")
+    server = Server(explorer, args.host, args.port)
+    print(f"convlens explorer: {server.url}  ({len(explorer.images())} images, {explorer.clf.name}; Ctrl-C stops)",
+          flush=True)
+    import signal
+
+    # Ctrl-C is how a server is stopped, not an interrupted run: uvicorn shuts down and hands the
+    # signal on, which the plain handler turns into the KeyboardInterrupt caught here (exit 0);
+    # SIGTERM keeps the CLI's meaning (143)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print("convlens serve: stopped", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "explain": ("every technique on images, with an HTML report", _add_explain, _run_explain),
     "predict": ("top-k classes for images", _add_predict, _run_predict),
@@ -601,6 +659,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "filters": ("feature visualisation: images that excite chosen channels", _add_filters, _run_filters),
     "compare": ("which map to believe: faithfulness, class sensitivity and sanity of every method",
                 _add_compare, _run_compare),
+    "serve": ("explore a model in the browser: a local web page (needs convlens[serve])", _add_serve, _run_serve),
 }
 
 

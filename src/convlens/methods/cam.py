@@ -33,7 +33,7 @@ from ..models import Classifier, as_classifier
 from ..results import Saliency
 from ..targets import ResolvedTarget, Target, resolve_target
 
-__all__ = ["grad_cam", "CAM_METHODS"]
+__all__ = ["grad_cam", "cam_from_layer", "CAM_METHODS"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,32 @@ RULES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "layercam": _layercam,
 }
 CAM_METHODS = (*RULES, "scorecam", "eigencam")
+
+
+def cam_from_layer(method: str, a: Tensor, g: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The map of a gradient method or EigenCAM from a layer's output ``a`` (N, C, h, w) and the
+    target's gradient ``g = d score / d a`` (same shape; ``None`` for ``eigencam``).
+
+    Returns ``(raw, maps)``: ``raw = relu(rule(a, g))`` at the layer's resolution (NaN -> 0) and
+    ``maps`` that upsampled bilinearly to ``size``, exactly what :func:`grad_cam` returns for the
+    same ``a`` and ``g``; a caller that keeps ``a`` and ``g`` (the local explorer caches them per
+    image and class) gets another method's map without any model call.
+
+    Example::
+
+        raw, maps = cam_from_layer("gradcam++", a, g, (224, 224))
+    """
+    if method == "eigencam":
+        raw = _eigencam(a)
+    elif method in RULES:
+        if g is None:
+            raise ValueError(f"{method} needs the gradient of the target at the layer")
+        raw = RULES[method](a, g)
+    else:
+        raise ValueError(f"cam_from_layer computes {', '.join((*RULES, 'eigencam'))}, not {method!r}")
+    raw = torch.nan_to_num(raw).clamp(min=0)
+    maps = F.interpolate(raw[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return raw, maps
 
 
 # -- targets: one row per (image, target) ---------------------------------------------------
@@ -147,7 +173,8 @@ def _gradients(out: Tensor, a: Tensor, rows: _Rows) -> Tensor:
 
 # -- Score-CAM ------------------------------------------------------------------------------
 def _scorecam_weights(
-    model: nn.Module, x: Tensor, a: Tensor, rows: _Rows, batch_size: int | None, memory_mb: float
+    model: nn.Module, x: Tensor, a: Tensor, rows: _Rows, batch_size: int | None, memory_mb: float,
+    callback: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, int]:
     """Channel weights per row: softmax over channels of the target's score on ``x`` masked by
     each channel's upsampled activation, scaled to [0, 1]. Masks are built and run per batch."""
@@ -169,6 +196,8 @@ def _scorecam_weights(
             hi = up.flatten(1).max(1).values[:, None, None]
             o = model(x[i : i + 1] * ((up - lo) / (hi - lo + 1e-8))[:, None])
             scores.append(rows.custom.score(o) if rows.custom is not None else o[:, rows.index[r]])
+            if callback is not None:
+                callback(r * c + min(s + batch_size, c), len(rows.image) * c)
         weights[r] = torch.cat(scores).softmax(0)
     return weights, batch_size
 
@@ -192,6 +221,7 @@ def grad_cam(
     top: int | None = None,
     batch_size: int | None = None,
     memory_mb: float = 1024.0,
+    callback: Callable[[int, int], None] | None = None,
 ) -> Saliency:
     """Class activation maps of the Grad-CAM family for a batch.
 
@@ -202,7 +232,9 @@ def grad_cam(
     says which input each row explains. ``layer``: name or module, default the last spatial
     map (:func:`convlens.layers.default_cam_layer`, logged, in ``result.layer``). ``method``:
     one of ``CAM_METHODS`` (formulas in the module docstring). ``batch_size``/``memory_mb``:
-    Score-CAM's masked forwards per batch (default: as many as fit ``memory_mb``).
+    Score-CAM's masked forwards per batch (default: as many as fit ``memory_mb``); ``callback``,
+    if given, is called as ``callback(done, total)`` after each of them (an exception it raises
+    stops the call, e.g. to cancel).
     ``maps`` are ``relu(...)`` upsampled bilinearly to the input size, never normalised.
 
     Example::
@@ -247,15 +279,15 @@ def grad_cam(
         with torch.no_grad():
             if needs_grad:
                 g = require_finite(_gradients(out, a, rows), f"the gradient at {name}")
-                raw = RULES[method](a.detach()[rows.image], g)
+                raw, maps = cam_from_layer(method, a.detach()[rows.image], g, x.shape[-2:])
             elif method == "eigencam":
-                raw = _eigencam(a.detach())[rows.image]
+                raw, maps = cam_from_layer(method, a.detach(), None, x.shape[-2:])
+                raw, maps = raw[rows.image], maps[rows.image]
             else:
-                w, bs = _scorecam_weights(model, x, a.detach(), rows, batch_size, memory_mb)
-                raw = (w[:, :, None, None] * a.detach()[rows.image]).sum(1)
+                w, bs = _scorecam_weights(model, x, a.detach(), rows, batch_size, memory_mb, callback)
+                raw = torch.nan_to_num((w[:, :, None, None] * a.detach()[rows.image]).sum(1)).clamp(min=0)
+                maps = F.interpolate(raw[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
                 settings["batch_size"] = bs
-            raw = torch.nan_to_num(raw).clamp(min=0)
-            maps = F.interpolate(raw[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     warn_constant(raw, method, f"nothing at {name} supports the target")
     images = clf.denormalise(x.detach())[rows.image]
     return Saliency(

@@ -292,6 +292,7 @@ def feature_visualization(
     transforms: str | Sequence[Transform] | None = "standard",
     diversity: float = 0.0,
     progress: bool = False,
+    callback: Callable[[int, int], None] | None = None,
 ) -> FeatureImages:
     """Images that maximise units of ``layer``, one per entry of ``channels``, optimised as one batch.
 
@@ -306,7 +307,8 @@ def feature_visualization(
     ``transforms``: "standard", () or callables ``(x, generator) -> x``. Deterministic for
     ``seed``; a unit's image does not depend on the other units in the batch. Units that never get
     a gradient are reported as dead. A linear first conv's channel mean is maximised by a flat
-    colour: use ``"neuron"`` there.
+    colour: use ``"neuron"`` there. ``callback``, if given, is called as ``callback(step, steps)``
+    after each step (an exception it raises stops the call, e.g. to cancel).
 
     Example::
 
@@ -396,6 +398,8 @@ def feature_visualization(
             grad_seen |= grad.flatten(1).abs().amax(1) > 0
             image_param.step(grad, lr)
             history[step] = scores.detach()
+            if callback is not None:
+                callback(step + 1, steps)
         with torch.no_grad():
             img = image_param.image().detach()
             x = to_input(img)

@@ -16,7 +16,7 @@ every call and give the same map to float32 rounding.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -174,6 +174,7 @@ def occlusion(
     score: str = "probability",
     progress: bool = False,
     fast: bool = True,
+    callback: Callable[[int, int], None] | None = None,
 ) -> Saliency:
     """Occlusion sensitivity of each image in ``x``: ``maps[n, i, j]`` is the mean, over the windows
     that cover pixel ``(i, j)``, of ``s(x) - s(x with the window set to the baseline)``.
@@ -186,7 +187,9 @@ def occlusion(
     the drop is in its value (it receives the logits). ``score``: ``"probability"`` (softmax) or
     ``"logit"``. ``batch_size``: windows per forward (default per device, see ``_default_batch``).
     ``fast=False`` runs one full forward of the unmodified model per window (the reference).
-    ``raw`` holds the drop per window on the (rows, cols) window grid.
+    ``raw`` holds the drop per window on the (rows, cols) window grid. ``callback``, if given, is
+    called as ``callback(windows_done, windows_total)`` after each batch of windows (an exception
+    it raises stops the call, e.g. to cancel).
 
     Example::
 
@@ -227,6 +230,8 @@ def occlusion(
                  n_windows, len(starts_y), len(starts_x), bs, evaluator.name)
         drops = torch.empty(n, n_windows, device=x.device, dtype=torch.float32)
         bar = _progress(progress, n * n_windows)
+        if callback is not None:
+            bar = _Reporting(bar, callback)
         try:
             for i in range(n):
                 xi, bi = x[i : i + 1], base[i : i + 1]
@@ -268,6 +273,29 @@ def occlusion(
             "boundaries": list(getattr(evaluator, "split_names", [])),
         },
     )
+
+
+class _Reporting:
+    """A progress bar that also calls ``callback(done, total)`` after each ``update``."""
+
+    def __init__(self, bar: Any, callback: Callable[[int, int], None]) -> None:
+        self.bar, self.callback, self.done = bar, callback, 0
+
+    @property
+    def total(self) -> int:
+        return self.bar.total
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.bar.total = value
+
+    def update(self, k: int) -> None:
+        self.bar.update(k)
+        self.done += k
+        self.callback(self.done, self.total)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _progress(enabled: bool, total: int) -> Any:
