@@ -13,14 +13,18 @@ import convlens
 from convlens import activations
 from convlens.cli import main
 from convlens.hooks import count_hooks
-from convlens.layers import find_stages
+from convlens.layers import call_counts, find_stages
 
 
 class Boom(nn.Module):
-    """A layer that must never run: proves the pass stopped early."""
+    """A layer that must never run once armed: proves the pass stopped early."""
+
+    armed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise AssertionError("the forward pass went past the deepest requested layer")
+        if self.armed:
+            raise AssertionError("the forward pass went past the deepest requested layer")
+        return x
 
 
 class Tiny(nn.Module):
@@ -47,6 +51,11 @@ def xt() -> torch.Tensor:
 
 def test_exact_values_and_early_stop(xt):
     m = Tiny().eval()
+    # a name means a module's last call, known only from how often it runs: one traced pass per
+    # model and input shape (remembered); after it, every call stops at the deepest layer
+    m.head.armed = False
+    assert call_counts(m, xt) == {"conv": 1, "relu": 1, "pool": 1, "head": 1}
+    m.head.armed = True
     acts = activations(m, xt, ["pool", "conv", "relu"])
     x = xt[0, 0]
     # execution order, whatever the request order
@@ -143,6 +152,7 @@ def test_model_unchanged_and_no_hooks_after_failure(xt):
         with pytest.raises((convlens.LayerError, AssertionError)):
             activations(m, xt, bad)
         assert count_hooks(m) == 0
+    m.head.armed = False  # a successful call (its first traces the whole pass for the call counts)
     activations(m, xt, ["relu"])
     assert m.training and m.relu.inplace and m.conv.weight.grad is grad
     assert torch.equal(m.conv.weight, w) and count_hooks(m) == 0 and torch.is_grad_enabled()

@@ -13,6 +13,7 @@ import convlens
 from convlens import feature_visualization
 from convlens.cli import main
 from convlens.hooks import count_hooks
+from convlens.layers import call_counts
 from convlens.methods.featureviz import jitter, pad, random_rotate, random_scale, standard_transforms
 
 FAST = {"steps": 6, "size": 32}
@@ -216,6 +217,8 @@ def test_forward_stops_at_the_target_layer(clf):
 
         return hook
 
+    # how often each module runs is traced once per input shape (a name means its last call)
+    call_counts(clf.model, torch.zeros(1, 3, 32, 32))
     handles = [named[n].register_forward_hook(counter(n)) for n in fired]
     try:
         feature_visualization(clf, "conv_stem", [0, 1], steps=3, size=32)
