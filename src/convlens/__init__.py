@@ -10,7 +10,7 @@ from .methods.activations import activations
 from .methods.cam import CAM_METHODS, grad_cam
 from .methods.featureviz import FeatureImages, feature_visualization
 from .methods.occlusion import occlusion
-from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
+from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model, model_output
 from .results import Activations, Saliency
 
 try:
@@ -42,6 +42,7 @@ __all__ = [
     "load_image",
     "load_model",
     "model_guard",
+    "model_output",
     "occlusion",
     "resolve_layer",
     "resolve_layers",

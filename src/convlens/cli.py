@@ -91,12 +91,14 @@ def _run_layers(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"no layer matches {args.filter!r}")
     width = max(len(r.name) for r in rows)
-    print(f"{'name':<{width}}  {'type':<22} {'output shape':<22} {'params':>10}")
+    print(f"{'name':<{width}}  {'type':<22} {'output shape':<22} {'params':>10} {'calls':>5}")
     for r in rows:
         shape = "x".join(map(str, r.shape[1:])) if r.shape else "-"
         mark = "  <- Grad-CAM default" if r.name == auto else ""
-        print(f"{r.name:<{width}}  {r.type:<22} {shape:<22} {r.params:>10,}{mark}")
+        print(f"{r.name:<{width}}  {r.type:<22} {shape:<22} {r.params:>10,} {r.calls:>5}{mark}")
     print(f"\ninput {tuple(x.shape)}; automatic Grad-CAM layer: {auto}")
+    if any(r.calls > 1 for r in rows):
+        print("a module that runs several times: its name means its last call (shape shown), NAME#k its k-th")
     return 0
 
 

@@ -268,14 +268,22 @@ def find_stages(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None =
         log.info("stage outputs (the model's feature_info): %s", ", ".join(declared))
         return declared
 
+    def called(prefix: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        # the nearest descendants that ran: containers never called themselves (a ModuleList
+        # of stages) are looked through
+        out: list[tuple[str, nn.Module]] = []
+        for n, child in module.named_children():
+            out += [(prefix + n, child)] if ran(prefix + n) else called(f"{prefix}{n}.", child)
+        return out
+
     def trunk(prefix: str, module: nn.Module) -> list[str]:
-        kids = [f"{prefix}{n}" for n, _ in module.named_children() if ran(f"{prefix}{n}")]
-        kids.sort(key=lambda n: info[n].order)
+        kids = sorted(called(prefix, module), key=lambda nc: info[nc[0]].order)
         out: list[str] = []
-        for name in kids:
-            child = dict(module.named_children())[name[len(prefix):]]
-            grand = [f"{name}.{n}" for n, _ in child.named_children() if ran(f"{name}.{n}")]
-            if len({_hw(info[g].shape) for g in grand} - {None}) >= 3:
+        for name, child in kids:
+            grand = [g for g, _ in called(f"{name}.", child)]
+            # a backbone container, or one whose own output is no map (a Hugging Face model
+            # returning a ModelOutput): its parts are the units
+            if len({_hw(info[g].shape) for g in grand} - {None}) >= 3 or (grand and _hw(info[name].shape) is None):
                 out += trunk(f"{name}.", child)
             else:
                 out.append(name)
