@@ -365,3 +365,64 @@ def test_cli_gradcam_writes_png_and_npy(tmp_path, capsys, monkeypatch, clf):
     assert main(["gradcam", "--target", "tabbby", "--out", str(tmp_path)]) == 2
     assert "did you mean 'tabby'" in capsys.readouterr().err
     assert main(["gradcam", "--layer", "nope", "--out", str(tmp_path)]) == 2
+
+
+# -- methods stated honestly ---------------------------------------------------------------------
+def test_xgradcam_equals_gradcam_before_global_pooling_and_linear(tiny, xt):
+    """At a layer followed only by global average pooling and a linear layer, d logit / d A is
+    W / hw at every position, so XGrad-CAM's weights equal Grad-CAM's: the maps coincide."""
+    import torchvision
+
+    for t in (0, 1):
+        x = grad_cam(tiny, xt, target=t, layer="relu", method="xgradcam").raw
+        g = grad_cam(tiny, xt, target=t, layer="relu", method="gradcam").raw
+        torch.testing.assert_close(x, g)
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=5).eval()
+    x = torch.randn(2, 3, 96, 96)
+    a = grad_cam(m, x, target=[1, 3], layer="layer4", method="xgradcam").raw
+    b = grad_cam(m, x, target=[1, 3], layer="layer4", method="gradcam").raw
+    assert float(b.max()) > 0
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.max()))
+    # inside the last block they differ
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = grad_cam(m, x, target=[1, 3], layer="layer4.1.bn1", method="xgradcam").raw
+        b = grad_cam(m, x, target=[1, 3], layer="layer4.1.bn1", method="gradcam").raw
+    assert not torch.allclose(a, b, rtol=1e-2, atol=1e-3 * float(b.max()))
+
+
+def test_eigencam_gives_one_map_per_image(clf, sample_x):
+    x = torch.cat([sample_x, sample_x.flip(-1)])
+    one = grad_cam(clf, x, method="eigencam")
+    assert one.raw.shape[0] == 2 and one.settings["class_independent"]
+    assert one.target == clf.logits(x).argmax(1).tolist()
+    with pytest.warns(UserWarning, match="one map per image"):
+        top = grad_cam(clf, x, method="eigencam", top=3)
+    assert top.settings["image_index"] == [0, 1] and top.target == one.target
+    torch.testing.assert_close(top.raw, one.raw)
+    with pytest.warns(UserWarning, match="one map per image"):
+        several = grad_cam(clf, x, method="eigencam", target=[["tabby", 285], [1]])
+    assert several.target == [281, 1] and several.settings["image_index"] == [0, 1]
+    torch.testing.assert_close(several.raw, one.raw)
+
+
+def test_scorecam_masked_forwards_are_shared_by_the_targets_of_an_image():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+    ).eval()
+    x = torch.randn(2, 3, 12, 12)
+    calls = []
+    handle = net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        top = grad_cam(net, x, top=3, layer="3", method="scorecam", batch_size=5)
+    finally:
+        handle.remove()
+    # one capture pass of the batch, then per image ceil(12 / 5) = 3 batches of masked inputs
+    assert calls == [2, 5, 5, 2, 5, 5, 2]
+    for row, (i, t) in enumerate(zip(top.settings["image_index"], top.target)):
+        one = grad_cam(net, x[i : i + 1], target=t, layer="3", method="scorecam", batch_size=5)
+        torch.testing.assert_close(top.raw[row], one.raw[0], rtol=1e-5, atol=1e-7)
+    assert len(set(top.target[:3])) == 3 and float(top.raw.max()) > 0
