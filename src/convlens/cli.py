@@ -37,6 +37,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--weights", "-w", default=None, metavar="FILE", help="local .pth/.pt/.safetensors state dict")
     g.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads for PyTorch; default: the CPUs not busy with other work, measured at start "
+        "(OMP_NUM_THREADS, when set, is kept); 0: PyTorch's own default",
+    )
 
 
 def load_classifier(args: argparse.Namespace):
@@ -415,6 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="convlens: %(message)s",
     )
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None and threads < 0:
+            raise ValueError("--threads must be 0 (PyTorch's default) or a positive number")
+        from ._cpu import configure_threads
+
+        configure_threads(threads)  # before any work: a busy machine gets fewer, non-spinning threads
         return args.run(args)
     except KeyboardInterrupt:
         print("convlens: interrupted", file=sys.stderr)
