@@ -193,3 +193,29 @@ def test_hugging_face_model_through_explain(tmp_path):
     assert im.predictions[0].index == int(hf(clf.preprocess(convlens.sample_image())).logits.argmax())
     report.save(tmp_path / "out")
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_every_technique_on_the_device_equals_the_cpu(device):
+    """Where a GPU is present: every technique's result there equals the CPU's (TF32 matmuls and
+    convolutions, when the caller enabled them, within 1e-2 of the map's range; else 1e-4)."""
+    if device == "cpu":
+        pytest.skip("the CPU is the reference")
+    net = small_net()
+    x = torch.randn(2, 3, 16, 16)
+    ref = _every_technique(Classifier(net, mean=(0,) * 3, std=(1,) * 3, size=None), x, net[6], "cpu")
+    dev_net = small_net().to(device)
+    got = _every_technique(Classifier(dev_net, mean=(0,) * 3, std=(1,) * 3, size=None), x.to(device),
+                           dev_net[6], device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    # feature visualisation: after a few Adam steps the images diverge with any rounding
+    # difference; the first step sees the same image on both devices
+    for key in ("fv", "fv_obj", "fv_class"):
+        del ref[key], got[key]
+    ref["fv0"] = feature_visualization(net, net[6], [0, 3], steps=1, size=16).history[0]
+    got["fv0"] = feature_visualization(dev_net, dev_net[6], [0, 3], steps=1, size=16).history[0]
+    for key in ref:
+        a, b = ref[key], got[key]
+        if isinstance(a, dict):
+            a, b = list(a.values())[0], list(b.values())[0]
+        scale = float(a.abs().max()) or 1.0
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=(1e-2 if tf32 else 1e-4) * scale, msg=key)

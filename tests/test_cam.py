@@ -384,7 +384,8 @@ def test_xgradcam_equals_gradcam_before_global_pooling_and_linear(tiny, xt):
     b = grad_cam(m, x, target=[1, 3], layer="layer4", method="gradcam").raw
     assert float(b.max()) > 0
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.max()))
-    # inside the last block they differ
+    # and so on the default model at its automatic layer (bn2, then pooling and the classifier)
+    # (checked in test_default_model_xgradcam_is_gradcam below); inside the last block they differ
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = grad_cam(m, x, target=[1, 3], layer="layer4.1.bn1", method="xgradcam").raw
@@ -426,3 +427,10 @@ def test_scorecam_masked_forwards_are_shared_by_the_targets_of_an_image():
         one = grad_cam(net, x[i : i + 1], target=t, layer="3", method="scorecam", batch_size=5)
         torch.testing.assert_close(top.raw[row], one.raw[0], rtol=1e-5, atol=1e-7)
     assert len(set(top.target[:3])) == 3 and float(top.raw.max()) > 0
+
+
+def test_default_model_xgradcam_is_gradcam(clf, sample_x):
+    a = grad_cam(clf, sample_x, top=2, method="xgradcam")
+    b = grad_cam(clf, sample_x, top=2, method="gradcam")
+    assert a.layer == b.layer == "bn2" and float(b.raw.max()) > 0
+    torch.testing.assert_close(a.raw, b.raw, rtol=1e-4, atol=1e-6 * float(b.raw.max()))

@@ -18,7 +18,7 @@ The eps values and Score-CAM's softmax over channels follow pytorch-grad-cam, so
 Where methods coincide, and what they do not tell apart:
 
 - At a layer followed only by global average pooling and a linear layer (ResNet's ``layer4``,
-  EfficientNet's ``bn2`` + its activation excepted), ``G_cij = W_kc / hw`` is the same at every
+  the default model's automatic layer ``bn2``), ``G_cij = W_kc / hw`` is the same at every
   position, so XGrad-CAM's weight ``sum_ij G A / sum_ij A`` equals Grad-CAM's ``mean_ij G``: the
   two maps are identical there (they differ at inner layers).
 - EigenCAM never looks at the class: it gives **one map per image**. With ``top=k`` or several
