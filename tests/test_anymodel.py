@@ -219,3 +219,29 @@ def test_every_technique_on_the_device_equals_the_cpu(device):
             a, b = list(a.values())[0], list(b.values())[0]
         scale = float(a.abs().max()) or 1.0
         torch.testing.assert_close(b.cpu(), a, rtol=0, atol=(1e-2 if tf32 else 1e-4) * scale, msg=key)
+
+
+def test_gpu_batch_estimate_reads_memory_without_resetting_the_callers_peak(monkeypatch):
+    """occlusion's GPU batch size comes from the largest ``memory_allocated`` seen after any module
+    of one forward (forward hooks), never from ``reset_peak_memory_stats``, which would wipe the
+    caller's own statistics. The CUDA counters are simulated: 100 bytes per module output."""
+    from convlens.methods import occlusion as occ
+
+    def boom(*a, **k):
+        raise AssertionError("the caller's peak statistics were reset")
+
+    allocated = [1000]
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+
+    def bump(module, args, out):
+        allocated[0] += 100
+
+    handles = [m.register_forward_hook(bump) for m in net]  # registered first: they run first
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", boom)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated[0])
+    try:
+        assert occ._forward_peak(net, torch.zeros(1, 3, 8, 8)) == 300
+    finally:
+        for h in handles:
+            h.remove()
+    assert count_hooks(net) == 0
