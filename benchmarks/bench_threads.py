@@ -1,14 +1,15 @@
 """``convlens explain --fast`` on a busy CPU: PyTorch's threading options beside other work.
 
 For each load case (the machine as it is, then with one and with two CPU-bound competitor
-processes started beside it: ``python -c "while True: pass"``), each threading strategy runs the
+processes started beside it: a ``while`` loop in Python), each threading strategy runs the
 real command in its own subprocess (so every strategy starts torch fresh with its own
 environment):
 
 - ``PyTorch default``: ``--threads 0`` (PyTorch's own thread count and OpenMP's spinning waits);
 - ``OMP_WAIT_POLICY=PASSIVE``: the same, with waiting workers sleeping instead of spinning;
 - ``1 thread``: ``--threads 1``;
-- ``convlens (auto)``: no option, what a user gets: threads from the CPUs free at start.
+- ``convlens (auto)``: no option, what a user gets: threads and wait policy chosen from the load
+  at start (``convlens/_cpu.py``).
 
 ``median s`` is the explain + save time the command itself reports (summary.json, without Python
 and torch start-up), ``wall s`` the whole command; ``x floor`` is each row over the best row of
@@ -63,8 +64,12 @@ def run_once(name: str, out: Path, timeout: float = 900.0) -> tuple[float, float
     return float(timings["total_s"]), wall
 
 
+# a CPU-bound loop that ends by itself once the bench is gone (killed before its cleanup ran)
+_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+
+
 def _competitors(n: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    return [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(n)]
 
 
 def tables(quick: bool = False, device: str = "cpu") -> list[tuple[str, list[Row]]]:

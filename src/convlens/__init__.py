@@ -2,6 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+# first: in the `convlens` command it sets OMP_NUM_THREADS / OMP_WAIT_POLICY before torch loads
+from . import _cpu  # noqa: F401
 from .explain import ImageExplanation, Report, explain
 from .hooks import LayerCapture, model_guard
 from .images import ImageError, load_image, sample_image, sample_image_path
