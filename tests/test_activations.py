@@ -49,8 +49,9 @@ def xt() -> torch.Tensor:
     return torch.arange(16.0).view(1, 1, 4, 4)
 
 
-def test_exact_values_and_early_stop(xt):
-    m = Tiny().eval()
+def test_exact_values_and_early_stop(xt, device):
+    m = Tiny().eval().to(device)
+    xt = xt.to(device)
     # a name means a module's last call, known only from how often it runs: one traced pass per
     # model and input shape (remembered); after it, every call stops at the deepest layer
     m.head.armed = False
@@ -63,8 +64,8 @@ def test_exact_values_and_early_stop(xt):
     # the in-place ReLU after conv must not overwrite the captured conv output (2x - 5 < 0 stays)
     torch.testing.assert_close(acts["conv"][0], torch.stack([x, 2 * x - 5]), rtol=0, atol=0)
     torch.testing.assert_close(acts["relu"][0], torch.stack([x, (2 * x - 5).clamp(min=0)]), rtol=0, atol=0)
-    torch.testing.assert_close(acts["pool"][0, 0], torch.tensor([[5.0, 7.0], [13.0, 15.0]]), rtol=0, atol=0)
-    torch.testing.assert_close(acts["pool"][0, 1], torch.tensor([[5.0, 9.0], [21.0, 25.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(acts["pool"][0, 0].cpu(), torch.tensor([[5.0, 7.0], [13.0, 15.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(acts["pool"][0, 1].cpu(), torch.tensor([[5.0, 9.0], [21.0, 25.0]]), rtol=0, atol=0)
     # channel 1 is the more active at every layer but conv (mean of 2x - 5 = 10 vs 7.5)
     assert acts.top_channels("relu", 2).tolist() == [[1, 0]]
     assert acts.top_channels("conv", 1).tolist() == [[1]]

@@ -59,46 +59,49 @@ def _acts(xt: torch.Tensor) -> torch.Tensor:
 
 
 # -- exact values -----------------------------------------------------------------------------
-def test_gradcam_exact_values_on_tiny_net(tiny, xt):
-    r = grad_cam(tiny, xt, target=0, layer="relu")
+def test_gradcam_exact_values_on_tiny_net(tiny, xt, device):
+    r = grad_cam(tiny.to(device), xt.to(device), target=0, layer="relu")
+    assert r.raw.device.type == device
     # cam = relu((A0 - A1) / 16): x - relu(2x - 5) is 0, 1, 2, 2, 1, 0, -1, ... for x = 0, 1, 2...
     expected = torch.tensor([0, 1, 2, 2, 1] + [0] * 11, dtype=torch.float32).view(4, 4) / 16
-    torch.testing.assert_close(r.raw[0], expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(r.raw[0].cpu(), expected, rtol=0, atol=1e-7)
     # same resolution: the input-size map is the layer map
-    torch.testing.assert_close(r.maps[0], expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(r.maps[0].cpu(), expected, rtol=0, atol=1e-7)
     assert r.target == [0] and r.layer == "relu" and r.method == "gradcam"
 
 
-def test_other_rules_exact_on_tiny_net(tiny, xt):
+def test_other_rules_exact_on_tiny_net(tiny, xt, device):
     a = _acts(xt)
+    tiny, xd = tiny.to(device), xt.to(device)
     g = torch.tensor([1.0, -1.0]).view(2, 1, 1) / 16  # class 0 gradients, same at every position
     # LayerCAM: relu(G) * A summed over channels = A0 / 16
-    torch.testing.assert_close(grad_cam(tiny, xt, target=0, layer="relu", method="layercam").raw[0], a[0] / 16)
+    torch.testing.assert_close(grad_cam(tiny, xd, target=0, layer="relu", method="layercam").raw[0].cpu(), a[0] / 16)
     # XGrad-CAM: w_k = sum(G_k A_k) / (sum A_k + 1e-7) = G_k * S_k / (S_k + 1e-7)
     s = a.sum(dim=(1, 2), keepdim=True)
     w = g * s / (s + 1e-7)
     torch.testing.assert_close(
-        grad_cam(tiny, xt, target=0, layer="relu", method="xgradcam").raw[0], (w * a).sum(0).clamp(min=0)
+        grad_cam(tiny, xd, target=0, layer="relu", method="xgradcam").raw[0].cpu(), (w * a).sum(0).clamp(min=0)
     )
     # Grad-CAM++: alpha = g^2 / (2 g^2 + S g^3 + 1e-6); w_k = sum_ij relu(g_k) alpha_k
     alpha = g**2 / (2 * g**2 + s * g**3 + 1e-6)
     wpp = (g.clamp(min=0) * alpha) * 16
     torch.testing.assert_close(
-        grad_cam(tiny, xt, target=0, layer="relu", method="gradcam++").raw[0], (wpp * a).sum(0).clamp(min=0)
+        grad_cam(tiny, xd, target=0, layer="relu", method="gradcam++").raw[0].cpu(), (wpp * a).sum(0).clamp(min=0)
     )
     # by hand: w0 = (1/16) * 16 / (2 + 120/16) ~= 0.10526 (eps 1e-6 shifts it by 3e-5 relative)
     assert float(wpp[0]) == pytest.approx(1 / (2 + 120 / 16), rel=1e-4) and float(wpp[1]) == 0.0
 
 
-def test_scorecam_exact_on_tiny_net(tiny, xt):
+def test_scorecam_exact_on_tiny_net(tiny, xt, device):
     a = _acts(xt)
     masks = (a - a.amin((1, 2), keepdim=True)) / (a.amax((1, 2), keepdim=True) - a.amin((1, 2), keepdim=True) + 1e-8)
     with torch.no_grad():
         scores = tiny(xt * masks[:, None])[:, 1]
     expected = (scores.softmax(0)[:, None, None] * a).sum(0)
+    tiny, xd = tiny.to(device), xt.to(device)
     for bs in (None, 1):
-        torch.testing.assert_close(grad_cam(tiny, xt, target=1, layer="relu", method="scorecam", batch_size=bs).raw[0],
-                                   expected)
+        r = grad_cam(tiny, xd, target=1, layer="relu", method="scorecam", batch_size=bs)
+        torch.testing.assert_close(r.raw[0].cpu(), expected)
 
 
 def test_all_zero_map_warns_and_has_no_nan(tiny, xt):

@@ -85,9 +85,9 @@ def _assert_same(model: nn.Module, snap: dict) -> None:
     "objective, layer, channels",
     [("channel", "conv2", [0, 3]), ("neuron", "conv2", [1, 2]), ("layer", "relu2", None), ("class", None, [0, 4])],
 )
-def test_objective_rises(tiny, param, objective, layer, channels):
+def test_objective_rises(tiny, param, objective, layer, channels, device):
     res = feature_visualization(
-        tiny, layer, channels, objective=objective, param=param, steps=30, size=32, transforms=()
+        tiny.to(device), layer, channels, objective=objective, param=param, steps=30, size=32, transforms=()
     )
     h = res.history
     assert h.shape == (30, len(res.channels))
