@@ -13,14 +13,18 @@ import convlens
 from convlens import activations
 from convlens.cli import main
 from convlens.hooks import count_hooks
-from convlens.layers import find_stages
+from convlens.layers import call_counts, find_stages
 
 
 class Boom(nn.Module):
-    """A layer that must never run: proves the pass stopped early."""
+    """A layer that must never run once armed: proves the pass stopped early."""
+
+    armed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise AssertionError("the forward pass went past the deepest requested layer")
+        if self.armed:
+            raise AssertionError("the forward pass went past the deepest requested layer")
+        return x
 
 
 class Tiny(nn.Module):
@@ -45,8 +49,14 @@ def xt() -> torch.Tensor:
     return torch.arange(16.0).view(1, 1, 4, 4)
 
 
-def test_exact_values_and_early_stop(xt):
-    m = Tiny().eval()
+def test_exact_values_and_early_stop(xt, device):
+    m = Tiny().eval().to(device)
+    xt = xt.to(device)
+    # a name means a module's last call, known only from how often it runs: one traced pass per
+    # model and input shape (remembered); after it, every call stops at the deepest layer
+    m.head.armed = False
+    assert call_counts(m, xt) == {"conv": 1, "relu": 1, "pool": 1, "head": 1}
+    m.head.armed = True
     acts = activations(m, xt, ["pool", "conv", "relu"])
     x = xt[0, 0]
     # execution order, whatever the request order
@@ -54,8 +64,8 @@ def test_exact_values_and_early_stop(xt):
     # the in-place ReLU after conv must not overwrite the captured conv output (2x - 5 < 0 stays)
     torch.testing.assert_close(acts["conv"][0], torch.stack([x, 2 * x - 5]), rtol=0, atol=0)
     torch.testing.assert_close(acts["relu"][0], torch.stack([x, (2 * x - 5).clamp(min=0)]), rtol=0, atol=0)
-    torch.testing.assert_close(acts["pool"][0, 0], torch.tensor([[5.0, 7.0], [13.0, 15.0]]), rtol=0, atol=0)
-    torch.testing.assert_close(acts["pool"][0, 1], torch.tensor([[5.0, 9.0], [21.0, 25.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(acts["pool"][0, 0].cpu(), torch.tensor([[5.0, 7.0], [13.0, 15.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(acts["pool"][0, 1].cpu(), torch.tensor([[5.0, 9.0], [21.0, 25.0]]), rtol=0, atol=0)
     # channel 1 is the more active at every layer but conv (mean of 2x - 5 = 10 vs 7.5)
     assert acts.top_channels("relu", 2).tolist() == [[1, 0]]
     assert acts.top_channels("conv", 1).tolist() == [[1]]
@@ -143,6 +153,7 @@ def test_model_unchanged_and_no_hooks_after_failure(xt):
         with pytest.raises((convlens.LayerError, AssertionError)):
             activations(m, xt, bad)
         assert count_hooks(m) == 0
+    m.head.armed = False  # a successful call (its first traces the whole pass for the call counts)
     activations(m, xt, ["relu"])
     assert m.training and m.relu.inplace and m.conv.weight.grad is grad
     assert torch.equal(m.conv.weight, w) and count_hooks(m) == 0 and torch.is_grad_enabled()

@@ -59,46 +59,49 @@ def _acts(xt: torch.Tensor) -> torch.Tensor:
 
 
 # -- exact values -----------------------------------------------------------------------------
-def test_gradcam_exact_values_on_tiny_net(tiny, xt):
-    r = grad_cam(tiny, xt, target=0, layer="relu")
+def test_gradcam_exact_values_on_tiny_net(tiny, xt, device):
+    r = grad_cam(tiny.to(device), xt.to(device), target=0, layer="relu")
+    assert r.raw.device.type == device
     # cam = relu((A0 - A1) / 16): x - relu(2x - 5) is 0, 1, 2, 2, 1, 0, -1, ... for x = 0, 1, 2...
     expected = torch.tensor([0, 1, 2, 2, 1] + [0] * 11, dtype=torch.float32).view(4, 4) / 16
-    torch.testing.assert_close(r.raw[0], expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(r.raw[0].cpu(), expected, rtol=0, atol=1e-7)
     # same resolution: the input-size map is the layer map
-    torch.testing.assert_close(r.maps[0], expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(r.maps[0].cpu(), expected, rtol=0, atol=1e-7)
     assert r.target == [0] and r.layer == "relu" and r.method == "gradcam"
 
 
-def test_other_rules_exact_on_tiny_net(tiny, xt):
+def test_other_rules_exact_on_tiny_net(tiny, xt, device):
     a = _acts(xt)
+    tiny, xd = tiny.to(device), xt.to(device)
     g = torch.tensor([1.0, -1.0]).view(2, 1, 1) / 16  # class 0 gradients, same at every position
     # LayerCAM: relu(G) * A summed over channels = A0 / 16
-    torch.testing.assert_close(grad_cam(tiny, xt, target=0, layer="relu", method="layercam").raw[0], a[0] / 16)
+    torch.testing.assert_close(grad_cam(tiny, xd, target=0, layer="relu", method="layercam").raw[0].cpu(), a[0] / 16)
     # XGrad-CAM: w_k = sum(G_k A_k) / (sum A_k + 1e-7) = G_k * S_k / (S_k + 1e-7)
     s = a.sum(dim=(1, 2), keepdim=True)
     w = g * s / (s + 1e-7)
     torch.testing.assert_close(
-        grad_cam(tiny, xt, target=0, layer="relu", method="xgradcam").raw[0], (w * a).sum(0).clamp(min=0)
+        grad_cam(tiny, xd, target=0, layer="relu", method="xgradcam").raw[0].cpu(), (w * a).sum(0).clamp(min=0)
     )
     # Grad-CAM++: alpha = g^2 / (2 g^2 + S g^3 + 1e-6); w_k = sum_ij relu(g_k) alpha_k
     alpha = g**2 / (2 * g**2 + s * g**3 + 1e-6)
     wpp = (g.clamp(min=0) * alpha) * 16
     torch.testing.assert_close(
-        grad_cam(tiny, xt, target=0, layer="relu", method="gradcam++").raw[0], (wpp * a).sum(0).clamp(min=0)
+        grad_cam(tiny, xd, target=0, layer="relu", method="gradcam++").raw[0].cpu(), (wpp * a).sum(0).clamp(min=0)
     )
     # by hand: w0 = (1/16) * 16 / (2 + 120/16) ~= 0.10526 (eps 1e-6 shifts it by 3e-5 relative)
     assert float(wpp[0]) == pytest.approx(1 / (2 + 120 / 16), rel=1e-4) and float(wpp[1]) == 0.0
 
 
-def test_scorecam_exact_on_tiny_net(tiny, xt):
+def test_scorecam_exact_on_tiny_net(tiny, xt, device):
     a = _acts(xt)
     masks = (a - a.amin((1, 2), keepdim=True)) / (a.amax((1, 2), keepdim=True) - a.amin((1, 2), keepdim=True) + 1e-8)
     with torch.no_grad():
         scores = tiny(xt * masks[:, None])[:, 1]
     expected = (scores.softmax(0)[:, None, None] * a).sum(0)
+    tiny, xd = tiny.to(device), xt.to(device)
     for bs in (None, 1):
-        torch.testing.assert_close(grad_cam(tiny, xt, target=1, layer="relu", method="scorecam", batch_size=bs).raw[0],
-                                   expected)
+        r = grad_cam(tiny, xd, target=1, layer="relu", method="scorecam", batch_size=bs)
+        torch.testing.assert_close(r.raw[0].cpu(), expected)
 
 
 def test_all_zero_map_warns_and_has_no_nan(tiny, xt):
@@ -364,3 +367,72 @@ def test_cli_gradcam_writes_png_and_npy(tmp_path, capsys, monkeypatch, clf):
     assert main(["gradcam", "--target", "tabbby", "--out", str(tmp_path / "a")]) == 2
     assert "did you mean 'tabby'" in capsys.readouterr().err
     assert main(["gradcam", "--layer", "nope", "--out", str(tmp_path / "b")]) == 2
+
+
+# -- methods stated honestly ---------------------------------------------------------------------
+def test_xgradcam_equals_gradcam_before_global_pooling_and_linear(tiny, xt):
+    """At a layer followed only by global average pooling and a linear layer, d logit / d A is
+    W / hw at every position, so XGrad-CAM's weights equal Grad-CAM's: the maps coincide."""
+    import torchvision
+
+    for t in (0, 1):
+        x = grad_cam(tiny, xt, target=t, layer="relu", method="xgradcam").raw
+        g = grad_cam(tiny, xt, target=t, layer="relu", method="gradcam").raw
+        torch.testing.assert_close(x, g)
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=5).eval()
+    x = torch.randn(2, 3, 96, 96)
+    a = grad_cam(m, x, target=[1, 3], layer="layer4", method="xgradcam").raw
+    b = grad_cam(m, x, target=[1, 3], layer="layer4", method="gradcam").raw
+    assert float(b.max()) > 0
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.max()))
+    # and so on the default model at its automatic layer (bn2, then pooling and the classifier)
+    # (checked in test_default_model_xgradcam_is_gradcam below); inside the last block they differ
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = grad_cam(m, x, target=[1, 3], layer="layer4.1.bn1", method="xgradcam").raw
+        b = grad_cam(m, x, target=[1, 3], layer="layer4.1.bn1", method="gradcam").raw
+    assert not torch.allclose(a, b, rtol=1e-2, atol=1e-3 * float(b.max()))
+
+
+def test_eigencam_gives_one_map_per_image(clf, sample_x):
+    x = torch.cat([sample_x, sample_x.flip(-1)])
+    one = grad_cam(clf, x, method="eigencam")
+    assert one.raw.shape[0] == 2 and one.settings["class_independent"]
+    assert one.target == clf.logits(x).argmax(1).tolist()
+    with pytest.warns(UserWarning, match="one map per image"):
+        top = grad_cam(clf, x, method="eigencam", top=3)
+    assert top.settings["image_index"] == [0, 1] and top.target == one.target
+    torch.testing.assert_close(top.raw, one.raw)
+    with pytest.warns(UserWarning, match="one map per image"):
+        several = grad_cam(clf, x, method="eigencam", target=[["tabby", 285], [1]])
+    assert several.target == [281, 1] and several.settings["image_index"] == [0, 1]
+    torch.testing.assert_close(several.raw, one.raw)
+
+
+def test_scorecam_masked_forwards_are_shared_by_the_targets_of_an_image():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+    ).eval()
+    x = torch.randn(2, 3, 12, 12)
+    calls = []
+    handle = net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        top = grad_cam(net, x, top=3, layer="3", method="scorecam", batch_size=5)
+    finally:
+        handle.remove()
+    # one capture pass of the batch, then per image ceil(12 / 5) = 3 batches of masked inputs
+    assert calls == [2, 5, 5, 2, 5, 5, 2]
+    for row, (i, t) in enumerate(zip(top.settings["image_index"], top.target)):
+        one = grad_cam(net, x[i : i + 1], target=t, layer="3", method="scorecam", batch_size=5)
+        torch.testing.assert_close(top.raw[row], one.raw[0], rtol=1e-5, atol=1e-7)
+    assert len(set(top.target[:3])) == 3 and float(top.raw.max()) > 0
+
+
+def test_default_model_xgradcam_is_gradcam(clf, sample_x):
+    a = grad_cam(clf, sample_x, top=2, method="xgradcam")
+    b = grad_cam(clf, sample_x, top=2, method="gradcam")
+    assert a.layer == b.layer == "bn2" and float(b.raw.max()) > 0
+    torch.testing.assert_close(a.raw, b.raw, rtol=1e-4, atol=1e-6 * float(b.raw.max()))

@@ -65,3 +65,25 @@ def test_console_script_version_and_errors():
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
     usage = subprocess.run([*run, "predict", "--nope"], capture_output=True, text=True)
     assert usage.returncode == 2 and "unrecognized arguments" in usage.stderr
+
+
+def test_every_map_comes_with_its_evidence(capsys, tmp_path, clf, sample_x):
+    """gradcam/occlusion print each map's deletion/insertion AUC beside a random map's (the library's
+    numbers) and name a CAM method that does not tell classes apart; --no-evidence skips it."""
+    import re
+
+    import convlens
+
+    assert main(["gradcam", "--method", "gradcam++", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    cam = convlens.grad_cam(clf, sample_x, method="gradcam++")
+    d, i = convlens.deletion(clf, sample_x, cam), convlens.insertion(clf, sample_x, cam)
+    shown = re.search(r"evidence \[Egyptian cat\]: deletion AUC ([\d.]+), insertion AUC ([\d.]+)", out)
+    assert shown and float(shown[1]) == pytest.approx(float(d.auc[0]), abs=6e-4)
+    assert float(shown[2]) == pytest.approx(float(i.auc[0]), abs=6e-4)
+    assert "warning: gradcam++ is not class-discriminative here" in out
+    assert main(["gradcam", "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "evidence [Egyptian cat]" in out and "not class-discriminative" not in out  # Grad-CAM is
+    assert main(["gradcam", "--no-evidence", "--out", str(tmp_path / "c")]) == 0
+    assert "evidence" not in capsys.readouterr().out

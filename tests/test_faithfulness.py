@@ -201,3 +201,22 @@ def test_several_classes_per_image_follow_the_saliency_rows():
     for row, (i, t) in enumerate(zip(cam.settings["image_index"], cam.target)):
         one = convlens.deletion(net, x[i : i + 1], cam.maps[row : row + 1], target=t, steps=4, score="logit")
         torch.testing.assert_close(d.scores[row], one.scores[0])
+
+
+class TupleOut(nn.Module):
+    """The same scores as :class:`Weighted`, returned as ``(logits, features)`` (an auxiliary head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Weighted()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner(x), x.flatten(1)
+
+
+def test_models_with_tuple_or_dict_outputs_give_the_same_curves():
+    d = convlens.deletion(TupleOut(), X, MAP, target=0, steps=4, baseline=0.0, score="logit")
+    assert d.scores.tolist() == [[10.0, 8.0, 5.0, 1.0, 0.0]]
+    named = convlens.as_classifier(TupleOut(), output=lambda out: out[0])  # the user's own output= adapter
+    i = convlens.insertion(named, X, MAP, target=0, steps=4, baseline=0.0, score="logit")
+    assert i.scores.tolist() == [[0.0, 2.0, 5.0, 9.0, 10.0]]

@@ -13,6 +13,7 @@ import convlens
 from convlens import feature_visualization
 from convlens.cli import main
 from convlens.hooks import count_hooks
+from convlens.layers import call_counts
 from convlens.methods.featureviz import jitter, pad, random_rotate, random_scale, standard_transforms
 
 FAST = {"steps": 6, "size": 32}
@@ -84,9 +85,9 @@ def _assert_same(model: nn.Module, snap: dict) -> None:
     "objective, layer, channels",
     [("channel", "conv2", [0, 3]), ("neuron", "conv2", [1, 2]), ("layer", "relu2", None), ("class", None, [0, 4])],
 )
-def test_objective_rises(tiny, param, objective, layer, channels):
+def test_objective_rises(tiny, param, objective, layer, channels, device):
     res = feature_visualization(
-        tiny, layer, channels, objective=objective, param=param, steps=30, size=32, transforms=()
+        tiny.to(device), layer, channels, objective=objective, param=param, steps=30, size=32, transforms=()
     )
     h = res.history
     assert h.shape == (30, len(res.channels))
@@ -216,6 +217,8 @@ def test_forward_stops_at_the_target_layer(clf):
 
         return hook
 
+    # how often each module runs is traced once per input shape (a name means its last call)
+    call_counts(clf.model, torch.zeros(1, 3, 32, 32))
     handles = [named[n].register_forward_hook(counter(n)) for n in fired]
     try:
         feature_visualization(clf, "conv_stem", [0, 1], steps=3, size=32)

@@ -83,11 +83,59 @@ def test_stop_early_never_runs_later_layers():
     fired = []
     handle = net[3].register_forward_hook(lambda *a: fired.append(True))
     try:
-        with LayerCapture({"0": net[0], "1": net[1]}, stop_early=True) as cap:
+        # a plain name is a module's last call: the pass can stop there once the call count is known
+        with LayerCapture({"0": net[0], "1": net[1]}, stop_early=True, calls={"0": 1, "1": 1}) as cap:
             assert cap.run(net, torch.randn(1, 3, 8, 8)) is None
         assert set(cap.outputs) == {"0", "1"} and not fired
+        # without the counts the last call is known only at the end: the pass runs through
+        with LayerCapture({"0": net[0]}, stop_early=True) as cap:
+            assert cap.run(net, torch.randn(1, 3, 8, 8)) is not None
+        assert len(fired) == 1
+        # name#k stops at the k-th call without counts
+        fired.clear()
+        with LayerCapture({"1#1": net[1]}, stop_early=True) as cap:
+            assert cap.run(net, torch.randn(1, 3, 8, 8)) is None
+        assert set(cap.outputs) == {"1#1"} and not fired
     finally:
         handle.remove()
+    assert count_hooks(net) == 0
+
+
+def test_shared_module_last_call_and_kth_call():
+    """One ReLU called three times: a plain name captures its last call, name#k the k-th; the
+    gradient at the last call equals the gradient at the block output it is."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(2, 2, 1)
+            self.b = nn.Conv2d(2, 2, 1)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = self.relu(self.a(x))  # call 1
+            z = self.relu(self.b(y))  # call 2
+            return self.relu(z - 0.1).sum(dim=(2, 3))  # call 3
+
+    torch.manual_seed(0)
+    net = Twice().eval()
+    x = torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        c1 = net.a(x).relu()
+        c2 = net.b(c1).relu()
+        c3 = (c2 - 0.1).relu()
+    with LayerCapture({"relu": net.relu, "relu#1": net.relu, "relu#2": net.relu}) as cap:
+        cap.run(net, x)
+    assert cap.counts["relu"] == 3
+    torch.testing.assert_close(cap["relu#1"], c1)
+    torch.testing.assert_close(cap["relu#2"], c2)
+    torch.testing.assert_close(cap["relu"], c3)
+    with LayerCapture({"relu": net.relu}, grad=["relu"]) as cap:
+        out = cap.run(net, x)
+        (g,) = torch.autograd.grad(out[0, 1], cap["relu"])
+    expected = torch.zeros_like(c3)
+    expected[0, 1] = 1.0  # d sum_ij z_1ij / d z
+    torch.testing.assert_close(g, expected)
     assert count_hooks(net) == 0
 
 

@@ -2,6 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+# first: in the `convlens` command it sets OMP_NUM_THREADS / OMP_WAIT_POLICY before torch loads
+from . import _cpu  # noqa: F401
 from .explain import ImageExplanation, Report, explain
 from .hooks import LayerCapture, model_guard
 from .images import ImageError, load_image, sample_image, sample_image_path
@@ -14,7 +16,7 @@ from .metrics.compare import Comparison, compare
 from .metrics.faithfulness import deletion, insertion
 from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
 from .metrics.sanity import class_sensitivity, sanity_check
-from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model
+from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model, model_output
 from .results import Activations, Saliency
 from .serve import serve  # the function; needs the extra convlens[serve] only when called
 
@@ -47,6 +49,7 @@ __all__ = [
     "load_image",
     "load_model",
     "model_guard",
+    "model_output",
     "occlusion",
     "deletion",
     "insertion",

@@ -50,6 +50,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", "-w", default=None, metavar="FILE", help="local .pth/.pt/.safetensors state dict")
     g.add_argument("--device", default="auto", type=_device_arg, metavar="D",
                    help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads for PyTorch; default: the CPUs not busy with other work, measured at start "
+        "(OMP_NUM_THREADS, when set, is kept); 0: PyTorch's own default",
+    )
 
 
 def _device_arg(text: str) -> str:
@@ -112,12 +117,14 @@ def _run_layers(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"no layer matches {args.filter!r}")
     width = max(len(r.name) for r in rows)
-    print(f"{'name':<{width}}  {'type':<22} {'output shape':<22} {'params':>10}")
+    print(f"{'name':<{width}}  {'type':<22} {'output shape':<22} {'params':>10} {'calls':>5}")
     for r in rows:
         shape = "x".join(map(str, r.shape[1:])) if r.shape else "-"
         mark = "  <- Grad-CAM default" if r.name == auto else ""
-        print(f"{r.name:<{width}}  {r.type:<22} {shape:<22} {r.params:>10,}{mark}")
+        print(f"{r.name:<{width}}  {r.type:<22} {shape:<22} {r.params:>10,} {r.calls:>5}{mark}")
     print(f"\ninput {tuple(x.shape)}; automatic Grad-CAM layer: {auto}")
+    if any(r.calls > 1 for r in rows):
+        print("a module that runs several times: its name means its last call (shape shown), NAME#k its k-th")
     return 0
 
 
@@ -180,10 +187,53 @@ def _per_image(
                 run.write(key, p.name, w)
             written = run.commit_image(key, name=Path(path).name, source=path)
             show(clf, name, result, [run.root / f for f in written])
+            if getattr(args, "evidence", False):
+                for line in _evidence(clf, clf.preprocess(path), result):
+                    print(f"  {line}")
         run.finish()
     if failed:
         print(f"{failed} of {len(paths)} images failed")
     return 1 if failed else 0
+
+
+def _add_evidence(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-evidence", dest="evidence", action="store_false",
+        help="skip the faithfulness numbers printed under each map (deletion/insertion AUC beside a random "
+        "map's, and for CAM methods whether the map changes with the class; about 70 extra forwards)",
+    )
+
+
+def _evidence(clf, x, result) -> list[str]:
+    """What a map is worth, in a line or two: its deletion and insertion AUC (the report's and
+    ``convlens compare``'s definitions: 16 steps, blurred baseline, the target's probability)
+    beside a random map's, and for a Grad-CAM-family method whether its map for the image's
+    top-1 class changes when the least likely class is asked for instead."""
+    from .metrics.compare import reference_map
+    from .metrics.faithfulness import deletion, insertion
+    from .metrics.sanity import class_sensitivity
+
+    rows = list(result.settings.get("image_index", range(result.maps.shape[0])))
+    ref = reference_map("random map", len(rows), *x.shape[-2:], device=x.device)
+    d, i = deletion(clf, x, result), insertion(clf, x, result)
+    rd = deletion(clf, x[rows], ref, target=list(result.target))
+    ri = insertion(clf, x[rows], ref, target=list(result.target))
+    lines = [
+        f"evidence [{printable(label)}]: deletion AUC {float(d.auc[r]):.3f}, insertion AUC {float(i.auc[r]):.3f} "
+        f"(a random map: {float(rd.auc[r]):.3f}, {float(ri.auc[r]):.3f}; lower deletion, higher insertion is better)"
+        for r, label in enumerate(result.labels)
+    ]
+    if result.method != "occlusion":
+        cs = class_sensitivity(clf, x, result.method, layer=result.layer)
+        for n, (rho, ok) in enumerate(zip(cs.spearman.tolist(), cs.discriminative)):
+            if not ok:
+                lines.append(
+                    f"warning: {result.method} is not class-discriminative here: its map for "
+                    f"{printable(cs.labels[n])!r} and for {printable(cs.other_labels[n])!r} have rank correlation "
+                    f"{rho:.2f}; it shows where the layer is active, not why the class was chosen "
+                    "(`convlens compare` checks every method)"
+                )
+    return lines
 
 
 def _add_activations(p: argparse.ArgumentParser) -> None:
@@ -252,6 +302,7 @@ def _add_gradcam(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--top", "-k", type=int, default=None, metavar="K", help="explain the K most likely classes")
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlay (default 0.5)")
+    _add_evidence(p)
     _add_out(p)
 
 
@@ -333,6 +384,7 @@ def _add_occlusion(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=int, default=None, metavar="N", help="windows per forward (default: per device)",
     )
+    _add_evidence(p)
     _add_out(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -711,6 +763,12 @@ def _main(argv: Sequence[str] | None) -> int:
     from .outputs import check_interrupt, interruptible
 
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None and threads < 0:
+            raise ValueError("--threads must be 0 (PyTorch's default) or a positive number")
+        from ._cpu import configure_threads
+
+        configure_threads(threads)  # before any work: a busy machine gets fewer, non-spinning threads
         with interruptible():
             rc = args.run(args)
             sys.stdout.flush()  # a closed pipe shows here, not at exit

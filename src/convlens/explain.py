@@ -169,6 +169,7 @@ def pre_activation_layer(table: Sequence[Any], layer: str) -> str:
         mine = next((r for r in table if r.name == layer), None)
         if (
             last.type in _SATURATING
+            and getattr(last, "calls", 1) == 1  # a shared activation's last call may follow an add
             and before.type not in _SATURATING
             and before.shape == last.shape
             and (mine is None or mine.shape == last.shape)

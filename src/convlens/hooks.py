@@ -70,6 +70,12 @@ def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = Fals
 class LayerCapture:
     """Forward hooks that capture the outputs of named layers for one call.
 
+    A key ``"name"`` captures the module's **last** call in the pass, ``"name#k"`` its k-th call
+    (from 1), as :mod:`convlens.layers` defines layer names. ``calls`` (module name -> how often it
+    runs, :func:`convlens.layers.call_counts`) lets ``stop_early`` end the pass at a last call;
+    without it a last-call layer keeps the pass running to the end. ``counts`` holds, after
+    :meth:`run`, how often each captured module ran.
+
     ``grad`` names the layers whose outputs will be differentiated: the pass runs without
     autograd up to the first of them, their output becomes a fresh leaf that requires grad,
     and autograd records only from there on, so ``torch.autograd.grad(score, capture[name])``
@@ -93,6 +99,7 @@ class LayerCapture:
         *,
         grad: tuple[str, ...] | list[str] = (),
         stop_early: bool = False,
+        calls: Mapping[str, int] | None = None,
     ) -> None:
         unknown = set(grad) - set(layers)
         if unknown:
@@ -100,7 +107,16 @@ class LayerCapture:
         self.layers = dict(layers)
         self.grad = frozenset(grad)
         self.stop_early = stop_early
+        self.want: dict[str, int | None] = {}
+        for key in self.layers:
+            base, sep, k = key.rpartition("#")
+            if sep and not (k.isdigit() and int(k) >= 1):
+                raise ValueError(f"{key!r}: a call is written name#k with k = 1, 2, ...")
+            # a last call is known only with the module's call count; else it is never "done"
+            self.want[key] = int(k) if sep else (calls or {}).get(key)
         self.outputs: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._done: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._grad_mode: bool | None = None
 
@@ -108,8 +124,11 @@ class LayerCapture:
         return self.outputs[name]
 
     def _hook(self, name: str):
+        want = self.want[name]
+
         def hook(module: nn.Module, args: object, output: object) -> Tensor | None:
-            if name in self.outputs:  # a module called twice keeps its first output
+            n = self.counts[name] = self.counts.get(name, 0) + 1
+            if name in self._done or (want is not None and n != want):
                 return None
             if not isinstance(output, Tensor):
                 raise TypeError(
@@ -119,8 +138,10 @@ class LayerCapture:
             if name in self.grad:
                 torch.set_grad_enabled(True)  # until the with-block ends
                 output = output.detach().requires_grad_(True)
-            self.outputs[name] = output
-            if self.stop_early and len(self.outputs) == len(self.layers):
+            self.outputs[name] = output  # a later call of a last-call layer replaces it
+            if want is not None:
+                self._done.add(name)
+            if self.stop_early and len(self._done) == len(self.layers):
                 raise StopForward
             # the rest of the network works on a copy; the captured tensor stays intact
             return output.clone()
@@ -159,6 +180,8 @@ class LayerCapture:
         if self._grad_mode is None:
             raise RuntimeError("use LayerCapture as a context manager: `with LayerCapture(...) as cap:`")
         self.outputs.clear()
+        self.counts.clear()
+        self._done.clear()
         if input_grad and self.grad:
             raise ValueError("input_grad records the whole pass; grad layers would cut it")
         torch.set_grad_enabled(input_grad)

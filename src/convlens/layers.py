@@ -1,4 +1,10 @@
-"""Layers by dotted name, module or pattern; the layer table; the automatic Grad-CAM layer."""
+"""Layers by dotted name, module or pattern; the layer table; the automatic Grad-CAM layer.
+
+A module can run more than once in one forward pass (torchvision's Bottleneck calls its one
+``relu`` three times). A layer name means the module's **last** call (for the Bottleneck's
+``relu``: the block's output); ``name#k`` means its k-th call, counted from **1** (``relu#1`` is
+the ReLU after ``bn1``). ``convlens layers`` / :func:`layer_table` show how often each module runs.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ __all__ = [
     "find_stages",
     "remembered",
     "forget",
+    "split_call",
+    "call_counts",
+    "missing_layer",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,7 +53,25 @@ class LayerInfo:
     type: str
     shape: tuple[int, ...] | None  # output shape for the traced input; None if it never ran
     params: int
-    order: int  # position in execution order (completion), -1 if it never ran
+    order: int  # position in execution order (completion of its last call), -1 if it never ran
+    calls: int = 0  # how many times the module ran in the traced pass
+
+
+def split_call(spec: str) -> tuple[str, int | None]:
+    """``"name#k"`` -> ``("name", k)`` (k counted from 1); a plain name -> ``("name", None)``, its last call.
+
+    Raises :class:`LayerError` for a ``#`` not followed by a positive integer.
+
+    Example::
+
+        split_call("layer4.2.relu#1")   # ("layer4.2.relu", 1)
+    """
+    name, sep, k = spec.rpartition("#")
+    if not sep:
+        return spec, None
+    if not k.isdigit() or int(k) < 1 or not name:
+        raise LayerError(f"{spec!r}: a call is written name#k with k = 1, 2, ... (the k-th call of the module)")
+    return name, int(k)
 
 
 def _named(model: nn.Module) -> dict[str, nn.Module]:
@@ -52,12 +79,17 @@ def _named(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
-    """Return ``(name, module)`` for a dotted ``named_modules`` name or a module of ``model``.
+    """Return ``(name, module)`` for a dotted ``named_modules`` name, a ``name#k`` call (the name
+    is returned with its ``#k``) or a module of ``model``.
 
     Example::
 
         name, module = resolve_layer(model, "layer4.2")
+        name, module = resolve_layer(model, "layer4.2.relu#1")   # ("layer4.2.relu#1", model.layer4[2].relu)
     """
+    if isinstance(layer, str) and "#" in layer:
+        base, k = split_call(layer)
+        return f"{resolve_layer(model, base)[0]}#{k}", resolve_layer(model, base)[1]
     if isinstance(layer, str) and layer:
         try:  # fast path: a walk down the dotted path instead of listing every module
             return layer, model.get_submodule(layer)
@@ -81,8 +113,9 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
 def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) -> dict[str, nn.Module]:
     """Resolve names, modules and glob patterns (``layer*``, ``blocks.?``) into ``{name: module}``.
 
-    A pattern matches dotted names with :func:`fnmatch.fnmatchcase` and must match at least one.
-    Order follows the request, then model order within a pattern; duplicates are dropped.
+    A pattern matches dotted names with :func:`fnmatch.fnmatchcase` and must match at least one
+    (``"layer4.*.relu#1"``: the first call of each match). Order follows the request, then model
+    order within a pattern; duplicates are dropped.
     """
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
@@ -90,11 +123,12 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) ->
     out: dict[str, nn.Module] = {}
     for spec in layers:
         if isinstance(spec, str) and spec not in named and any(c in spec for c in "*?["):
-            hits = [n for n in named if fnmatch.fnmatchcase(n, spec)]
+            pattern, k = split_call(spec)
+            hits = [n for n in named if fnmatch.fnmatchcase(n, pattern)]
             if not hits:
                 raise LayerError(f"the pattern {spec!r} matches no layer (`convlens layers` lists them)")
             for n in hits:
-                out.setdefault(n, named[n])
+                out.setdefault(n if k is None else f"{n}#{k}", named[n])
         else:
             name, module = resolve_layer(model, spec)
             out.setdefault(name, module)
@@ -106,20 +140,30 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) ->
 def layer_table(model: nn.Module, x: Tensor) -> list[LayerInfo]:
     """Run ``model`` once on ``x`` and list every named module with its output shape.
 
-    Rows come in ``named_modules`` order; ``order`` gives execution (completion) order. The model
-    is left as it was (eval mode during the pass, hooks removed).
+    Rows come in ``named_modules`` order. A module that runs several times is described by its
+    last call (shape, ``order``), as a layer name means the last call; ``calls`` says how often it
+    ran. ``order`` gives execution order (completion of the last call). The model is left as it
+    was (eval mode during the pass, hooks removed). The call counts are remembered for
+    :func:`call_counts`.
+
+    Example::
+
+        rows = layer_table(torchvision.models.resnet50(), torch.zeros(1, 3, 224, 224))
+        [r.calls for r in rows if r.name == "layer4.2.relu"]   # [3]
     """
     named = _named(model)
-    shapes: dict[str, tuple[int, ...]] = {}
-    order: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    done: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    tick = [0]
     handles = []
 
     def make(name: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
-            if name not in order:
-                order[name] = len(order)
-                if isinstance(output, Tensor):
-                    shapes[name] = tuple(output.shape)
+            tick[0] += 1
+            done[name] = tick[0]
+            counts[name] = counts.get(name, 0) + 1
+            shapes[name] = tuple(output.shape) if isinstance(output, Tensor) else None
 
         return hook
 
@@ -132,6 +176,8 @@ def layer_table(model: nn.Module, x: Tensor) -> list[LayerInfo]:
         finally:
             for h in handles:
                 h.remove()
+    order = {name: i for i, name in enumerate(sorted(done, key=done.__getitem__))}
+    _REMEMBERED.setdefault(model, {})[("calls", tuple(x.shape[1:]))] = dict(counts)
     return [
         LayerInfo(
             name=name,
@@ -139,9 +185,35 @@ def layer_table(model: nn.Module, x: Tensor) -> list[LayerInfo]:
             shape=shapes.get(name),
             params=sum(p.numel() for p in m.parameters()),
             order=order.get(name, -1),
+            calls=counts.get(name, 0),
         )
         for name, m in named.items()
     ]
+
+
+def call_counts(model: nn.Module, x: Tensor) -> dict[str, int]:
+    """How many times each named module runs on inputs shaped like ``x`` (one traced pass, then
+    remembered per model and input shape; :func:`layer_table` fills the same memo).
+
+    Example::
+
+        call_counts(resnet50, x)["layer4.2.relu"]   # 3
+    """
+    key = ("calls", tuple(x.shape[1:]))
+    memo = _REMEMBERED.get(model)
+    if memo is None or key not in memo:
+        layer_table(model, x[:1])
+    return _REMEMBERED[model][key]
+
+
+def missing_layer(name: str, counts: dict[str, int]) -> LayerError:
+    """The error for a captured layer that never produced its output: it did not run, or ran
+    fewer times than ``name#k`` asks for."""
+    base, k = split_call(name)
+    n = counts.get(name, 0)
+    if k is not None and n:
+        return LayerError(f"{base} runs {n} time(s) in the forward pass; there is no call #{k}")
+    return LayerError(f"layer {name!r} did not run in the forward pass")
 
 
 def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None = None) -> str:
@@ -196,14 +268,22 @@ def find_stages(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None =
         log.info("stage outputs (the model's feature_info): %s", ", ".join(declared))
         return declared
 
+    def called(prefix: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        # the nearest descendants that ran: containers never called themselves (a ModuleList
+        # of stages) are looked through
+        out: list[tuple[str, nn.Module]] = []
+        for n, child in module.named_children():
+            out += [(prefix + n, child)] if ran(prefix + n) else called(f"{prefix}{n}.", child)
+        return out
+
     def trunk(prefix: str, module: nn.Module) -> list[str]:
-        kids = [f"{prefix}{n}" for n, _ in module.named_children() if ran(f"{prefix}{n}")]
-        kids.sort(key=lambda n: info[n].order)
+        kids = sorted(called(prefix, module), key=lambda nc: info[nc[0]].order)
         out: list[str] = []
-        for name in kids:
-            child = dict(module.named_children())[name[len(prefix):]]
-            grand = [f"{name}.{n}" for n, _ in child.named_children() if ran(f"{name}.{n}")]
-            if len({_hw(info[g].shape) for g in grand} - {None}) >= 3:
+        for name, child in kids:
+            grand = [g for g, _ in called(f"{name}.", child)]
+            # a backbone container, or one whose own output is no map (a Hugging Face model
+            # returning a ModelOutput): its parts are the units
+            if len({_hw(info[g].shape) for g in grand} - {None}) >= 3 or (grand and _hw(info[name].shape) is None):
                 out += trunk(f"{name}.", child)
             else:
                 out.append(name)

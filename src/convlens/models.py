@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,16 @@ from torch import Tensor, nn
 from .hooks import model_guard
 from .images import ImageSource, load_image
 
-__all__ = ["Classifier", "ModelError", "Prediction", "load_model", "as_classifier", "imagenet_labels"]
+__all__ = [
+    "Classifier",
+    "ModelError",
+    "Prediction",
+    "load_model",
+    "as_classifier",
+    "imagenet_labels",
+    "model_output",
+    "OutputAdapter",
+]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +34,50 @@ _INTERPOLATIONS = {"nearest", "bilinear", "bicubic"}
 
 class ModelError(ValueError):
     """An unknown model name, missing weights, or a checkpoint that does not fit."""
+
+
+#: Maps whatever a model's forward returns to the tensor the techniques explain.
+OutputAdapter = Callable[[Any], Tensor]
+
+
+def model_output(out: Any) -> Tensor:
+    """The tensor to explain in a model's raw output, the default output adapter.
+
+    A tensor is taken as is; a mapping with a ``"logits"`` key (Hugging Face ``ModelOutput``) or an
+    object with a ``logits`` tensor attribute gives that; a tuple or list gives its first tensor
+    (auxiliary heads, ``(logits, features)``). Anything else raises :class:`ModelError`, asking for
+    ``output=``: a callable ``raw -> (N, classes) tensor`` on :class:`Classifier`,
+    :func:`load_model` or :func:`as_classifier`.
+
+    Args:
+        out: what ``model(x)`` returned.
+    Returns:
+        The output tensor, on the model's device, in the model's dtype.
+    Raises:
+        ModelError: when no tensor can be found.
+
+    Example::
+
+        model_output((logits, aux)) is logits                 # True
+        model_output({"logits": logits, "hidden": h}) is logits
+    """
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        found = out.get("logits")
+        if isinstance(found, Tensor):
+            return found
+    found = getattr(out, "logits", None)
+    if isinstance(found, Tensor):
+        return found
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            if isinstance(item, Tensor):
+                return item
+    raise ModelError(
+        f"the model returned {type(out).__name__}, in which convlens finds no logits tensor; "
+        "pass output=callable(raw_output) -> (N, classes) tensor to Classifier/load_model/as_classifier"
+    )
 
 
 @dataclass(frozen=True)
@@ -59,6 +112,12 @@ class Classifier:
 
         clf = Classifier(my_net, mean=(0.5,) * 3, std=(0.5,) * 3, size=224, labels=names)
         best = clf.predict(clf.preprocess("cat.jpg"))[0][0]  # .label, .index, .probability
+
+    ``output``: how to get the tensor to explain from what the model returns (default
+    :func:`model_output`: a tensor, the first tensor of a tuple/list, or ``.logits`` /
+    ``["logits"]``); every technique goes through it. Inputs follow the model: ``preprocess`` and
+    ``batch`` return tensors on the model's device in its floating dtype (float16, bfloat16 and
+    float64 models work; the methods compute their maps in float32 or wider).
     """
 
     def __init__(
@@ -73,6 +132,7 @@ class Classifier:
         name: str | None = None,
         weights: str | None = None,
         resize: str = "square",
+        output: OutputAdapter | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Classifier wraps an nn.Module, not {type(model).__name__}")
@@ -84,6 +144,8 @@ class Classifier:
             raise ValueError("resize must be 'square' or 'shorter'")
         if size is not None and size < 8:
             raise ValueError("size must be at least 8 pixels")
+        if output is not None and not callable(output):
+            raise TypeError(f"output must be a callable raw_output -> tensor, not {type(output).__name__}")
         self.model = model
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
@@ -93,6 +155,7 @@ class Classifier:
         self.labels = list(labels) if labels is not None else None
         self.name = name or type(model).__name__
         self.weights = weights
+        self.output = output
 
     def __repr__(self) -> str:
         return (
@@ -108,6 +171,40 @@ class Classifier:
         for t in self.model.buffers():
             return t.device
         return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the model's first floating parameter or buffer (float32 if none)."""
+        for t in self.model.parameters():
+            if t.is_floating_point():
+                return t.dtype
+        for t in self.model.buffers():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+    def adapt(self, raw: Any) -> Tensor:
+        """The tensor to explain in a raw model output: ``output(raw)`` when an ``output=`` callable
+        was given, else :func:`model_output`. Raises :class:`ModelError` when none is found.
+
+        Example::
+
+            logits = clf.adapt(clf.model(x))
+        """
+        out = (self.output or model_output)(raw)
+        if not isinstance(out, Tensor):
+            raise ModelError(f"output= returned {type(out).__name__}, not a tensor")
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``adapt(model(x))`` as is: no guard, no grad-mode change (for use inside a method).
+
+        Example::
+
+            with torch.no_grad():
+                logits = clf.forward(x)
+        """
+        return self.adapt(self.model(x))
 
     def to(self, device: str | torch.device) -> Classifier:
         """Move the model to ``device``; returns ``self``."""
@@ -153,7 +250,8 @@ class Classifier:
         return (x - mean) / std
 
     def denormalise(self, x: Tensor) -> Tensor:
-        """Undo the normalisation: model input -> RGB in [0, 1] (clamped)."""
+        """Undo the normalisation: model input -> float32 RGB in [0, 1] (clamped)."""
+        x = x.float()
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (x * std + mean).clamp(0, 1)
@@ -168,7 +266,8 @@ class Classifier:
         return max(1, round(height * scale)), max(1, round(width * scale))
 
     def preprocess(self, images: ImageSource | Sequence[ImageSource]) -> Tensor:
-        """Image(s) -> normalised float32 tensor (N, 3, H, W) on the model's device.
+        """Image(s) -> normalised tensor (N, 3, H, W) on the model's device, in its dtype
+        (normalised in float32, then cast).
 
         Images of different shapes in one call are each resized to the first one's size.
         """
@@ -188,31 +287,30 @@ class Classifier:
                 # Pillow's filters antialias when shrinking, as the models' own pipelines do
                 img = img.resize((size[1], size[0]), resample[self.interpolation])
             batch.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
-        return self._normalise(torch.stack(batch).to(self.device))
+        return self._normalise(torch.stack(batch).to(self.device)).to(self.dtype)
 
     def batch(self, x: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
-        """A model-ready batch: tensors pass through (a 3-D tensor gains the batch axis), images
-        are preprocessed. Checks the shape."""
+        """A model-ready batch on the model's device and in its dtype: tensors pass through (a
+        3-D tensor gains the batch axis), images are preprocessed. Checks the shape."""
         if isinstance(x, Tensor):
             if x.dim() == 3:
                 x = x[None]
             if x.dim() != 4:
                 raise ValueError(f"expected a (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-            return x.to(self.device, torch.float32)
+            return x.to(self.device, self.dtype)
         return self.preprocess(x)
 
     # -- prediction --------------------------------------------------------------------
     def logits(self, x: Tensor) -> Tensor:
-        """Model output for a batch, without gradients, in eval mode; the model is left as it was."""
+        """Logits (N, classes) for a batch, without gradients, in eval mode, through the output
+        adapter; the model is left as it was. Raises :class:`ModelError` for another shape."""
         with model_guard(self.model), torch.no_grad():
-            out = self.model(self.batch(x))
-        if not isinstance(out, Tensor) or out.dim() != 2:
-            raise ModelError("the model must return logits of shape (N, classes)")
-        return out
+            out = self.forward(self.batch(x))
+        return require_logits(out)
 
     def predict(self, x: Tensor | ImageSource | Sequence[ImageSource], top: int = 5) -> list[list[Prediction]]:
         """Top-``top`` predictions per image, most probable first (softmax of the logits)."""
-        probs = self.logits(x).float().softmax(dim=1)
+        probs = self.logits(x).float().softmax(dim=1)  # float32 softmax for half models
         k = max(1, min(int(top), probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
         return [
@@ -221,13 +319,38 @@ class Classifier:
         ]
 
 
-def as_classifier(model: nn.Module | Classifier) -> Classifier:
+def require_logits(out: Tensor) -> Tensor:
+    """``out`` when it is (N, classes) logits, else :class:`ModelError` (a ``ValueError``)."""
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ModelError(
+            f"the model's output is {shape}, not (N, classes) logits; pass output= to pick them "
+            "(or a callable target that scores the output)"
+        )
+    return out
+
+
+def as_classifier(model: nn.Module | Classifier, *, output: OutputAdapter | None = None) -> Classifier:
     """A :class:`Classifier` as is, or a bare module wrapped with identity normalisation
-    (its inputs are then taken to be already preprocessed tensors)."""
+    (its inputs are then taken to be already preprocessed tensors). ``output``: the output
+    adapter for a bare module (see :class:`Classifier`); a Classifier keeps its own unless one is
+    given, in which case a copy with that adapter is returned.
+
+    Example::
+
+        clf = as_classifier(hf_model)                          # .logits found automatically
+        clf = as_classifier(net, output=lambda out: out["scores"])
+    """
     if isinstance(model, Classifier):
-        return model
+        if output is None:
+            return model
+        import copy
+
+        clf = copy.copy(model)
+        clf.output = output
+        return clf
     if isinstance(model, nn.Module):
-        return Classifier(model, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), size=None)
+        return Classifier(model, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), size=None, output=output)
     raise TypeError(f"expected an nn.Module or a convlens.Classifier, not {type(model).__name__}")
 
 
@@ -408,6 +531,7 @@ def load_model(
     *,
     weights: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
+    output: OutputAdapter | None = None,
 ) -> Classifier:
     """Load a classifier by name, with its preprocessing and labels, in eval mode.
 
@@ -415,7 +539,8 @@ def load_model(
     PyPI package); a torchvision classification name (``resnet50``, ``vgg16``...) with its default
     ImageNet weights through torchvision's cache; or ``timm:NAME``. ``weights``: a local
     ``.pth``/``.pt``/``.safetensors`` state dict, read without running pickled code.
-    ``device``: ``None``/``"auto"`` picks CUDA when available.
+    ``device``: ``None``/``"auto"`` picks CUDA when available. ``output``: the output adapter
+    (see :class:`Classifier`).
 
     Example::
 
@@ -451,6 +576,7 @@ def load_model(
         labels=labels,
         name=display,
         weights=source,
+        output=output,
     )
 
 

@@ -32,7 +32,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -368,6 +370,7 @@ def build_fast_evaluator(
     patch: tuple[int, int],
     starts_y: list[int],
     starts_x: list[int],
+    output: Callable[[Any], Tensor] = lambda out: out,
 ) -> CropEvaluator | None:
     """A :class:`CropEvaluator` for ``model`` on images shaped like ``x``, or ``None`` when the
     model's structure is not understood, the crops would not save enough work, or the check fails."""
@@ -398,8 +401,8 @@ def build_fast_evaluator(
     windows = [(i, starts_y[i // len(starts_x)], starts_x[i % len(starts_x)]) for i in picks]
     try:
         with torch.no_grad():
-            fast = ev(x[:1], base[:1], windows, patch)
-            ref = _PlainEvaluator(model)(x[:1], base[:1], windows, patch)
+            fast = output(ev(x[:1], base[:1], windows, patch))  # through the classifier's output adapter
+            ref = output(_PlainEvaluator(model)(x[:1], base[:1], windows, patch))
         # logits to float32 rounding, and probabilities to 1e-6
         err = float((fast - ref).abs().max()) / (1e-5 * max(1.0, float(ref.abs().max())))
         err = max(err, float((fast.float().softmax(1) - ref.float().softmax(1)).abs().max()) / 1e-6)

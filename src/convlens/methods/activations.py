@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..checks import require_finite, warn_constant
 from ..hooks import LayerCapture, model_guard
-from ..layers import LayerError, LayerSpec, find_stages, forget, remembered, resolve_layers
+from ..layers import LayerError, LayerSpec, call_counts, find_stages, forget, missing_layer, remembered, resolve_layers
 from ..models import Classifier, as_classifier
 from ..results import Activations
 
@@ -32,8 +32,10 @@ def activations(
 
     ``layers``: dotted names, modules, glob patterns (``"layer*"``) or ``"stages"``, the model's
     stage outputs found automatically (:func:`convlens.layers.find_stages`: ResNet's ``relu,
-    layer1..4``, EfficientNet's ``blocks.N``, VGG's maps before each pooling). ``x``: a tensor
-    or image(s) preprocessed by the classifier. The model is left as it was.
+    layer1..4``, EfficientNet's ``blocks.N``, VGG's maps before each pooling). A module that runs
+    several times is captured at its last call, ``"name#k"`` at its k-th. ``x``: a tensor or
+    image(s) preprocessed by the classifier (cast to the model's dtype). Maps are float32 on the
+    model's device. The model is left as it was.
 
     Example::
 
@@ -52,12 +54,13 @@ def activations(
             chosen = resolve_layers(model, remembered(model, key, lambda: find_stages(model, x[:1])))
     else:
         chosen = resolve_layers(model, layers)
-    with model_guard(model), LayerCapture(chosen, stop_early=True) as cap:
+    counts = call_counts(model, x[:1])  # remembered: the pass can stop at a module's last call
+    with model_guard(model), LayerCapture(chosen, stop_early=True, calls=counts) as cap:
         cap.run(model, x)
         outputs = dict(cap.outputs)
     missing = [n for n in chosen if n not in outputs]
     if missing:
-        raise LayerError(f"layers {missing} did not run in the forward pass")
+        raise missing_layer(missing[0], cap.counts)
     not_maps = {n: tuple(t.shape) for n, t in outputs.items() if t.dim() != 4}
     if not_maps:
         n, shape = next(iter(not_maps.items()))

@@ -14,13 +14,41 @@ that layer, through ``torch.autograd.grad`` on the captured tensor), every map i
 - ``eigencam``  map = relu(projection of A on its first principal component), no gradient
 
 The eps values and Score-CAM's softmax over channels follow pytorch-grad-cam, so the maps agree.
+
+Where methods coincide, and what they do not tell apart:
+
+- At a layer followed only by global average pooling and a linear layer (ResNet's ``layer4``,
+  the default model's automatic layer ``bn2``), ``G_cij = W_kc / hw`` is the same at every
+  position, so XGrad-CAM's weight ``sum_ij G A / sum_ij A`` equals Grad-CAM's ``mean_ij G``: the
+  two maps are identical there (they differ at inner layers).
+- EigenCAM never looks at the class: it gives **one map per image**. With ``top=k`` or several
+  targets per image it still returns one row per image (for the image's first requested class,
+  the top-1 by default, recorded in ``target``; a warning says so); ``settings["class_independent"]``
+  is then True.
+- Grad-CAM++, LayerCAM and EigenCAM at the last layer of the default model are not
+  class-discriminative in practice: their maps for different classes of one photo are nearly the
+  same (Grad-CAM++ and LayerCAM keep only positive gradients, and at the last layer every class's
+  positive gradient covers the same strongly active positions). Use Grad-CAM, XGrad-CAM or
+  Score-CAM to compare classes.
+- Score-CAM upsamples each activation channel to the input with ``align_corners=False`` (as the
+  maps themselves are upsampled): the h x w cells then sit at their receptive-field centres
+  ``(i + 0.5) * stride``. pytorch-grad-cam uses ``UpsamplingBilinear2d`` (``align_corners=True``),
+  which stretches the grid so the corner cells' centres land on the image corners (a shift of up
+  to half a cell); the maps agree exactly only where no upsampling happens. Each mask is min-max
+  scaled to [0, 1] per channel, the masked inputs' target scores (logits, or the callable's
+  value) are softmaxed over the channels, and the forwards are shared by all targets of an image.
+
+Precision: a float16/bfloat16/float64 model, or autocast, runs in its own dtype; the weighting
+rules, the SVD and the softmax are computed in float32 (float64 for the SVD on CPU/CUDA).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +56,23 @@ from torch import Tensor, nn
 
 from ..checks import require_finite, warn_constant
 from ..hooks import LayerCapture, model_guard
-from ..layers import LayerError, LayerSpec, default_cam_layer, forget, remembered, resolve_layer
-from ..models import Classifier, as_classifier
+from ..layers import (
+    LayerError,
+    LayerSpec,
+    default_cam_layer,
+    forget,
+    missing_layer,
+    remembered,
+    resolve_layer,
+    split_call,
+)
+from ..models import Classifier, as_classifier, require_logits
 from ..results import Saliency
 from ..targets import ResolvedTarget, Target, resolve_target
 
-__all__ = ["grad_cam", "cam_from_layer", "CAM_METHODS"]
+__all__ = ["grad_cam", "cam_from_layer", "CAM_METHODS", "CamMethod"]
+
+CamMethod = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "eigencam"]
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +102,16 @@ def _layercam(a: Tensor, g: Tensor) -> Tensor:
 def _eigencam(a: Tensor, g: Tensor | None = None) -> Tensor:
     # rows: positions, columns: channels; centred, then projected on the first right singular
     # vector. Its sign is arbitrary, so it is chosen to agree with the mean activation map.
-    flat = a.flatten(2).transpose(1, 2).double()  # (N, hw, C)
+    # float64 where the device has it (MPS has not), float32 otherwise
+    wide = torch.float64 if a.device.type in ("cpu", "cuda") else torch.float32
+    flat = a.flatten(2).transpose(1, 2).to(wide)  # (N, hw, C)
     flat = flat - flat.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(flat, full_matrices=False)
     proj = flat @ vh[:, 0, :, None]  # (N, hw, 1)
-    mean_map = a.flatten(2).mean(1).double()  # (N, hw)
+    mean_map = a.flatten(2).mean(1).to(wide)  # (N, hw)
     sign = torch.sign((proj[..., 0] * (mean_map - mean_map.mean(1, keepdim=True))).sum(1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return (proj[..., 0] * sign[:, None]).to(a.dtype).view(a.shape[0], *a.shape[2:])
+    return (proj[..., 0] * sign[:, None]).float().view(a.shape[0], *a.shape[2:])
 
 
 RULES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -86,10 +127,11 @@ def cam_from_layer(method: str, a: Tensor, g: Tensor | None, size: tuple[int, in
     """The map of a gradient method or EigenCAM from a layer's output ``a`` (N, C, h, w) and the
     target's gradient ``g = d score / d a`` (same shape; ``None`` for ``eigencam``).
 
-    Returns ``(raw, maps)``: ``raw = relu(rule(a, g))`` at the layer's resolution (NaN -> 0) and
-    ``maps`` that upsampled bilinearly to ``size``, exactly what :func:`grad_cam` returns for the
-    same ``a`` and ``g``; a caller that keeps ``a`` and ``g`` (the local explorer caches them per
-    image and class) gets another method's map without any model call.
+    Returns ``(raw, maps)``, float32: ``raw = relu(rule(a, g))`` at the layer's resolution
+    (NaN -> 0, the rule computed in float32) and ``maps`` that upsampled bilinearly to ``size``,
+    exactly what :func:`grad_cam` returns for the same ``a`` and ``g``; a caller that keeps ``a``
+    and ``g`` (the local explorer caches them per image and class) gets another method's map
+    without any model call.
 
     Example::
 
@@ -100,10 +142,10 @@ def cam_from_layer(method: str, a: Tensor, g: Tensor | None, size: tuple[int, in
     elif method in RULES:
         if g is None:
             raise ValueError(f"{method} needs the gradient of the target at the layer")
-        raw = RULES[method](a, g)
+        raw = RULES[method](a.float(), g.float())
     else:
         raise ValueError(f"cam_from_layer computes {', '.join((*RULES, 'eigencam'))}, not {method!r}")
-    raw = torch.nan_to_num(raw).clamp(min=0)
+    raw = torch.nan_to_num(raw.float()).clamp(min=0)
     maps = F.interpolate(raw[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
     return raw, maps
 
@@ -173,41 +215,65 @@ def _gradients(out: Tensor, a: Tensor, rows: _Rows) -> Tensor:
 
 # -- Score-CAM ------------------------------------------------------------------------------
 def _scorecam_weights(
-    model: nn.Module, x: Tensor, a: Tensor, rows: _Rows, batch_size: int | None, memory_mb: float,
+    clf: Classifier, x: Tensor, a: Tensor, rows: _Rows, batch_size: int | None, memory_mb: float,
     callback: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, int]:
-    """Channel weights per row: softmax over channels of the target's score on ``x`` masked by
-    each channel's upsampled activation, scaled to [0, 1]. Masks are built and run per batch."""
+    """Channel weights per row, (R, C) float32: softmax over channels of the target's score on
+    ``x`` masked by each channel's upsampled activation, scaled to [0, 1]. Masks are built and run
+    per batch, once per image: the masked outputs score every target of that image."""
     c = a.shape[1]
     per_sample = x[0].numel() * x.element_size()
     if batch_size is None:
         # a forward without autograd holds a few maps a few times the input's size at once;
         # 32 input-sizes per sample is a generous estimate for ImageNet CNNs
         batch_size = max(1, min(c, int(memory_mb * 2**20 // (per_sample * 32))))
-    weights = a.new_empty((len(rows.image), c))
-    for r in range(len(rows.image)):
-        i = rows.image[r]
+    weights = torch.empty((len(rows.image), c), device=a.device, dtype=torch.float32)
+    images = sorted(set(rows.image))
+    for k, i in enumerate(images):
+        members = [r for r in range(len(rows.image)) if rows.image[r] == i]
         scores = []
         for s in range(0, c, batch_size):
             # masks are made per batch: all C of them at input size at once can be gigabytes
-            up = F.interpolate(a[i : i + 1, s : s + batch_size], size=x.shape[-2:], mode="bilinear",
+            up = F.interpolate(a[i : i + 1, s : s + batch_size].float(), size=x.shape[-2:], mode="bilinear",
                                align_corners=False)[0]
             lo = up.flatten(1).min(1).values[:, None, None]
             hi = up.flatten(1).max(1).values[:, None, None]
-            o = model(x[i : i + 1] * ((up - lo) / (hi - lo + 1e-8))[:, None])
-            scores.append(rows.custom.score(o) if rows.custom is not None else o[:, rows.index[r]])
+            masks = ((up - lo) / (hi - lo + 1e-8))[:, None].to(x.dtype)
+            o = clf.forward(x[i : i + 1] * masks)
+            if rows.custom is not None:
+                scores.append(rows.custom.score(o)[:, None].float())
+            else:
+                scores.append(require_logits(o)[:, [rows.index[r] for r in members]].float())
             if callback is not None:
-                callback(r * c + min(s + batch_size, c), len(rows.image) * c)
-        weights[r] = torch.cat(scores).softmax(0)
+                callback(k * c + min(s + batch_size, c), len(images) * c)
+        weights[members] = torch.cat(scores).softmax(0).T
     return weights, batch_size
 
 
 def _has(model: nn.Module, name: str) -> bool:
     try:
-        model.get_submodule(name)
+        model.get_submodule(split_call(name)[0])
     except AttributeError:
         return False
     return True
+
+
+def _one_row_per_image(rows: _Rows, method: str) -> _Rows:
+    """EigenCAM's rows: the first requested target of each image (its map ignores the class)."""
+    first: dict[int, int] = {}
+    for r, i in enumerate(rows.image):
+        first.setdefault(i, r)
+    if len(first) < len(rows.image):
+        warnings.warn(
+            f"{method} does not depend on the class: one map per image, not one per target",
+            UserWarning,
+            stacklevel=3,
+        )
+    keep = [first[i] for i in sorted(first)]
+    return _Rows(
+        [rows.image[r] for r in keep], [rows.index[r] for r in keep], [rows.labels[r] for r in keep],
+        [list(range(len(keep)))], rows.custom,
+    )
 
 
 # -- the core -------------------------------------------------------------------------------
@@ -217,7 +283,7 @@ def grad_cam(
     *,
     target: Target | Sequence[Sequence[int | str]] = None,
     layer: LayerSpec | None = None,
-    method: str = "gradcam",
+    method: CamMethod = "gradcam",
     top: int | None = None,
     batch_size: int | None = None,
     memory_mb: float = 1024.0,
@@ -229,13 +295,18 @@ def grad_cam(
     callable ``f(output) -> (N,)``, or one *list* per image (``[[281, 285], [1]]``) for several
     classes of one image. ``top=k`` explains each image's k most likely classes. All targets
     come from one forward pass; result rows are image-major and ``settings["image_index"]``
-    says which input each row explains. ``layer``: name or module, default the last spatial
+    says which input each row explains. ``layer``: name, ``name#k`` (the k-th call of a module
+    that runs several times; a plain name is its last call) or module, default the last spatial
     map (:func:`convlens.layers.default_cam_layer`, logged, in ``result.layer``). ``method``:
-    one of ``CAM_METHODS`` (formulas in the module docstring). ``batch_size``/``memory_mb``:
-    Score-CAM's masked forwards per batch (default: as many as fit ``memory_mb``); ``callback``,
-    if given, is called as ``callback(done, total)`` after each of them (an exception it raises
-    stops the call, e.g. to cancel).
-    ``maps`` are ``relu(...)`` upsampled bilinearly to the input size, never normalised.
+    one of ``CAM_METHODS`` (formulas, where methods coincide and which are not
+    class-discriminative: module docstring). EigenCAM gives one row per image whatever the
+    targets. ``batch_size``/``memory_mb``: Score-CAM's masked forwards per batch (default: as many
+    as fit ``memory_mb``), run once per image for all its targets; ``callback``, if given, is called
+    as ``callback(done, total)`` after each batch of them (an exception it raises stops the call,
+    e.g. to cancel). The model's output goes
+    through the classifier's output adapter (tuple, dict, ``.logits``, ``output=``); a callable
+    target receives the adapted output. ``maps`` (R, H, W) and ``raw`` (R, h, w) are float32 on
+    the model's device: ``relu(...)`` upsampled bilinearly to the input size, never normalised.
 
     Example::
 
@@ -261,31 +332,32 @@ def grad_cam(
     # autograd records and the backward touches nothing but the layers after the captured one
     with torch.inference_mode(False), model_guard(model, freeze=True):
         with LayerCapture({name: module}, grad=[name] if needs_grad else []) as cap:
-            out = cap.run(model, x)
+            out = clf.adapt(cap.run(model, x))
         if name not in cap.outputs:
-            raise LayerError(f"layer {name!r} did not run in the forward pass")
+            raise missing_layer(name, cap.counts)
         a = cap[name]
         if a.dim() != 4:
             raise LayerError(f"layer {name!r} outputs shape {tuple(a.shape)}; CAMs need a (N, C, h, w) map")
-        if not isinstance(out, Tensor) or (out.dim() != 2 and not callable(target)):
-            raise ValueError(
-                "the model's output is not (N, classes) logits; pass a callable target that scores it"
-            )
+        if not callable(target) or isinstance(target, (str, int)):
+            require_logits(out)
         require_finite(out, "the model's output")
         rows = _rows(clf, target, top, out)
-        settings: dict[str, object] = {"image_index": rows.image, "layer_shape": tuple(a.shape[1:])}
+        settings: dict[str, object] = {"layer_shape": tuple(a.shape[1:])}
         if top is not None:
             settings["top"] = top
+        if method == "eigencam":
+            rows = _one_row_per_image(rows, method)
+            settings["class_independent"] = True
+        settings = {"image_index": rows.image, **settings}
         with torch.no_grad():
             if needs_grad:
                 g = require_finite(_gradients(out, a, rows), f"the gradient at {name}")
                 raw, maps = cam_from_layer(method, a.detach()[rows.image], g, x.shape[-2:])
             elif method == "eigencam":
                 raw, maps = cam_from_layer(method, a.detach(), None, x.shape[-2:])
-                raw, maps = raw[rows.image], maps[rows.image]
             else:
-                w, bs = _scorecam_weights(model, x, a.detach(), rows, batch_size, memory_mb, callback)
-                raw = torch.nan_to_num((w[:, :, None, None] * a.detach()[rows.image]).sum(1)).clamp(min=0)
+                w, bs = _scorecam_weights(clf, x, a.detach(), rows, batch_size, memory_mb, callback)
+                raw = torch.nan_to_num((w[:, :, None, None] * a.detach()[rows.image].float()).sum(1)).clamp(min=0)
                 maps = F.interpolate(raw[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
                 settings["batch_size"] = bs
     warn_constant(raw, method, f"nothing at {name} supports the target")

@@ -15,11 +15,12 @@ restores them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hooks import LayerCapture, model_guard
-from ..layers import resolve_layer
+from ..layers import call_counts, missing_layer, resolve_layer
 from ..models import Classifier, as_classifier
 from ..results import FeatureImages
 
@@ -40,12 +41,15 @@ __all__ = [
     "random_scale",
     "random_rotate",
     "OBJECTIVES",
+    "Objective",
 ]
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("channel", "neuron", "layer", "class")
-PARAMS = ("fourier", "pixel")
+Objective = Literal["channel", "neuron", "layer", "class"]
+Param = Literal["fourier", "pixel"]
+OBJECTIVES: tuple[Objective, ...] = ("channel", "neuron", "layer", "class")
+PARAMS: tuple[Param, ...] = ("fourier", "pixel")
 
 #: A transform maps an image batch (N, 3, H, W) and a random generator to a new batch.
 Transform = Callable[[Tensor, torch.Generator], Tensor]
@@ -283,12 +287,12 @@ def feature_visualization(
     layer: str | nn.Module | None,
     channels: int | str | Sequence[int | str] | None,
     *,
-    objective: str | Callable[[Tensor], Tensor] = "channel",
+    objective: Objective | Callable[[Tensor], Tensor] = "channel",
     steps: int = 128,
     size: int = 128,
     lr: float = 0.05,
     seed: int = 0,
-    param: str = "fourier",
+    param: Param = "fourier",
     transforms: str | Sequence[Transform] | None = "standard",
     diversity: float = 0.0,
     progress: bool = False,
@@ -307,14 +311,42 @@ def feature_visualization(
     ``transforms``: "standard", () or callables ``(x, generator) -> x``. Deterministic for
     ``seed``; a unit's image does not depend on the other units in the batch. Units that never get
     a gradient are reported as dead. A linear first conv's channel mean is maximised by a flat
-    colour: use ``"neuron"`` there. ``callback``, if given, is called as ``callback(step, steps)``
-    after each step (an exception it raises stops the call, e.g. to cancel).
+    colour: use ``"neuron"`` there. ``layer`` may be ``name#k`` (the k-th call of a module that
+    runs several times; a plain name is its last call). The image and the optimiser live in
+    float32 whatever the model's dtype; the input is cast to the model's dtype and the scores are
+    computed in float32. Works inside ``torch.no_grad()`` and ``torch.inference_mode()``.
+    ``callback``, if given, is called as ``callback(step, steps)`` after each step (an exception it
+    raises stops the call, e.g. to cancel).
 
     Example::
 
         res = feature_visualization(load_model(), "blocks.4", [0, 8, 16])
         res.save("out/blocks4")
     """
+    # inference mode forbids autograd and makes every new tensor an inference tensor: leave it
+    with torch.inference_mode(False):
+        return _feature_visualization(
+            classifier_or_model, layer, channels, objective=objective, steps=steps, size=size, lr=lr, seed=seed,
+            param=param, transforms=transforms, diversity=diversity, progress=progress, callback=callback,
+        )
+
+
+def _feature_visualization(
+    classifier_or_model: Classifier | nn.Module,
+    layer: str | nn.Module | None,
+    channels: int | str | Sequence[int | str] | None,
+    *,
+    objective: Objective | Callable[[Tensor], Tensor],
+    steps: int,
+    size: int,
+    lr: float,
+    seed: int,
+    param: Param,
+    transforms: str | Sequence[Transform] | None,
+    diversity: float,
+    progress: bool,
+    callback: Callable[[int, int], None] | None,
+) -> FeatureImages:
     clf = as_classifier(classifier_or_model)
     model = clf.model
     if not (callable(objective) or objective in OBJECTIVES):
@@ -339,7 +371,7 @@ def feature_visualization(
     units = _units(clf, channels, kind)
     tfs = _transforms(transforms, size)
     n = len(units)
-    device = clf.device
+    device, dtype = clf.device, clf.dtype
 
     seen: dict[int | None, int] = {}
     gens = []
@@ -356,14 +388,22 @@ def feature_visualization(
     std = torch.tensor(clf.std, device=device).view(1, 3, 1, 1)
 
     def to_input(img: Tensor) -> Tensor:
-        return (img - mean) / std if param == "fourier" else img
+        # the image is float32; a half-precision model gets its own dtype (the cast is differentiable)
+        return ((img - mean) / std if param == "fourier" else img).to(dtype)
 
     history = torch.zeros(steps, n, device=device)
     grad_seen = torch.zeros(n, dtype=torch.bool, device=device)
     layers = {} if module is None else {name: module}
-    with model_guard(model), LayerCapture(layers, stop_early=True) as cap:
-        for p in model.parameters():
-            p.requires_grad_(False)  # autograd then skips every weight gradient; the guard restores
+    # the parameters stop requiring grad for the call, so autograd skips every weight gradient;
+    # the guard restores them, the flags and the caller's grad mode
+    with model_guard(model, freeze=True), contextlib.ExitStack() as stack:
+        counts = None
+        if layers:  # how often each module runs, so the pass can stop at the layer's last (or k-th) call
+            try:
+                counts = call_counts(model, torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+            except RuntimeError:  # too small for the model: the first step says so clearly
+                counts = None
+        cap = stack.enter_context(LayerCapture(layers, stop_early=True, calls=counts))
         torch.set_grad_enabled(True)  # also under a caller's no_grad; the guard restores the mode
 
         def forward(x: Tensor, record: bool) -> Tensor:
@@ -375,13 +415,15 @@ def feature_visualization(
                 raise ValueError(
                     f"size={size} px is too small for this model to reach {name}; pass a larger size="
                 ) from e
-            act = cap[name] if module is not None else out
+            if module is not None and name not in cap.outputs:
+                raise missing_layer(name, cap.counts)
+            act = cap[name] if module is not None else clf.adapt(out)
             if not isinstance(act, Tensor) or act.dim() < 2:
                 raise ValueError(f"{name} does not give (N, C, ...) outputs; choose another layer")
             top = max((u for u in units if u is not None), default=-1)
             if isinstance(kind, str) and kind != "layer" and top >= act.shape[1]:
                 raise ValueError(f"{name} has {act.shape[1]} channels; asked for {top}")
-            return act
+            return act.float()  # scores and diversity in float32 for half-precision models
 
         bar = _progress(steps, progress, name)
         for step in bar:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from ..baselines import BASELINES, MAX_BASELINE, make_baseline  # noqa: F401 -- 
 from ..baselines import gaussian_blur as _gaussian_blur  # noqa: F401 -- the old name
 from ..checks import require_finite, warn_constant
 from ..hooks import model_guard
-from ..models import Classifier, as_classifier
+from ..models import Classifier, as_classifier, require_logits
 from ..results import Saliency
 from ..targets import ResolvedTarget, Target, resolve_target
 
@@ -34,7 +34,8 @@ __all__ = ["occlusion", "window_starts"]
 
 log = logging.getLogger(__name__)
 
-SCORES = ("probability", "logit")
+Score = Literal["probability", "logit"]
+SCORES: tuple[Score, ...] = ("probability", "logit")
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -107,14 +108,29 @@ def _default_batch(model: nn.Module, x: Tensor, n_windows: int, crop: bool) -> i
     if x.device.type != "cuda":
         per_image = _ACTIVATION_FACTOR * x[0].numel()
         return int(max(1, min(4 if crop else 1, _cpu_budget() // per_image)))
-    torch.cuda.synchronize(x.device)
-    torch.cuda.reset_peak_memory_stats(x.device)
-    base = torch.cuda.memory_allocated(x.device)
-    with torch.no_grad():
-        model(x[:1])
-    per_sample = max(1, torch.cuda.max_memory_allocated(x.device) - base)
+    per_sample = max(1, _forward_peak(model, x[:1]))
     free, _ = torch.cuda.mem_get_info(x.device)
     return int(max(1, min(256, n_windows, (free // 2) // per_sample)))
+
+
+def _forward_peak(model: nn.Module, x: Tensor) -> int:
+    """Bytes a forward of ``x`` allocates above what was allocated before, on CUDA: the largest
+    ``memory_allocated`` seen after any module finished. Read through forward hooks instead of
+    ``reset_peak_memory_stats``, which would wipe the caller's own peak statistics."""
+    base = torch.cuda.memory_allocated(x.device)
+    peak = [base]
+
+    def hook(module: nn.Module, args: object, out: object) -> None:
+        peak[0] = max(peak[0], torch.cuda.memory_allocated(x.device))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return peak[0] - base
 
 
 class _Scorer:
@@ -171,7 +187,7 @@ def occlusion(
     stride: int | tuple[int, int] = 20,
     baseline: float | str | Tensor = 0.0,
     batch_size: int | None = None,
-    score: str = "probability",
+    score: Score = "probability",
     progress: bool = False,
     fast: bool = True,
     callback: Callable[[int, int], None] | None = None,
@@ -213,9 +229,7 @@ def occlusion(
 
     model = clf.model
     with model_guard(model), torch.no_grad():
-        logits = model(x)
-        if not isinstance(logits, Tensor) or logits.dim() != 2:
-            raise ValueError("the model must return logits of shape (N, classes)")
+        logits = require_logits(clf.forward(x))
         require_finite(logits, "the model's output")
         resolved = resolve_target(clf, target, n, logits)
         scorers = [_Scorer(score, resolved.indices[i], resolved.fn) for i in range(n)]
@@ -224,7 +238,9 @@ def occlusion(
         if fast:
             from ._occlusion_fast import build_fast_evaluator
 
-            evaluator = build_fast_evaluator(model, x, base, (ph, pw), starts_y, starts_x) or evaluator
+            evaluator = (
+                build_fast_evaluator(model, x, base, (ph, pw), starts_y, starts_x, output=clf.adapt) or evaluator
+            )
         bs = batch_size or _default_batch(model, x, n_windows, evaluator.name == "crop")
         log.info("occlusion: %d windows per image (%d x %d), batches of %d, %s path",
                  n_windows, len(starts_y), len(starts_x), bs, evaluator.name)
@@ -236,7 +252,7 @@ def occlusion(
             for i in range(n):
                 xi, bi = x[i : i + 1], base[i : i + 1]
                 for chunk in _chunks(starts_y, starts_x, bs):
-                    scores = scorers[i](evaluator(xi, bi, chunk, (ph, pw)))
+                    scores = scorers[i](clf.adapt(evaluator(xi, bi, chunk, (ph, pw))))
                     idx = torch.tensor([c[0] for c in chunk], device=x.device)
                     drops[i, idx] = clean[i] - scores
                     bar.update(len(chunk))

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..baselines import describe_baseline, make_baseline
 from ..hooks import model_guard
-from ..models import Classifier, as_classifier
+from ..models import Classifier, as_classifier, require_logits
 from ..results import Saliency
 from ..targets import Target, resolve_target
 from .results import PerturbationCurve
@@ -160,10 +160,7 @@ def perturbation_curve(
             bs = _default_batch(model, x, len(jobs), False)
         for start in range(0, len(jobs), bs):
             batch = torch.stack([step_image(i, k) for i, k in jobs[start : start + bs]])
-            out = model(batch)
-            if not isinstance(out, Tensor) or out.dim() != 2:
-                raise ValueError("the model must return logits of shape (N, classes)")
-            outputs.append(out.float())
+            outputs.append(require_logits(clf.forward(batch)).float())  # tuple/dict/.logits outputs too
     out = torch.cat(outputs).view(n, steps + 1, -1)
     clean = out[:, 0] if kind == "deletion" else out[:, -1]
     resolved = resolve_target(clf, target, n, clean)

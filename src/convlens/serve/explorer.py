@@ -35,7 +35,7 @@ from ..methods.activations import activations
 from ..methods.cam import CAM_METHODS, cam_from_layer, grad_cam
 from ..methods.featureviz import feature_visualization
 from ..methods.occlusion import occlusion
-from ..models import Classifier
+from ..models import Classifier, require_logits
 
 __all__ = ["Explorer", "ModelLock", "Job", "Cancelled", "MAX_UPLOAD_BYTES", "INSTANT_METHODS"]
 
@@ -304,15 +304,13 @@ class Explorer:
         # as grad_cam does: parameters frozen, so autograd records activations only
         with torch.inference_mode(False), model_guard(model, freeze=True):
             with LayerCapture({name: module}, grad=[name]) as cap:
-                out = cap.run(model, x)
+                out = self.clf.adapt(cap.run(model, x))  # tuple/dict/.logits outputs too
             if name not in cap.outputs:
                 raise LayerError(f"layer {name!r} did not run in the forward pass")
             a = cap[name]
         if a.dim() != 4:
             raise LayerError(f"layer {name!r} outputs shape {tuple(a.shape)}; CAMs need a (N, C, h, w) map")
-        if not isinstance(out, Tensor) or out.dim() != 2:
-            raise ValueError("the model's output is not (N, classes) logits")
-        require_finite(out, "the model's output")  # as grad_cam does
+        require_finite(require_logits(out), "the model's output")  # as grad_cam does
         return self._graphs.put(key, _Graph(out, a))
 
     def logits(self, image_id: str) -> Tensor:
