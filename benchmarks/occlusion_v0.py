@@ -1,4 +1,7 @@
-"""Exact speed-up for occlusion: recompute only what a window can reach.
+"""The crop path of convlens occlusion as it was before issue 16 (kept only so the benchmark can
+time it beside the new one; not used by the library).
+
+Exact speed-up for occlusion: recompute only what a window can reach.
 
 An occluded image differs from the clean one only inside the window. Through the purely local
 layers of a CNN (convolutions, batch norm, pointwise activations, max/avg pooling) the
@@ -361,6 +364,40 @@ class CropEvaluator:
             self._windows = None
 
 
+def _plain(model: nn.Module, x: Tensor, base: Tensor, windows: list[tuple[int, int, int]],
+           patch: tuple[int, int]) -> Tensor:
+    ph, pw = patch
+    batch = x.expand(len(windows), *x.shape[1:]).clone()
+    for k, (_, y, xx) in enumerate(windows):
+        batch[k, :, y : y + ph, xx : xx + pw] = base[0, :, y : y + ph, xx : xx + pw]
+    return model(batch)
+
+
+def occlusion_map(model: nn.Module, x: Tensor, target: int, patch: int, stride: int) -> tuple[Tensor, float]:
+    """The old driver: probability drops with baseline 0, batches of 4; (map, estimated work)."""
+    from convlens.methods.occlusion import _coverage_matrix, window_starts
+
+    h, w = x.shape[-2:]
+    ys, xs = window_starts(h, patch, stride), window_starts(w, patch, stride)
+    base = torch.zeros_like(x)
+    ev = build_fast_evaluator(model, x, base, (patch, patch), ys, xs)
+    assert ev is not None, "the old crop path does not apply"
+    wins = [(i * len(xs) + j, y, xx) for i, y in enumerate(ys) for j, xx in enumerate(xs)]
+    try:
+        with torch.no_grad():
+            clean = torch.softmax(model(x), 1)[0, target]
+            drops = torch.empty(len(wins))
+            for k in range(0, len(wins), 4):
+                chunk = wins[k : k + 4]
+                drops[k : k + len(chunk)] = clean - torch.softmax(ev(x, base, chunk, (patch, patch)), 1)[:, target]
+    finally:
+        ev.close()
+    raw = drops.view(len(ys), len(xs)).double()
+    ay = _coverage_matrix(h, patch, ys, torch.float64, x.device)
+    ax = _coverage_matrix(w, patch, xs, torch.float64, x.device)
+    return ((ay @ raw @ ax.T) / (ay.sum(1)[:, None] * ax.sum(1)[None, :])).float(), ev.estimate
+
+
 def build_fast_evaluator(
     model: nn.Module,
     x: Tensor,
@@ -371,8 +408,6 @@ def build_fast_evaluator(
 ) -> CropEvaluator | None:
     """A :class:`CropEvaluator` for ``model`` on images shaped like ``x``, or ``None`` when the
     model's structure is not understood, the crops would not save enough work, or the check fails."""
-    from .occlusion import _PlainEvaluator
-
     height, width = x.shape[-2:]
     try:
         private = copy.deepcopy(model).eval()
@@ -399,7 +434,7 @@ def build_fast_evaluator(
     try:
         with torch.no_grad():
             fast = ev(x[:1], base[:1], windows, patch)
-            ref = _PlainEvaluator(model)(x[:1], base[:1], windows, patch)
+            ref = _plain(model, x[:1], base[:1], windows, patch)
         # logits to float32 rounding, and probabilities to 1e-6
         err = float((fast - ref).abs().max()) / (1e-5 * max(1.0, float(ref.abs().max())))
         err = max(err, float((fast.float().softmax(1) - ref.float().softmax(1)).abs().max()) / 1e-6)
