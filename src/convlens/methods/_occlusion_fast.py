@@ -23,8 +23,15 @@ included), which can only enlarge the crops. So the result equals one full forwa
 to float rounding. The structure is read with forward hooks on a private deep copy (the user's
 model is never touched); the boundaries are chosen with a cost estimate (multiply-adds plus
 memory traffic) by dynamic programming; and the path is checked on the first, a middle and the
-last window against full forwards of the user's model before it is used. Anything not understood
-(an unknown layer type inside the prefix, a module run twice, a mismatch) means the plain path.
+last window against full forwards of the user's model before it is used, to the rounding of the
+device's precision (:func:`check_tolerance`). Anything not understood (an unknown layer type
+inside the prefix, a module run twice, a mismatch) means the plain path, and the reason is logged.
+
+Batches mix windows of several images (each job names its image); the clean pass runs once per
+group of images. The approximate path (``tau``) runs the same machinery on smaller regions: at each
+boundary only the window's cells plus the central share ``tau`` of their growth (a Gaussian model
+of the receptive-field weight, :func:`_approx_regions`); the other cells keep their clean values.
+It is checked with exact regions on the same boundaries (what it computes that is not a choice).
 """
 
 from __future__ import annotations

@@ -7,10 +7,12 @@ the mean of ``drop[w]`` over the windows ``w`` that cover it. Windows start at `
 flush with the far edge, so every pixel is covered (the tutorial's loop leaves the last rows and
 columns uncovered).
 
-Windows are streamed in chunks, so memory stays bounded for any image size and stride. The speed-ups
-(a private copy of the model with batch norm folded into the convolutions, and recomputing only
-the region a window can reach, see ``_occlusion_fast.py``) are checked against the plain model on
-every call and give the same map to float32 rounding.
+Windows are streamed in chunks, so memory stays bounded for any image size and stride. The exact
+speed-up (recomputing, on a private copy of the model, only the region a window can reach, see
+``_occlusion_fast.py``) is checked against the plain model on every call and gives the same map to
+float32 rounding. ``mode="approximate"`` recomputes less (the central part of that region) and
+``refine=`` evaluates a coarse grid first and the fine stride only near its strongest windows:
+both give a close map, not the same one, and say how much work they did in ``settings["work"]``.
 """
 
 from __future__ import annotations
