@@ -1,18 +1,23 @@
-"""Occlusion: ours vs the tutorial's loop vs captum vs the floor (one forward per window).
+"""Occlusion: brute force vs the tutorial's loop vs captum vs our exact and approximate paths.
 
-Rows per table (all measured side by side with ``measure``):
-- ``floor``: one forward of the model per window of ours, as that many single (batch 1) forwards
-  on the clean image: what any one-forward-per-window method costs at least.
-- ``spec loop``: the tutorial's ``occlusion_sensitivity`` (written here from the spec: clone, grey
-  patch, one forward per window, windows only on the stride grid, so the last rows/columns stay
-  uncovered when ``(224 - patch) % stride != 0``).
-- ``captum ppe=K``: ``captum.attr.Occlusion`` with forward = softmax of the model, at several
-  ``perturbations_per_eval``; the best one is marked.
-- ``ours (plain path)``: ``convlens.occlusion(..., fast=False)``: one full forward per window.
-- ``ours``: ``convlens.occlusion`` as shipped (the crop path when the model allows it).
+Per model (ResNet-50 with random weights, the default EfficientNet-Lite0) and patch / stride
+(40/20, 16/8, 8/4), rows measured side by side with ``measure`` (one repeat: the long rows take
+minutes):
+- ``brute force``: one forward of the model per window of ours, as that many single (batch 1)
+  forwards of the clean image. At 8/4 (2809 windows) it is timed on every 8th window and scaled.
+- ``spec loop``: the tutorial's ``occlusion_sensitivity`` (clone, grey patch, one forward per
+  window, windows only on the stride grid). Not at 8/4.
+- ``captum``: ``captum.attr.Occlusion`` on softmax(model) at several ``perturbations_per_eval``
+  at 40/20; the best one is marked and used at 16/8. Not at 8/4.
+- ``exact, old crop path``: the crop path as it was before issue 16 (``occlusion_v0.py``: batches
+  of 4, blocks as boundaries).
+- ``exact``: ``convlens.occlusion(mode="exact")`` (the default).
+- ``approximate``: ``mode="approximate"`` (tau 0.9); ``+ refine``: with ``refine=0.25``.
 
-Extra columns: windows evaluated, pixels left uncovered, max |difference| to captum's map on the
-pixels where both use the same windows (all of them when the placements coincide).
+Columns: seconds, x brute force (the brute force's seconds over the row's: a speed-up), Pearson r
+of the map with the exact map, and the share of work: the estimated multiply-adds done over
+those of one full forward per window (``settings["work"]``).
+A second table: the approximate modes' r against the exact map on the five natural photos.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from .common import Row, measure
+    from .common import Row, compare_maps, measure
 except ImportError:  # run as a script from benchmarks/
-    from common import Row, measure  # type: ignore[no-redef]
+    from common import Row, compare_maps, measure  # type: ignore[no-redef]
+
+REFINE = 0.25
 
 
 def spec_occlusion(model, img_tensor, target_class, patch=40, stride=20):
@@ -61,8 +68,13 @@ def _models(device: str):
     return out
 
 
-def _table(name, model, x, patch, stride, device, quick):
+def _table(name, model, x, patch, stride, device, quick, best_ppe):
     from convlens.methods.occlusion import occlusion, window_starts
+
+    try:
+        from . import occlusion_v0
+    except ImportError:
+        import occlusion_v0  # type: ignore[no-redef]
 
     h, w = x.shape[-2:]
     n_ours = len(window_starts(h, patch, stride)) * len(window_starts(w, patch, stride))
@@ -70,6 +82,8 @@ def _table(name, model, x, patch, stride, device, quick):
     with torch.no_grad():
         target = int(model(x).argmax(1))
     results: dict[str, object] = {}
+    big = n_ours > 1000
+    every = 8 if big else 1
 
     def keep(key, fn):
         def run():
@@ -79,71 +93,117 @@ def _table(name, model, x, patch, stride, device, quick):
 
     def floor():
         with torch.no_grad():
-            for _ in range(n_ours):
+            for _ in range(0, n_ours, every):
                 model(x)
 
-    cases = {f"floor: {n_ours} single forwards": floor}
-    cases["spec loop"] = keep("spec", lambda: spec_occlusion(model, x, target, patch, stride))
-    ppes = [1, 4] if quick else [1, 4, 16]
-    if device != "cpu":
-        ppes = [16, 64, 256]
-    try:
-        from captum.attr import Occlusion
+    floor_key = f"brute force: {n_ours} single forwards" + (f" (timed on every {every}th, scaled)" if big else "")
+    cases = {floor_key: floor}
+    if not big:
+        cases["spec loop"] = keep("spec", lambda: spec_occlusion(model, x, target, patch, stride))
+        try:
+            from captum.attr import Occlusion
 
-        def softmax_model(z):
-            return torch.softmax(model(z), 1)
+            def softmax_model(z):
+                return torch.softmax(model(z), 1)
 
-        for ppe in ppes:
-            def run_captum(ppe=ppe):
-                with torch.no_grad():
-                    return Occlusion(softmax_model).attribute(
-                        x, sliding_window_shapes=(3, patch, patch), strides=(3, stride, stride),
-                        target=target, baselines=0.0, perturbations_per_eval=ppe,
-                    )[0, 0]
+            ppes = [best_ppe] if best_ppe else ([4] if quick else [4, 16])
+            if device != "cpu":
+                ppes = [64, 256]
+            for ppe in ppes:
+                def run_captum(ppe=ppe):
+                    with torch.no_grad():
+                        return Occlusion(softmax_model).attribute(
+                            x, sliding_window_shapes=(3, patch, patch), strides=(3, stride, stride),
+                            target=target, baselines=0.0, perturbations_per_eval=ppe,
+                        )[0, 0]
 
-            cases[f"captum ppe={ppe}"] = keep(f"captum{ppe}", run_captum)
-    except ImportError:
-        pass
-    cases["ours (plain path)"] = keep("plain", lambda: occlusion(model, x, target=target, patch=patch, stride=stride,
-                                                                 fast=False).maps[0])
-    cases["ours"] = keep("ours", lambda: occlusion(model, x, target=target, patch=patch, stride=stride).maps[0])
-    times = measure(cases, repeats=1 if quick else 2, warmup=0, device=device)
+                cases[f"captum ppe={ppe}" + (" (best at 40/20)" if best_ppe else "")] = keep(f"captum{ppe}", run_captum)
+        except ImportError:
+            pass
+    cases["exact, old crop path"] = keep("old", lambda: occlusion_v0.occlusion_map(model, x, target, patch, stride))
+    cases["exact"] = keep("exact", lambda: occlusion(model, x, target=target, patch=patch, stride=stride))
+    cases["approximate"] = keep("approx", lambda: occlusion(model, x, target=target, patch=patch, stride=stride,
+                                                            mode="approximate"))
+    cases[f"approximate + refine {REFINE}"] = keep("refine", lambda: occlusion(
+        model, x, target=target, patch=patch, stride=stride, mode="approximate", refine=REFINE))
+    times = measure(cases, repeats=1, warmup=0, device=device)
+    times[floor_key] *= every
 
-    ref = next((results[k] for k in results if k.startswith("captum")), None)
-    last = window_starts(h, patch, stride)[-1]
-    shared = slice(0, last) if last != range(0, h - patch + 1, stride)[-1] else slice(None)
-
-    def diff(key):
-        if ref is None or key not in results:
-            return None
-        m = torch.as_tensor(results[key]).float().cpu()
-        return float((m[shared, shared] - ref.float().cpu()[shared, shared]).abs().max())
-
-    floor_s = times[next(iter(cases))]
-    best_captum = min((t for k, t in times.items() if k.startswith("captum")), default=None)
-    spec_cover = (range(0, h - patch + 1, stride)[-1] + patch) * (range(0, w - patch + 1, stride)[-1] + patch)
+    exact = results["exact"]
+    floor_s = times[floor_key]
+    captum_times = {k: t for k, t in times.items() if k.startswith("captum")}
+    best = min(captum_times, key=captum_times.get) if captum_times else None
     rows = []
     for key, t in times.items():
-        short = {"spec loop": "spec", "ours (plain path)": "plain", "ours": "ours"}.get(key)
+        short = {"spec loop": "spec", "exact, old crop path": "old", "exact": "exact", "approximate": "approx",
+                 f"approximate + refine {REFINE}": "refine"}.get(key)
+        if key.startswith("captum"):
+            short = "captum" + key.split("=")[1].split()[0]
+        res = results.get(short) if short else None
+        m, work = None, None
+        if isinstance(res, tuple):  # the old path: (map, estimate)
+            m, work = res
+        elif res is not None and hasattr(res, "maps"):
+            m, work = res.maps[0], res.settings["work"]
+        elif res is not None:
+            m = res
         grid_only = key == "spec loop" or key.startswith("captum")
         extra = {
+            "x brute force": floor_s / t,
             "windows": n_spec if grid_only else n_ours,
-            "uncovered px": h * w - spec_cover if grid_only else 0,
-            "max|diff| vs captum": diff(short) if short else None,
+            "r vs exact": None if m is None else compare_maps(m, exact.maps[0])[1],
+            "work share": 1.0 if key == floor_key or grid_only else work,
         }
-        if key.startswith("floor"):
-            extra = {"windows": n_ours}
-        label = key + (" (best)" if key.startswith("captum") and t == best_captum else "")
+        label = key + (" (best)" if key == best and not best_ppe else "")
         rows.append(Row(label, name, 1, t, t / floor_s, extra=extra))
+    best_ppe = best_ppe or (int(best.split("=")[1]) if best else None)
+    return rows, best_ppe
+
+
+def _photo_table(device: str) -> list[Row]:
+    """Approximate vs exact on the five natural photos, default model, patch 16 / stride 8."""
+    import time
+
+    from matplotlib import cbook
+    from PIL import Image
+    from skimage import data
+
+    import convlens
+    from convlens.methods.occlusion import occlusion
+
+    clf = convlens.load_model(device=device)
+    photos = {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(),
+              "rocket": data.rocket()}
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        photos["grace_hopper"] = np.asarray(Image.open(f).convert("RGB"))
+    rows = []
+    for name, arr in photos.items():
+        x = clf.preprocess(Image.fromarray(arr))
+        t0 = time.perf_counter()
+        exact = occlusion(clf, x, patch=16, stride=8)
+        t_exact = time.perf_counter() - t0
+        extra = {"label": exact.labels[0]}
+        for key, kw in (("approximate", {}), (f"+ refine {REFINE}", {"refine": REFINE})):
+            t0 = time.perf_counter()
+            res = occlusion(clf, x, patch=16, stride=8, mode="approximate", target=exact.target, **kw)
+            t = time.perf_counter() - t0
+            extra[f"r {key}"] = compare_maps(res.maps, exact.maps)[1]
+            extra[f"work {key}"] = res.settings["work"]
+            extra[f"x exact {key}"] = t_exact / t
+        rows.append(Row(f"photo: {name}", "efficientnet_lite0 (default)", 1, t_exact, None, extra=extra))
     return rows
 
 
 def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:
-    """Occlusion tables: each model at patch 40 / stride 20 and (not quick) patch 16 / stride 8."""
+    """Occlusion tables: each model at 40/20, and (not quick) 16/8 and 8/4; then the photos."""
     out = []
-    configs = [(40, 20)] if quick else [(40, 20), (16, 8)]
+    configs = [(40, 20)] if quick else [(40, 20), (16, 8), (8, 4)]
     for name, model, x in _models(device):
+        best_ppe = None
         for patch, stride in configs:
-            rows = _table(name, model, x, patch, stride, device, quick)
+            rows, best_ppe = _table(name, model, x, patch, stride, device, quick, best_ppe)
             out.append((f"Occlusion, {name}, patch {patch} / stride {stride}, 224 px, {device}", rows))
+    if not quick:
+        out.append((f"Occlusion, approximate vs exact on five natural photos, patch 16 / stride 8, {device} "
+                    "(median s = the exact map's seconds)", _photo_table(device)))
     return out

@@ -3,6 +3,8 @@ invariance, the fast path equal to the plain one, argument errors, the model lef
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -371,10 +373,10 @@ def test_model_unchanged_also_after_an_error(img, failure):
 
     grad_mode = torch.is_grad_enabled()
     if failure is None:
-        occlusion(model, img[:1], target=score, patch=64, stride=64)
+        occlusion(model, img[:1], target=score, patch=64, stride=64, batch_size=4)
     else:
-        with pytest.raises(failure, match="stop here"):
-            occlusion(model, img[:1], target=score, patch=64, stride=64)
+        with pytest.raises(failure, match="stop here"):  # mid-run: 16 windows in batches of 4
+            occlusion(model, img[:1], target=score, patch=64, stride=64, batch_size=4)
     assert torch.is_grad_enabled() == grad_mode
     assert model.training
     _assert_same(model, before)
@@ -418,3 +420,108 @@ def test_overlay_opacity_follows_the_weight():
     np.testing.assert_allclose(out[0, 0], 0.25)  # weight 0: the photo itself
     np.testing.assert_allclose(out[0, 1], 0.625)  # 0.5 * 0.25 + 0.5 * white
     np.testing.assert_allclose(out[1, 1], 0.4375)  # opacity 0.25
+
+
+# -- exact mode on real architectures, approximate mode on natural photos ---------------------------
+ARCHS = ["resnet18", "resnet50", "efficientnet_b0", "vgg11", "densenet121", "convnext_tiny", "mobilenet_v3_small"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_mode_equals_full_forwards_on_torchvision_architectures(arch):
+    """Random init (no download), a small input: the fast path (or its fallback) gives the same
+    drops as one full forward of the unmodified model per window, to float32 rounding."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(6))
+    # batch-norm statistics from a few images, as training would set them: without them the
+    # activations of a random ResNet-50 grow to ~1e4 and float32 rounding alone fails the check
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 96, 96, generator=torch.Generator().manual_seed(7)))
+    model.eval()
+    a = occlusion(model, x, target=3, patch=24, stride=20, score="logit", fast=False)
+    b = occlusion(model, x, target=3, patch=24, stride=20, score="logit")
+    assert a.settings["windows"] == (5, 5) and b.settings["mode"] == "exact"
+    scale = float(a.raw.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(b.raw, a.raw, atol=1e-5 * max(1.0, scale), rtol=1e-5)
+    if arch in ("resnet18", "resnet50", "vgg11"):  # the others: a global pool (SE), LayerNorm or no gain
+        assert b.settings["path"] == "crop", b.settings["fallback"]
+        assert b.settings["work"] < 0.9
+
+
+def _photos(clf):
+    """The five natural photos: scikit-image's chelsea, coffee, astronaut, rocket and matplotlib's
+    grace_hopper.jpg."""
+    from matplotlib import cbook
+    from PIL import Image
+    from skimage import data
+
+    arrays = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        arrays.append(np.asarray(Image.open(f).convert("RGB")))
+    return torch.cat([clf.preprocess(Image.fromarray(a)) for a in arrays])
+
+
+def _pearson(a, b):
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+def test_approximate_mode_correlates_with_exact_on_natural_photos(clf):
+    """The default model on the five photos, patch 32 / stride 16: the approximate map correlates
+    with the exact one (Pearson r >= 0.95 per photo) for less work; with refinement (its coarse
+    pass at stride 32 has windows that do not overlap, so it is rougher here than at 16/8) r >= 0.9."""
+    x = _photos(clf)
+    exact = occlusion(clf, x, patch=32, stride=16)
+    approx = occlusion(clf, x, patch=32, stride=16, mode="approximate", target=exact.target)
+    refined = occlusion(clf, x, patch=32, stride=16, mode="approximate", refine=0.25, target=exact.target)
+    assert exact.settings["mode"] == "exact" and approx.settings["mode"] == "approximate"
+    assert approx.settings["tau"] == 0.9 and refined.settings["refine"] == 0.25
+    assert approx.settings["work"] < exact.settings["work"] and refined.settings["work"] < approx.settings["work"]
+    assert refined.settings["windows_evaluated"] < 5 * 13 * 13
+    assert float(exact.raw.abs().amax((1, 2)).min()) > 0.01  # maps with something to agree on
+    assert float(_pearson(approx.maps, exact.maps).min()) >= 0.95
+    assert float(_pearson(refined.maps, exact.maps).min()) >= 0.9
+    assert not torch.equal(approx.raw, exact.raw)  # it is an approximation
+
+
+def test_approximate_mode_with_tau_1_is_exact(net, img):
+    a = occlusion(net, img, patch=40, stride=20)
+    b = occlusion(net, img, patch=40, stride=20, mode="approximate", tau=1.0)
+    assert b.settings["mode"] == "approximate" and b.settings["path"] == "crop"
+    torch.testing.assert_close(b.raw, a.raw, atol=1e-6, rtol=0)
+
+
+def test_refinement_evaluates_the_coarse_windows_exactly(net, img):
+    """Refinement keeps every second window of the full grid as computed, refines next to the
+    strongest ones and interpolates the others."""
+    x = img[:1]
+    full = occlusion(net, x, target=4, patch=32, stride=16)
+    ref = occlusion(net, x, target=4, patch=32, stride=16, refine=0.25)
+    coarse = [0, 2, 4, 6, 8, 10, 12]
+    torch.testing.assert_close(ref.raw[0][coarse][:, coarse], full.raw[0][coarse][:, coarse], atol=1e-6, rtol=0)
+    d = full.raw[0][coarse][:, coarse].abs().flatten()
+    top = d.topk(math.ceil(0.25 * 49)).indices[0]
+    ty, tx = coarse[int(top) // 7], coarse[int(top) % 7]
+    ny = [i for i in (ty - 1, ty + 1) if 0 <= i < 13]
+    torch.testing.assert_close(ref.raw[0, ny, tx], full.raw[0, ny, tx], atol=1e-6, rtol=0)  # refined
+    assert 49 < ref.settings["windows_evaluated"] < 169
+    assert ref.settings["work"] < full.settings["work"]
+
+
+def test_cli_approximate_and_refine(tmp_path, capsys):
+    code = main(["occlusion", "--patch", "56", "--stride", "28", "--mode", "approximate", "--refine",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "approximate, refined, work" in out
+    with pytest.raises(SystemExit) as e:
+        main(["occlusion", "--refine", "2", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "expected a share in (0, 1]" in capsys.readouterr().err

@@ -384,9 +384,29 @@ def _add_occlusion(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=int, default=None, metavar="N", help="windows per forward (default: per device)",
     )
+    p.add_argument(
+        "--mode", choices=("exact", "approximate"), default="exact",
+        help="exact: equal to one full forward per window; approximate: recompute only the central part "
+             "of each layer's reach (faster, a close map)",
+    )
+    p.add_argument(
+        "--refine", type=_share_arg, nargs="?", const=0.25, default=None, metavar="SHARE",
+        help="every second window first, then the full stride only near the top SHARE of them by |drop| "
+             "(default 0.25), the rest interpolated",
+    )
     _add_evidence(p)
     _add_out(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _share_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text!r}")
+    return value
 
 
 def _run_occlusion(args: argparse.Namespace) -> int:
@@ -404,13 +424,14 @@ def _run_occlusion(args: argparse.Namespace) -> int:
         return occlusion(
             clf, clf.preprocess(path), target=args.target, patch=args.patch, stride=args.stride,
             baseline=args.baseline, score=args.score, batch_size=args.batch_size,
-            progress=not args.no_progress and sys.stderr.isatty(),
+            progress=not args.no_progress and sys.stderr.isatty(), mode=args.mode, refine=args.refine,
         )
 
     def show(clf, name, res, written):
         ny, nx = res.settings["windows"]
         print(f"{name}: {printable(res.labels[0])} [{res.target[0]}], {ny * nx} windows, "
-              f"max drop {float(res.raw.max()):.4f}")
+              f"max drop {float(res.raw.max()):.4f}, {res.settings['mode']}"
+              f"{', refined' if res.settings['refine'] else ''}, work {res.settings['work']:.0%} of full forwards")
         for w in written:
             print(f"  wrote {printable(w)}")
 
