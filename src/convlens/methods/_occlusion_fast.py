@@ -451,6 +451,25 @@ def _private_copy(model: nn.Module) -> nn.Module:
     return private
 
 
+def _structure(model: nn.Module, x: Tensor) -> tuple[nn.Module, list[_Node], float]:
+    """The private copy, its boundary nodes and the total cost for images shaped like ``x``: read
+    once per model, weights, input shape, dtype and device, and remembered (a folder of same-sized
+    images pays the copy and the analysis once; each call still checks its windows)."""
+    from ..layers import remembered
+
+    # the weights' in-place version counters and storage: a changed weight means a new copy, which
+    # replaces the old one (a training loop's changing weights must not pile up copies)
+    stamp = tuple((t._version, t.data_ptr()) for t in model.state_dict(keep_vars=True).values())
+    slot: dict[str, Any] = remembered(model, ("convlens.occlusion.crop-structure", tuple(x.shape[1:]), x.dtype,
+                                              x.device), dict)
+    if slot.get("stamp") != stamp:
+        private = _private_copy(model)
+        nodes, total = _nodes(private, _record(private, x[:1]), tuple(x.shape[-2:]))
+        slot.clear()
+        slot.update(stamp=stamp, structure=(private, nodes, total))
+    return slot["structure"]
+
+
 def build_fast_evaluator(
     model: nn.Module,
     x: Tensor,
@@ -476,11 +495,8 @@ def build_fast_evaluator(
         if reasons is not None:
             reasons.append(text)
 
-    height, width = x.shape[-2:]
     try:
-        private = _private_copy(model)
-        calls = _record(private, x[:1])
-        nodes, total = _nodes(private, calls, (height, width))
+        private, nodes, total = _structure(model, x)
         exact = [None] + [
             (_exact_regions(nd, 0, patch[0], starts_y), _exact_regions(nd, 1, patch[1], starts_x)) for nd in nodes[1:]
         ]
