@@ -704,7 +704,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     if len(bad) == len(explorer.images()):
         raise ValueError("none of the images could be read")
     server = Server(explorer, args.host, args.port)
-    print(f"convlens explorer: {server.url}  ({len(explorer.images())} images, {explorer.clf.name}; Ctrl-C stops)",
+    n = len(explorer.images())
+    print(f"convlens explorer: {server.url}  ({n} image{'' if n == 1 else 's'}, {explorer.clf.name}; Ctrl-C stops)",
           flush=True)
     import signal
 
