@@ -241,3 +241,44 @@ def test_two_processes_share_one_cache(tmp_path):
     assert len(_entries(folder)) == 6 and not list((folder / "featureviz").glob(".tmp-*"))
     fc = open_cache(folder)
     assert all(fc.get(p.stem) is not None for p in _entries(folder))
+
+
+# -- explain and the CLI ----------------------------------------------------------------------
+def test_explain_second_image_reads_channels_of_the_first(tmp_path, clf, monkeypatch):
+    import convlens.methods.featureviz as fv
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    img = convlens.sample_image()
+    img.save(folder / "a.png")
+    img.transpose(0).save(folder / "b.png")  # mirrored: the same channels fire most
+    optimised: list[list[int]] = []
+    real = fv._optimise
+    monkeypatch.setattr(fv, "_optimise", lambda c, n, m, k, units, *a, **kw: (optimised.append(list(units)),
+                                                                               real(c, n, m, k, units, *a, **kw))[1])
+    settings = {"filters": {"channels": 3, "steps": 3, "size": 32}}
+    r = convlens.explain(folder, clf, methods=["filters"], settings=settings, cache=tmp_path / "c")
+    a, b = r.images
+    assert r.settings["cache"] == str(tmp_path / "c") and a.ok and b.ok
+    shared = set(a.channels["filters"]) & set(b.channels["filters"])
+    assert shared and b.channels.get("filters_cached") == len(shared) and "filters_cached" not in a.channels
+    rest = [c for c in b.channels["filters"] if c not in shared]  # only these were optimised for b
+    assert optimised == [a.channels["filters"]] + ([rest] if rest else [])
+    for c in shared:
+        i, j = a.channels["filters"].index(c), b.channels["filters"].index(c)
+        assert torch.equal(a.results["filters"].images[i], b.results["filters"].images[j])
+    off = convlens.explain(folder / "a.png", clf, methods=["filters"], settings=settings, cache=False)
+    assert off.settings["cache"] is None and torch.equal(off.images[0].results["filters"].images,
+                                                         r.images[0].results["filters"].images)
+
+
+def test_cli_no_cache(tmp_path, monkeypatch):
+    from convlens.cli import main
+
+    monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "c"))
+    args = ["filters", "--layer", "blocks.1", "--channels", "0,1", "--steps", "2", "--size", "32", "--device", "cpu"]
+    assert main([*args, "--no-cache", "--out", str(tmp_path / "o1")]) == 0
+    assert _entries(tmp_path / "c") == []
+    assert main([*args, "--out", str(tmp_path / "o2")]) == 0
+    assert len(_entries(tmp_path / "c")) == 2
+    assert np.array_equal(np.load(tmp_path / "o1" / "blocks_1.npy"), np.load(tmp_path / "o2" / "blocks_1.npy"))

@@ -254,6 +254,14 @@ def _run_occlusion(args: argparse.Namespace) -> int:
 
 
 # -- filters (feature visualisation) --------------------------------------------------------
+def _add_no_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-cache", action="store_true",
+        help="neither read nor write the feature-visualisation cache (default: the user cache folder, "
+        "$CONVLENS_CACHE overrides, $CONVLENS_CACHE_MB bounds it, 500 MB)",
+    )
+
+
 def _add_filters(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--layer", "-l", default=None, metavar="L", help="layer name (see `convlens layers`)")
@@ -274,6 +282,7 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         "--diversity", type=float, default=0.0, metavar="W", help="diversity weight between repeated channels"
     )
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default 0)")
+    _add_no_cache(p)
     _add_out(p)
 
 
@@ -296,7 +305,7 @@ def _run_filters(args: argparse.Namespace) -> int:
     res = feature_visualization(
         clf, args.layer, len(units) if args.objective == "layer" else units, objective=args.objective,
         param=args.param, transforms=() if args.no_transforms else "standard", diversity=args.diversity,
-        seed=args.seed, progress=sys.stderr.isatty(), **options,
+        seed=args.seed, progress=sys.stderr.isatty(), cache=not args.no_cache, **options,
     )
     stem = (res.layer if args.objective != "class" else "class").replace(".", "_")
     paths = res.save(Path(args.out) / stem)
@@ -328,10 +337,25 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
         "--fast", action="store_true", help="lighter settings: coarser occlusion, fewer and smaller feature images"
     )
     p.add_argument("--force", action="store_true", help="replace outputs of an earlier run in --out")
+    _add_no_cache(p)
+    p.add_argument(
+        "--shard", type=_shard_arg, default=None, metavar="I/N",
+        help="explain only part I of N (1-based) of the images, by sorted file name: N processes or "
+        "machines share one folder (e.g. a Slurm array --array=1-N: --shard $SLURM_ARRAY_TASK_ID/N)",
+    )
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    from .explain import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from .explain import METHODS, check_outputs, collect_images, explain, image_keys
+    from .explain import METHODS, check_outputs, collect_images, explain, image_keys, select_shard
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -344,6 +368,11 @@ def _run_explain(args: argparse.Namespace) -> int:
     items, _ = collect_images(sources, warn=False)  # only to name the outputs; explain() warns
     if not items:
         raise ValueError("no image files to explain")
+    if args.shard is not None:
+        n_all, items = len(items), select_shard(items, args.shard)
+        if not items:  # more shards than images: this one has nothing to do, which is no error
+            print(f"shard {args.shard[0]}/{args.shard[1]} of {n_all} images holds no image; nothing to do")
+            return 0
     out = Path(args.out)
     check_outputs(out, image_keys([name for name, _ in items]), force=args.force)  # before any work
     import time
@@ -352,7 +381,8 @@ def _run_explain(args: argparse.Namespace) -> int:
     clf = load_classifier(args)
     load_s = time.perf_counter() - t0
     report = explain(
-        sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer
+        sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer,
+        cache=not args.no_cache, shard=args.shard,
     )
     report.timings["load_model_s"] = load_s
     written = report.save(out, force=args.force)

@@ -28,7 +28,10 @@ from torch import Tensor
 from .images import IMAGE_SUFFIXES, ImageError, ImageSource
 from .models import Classifier, Prediction, as_classifier, load_model
 
-__all__ = ["METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "settings_for"]
+__all__ = [
+    "METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "parse_shard", "select_shard",
+    "settings_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +113,11 @@ def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
     ctx["channels"]["filters"] = channels
     result = feature_visualization(
         clf, ctx["fv_layer"], channels, steps=s["steps"], size=s["size"], param=s["param"],
-        transforms=s["transforms"], seed=s["seed"],
+        transforms=s["transforms"], seed=s["seed"], cache=ctx.get("cache", False),
     )
+    hits = result.settings.get("cache", {}).get("hits", 0)
+    if hits:  # channels rendered earlier (another image, another run) and read back bit for bit
+        ctx["channels"]["filters_cached"] = hits
     dead = [c for c, d in zip(channels, getattr(result, "dead", [])) if d]
     if dead:
         ctx["channels"]["filters_dead"] = dead
@@ -382,6 +388,48 @@ def collect_images(
     return items, skipped
 
 
+def parse_shard(text: str | tuple[int, int]) -> tuple[int, int]:
+    """``"I/N"`` (or ``(I, N)``) -> ``(I, N)`` with ``1 <= I <= N``: part I of N (1-based, as a
+    Slurm array ``--array=1-N`` numbers its tasks); anything else is a ValueError.
+
+    Example::
+
+        parse_shard("2/4")   # (2, 4)
+    """
+    if isinstance(text, tuple):
+        i, n = text
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if not m:
+            raise ValueError(f"a shard is I/N, e.g. 1/4, not {text!r}")
+        i, n = int(m.group(1)), int(m.group(2))
+    if isinstance(i, bool) or isinstance(n, bool) or not (isinstance(i, int) and isinstance(n, int)) or not 1 <= i <= n:
+        raise ValueError(f"a shard I/N needs 1 <= I <= N, not {i}/{n}")
+    return i, n
+
+
+def select_shard(items: Sequence[tuple[str, Any]], shard: str | tuple[int, int] | None) -> list[tuple[str, Any]]:
+    """Part ``I`` of ``N`` of ``items`` (``(name, source)`` pairs from :func:`collect_images`).
+
+    Items are ranked by name (the path relative to the folder they were found in; ties by their
+    place in ``items``), and the one at rank ``r`` (0-based) belongs to shard ``r mod N + 1``: the N
+    shards are disjoint, cover every item, differ in size by at most one, and are the same on every
+    machine that sees the same files, whatever the folder is called there or the order the file
+    system lists it in. Selected items keep their order in ``items``.
+
+    Example::
+
+        items, _ = collect_images(["photos/"])
+        mine = select_shard(items, "2/4")   # about a quarter
+    """
+    if shard is None:
+        return list(items)
+    i, n = parse_shard(shard)
+    ranked = sorted(range(len(items)), key=lambda j: (items[j][0], j))
+    keep = {j for r, j in enumerate(ranked) if r % n == i - 1}
+    return [item for j, item in enumerate(items) if j in keep]
+
+
 def _versions() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
@@ -411,6 +459,8 @@ def explain(
     progress: bool = False,
     layer: str | None = None,
     settings: dict[str, dict[str, Any]] | None = None,
+    cache: bool | str | os.PathLike[str] | None = True,
+    shard: str | tuple[int, int] | None = None,
 ) -> Report:
     """Explain each image with every technique in ``methods`` and gather the results.
 
@@ -418,8 +468,11 @@ def explain(
     bundled sample photo); ``classifier``: a :class:`Classifier` or ``nn.Module`` (default: the
     bundled EfficientNet-Lite0); ``target``: a class index or name for every image (default: each
     image's top-1); ``layer``: the Grad-CAM layer (default: automatic); ``settings``: per-technique
-    overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``). Errors are recorded per image
-    and technique, never raised; bad arguments raise :class:`ExplainError`.
+    overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``); ``cache``: where finished
+    feature visualisations are kept and reused across images and runs (True: the user cache folder,
+    ``$CONVLENS_CACHE`` overrides; a folder; False: off; see :mod:`convlens.cache`); ``shard``:
+    ``"I/N"`` explains only part I of N of the images (:func:`select_shard`). Errors are
+    recorded per image and technique, never raised; bad arguments raise :class:`ExplainError`.
 
     Example::
 
@@ -445,6 +498,13 @@ def explain(
     if not items:
         more = f" ({len(skipped)} non-image files skipped)" if skipped else ""
         raise ExplainError(f"no image files to explain{more}")
+    if shard is not None:
+        try:
+            n_all, items = len(items), select_shard(items, shard)
+        except ValueError as e:
+            raise ExplainError(str(e)) from None
+        if not items:
+            raise ExplainError(f"shard {shard} of {n_all} images holds no image")
 
     t0 = time.perf_counter()
     clf = load_model() if classifier is None else as_classifier(classifier)
@@ -463,12 +523,17 @@ def explain(
         input={"size": clf.size, "resize": clf.resize, "interpolation": clf.interpolation,
                "mean": list(clf.mean), "std": list(clf.std)},
         methods=methods,
-        settings={"fast": fast, "target": None if target is None else str(target), **conf},
+        settings={"fast": fast, "target": None if target is None else str(target), **conf,
+                  **({"shard": "{}/{}".format(*parse_shard(shard))} if shard is not None else {})},
         images=[],
         skipped=skipped,
         created=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     report.settings["versions"] = _versions()
+    from .cache import cache_dir
+
+    folder = cache_dir(cache) if "filters" in methods else None
+    report.settings["cache"] = None if folder is None else str(folder)
 
     bar = None
     quiet = contextlib.nullcontext()
@@ -484,7 +549,9 @@ def explain(
             for (name, src), key in zip(items, keys):
                 if bar is not None:
                     bar.set_postfix_str(name[:30])
-                report.images.append(_explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar))
+                report.images.append(
+                    _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, folder)
+                )
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -506,6 +573,7 @@ def _explain_one(
     conf: dict[str, dict[str, Any]],
     cam_layers: dict[tuple[int, ...], tuple[str, str]],
     bar: Any,
+    cache: Path | None = None,
 ) -> ImageExplanation:
     im = ImageExplanation(name=name, source=str(src) if isinstance(src, (str, os.PathLike)) else None, key=key)
     t0 = time.perf_counter()
@@ -549,6 +617,7 @@ def _explain_one(
         "fv_layer": cam_layers[shape][1],
         "layers": im.layers,
         "channels": im.channels,
+        "cache": cache if cache is not None else False,
     }
     for tech in methods:
         if bar is not None:
