@@ -107,7 +107,13 @@ def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
 
     layer = ctx["cam_layer"]
     # "what did the network see here": the channels of the Grad-CAM layer most active on this image
-    top = activations(clf, x, [layer]).top_channels(layer, int(s["channels"]))
+    # (its output was captured in the prediction's forward pass; else one more pass)
+    act = ctx.get("cam_act")
+    k = int(s["channels"])
+    if isinstance(act, Tensor) and act.dim() == 4:
+        top = act.float().mean(dim=(2, 3)).topk(min(k, act.shape[1]), dim=1).indices
+    else:
+        top = activations(clf, x, [layer]).top_channels(layer, k)
     channels = [int(c) for c in np.asarray(_first(top))]
     ctx["layers"]["filters"] = ctx["fv_layer"]
     ctx["channels"]["filters"] = channels
@@ -184,6 +190,8 @@ class ImageExplanation:
     errors: dict[str, str] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)  # warnings a technique gave
     timings: dict[str, float] = field(default_factory=dict)
+    #: how far techniques agree, e.g. ``gradcam_occlusion_spearman`` (None where undefined)
+    agreement: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -565,6 +573,31 @@ def explain(
     return report
 
 
+def _logits_and_layer(clf: Classifier, x: Tensor, layer: str) -> tuple[Tensor, Tensor | None]:
+    """One forward pass: the logits and the output of ``layer`` (for the feature visualisation's
+    choice of channels), under the model guard and without autograd."""
+    import torch
+
+    from .hooks import LayerCapture, model_guard
+    from .layers import resolve_layer
+    from .models import ModelError
+
+    name, module = resolve_layer(clf.model, layer)
+    with model_guard(clf.model), torch.no_grad(), LayerCapture({name: module}) as cap:
+        out = cap.run(clf.model, clf.batch(x))
+        act = cap.outputs.get(name)
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise ModelError("the model must return logits of shape (N, classes)")
+    return out, act.detach() if isinstance(act, Tensor) else None
+
+
+def _top(clf: Classifier, logits: Tensor, top: int) -> list[Prediction]:
+    """The top-``top`` predictions of the first image, as :meth:`Classifier.predict` gives them."""
+    probs = logits.float().softmax(dim=1)
+    values, indices = probs.topk(max(1, min(top, probs.shape[1])), dim=1)
+    return [Prediction(clf.label(int(i)), int(i), float(p)) for p, i in zip(values[0].cpu(), indices[0].cpu())]
+
+
 def _explain_one(
     clf: Classifier,
     name: str,
@@ -589,12 +622,6 @@ def _explain_one(
             x = clf.preprocess(pil)
             im.original_size = (pil.width, pil.height)
         im.rgb = clf.denormalise(x)[0].permute(1, 2, 0).float().cpu().numpy()
-        logits = clf.logits(x)
-        im.predictions = clf.predict(x, top=int(conf["predictions"]["top"]))[0]
-        from .targets import resolve_target
-
-        resolved = resolve_target(clf, target, 1, logits)
-        im.target, im.target_label = resolved.indices[0], resolved.labels[0]
         shape = tuple(x.shape[1:])
         if shape not in cam_layers:
             from .layers import default_cam_layer, layer_table, resolve_layer
@@ -603,6 +630,12 @@ def _explain_one(
             cam = conf["gradcam"]["layer"]
             cam = default_cam_layer(clf.model, x, table) if cam is None else resolve_layer(clf.model, cam)[0]
             cam_layers[shape] = (cam, pre_activation_layer(table, cam))
+        logits, cam_act = _logits_and_layer(clf, x, cam_layers[shape][0])
+        im.predictions = _top(clf, logits, int(conf["predictions"]["top"]))
+        from .targets import resolve_target
+
+        resolved = resolve_target(clf, target, 1, logits)
+        im.target, im.target_label = resolved.indices[0], resolved.labels[0]
     except ImageError as e:
         im.errors["image"] = str(e)
         log.warning("%s", e)
@@ -620,6 +653,7 @@ def _explain_one(
         "layers": im.layers,
         "channels": im.channels,
         "cache": cache if cache is not None else False,
+        "cam_act": cam_act,
     }
     for tech in methods:
         if bar is not None:
@@ -636,5 +670,39 @@ def _explain_one(
             im.errors[tech] = f"{type(e).__name__}: {e}"
             log.warning("%s: %s failed: %s", name, tech, im.errors[tech], exc_info=log.isEnabledFor(logging.DEBUG))
         im.timings[f"{tech}_s"] = time.perf_counter() - t1
+    if "gradcam" in im.results and "occlusion" in im.results:
+        try:
+            im.agreement["gradcam_occlusion_spearman"] = spearman(
+                _np(im.results["gradcam"].maps)[0], _np(im.results["occlusion"].maps)[0]
+            )
+        except ValueError as e:  # maps of different sizes: nothing to compare
+            log.warning("%s: cannot compare Grad-CAM and occlusion: %s", name, e)
     im.timings["total_s"] = time.perf_counter() - t0
     return im
+
+
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    """1-based ranks of the values of ``a`` (flattened), ties sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(a.ravel(), return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse.ravel()]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rank correlation of two maps of the same shape, pixel by pixel: the Pearson
+    correlation of their average ranks (ties share a rank). None when a map is constant.
+
+    rho = cov(rank a, rank b) / (std(rank a) std(rank b))
+
+    Example::
+
+        spearman(cam.to_numpy()[0], occ.to_numpy()[0])   # 1.0: same ordering of pixels
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"maps of shapes {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return None
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return None if den == 0 else float((ra * rb).sum() / den)

@@ -252,6 +252,7 @@ def summary_dict(report: Report, files: dict[str, list[str]] | None = None) -> d
                 "layers": im.layers,
                 "channels": im.channels,
                 "timings": im.timings,
+                "agreement": im.agreement,
                 "errors": im.errors,
                 "notes": im.notes,
                 "files": files.get(im.key, []),
