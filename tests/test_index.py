@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import re
 from html.parser import HTMLParser
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import convlens
@@ -142,3 +144,34 @@ def test_index_and_csv_from_a_real_run(clf, tmp_path):
     assert [float(r["top1_probability"]) for r in rows] == [im.predictions[0].probability for im in report.images]
     assert [float(r["gradcam_occlusion_spearman"]) for r in rows] == [
         im.agreement["gradcam_occlusion_spearman"] for im in report.images]
+
+
+def test_index_views_in_headless_chromium(tmp_path):
+    """The CSS-only views really reorder and filter the one grid in a browser, with no script."""
+    headless = pytest.importorskip("headless", reason="tests/headless.py is not importable")
+    exe = headless.find_chromium()
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); the browser check did not run")
+    path = tmp_path / "index.html"
+    path.write_text(render_index(SUMMARY, {"cat-sure.jpg": thumbnail(np.full((40, 80, 3), 0.5, np.float32))}))
+    shown = ("JSON.stringify([...document.querySelectorAll('.card')].filter(c => c.offsetParent !== null)"
+             ".map(c => [Math.round(c.getBoundingClientRect().top), Math.round(c.getBoundingClientRect().left),"
+             " c.getAttribute('href').split('/')[0]]))")
+
+    def visual(view: str | None) -> list[str]:
+        if view:
+            browser.evaluate(f"document.querySelector('label[for={view}]').click()")
+        return [h for _, _, h in sorted(json.loads(browser.evaluate(shown)))]
+
+    with headless.Chromium(exe) as browser:
+        page = browser.load(path, width=420, height=900)  # three cards per row
+        assert page.console_errors == [] and page.requests == [] and page.layout["scripts"] == 0
+        assert page.layout["scrollWidth"] <= page.layout["innerWidth"]
+        by_class = visual(None)
+        by_conf = visual("v-conf")
+        by_name = visual("v-name")
+        marked = visual("v-flag")
+    assert by_class == ["cat-sure.jpg", "script_alert_1_script_.png", "HYPERLINK_1_.jpg", "dog.jpg", "broken.jpg"]
+    assert by_conf == ["HYPERLINK_1_.jpg", "cat-sure.jpg", "script_alert_1_script_.png", "dog.jpg", "broken.jpg"]
+    assert by_name == ["script_alert_1_script_.png", "HYPERLINK_1_.jpg", "broken.jpg", "cat-sure.jpg", "dog.jpg"]
+    assert sorted(marked) == ["HYPERLINK_1_.jpg", "broken.jpg", "dog.jpg", "script_alert_1_script_.png"]
