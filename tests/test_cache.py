@@ -282,3 +282,16 @@ def test_cli_no_cache(tmp_path, monkeypatch):
     assert main([*args, "--out", str(tmp_path / "o2")]) == 0
     assert len(_entries(tmp_path / "c")) == 2
     assert np.array_equal(np.load(tmp_path / "o1" / "blocks_1.npy"), np.load(tmp_path / "o2" / "blocks_1.npy"))
+
+
+def test_bad_cache_settings_are_usage_errors(tmp_path, monkeypatch, capsys):
+    from convlens.cli import main
+    from convlens.explain import ExplainError
+
+    monkeypatch.setenv("CONVLENS_CACHE_MB", "lots")
+    with pytest.raises(ExplainError, match="CONVLENS_CACHE_MB"):
+        convlens.explain(None, _tiny(), methods=["filters"])
+    assert main(["explain", "--methods", "filters", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "CONVLENS_CACHE_MB must be a number" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    with pytest.raises(ExplainError, match="cache is True"):
+        convlens.explain(None, _tiny(), methods=["filters"], cache=3)  # type: ignore[arg-type]

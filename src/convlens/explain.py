@@ -540,9 +540,14 @@ def explain(
         created=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     report.settings["versions"] = _versions()
-    from .cache import cache_dir
+    from .cache import cache_dir, limit_bytes
 
-    folder = cache_dir(cache) if "filters" in methods else None
+    try:
+        folder = cache_dir(cache) if "filters" in methods else None
+        if folder is not None:
+            limit_bytes()  # a bad $CONVLENS_CACHE_MB is a usage error now, not a failure per image
+    except ValueError as e:
+        raise ExplainError(str(e)) from None
     report.settings["cache"] = None if folder is None else str(folder)
 
     bar = None
