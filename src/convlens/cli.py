@@ -366,6 +366,14 @@ def _run_occlusion(args: argparse.Namespace) -> int:
 
 
 # -- filters (feature visualisation) --------------------------------------------------------
+def _add_no_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-cache", action="store_true",
+        help="neither read nor write the feature-visualisation cache (default: the user cache folder, "
+        "$CONVLENS_CACHE overrides, $CONVLENS_CACHE_MB bounds it, 500 MB)",
+    )
+
+
 def _add_filters(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--layer", "-l", default=None, metavar="L", help="layer name (see `convlens layers`)")
@@ -386,6 +394,7 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         "--diversity", type=float, default=0.0, metavar="W", help="diversity weight between repeated channels"
     )
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default 0)")
+    _add_no_cache(p)
     _add_out(p)
 
 
@@ -418,7 +427,7 @@ def _run_filters(args: argparse.Namespace) -> int:
     res = feature_visualization(
         clf, args.layer, len(units) if args.objective == "layer" else units, objective=args.objective,
         param=args.param, transforms=() if args.no_transforms else "standard", diversity=args.diversity,
-        seed=args.seed, progress=sys.stderr.isatty(), **options,
+        seed=args.seed, progress=sys.stderr.isatty(), cache=not args.no_cache, **options,
     )
     with run:
         for p, w in feature_files(res, key):
@@ -453,12 +462,27 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fast", action="store_true", help="lighter settings: coarser occlusion, fewer and smaller feature images"
     )
+    _add_no_cache(p)
+    p.add_argument(
+        "--shard", type=_shard_arg, default=None, metavar="I/N",
+        help="explain only part I of N (1-based) of the images, by sorted file name: N processes or "
+        "machines share one folder (e.g. a Slurm array --array=1-N: --shard $SLURM_ARRAY_TASK_ID/N)",
+    )
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    from .explain import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _run_explain(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
-    from .explain import METHODS, collect_images, explain, item_keys, run_writer
+    from .explain import METHODS, collect_images, explain, item_keys, run_writer, select_shard
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -471,6 +495,11 @@ def _run_explain(args: argparse.Namespace) -> int:
     items, _ = collect_images(sources, warn=False)  # only to name the outputs; explain() warns
     if not items:
         raise ValueError("no image files to explain")
+    if args.shard is not None:
+        n_all, items = len(items), select_shard(items, args.shard)
+        if not items:  # more shards than images: this one has nothing to do, which is no error
+            print(f"shard {args.shard[0]}/{args.shard[1]} of {n_all} images holds no image; nothing to do")
+            return 0
     planned = [SimpleNamespace(key=k, path=src) for k, (_, src) in zip(item_keys(items), items)]
     run = run_writer(args.out, planned, force=args.force, settings=run_settings(args))  # before any work
     import time
@@ -481,6 +510,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     with run:
         report = explain(
             sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer,
+            cache=not args.no_cache, shard=args.shard,
             on_image=lambda rep, im: rep.save_image(run, im),  # each image lands as soon as it is done
         )
         report.timings["load_model_s"] = load_s

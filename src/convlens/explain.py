@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +34,10 @@ from .models import Classifier, Prediction, as_classifier, load_model
 from .outputs import RunWriter, check_interrupt, is_regular, printable, safe_key
 from .outputs import image_keys as _image_keys
 
-__all__ = ["METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "settings_for"]
+__all__ = [
+    "METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "parse_shard", "select_shard",
+    "settings_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +115,23 @@ def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
 
     layer = ctx["cam_layer"]
     # "what did the network see here": the channels of the Grad-CAM layer most active on this image
-    top = activations(clf, x, [layer]).top_channels(layer, int(s["channels"]))
+    # (its output was captured in the prediction's forward pass; else one more pass)
+    act = ctx.get("cam_act")
+    k = int(s["channels"])
+    if isinstance(act, Tensor) and act.dim() == 4:
+        top = act.float().mean(dim=(2, 3)).topk(min(k, act.shape[1]), dim=1).indices
+    else:
+        top = activations(clf, x, [layer]).top_channels(layer, k)
     channels = [int(c) for c in np.asarray(_first(top))]
     ctx["layers"]["filters"] = ctx["fv_layer"]
     ctx["channels"]["filters"] = channels
     result = feature_visualization(
         clf, ctx["fv_layer"], channels, steps=s["steps"], size=s["size"], param=s["param"],
-        transforms=s["transforms"], seed=s["seed"],
+        transforms=s["transforms"], seed=s["seed"], cache=ctx.get("cache", False),
     )
+    hits = result.settings.get("cache", {}).get("hits", 0)
+    if hits:  # channels rendered earlier (another image, another run) and read back bit for bit
+        ctx["channels"]["filters_cached"] = hits
     dead = [c for c, d in zip(channels, getattr(result, "dead", [])) if d]
     if dead:
         ctx["channels"]["filters_dead"] = dead
@@ -213,6 +226,8 @@ class ImageExplanation:
     errors: dict[str, str] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)  # warnings a technique gave
     timings: dict[str, float] = field(default_factory=dict)
+    #: how far techniques agree, e.g. ``gradcam_occlusion_spearman`` (None where undefined)
+    agreement: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -260,7 +275,9 @@ class Report:
         rendered once and cached; ``None`` when there is nothing to show."""
         key = (image.key, technique)
         if key not in self._png:  # a failed drawing is remembered too (as b""), so it is tried once
-            args = {"k": int(self.settings["activations"]["channels"])} if technique == "activations" else {}
+            # one Axes per stage, not per tile: the same picture, several times faster to draw
+            args = ({"k": int(self.settings["activations"]["channels"]), "layout": "rows"}
+                    if technique == "activations" else {})
             self._png[key] = _render(image, technique, args) or b""
         return self._png[key] or None
 
@@ -450,6 +467,48 @@ def item_keys(items: Sequence[tuple[str, ImageSource]]) -> list[str]:
     return image_keys([n for n, _ in items], [s if isinstance(s, (str, os.PathLike)) else n for n, s in items])
 
 
+def parse_shard(text: str | tuple[int, int]) -> tuple[int, int]:
+    """``"I/N"`` (or ``(I, N)``) -> ``(I, N)`` with ``1 <= I <= N``: part I of N (1-based, as a
+    Slurm array ``--array=1-N`` numbers its tasks); anything else is a ValueError.
+
+    Example::
+
+        parse_shard("2/4")   # (2, 4)
+    """
+    if isinstance(text, tuple):
+        i, n = text
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if not m:
+            raise ValueError(f"a shard is I/N, e.g. 1/4, not {text!r}")
+        i, n = int(m.group(1)), int(m.group(2))
+    if isinstance(i, bool) or isinstance(n, bool) or not (isinstance(i, int) and isinstance(n, int)) or not 1 <= i <= n:
+        raise ValueError(f"a shard I/N needs 1 <= I <= N, not {i}/{n}")
+    return i, n
+
+
+def select_shard(items: Sequence[tuple[str, Any]], shard: str | tuple[int, int] | None) -> list[tuple[str, Any]]:
+    """Part ``I`` of ``N`` of ``items`` (``(name, source)`` pairs from :func:`collect_images`).
+
+    Items are ranked by name (the path relative to the folder they were found in; ties by their
+    place in ``items``), and the one at rank ``r`` (0-based) belongs to shard ``r mod N + 1``: the N
+    shards are disjoint, cover every item, differ in size by at most one, and are the same on every
+    machine that sees the same files, whatever the folder is called there or the order the file
+    system lists it in. Selected items keep their order in ``items``.
+
+    Example::
+
+        items, _ = collect_images(["photos/"])
+        mine = select_shard(items, "2/4")   # about a quarter
+    """
+    if shard is None:
+        return list(items)
+    i, n = parse_shard(shard)
+    ranked = sorted(range(len(items)), key=lambda j: (items[j][0], j))
+    keep = {j for r, j in enumerate(ranked) if r % n == i - 1}
+    return [item for j, item in enumerate(items) if j in keep]
+
+
 def _versions() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
@@ -480,6 +539,8 @@ def explain(
     layer: str | None = None,
     settings: dict[str, dict[str, Any]] | None = None,
     on_image: Callable[[Report, ImageExplanation], None] | None = None,
+    cache: bool | str | os.PathLike[str] | None = True,
+    shard: str | tuple[int, int] | None = None,
 ) -> Report:
     """Explain each image with every technique in ``methods`` and gather the results.
 
@@ -487,9 +548,12 @@ def explain(
     bundled sample photo); ``classifier``: a :class:`Classifier` or ``nn.Module`` (default: the
     bundled EfficientNet-Lite0); ``target``: a class index or name for every image (default: each
     image's top-1); ``layer``: the Grad-CAM layer (default: automatic); ``settings``: per-technique
-    overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``); ``on_image(report, image)``
-    is called as each image is done (the CLI saves it then). Errors (also NaN or infinite logits
-    or maps) are recorded per image and technique, never raised; bad arguments raise
+    overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``); ``cache``: where finished
+    feature visualisations are kept and reused across images and runs (True: the user cache folder,
+    ``$CONVLENS_CACHE`` overrides; a folder; False: off; see :mod:`convlens.cache`); ``shard``:
+    ``"I/N"`` explains only part I of N of the images (:func:`select_shard`); ``on_image(report,
+    image)`` is called as each image is done (the CLI saves it then). Errors (also NaN or infinite
+    logits or maps) are recorded per image and technique, never raised; bad arguments raise
     :class:`ExplainError`.
 
     Example::
@@ -518,6 +582,13 @@ def explain(
     if not items:
         more = f" ({len(skipped)} folder entries skipped: {skipped[0]['reason']}, ...)" if skipped else ""
         raise ExplainError(f"no image files to explain{more}")
+    if shard is not None:
+        try:
+            n_all, items = len(items), select_shard(items, shard)
+        except ValueError as e:
+            raise ExplainError(str(e)) from None
+        if not items:
+            raise ExplainError(f"shard {shard} of {n_all} images holds no image")
 
     t0 = time.perf_counter()
     clf = load_model() if classifier is None else as_classifier(classifier)
@@ -536,12 +607,22 @@ def explain(
         input={"size": clf.size, "resize": clf.resize, "interpolation": clf.interpolation,
                "mean": list(clf.mean), "std": list(clf.std)},
         methods=methods,
-        settings={"fast": fast, "target": None if target is None else str(target), **conf},
+        settings={"fast": fast, "target": None if target is None else str(target), **conf,
+                  **({"shard": "{}/{}".format(*parse_shard(shard))} if shard is not None else {})},
         images=[],
         skipped=skipped,
         created=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     report.settings["versions"] = _versions()
+    from .cache import cache_dir, limit_bytes
+
+    try:
+        folder = cache_dir(cache) if "filters" in methods else None
+        if folder is not None:
+            limit_bytes()  # a bad $CONVLENS_CACHE_MB is a usage error now, not a failure per image
+    except ValueError as e:
+        raise ExplainError(str(e)) from None
+    report.settings["cache"] = None if folder is None else str(folder)
 
     bar = None
     quiet = contextlib.nullcontext()
@@ -559,7 +640,7 @@ def explain(
                 if bar is not None:
                     bar.set_postfix_str(printable(name)[:30])
                 report.images.append(
-                    _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, run_cache)
+                    _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, run_cache, folder)
                 )
                 check_interrupt()
                 if on_image is not None:
@@ -575,6 +656,31 @@ def explain(
     return report
 
 
+def _logits_and_layer(clf: Classifier, x: Tensor, layer: str) -> tuple[Tensor, Tensor | None]:
+    """One forward pass: the logits and the output of ``layer`` (for the feature visualisation's
+    choice of channels), under the model guard and without autograd."""
+    import torch
+
+    from .hooks import LayerCapture, model_guard
+    from .layers import resolve_layer
+    from .models import ModelError
+
+    name, module = resolve_layer(clf.model, layer)
+    with model_guard(clf.model), torch.no_grad(), LayerCapture({name: module}) as cap:
+        out = cap.run(clf.model, clf.batch(x))
+        act = cap.outputs.get(name)
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise ModelError("the model must return logits of shape (N, classes)")
+    return out, act.detach() if isinstance(act, Tensor) else None
+
+
+def _top(clf: Classifier, logits: Tensor, top: int) -> list[Prediction]:
+    """The top-``top`` predictions of the first image, as :meth:`Classifier.predict` gives them."""
+    probs = logits.float().softmax(dim=1)
+    values, indices = probs.topk(max(1, min(top, probs.shape[1])), dim=1)
+    return [Prediction(clf.label(int(i)), int(i), float(p)) for p, i in zip(values[0].cpu(), indices[0].cpu())]
+
+
 def _explain_one(
     clf: Classifier,
     name: str,
@@ -586,6 +692,7 @@ def _explain_one(
     cam_layers: dict[tuple[int, ...], tuple[str, str]],
     bar: Any,
     run_cache: dict[Any, Any] | None = None,
+    cache: Path | None = None,
 ) -> ImageExplanation:
     is_path = isinstance(src, (str, os.PathLike))
     im = ImageExplanation(name=printable(name), source=printable(src) if is_path else None, key=key,
@@ -601,12 +708,6 @@ def _explain_one(
             x = clf.preprocess(pil)
             im.original_size = (pil.width, pil.height)
         im.rgb = clf.denormalise(x)[0].permute(1, 2, 0).float().cpu().numpy()
-        logits = require_finite(clf.logits(x), "the model's output")
-        im.predictions = clf.predict(x, top=int(conf["predictions"]["top"]))[0]
-        from .targets import resolve_target
-
-        resolved = resolve_target(clf, target, 1, logits)
-        im.target, im.target_label = resolved.indices[0], resolved.labels[0]
         shape = tuple(x.shape[1:])
         if shape not in cam_layers:
             from .layers import default_cam_layer, layer_table, resolve_layer
@@ -615,6 +716,13 @@ def _explain_one(
             cam = conf["gradcam"]["layer"]
             cam = default_cam_layer(clf.model, x, table) if cam is None else resolve_layer(clf.model, cam)[0]
             cam_layers[shape] = (cam, pre_activation_layer(table, cam))
+        logits, cam_act = _logits_and_layer(clf, x, cam_layers[shape][0])
+        require_finite(logits, "the model's output")
+        im.predictions = _top(clf, logits, int(conf["predictions"]["top"]))
+        from .targets import resolve_target
+
+        resolved = resolve_target(clf, target, 1, logits)
+        im.target, im.target_label = resolved.indices[0], resolved.labels[0]
     except (ImageError, NonFiniteError) as e:
         im.errors["image"] = printable(e)
         log.warning("%s: %s", im.name, im.errors["image"])
@@ -635,6 +743,8 @@ def _explain_one(
         "notes": im.notes,
         "name": name,
         "run": {} if run_cache is None else run_cache,
+        "cache": cache if cache is not None else False,
+        "cam_act": cam_act,
     }
     for tech in methods:
         if bar is not None:
@@ -655,6 +765,13 @@ def _explain_one(
             log.warning("%s: %s failed: %s", im.name, tech, im.errors[tech], exc_info=log.isEnabledFor(logging.DEBUG))
         im.timings[f"{tech}_s"] = time.perf_counter() - t1
         check_interrupt()
+    if "gradcam" in im.results and "occlusion" in im.results:
+        try:
+            im.agreement["gradcam_occlusion_spearman"] = spearman(
+                _np(im.results["gradcam"].maps)[0], _np(im.results["occlusion"].maps)[0]
+            )
+        except ValueError as e:  # maps of different sizes: nothing to compare
+            log.warning("%s: cannot compare Grad-CAM and occlusion: %s", im.name, printable(e))
     im.timings["total_s"] = time.perf_counter() - t0
     return im
 
@@ -667,3 +784,30 @@ def _finite(result: Any, tech: str) -> Any:
         if isinstance(t, Tensor):
             require_finite(t, f"the {tech} map{' of ' + name if name else ''}")
     return result
+
+
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    """1-based ranks of the values of ``a`` (flattened), ties sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(a.ravel(), return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse.ravel()]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rank correlation of two maps of the same shape, pixel by pixel: the Pearson
+    correlation of their average ranks (ties share a rank). None when a map is constant.
+
+    rho = cov(rank a, rank b) / (std(rank a) std(rank b))
+
+    Example::
+
+        spearman(cam.to_numpy()[0], occ.to_numpy()[0])   # 1.0: same ordering of pixels
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"maps of shapes {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return None
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return None if den == 0 else float((ra * rb).sum() / den)

@@ -361,6 +361,34 @@ class CropEvaluator:
             self._windows = None
 
 
+def _structure(
+    model: nn.Module, x: Tensor, patch: tuple[int, int], starts_y: list[int], starts_x: list[int]
+) -> tuple[nn.Module, list[_Node], float, tuple | None]:
+    """The private copy, its boundary nodes, the total cost and the plan for images shaped like
+    ``x``: read once per model, weights, input shape and window grid, and remembered (a folder of
+    same-sized images pays the copy and the analysis once; each call still checks its windows)."""
+    from ..layers import remembered
+
+    # the weights' in-place version counters and storage: a changed weight means a new copy
+    stamp = tuple((t._version, t.data_ptr()) for t in model.state_dict(keep_vars=True).values())
+    key = ("convlens.occlusion.crop-structure", tuple(x.shape[1:]), x.dtype, x.device, patch,
+           tuple(starts_y), tuple(starts_x), stamp)
+
+    def compute() -> tuple[nn.Module, list[_Node], float, tuple | None]:
+        height, width = x.shape[-2:]
+        private = copy.deepcopy(model).eval()
+        for m in private.modules():  # the caller's hooks stay on the caller's model
+            for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+                d = getattr(m, attr, None)
+                if d:
+                    d.clear()
+        calls = _record(private, x[:1])
+        nodes, total = _nodes(private, calls, (height, width))
+        return private, nodes, total, _plan(nodes, total, patch, (starts_y, starts_x))
+
+    return remembered(model, key, compute)
+
+
 def build_fast_evaluator(
     model: nn.Module,
     x: Tensor,
@@ -373,17 +401,8 @@ def build_fast_evaluator(
     model's structure is not understood, the crops would not save enough work, or the check fails."""
     from .occlusion import _PlainEvaluator
 
-    height, width = x.shape[-2:]
     try:
-        private = copy.deepcopy(model).eval()
-        for m in private.modules():  # the caller's hooks stay on the caller's model
-            for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-                d = getattr(m, attr, None)
-                if d:
-                    d.clear()
-        calls = _record(private, x[:1])
-        nodes, total = _nodes(private, calls, (height, width))
-        plan = _plan(nodes, total, patch, (starts_y, starts_x))
+        private, nodes, total, plan = _structure(model, x, patch, starts_y, starts_x)
     except Exception as e:  # a structure we cannot read: the plain path is always right
         log.info("occlusion: no crop path (%s: %s)", type(e).__name__, e)
         return None
