@@ -65,7 +65,8 @@ def test_cli_shards_cover_the_folder_once(photos: Path, tmp_path: Path, capsys: 
         out = tmp_path / f"out{i}"
         assert main(["explain", str(photos), "--methods", "gradcam", "--shard", f"{i}/2", "--out", str(out),
                      "--device", "cpu"]) == 0
-        names.append([im["name"] for im in json.loads((out / "summary.json").read_text())["images"]])
+        s = json.loads((out / f"shard-{i}-of-2" / "summary.json").read_text())  # a shard writes into its own folder
+        names.append([im["name"] for im in s["images"]])
     assert names == [["a.png", "c.png", "e.png"], ["b.png", "d.png"]]
     capsys.readouterr()
     assert main(["explain", str(photos), "--shard", "6/6", "--out", str(tmp_path / "x")]) == 0

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -35,8 +37,8 @@ from .outputs import RunWriter, check_interrupt, is_regular, printable, safe_key
 from .outputs import image_keys as _image_keys
 
 __all__ = [
-    "METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "parse_shard", "select_shard",
-    "settings_for",
+    "METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "parse_shard", "plan",
+    "select_shard", "settings_for", "shard_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -228,6 +230,10 @@ class ImageExplanation:
     timings: dict[str, float] = field(default_factory=dict)
     #: how far techniques agree, e.g. ``gradcam_occlusion_spearman`` (None where undefined)
     agreement: dict[str, float | None] = field(default_factory=dict)
+    #: once written and released (a run with ``out``): the image's summary entry, and its thumbnail
+    summary: dict[str, Any] | None = field(default=None, repr=False)
+    thumb: bytes | None = field(default=None, repr=False)
+    reused: bool = field(default=False, repr=False)  # kept from an earlier run (``resume``), not recomputed
 
     @property
     def ok(self) -> bool:
@@ -264,6 +270,7 @@ class Report:
     created: str = ""
     _png: dict[tuple[str, str], bytes] = field(default_factory=dict, repr=False)
     _files: dict[str, list[str]] = field(default_factory=dict, repr=False)  # image key -> files written
+    _planned: int = field(default=0, repr=False)  # images the run will hold (0: as many as it holds now)
 
     @property
     def failed(self) -> list[ImageExplanation]:
@@ -292,42 +299,97 @@ class Report:
         return run_writer(directory, self.images, force=force, settings=self.settings)
 
     def save_image(self, run: RunWriter, im: ImageExplanation) -> list[str]:
-        """Stage one image's files (``input.png``, per technique a PNG and the raw ``.npy``) and
-        move its folder into place; returns its files relative to the output folder."""
+        """Stage one image's files and move its folder into place; returns its files relative to
+        the output folder. The folder holds ``input.png``, per technique a PNG and the raw ``.npy``,
+        the image's own self-contained page ``report.html``, ``thumbnail.jpg`` (for the index) and
+        ``summary.json`` (the image's entry of the run's summary, read back by ``--resume`` and
+        ``convlens report``). An image that could not be read gets no folder."""
         from .outputs import npy_writer
+        from .report import render_html, summary_dict, thumbnail, to_json
 
+        if "image" in im.errors:
+            self._files[im.key] = run.commit_image(im.key, name=im.name, source=im.path, ok=False,
+                                                   extra={"errors": dict(im.errors)})
+            return self._files[im.key]
+        written = []
         for tech in ("input", *self.methods):
             data = self.png(im, tech)
             if data is not None:
-                run.write(im.key, f"{tech}.png", data)
+                written.append(run.write(im.key, f"{tech}.png", data))
             for suffix, array in _arrays(im, tech):
-                run.write(im.key, f"{tech}{suffix}.npy", npy_writer(array))
+                written.append(run.write(im.key, f"{tech}{suffix}.npy", npy_writer(array)))
+        # the run's skipped entries are shown on its only page, not repeated on each of many
+        one = (self._planned or len(self.images)) == 1
+        page = replace(self, images=[im], skipped=self.skipped if one else [], timings={})
+        written.append(run.write(im.key, "report.html", render_html(page).encode()))
+        if im.rgb is not None:
+            im.thumb = thumbnail(im.rgb)
+            written.append(run.write(im.key, "thumbnail.jpg", im.thumb))
+        files = sorted([*written, f"{im.key}/summary.json"])
+        entry = summary_dict(page, {im.key: files})["images"][0]
+        run.write(im.key, "summary.json", to_json(entry).encode())
+        im.summary = entry
         self._files[im.key] = run.commit_image(im.key, name=im.name, source=im.path, ok=im.ok)
         return self._files[im.key]
 
-    def finish(self, run: RunWriter) -> None:
-        """Write ``summary.json`` and ``report.html`` (they describe exactly the image files
-        written) and put everything in place, replacing an earlier run as a whole."""
-        from .report import render_html, summary_dict, to_json
+    def release(self, im: ImageExplanation) -> None:
+        """Drop what an image's files now hold (maps, figures, the picture), keeping what the
+        summary and the index need (predictions, target, timings, errors, files, a thumbnail):
+        memory stays flat over a folder of any size."""
+        from .report import summary_dict, thumbnail
 
-        run.write(None, "summary.json", to_json(summary_dict(self, self._files)).encode())
-        run.write(None, "report.html", render_html(self).encode())
+        if im.thumb is None and im.rgb is not None:
+            im.thumb = thumbnail(im.rgb)
+        if im.summary is None:
+            im.summary = summary_dict(replace(self, images=[im]), self._files)["images"][0]
+        im.results, im.rgb = {}, None
+        for tech in ("input", *self.methods):
+            self._png.pop((im.key, tech), None)
+
+    def finish(self, run: RunWriter) -> None:
+        """Write ``summary.json``, ``summary.csv`` and ``report.html`` (they describe exactly the
+        image files written) and put everything in place, replacing an earlier run as a whole.
+        ``report.html`` is the index page (a thumbnail grid linking to each image's own page) when
+        there are several images; for one image it is that image's page."""
+        from .report import render_index, summary_csv, summary_dict, thumbnail, to_json
+
+        summary = summary_dict(self, self._files)
+        run.write(None, "summary.json", to_json(summary).encode())
+        run.write(None, "summary.csv", summary_csv(summary).encode("utf-8"))
+        page = None
+        if len(self.images) == 1 and self._files.get(self.images[0].key):
+            page = run.locate(f"{self.images[0].key}/report.html").read_bytes()
+        elif len(self.images) == 1:
+            from .report import render_html
+
+            page = render_html(self).encode()  # an image that could not be read: today's page says why
+        else:
+            thumbs = {}
+            for im in self.images:
+                if im.thumb is None and im.rgb is not None:
+                    im.thumb = thumbnail(im.rgb)
+                if im.thumb is not None:
+                    thumbs[im.key] = im.thumb
+            page = render_index(summary, thumbs).encode()
+        run.write(None, "report.html", page)
         run.finish()
 
     def save(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         """Write every output into ``directory``; returns the paths written.
 
-        Per image, in its own folder: ``input.png`` and per technique a PNG and the raw ``.npy``;
-        then ``summary.json`` and ``report.html``. Everything is staged and moved into place
-        (see :mod:`convlens.outputs`): an interrupted save leaves no half-written file. An earlier
-        run or a file of the same name in ``directory`` is refused unless ``force``.
+        Per image, in its own folder: ``input.png``, per technique a PNG and the raw ``.npy``, its
+        own page ``report.html`` (see :meth:`save_image`); then ``summary.json``, ``summary.csv``
+        and ``report.html`` (the index page for several images, the image's page for one).
+        Everything is staged and moved into place (see :mod:`convlens.outputs`): an interrupted
+        save leaves no half-written file. An earlier run or a file of the same name in
+        ``directory`` is refused unless ``force``.
         """
         with self.writer(directory, force=force) as run:
             for im in self.images:
                 self.save_image(run, im)
             self.finish(run)
         files = [f for im in self.images for f in self._files.get(im.key, [])]
-        return [run.root / f for f in (*files, "summary.json", "report.html")]
+        return [run.root / f for f in (*files, "summary.json", "summary.csv", "report.html")]
 
     def _repr_lines(self) -> list[str]:
         weights = f" ({short(self.weights)})" if self.weights else ""  # the file name, not where it is installed
@@ -361,12 +423,14 @@ def planned_outputs(directory: str | os.PathLike[str], keys: Sequence[str]) -> l
 
 def run_writer(
     directory: str | os.PathLike[str], images: Sequence[Any], *, force: bool = False,
-    settings: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None, resume: bool = False,
 ) -> RunWriter:
     """The checked :class:`RunWriter` of an explain run over ``images`` (items with ``key`` and
     ``path``); raises before any work when ``directory`` cannot take the run."""
-    return RunWriter(directory, "explain", keys=[im.key for im in images], files=["report.html", "summary.json"],
-                     inputs=[im.path for im in images if im.path is not None], force=force, settings=settings or {})
+    return RunWriter(directory, "explain", keys=[im.key for im in images],
+                     files=["report.html", "summary.json", "summary.csv"],
+                     inputs=[im.path for im in images if im.path is not None], force=force, settings=settings or {},
+                     resume=resume)
 
 
 def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> bytes | None:
@@ -541,6 +605,9 @@ def explain(
     on_image: Callable[[Report, ImageExplanation], None] | None = None,
     cache: bool | str | os.PathLike[str] | None = True,
     shard: str | tuple[int, int] | None = None,
+    out: str | os.PathLike[str] | RunWriter | None = None,
+    force: bool = False,
+    resume: bool = False,
 ) -> Report:
     """Explain each image with every technique in ``methods`` and gather the results.
 
@@ -551,10 +618,16 @@ def explain(
     overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``); ``cache``: where finished
     feature visualisations are kept and reused across images and runs (True: the user cache folder,
     ``$CONVLENS_CACHE`` overrides; a folder; False: off; see :mod:`convlens.cache`); ``shard``:
-    ``"I/N"`` explains only part I of N of the images (:func:`select_shard`); ``on_image(report,
-    image)`` is called as each image is done (the CLI saves it then). Errors (also NaN or infinite
-    logits or maps) are recorded per image and technique, never raised; bad arguments raise
-    :class:`ExplainError`.
+    ``"I/N"`` explains only part I of N of the images (:func:`select_shard`); ``out``: a folder
+    each image's files go into as soon as it is done, after which its maps and figures are
+    dropped from memory (the report keeps predictions, errors, timings, file names and a
+    thumbnail), so memory stays flat over any number of images; ends with ``summary.json``,
+    ``summary.csv`` and ``report.html`` (:meth:`Report.finish`); a shard writes into
+    ``out/shard-I-of-N/`` (:func:`shard_folder`); ``force`` replaces an earlier run there,
+    ``resume`` keeps its images that match this run (same model, weights, settings and file
+    content) and does the rest; ``on_image(report, image)`` is called as each image is done.
+    Errors (also NaN or infinite logits or maps) are recorded per image and technique, never
+    raised; bad arguments raise :class:`ExplainError`.
 
     Example::
 
@@ -578,17 +651,11 @@ def explain(
         image_or_images = [sample_image_path()]
     elif isinstance(image_or_images, (str, os.PathLike, bytes, Tensor)) or not isinstance(image_or_images, Sequence):
         image_or_images = [image_or_images]
-    items, skipped = collect_images(image_or_images)
-    if not items:
-        more = f" ({len(skipped)} folder entries skipped: {skipped[0]['reason']}, ...)" if skipped else ""
-        raise ExplainError(f"no image files to explain{more}")
-    if shard is not None:
-        try:
-            n_all, items = len(items), select_shard(items, shard)
-        except ValueError as e:
-            raise ExplainError(str(e)) from None
-        if not items:
-            raise ExplainError(f"shard {shard} of {n_all} images holds no image")
+    planned, skipped = plan(image_or_images, shard)
+    items, keys = [(n, s) for n, s, _ in planned], [k for _, _, k in planned]
+    run = out if isinstance(out, RunWriter) or out is None else run_writer(
+        shard_folder(out, shard), [SimpleNamespace(key=k, path=s) for _, s, k in planned], force=force,
+        resume=resume)  # checked before any work
 
     t0 = time.perf_counter()
     clf = load_model() if classifier is None else as_classifier(classifier)
@@ -599,7 +666,6 @@ def explain(
         from .layers import resolve_layer
 
         resolve_layer(clf.model, conf["gradcam"]["layer"])
-    keys = item_keys(items)
     report = Report(
         model=clf.name,
         weights=clf.weights,
@@ -612,6 +678,7 @@ def explain(
         images=[],
         skipped=skipped,
         created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        _planned=len(items),
     )
     report.settings["versions"] = _versions()
     from .cache import cache_dir, limit_bytes
@@ -623,6 +690,7 @@ def explain(
     except ValueError as e:
         raise ExplainError(str(e)) from None
     report.settings["cache"] = None if folder is None else str(folder)
+    done = {} if run is None else run.reusable(_fingerprint(clf, report))
 
     bar = None
     quiet = contextlib.nullcontext()
@@ -635,18 +703,29 @@ def explain(
     cam_layers: dict[tuple[int, ...], tuple[str, str]] = {}
     run_cache: dict[Any, Any] = {}  # what is computed once per model and run (the sanity verdict)
     try:
-        with quiet:
+        with quiet, run if run is not None else contextlib.nullcontext():
             for (name, src), key in zip(items, keys):
                 if bar is not None:
                     bar.set_postfix_str(printable(name)[:30])
-                report.images.append(
-                    _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, run_cache, folder)
-                )
-                check_interrupt()
-                if on_image is not None:
-                    on_image(report, report.images[-1])
+                earlier = _earlier(run, key, done.get(key))
+                if earlier is not None:  # --resume: finished by an earlier run with the same settings
+                    report.images.append(earlier)
+                    report._files[key] = run.keep_image(key)  # type: ignore[union-attr]
+                else:
+                    report.images.append(
+                        _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, run_cache, folder)
+                    )
+                    check_interrupt()
+                    if run is not None:
+                        report.save_image(run, report.images[-1])
+                        report.release(report.images[-1])
+                    if on_image is not None:
+                        on_image(report, report.images[-1])
                 if bar is not None:
                     bar.update(1)
+            report.timings["total_s"] = time.perf_counter() - t_start
+            if run is not None:
+                report.finish(run)
     finally:
         if bar is not None:
             bar.close()
@@ -654,6 +733,80 @@ def explain(
     if classifier is None:
         report.timings["load_model_s"] = load_s
     return report
+
+
+def plan(
+    sources: Sequence[ImageSource], shard: str | tuple[int, int] | None = None, *, warn: bool = True
+) -> tuple[list[tuple[str, ImageSource, str]], list[dict[str, str]]]:
+    """The images a run explains: ``([(name, source, key)], skipped)``. Keys (output folders) are
+    given over all the images before a shard is taken, so every shard names an image as one run
+    over the whole folder does and their outputs merge (``convlens report``).
+
+    Example::
+
+        todo, skipped = plan(["photos/"], "1/2")
+    """
+    items, skipped = collect_images(sources, warn=warn)
+    if not items:
+        more = f" ({len(skipped)} folder entries skipped: {skipped[0]['reason']}, ...)" if skipped else ""
+        raise ExplainError(f"no image files to explain{more}")
+    keyed = [(name, (src, key)) for (name, src), key in zip(items, item_keys(items))]
+    if shard is not None:
+        try:
+            n_all, keyed = len(keyed), select_shard(keyed, shard)
+        except ValueError as e:
+            raise ExplainError(str(e)) from None
+        if not keyed:
+            raise ExplainError(f"shard {shard} of {n_all} images holds no image")
+    return [(name, src, key) for name, (src, key) in keyed], skipped
+
+
+def shard_folder(out: str | os.PathLike[str], shard: str | tuple[int, int] | None) -> Path:
+    """Where a run writes: ``out`` itself, or ``out/shard-I-of-N`` for shard ``I/N``, so N
+    processes can share one ``out`` without writing the same files.
+
+    Example::
+
+        shard_folder("out", "2/4")   # Path('out/shard-2-of-4')
+    """
+    if shard is None:
+        return Path(out)
+    i, n = parse_shard(shard)
+    return Path(out) / f"shard-{i}-of-{n}"
+
+
+def _fingerprint(clf: Classifier, report: Report) -> dict[str, Any]:
+    """What makes an image's outputs the same as another run's: the model, its weights (digest
+    of every parameter and buffer), its input, the techniques and all their settings."""
+    from .cache import model_digest
+
+    settings = {k: v for k, v in report.settings.items() if k not in ("versions", "cache", "shard")}
+    return json.loads(json.dumps({
+        "model": clf.name, "weights": clf.weights, "weights_digest": model_digest(clf.model), "input": report.input,
+        "methods": list(report.methods), "settings": settings}, default=str))
+
+
+def _earlier(run: RunWriter | None, key: str, rec: dict[str, Any] | None) -> ImageExplanation | None:
+    """An image an earlier run finished, from its own ``summary.json`` (None when unreadable)."""
+    if run is None or rec is None:
+        return None
+    try:
+        entry = json.loads((run.root / key / "summary.json").read_text(encoding="utf-8"))
+        thumb = run.root / key / "thumbnail.jpg"
+        return ImageExplanation(
+            name=entry["name"], source=entry.get("source"), key=key,
+            original_size=tuple(entry["original_size"]) if entry.get("original_size") else None,
+            predictions=[Prediction(p["label"], int(p["index"]), float(p["probability"]))
+                         for p in entry.get("predictions") or []],
+            target=(entry.get("target") or {}).get("index"), target_label=(entry.get("target") or {}).get("label"),
+            layers=entry.get("layers") or {}, channels=entry.get("channels") or {},
+            errors=entry.get("errors") or {}, notes=entry.get("notes") or {}, timings=entry.get("timings") or {},
+            agreement=entry.get("agreement") or {}, summary=entry, reused=True,
+            thumb=thumb.read_bytes() if is_regular(thumb) else None,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: the earlier run's summary cannot be read (%s); explaining it again", printable(key), e)
+        return None
 
 
 def _logits_and_layer(clf: Classifier, x: Tensor, layer: str) -> tuple[Tensor, Tensor | None]:

@@ -257,6 +257,7 @@ def summary_dict(report: Report, files: dict[str, list[str]] | None = None) -> d
         "errors": errors,
         "skipped": report.skipped,
         "images": [
+            {**im.summary, "files": files.get(im.key, im.summary.get("files", []))} if im.summary is not None else
             {
                 "name": im.name,
                 "source": im.source,
@@ -526,7 +527,8 @@ def render_index(
     A grid of small thumbnails (``thumbnails``: image folder -> JPEG/PNG bytes, embedded as data
     URIs; see :func:`thumbnail`), each with the image's top-1 class and probability, linking to the
     image's own page (``page`` with ``{folder}`` filled in, URL-quoted). Images with errors, low
-    confidence or Grad-CAM/occlusion disagreement are marked (:func:`image_marks`). Views without
+    confidence or Grad-CAM/occlusion disagreement are marked (:func:`image_marks`); an image
+    that could not be read and has no files (so no page) has no link. Views without
     JavaScript (the page's CSP forbids scripts): radio buttons and CSS ``order`` sort one grid by
     predicted class (then probability), by probability, or by name, or show only marked images;
     without CSS it reads in class order. Each thumbnail appears once, so the page stays small.
@@ -581,8 +583,10 @@ def render_index(
         if rho is not None:
             tip = (tip + "; " if tip else "") + f"Grad-CAM/occlusion Spearman {rho:.2f}"
         style = f"--by-class:{rank['class'][i]};--by-conf:{rank['conf'][i]};--by-name:{rank['name'][i]}"
+        unread = im.get("files") == [] and "image" in (im.get("errors") or {})  # no page was written
+        link = "" if unread else f' href="{_e(href)}"'
         cards.append(
-            f'<a class="card {kind}" href="{_e(href)}" style="{style}" title="{_e(tip)}">{pic}{label}'
+            f'<a class="card {kind}"{link} style="{style}" title="{_e(tip)}">{pic}{label}'
             f'<span class=name>{_e(im.get("name", ""))}</span>{badges}</a>'
         )
     model = summary.get("model") or {}
