@@ -133,6 +133,9 @@ def test_killed_halfway_then_resume_keeps_the_finished_images(tmp_path: Path) ->
     done = {im["key"] for im in json.loads((out / outputs.MANIFEST).read_text())["images"]}
     assert imgs[0].name in done and len(done) < len(imgs) and not (out / "summary.json").exists()
     stamps = {f: f.stat().st_mtime_ns for k in done for f in (out / k).iterdir()}
+    partial = merge_runs([out], tmp_path / "partial")  # what is there can be merged already, and says so
+    assert {im["folder"] for im in partial["images"]} == {f"../out/{k}" for k in done}
+    assert partial["incomplete"] == ["../out"]
     assert main(args) == 2  # without --resume the earlier run is still refused
     from test_outputs import tiny
 

@@ -649,6 +649,9 @@ def _run_report(args: argparse.Namespace) -> int:
     n, bad = len(summary["images"]), sum(1 for im in summary["images"] if not im.get("ok"))
     print(f"merged {len(summary['merged_from'])} run(s): {n} images, {bad} with errors -> "
           f"{printable(Path(args.out) / 'report.html')}, summary.json, summary.csv")
+    for r in summary["incomplete"]:
+        print(f"note: {r} is not complete (interrupted or still running): only its finished images are in; "
+              "finish it with --resume and merge again")
     return 1 if bad else 0
 
 

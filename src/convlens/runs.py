@@ -86,7 +86,9 @@ def merge_runs(
     into ``out``: ``summary.json`` and ``summary.csv`` (one row per image, sorted by name) and an
     index ``report.html`` linking to each image's own page, without computing anything. The runs
     must share the model, weights and settings (their manifests' fingerprint); an image found in
-    two runs (same source) is listed once. Returns the merged summary.
+    two runs (same source) is listed once; a run that is not complete (interrupted, or a shard
+    still running) contributes the images it finished and is named under ``incomplete``.
+    Returns the merged summary.
 
     Example::
 
@@ -108,8 +110,13 @@ def merge_runs(
     thumbs: dict[str, bytes] = {}
     skipped: list[dict[str, str]] = []
     seen: dict[str, Path] = {}
+    incomplete: list[str] = []
     for root in roots:
         m = _manifest(root) or {}
+        if not m.get("complete"):  # interrupted or still running: merged as far as it got
+            incomplete.append(printable(os.path.relpath(os.path.realpath(root), target)))
+            log.warning("%s is not complete (interrupted or still running); its finished images are merged",
+                        printable(root))
         fp = (m.get("settings") or {}).get("fingerprint")
         if base is None:
             base = (root, fp)
@@ -159,6 +166,7 @@ def merge_runs(
         "settings": {k: v for k, v in (head.get("settings") or fp.get("settings") or {}).items() if k != "shard"},
         "versions": head.get("versions", {}),
         "merged_from": [printable(os.path.relpath(os.path.realpath(r), target)) for r in roots],
+        "incomplete": incomplete,
         "ok": not errors,
         "errors": errors,
         "skipped": skipped,
