@@ -27,6 +27,8 @@ from .common import Row
 #: the techniques of the rows (the slow feature visualisation aside: it adds a cache, not a per-image cost)
 METHODS = "activations,gradcam,occlusion"
 
+NO_CACHE = ["--no-cache"]  # empty to measure a convlens from before the feature-visualisation cache
+
 _WRAPPER = (
     "import resource, subprocess, sys\n"
     "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode\n"
@@ -66,7 +68,7 @@ def peak_rss(n: int, methods: str = METHODS, device: str = "cpu") -> dict[str, f
         folder_of(photos, n)
         out = Path(tmp) / "out"
         cmd = [sys.executable, "-m", "convlens.cli", "explain", str(photos), "--fast", "--methods", methods,
-               "--no-cache", "--device", device, "--out", str(out)]
+               *NO_CACHE, "--device", device, "--out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env,

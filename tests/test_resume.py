@@ -173,6 +173,12 @@ def test_resume_redoes_changed_files_and_refuses_other_settings(tmp_path: Path, 
     assert after[imgs[0].name] == before[imgs[0].name] and after[imgs[2].name] == before[imgs[2].name]
     assert after[imgs[1].name] != before[imgs[1].name]
     assert not [p for p in out.rglob("*") if ".convlens-staging" in str(p)]
+    import shutil
+
+    shutil.copytree(tmp_path / "in", tmp_path / "moved")  # the same files elsewhere: the content decides
+    assert main([args[0], str(tmp_path / "moved"), *args[2:], "--resume"]) == 0
+    assert {p.name: (out / p.name / "gradcam.npy").stat().st_mtime_ns for p in imgs} == after
+    assert summary(out)["images"][0]["source"] == str(tmp_path / "moved" / imgs[0].name)
     capsys.readouterr()
     assert main([*args, "--resume", "--target", "3"]) == 2  # other settings: not the same run
     assert "other settings" in capsys.readouterr().err

@@ -690,7 +690,8 @@ def explain(
     except ValueError as e:
         raise ExplainError(str(e)) from None
     report.settings["cache"] = None if folder is None else str(folder)
-    done = {} if run is None else run.reusable(_fingerprint(clf, report))
+    done = {} if run is None else run.reusable(
+        _fingerprint(clf, report), {k: s for _, s, k in planned if isinstance(s, (str, os.PathLike))})
 
     bar = None
     quiet = contextlib.nullcontext()
@@ -709,8 +710,11 @@ def explain(
                     bar.set_postfix_str(printable(name)[:30])
                 earlier = _earlier(run, key, done.get(key))
                 if earlier is not None:  # --resume: finished by an earlier run with the same settings
+                    if isinstance(src, (str, os.PathLike)):  # the same content, maybe found elsewhere now
+                        earlier.source = printable(os.path.abspath(src))
+                        earlier.summary = {**(earlier.summary or {}), "source": earlier.source}
                     report.images.append(earlier)
-                    report._files[key] = run.keep_image(key)  # type: ignore[union-attr]
+                    report._files[key] = run.keep_image(key, src)  # type: ignore[union-attr]
                 else:
                     report.images.append(
                         _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, run_cache, folder)

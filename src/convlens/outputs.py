@@ -358,6 +358,22 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
+def _source_fields(source: Any) -> dict[str, Any]:
+    """What a manifest records of an image's source file: path, size, mtime, SHA-256."""
+    rec: dict[str, Any] = {}
+    if isinstance(source, (str, os.PathLike)):
+        real = os.path.abspath(source)
+        rec["source"] = printable(real)
+        if printable(real) != real:
+            rec["source_hex"] = os.fsencode(real).hex()  # the exact bytes, for matching later
+        with contextlib.suppress(OSError):
+            st = os.stat(real)
+            rec["size"], rec["mtime_ns"] = st.st_size, st.st_mtime_ns
+        if os.path.isfile(real):
+            rec["sha256"] = _sha256(Path(real))
+    return rec
+
+
 @dataclass
 class RunWriter:
     """The outputs of one run in ``out``: check, stage, commit, manifest.
@@ -450,15 +466,16 @@ class RunWriter:
         self._replace = [n for n in self.files if os.path.lexists(self.root / n)]
         self._old_top = [n for n in old.get("files", []) if n in self._replace]
 
-    def reusable(self, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def reusable(self, settings: dict[str, Any], sources: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
         """With ``resume``: the earlier run's image records (by key) that this run can keep as they
         are: same ``settings`` (the run's fingerprint: model, weights digest, techniques and
-        their settings), the same source path and content (SHA-256), no error, every file still
-        there. Raises ``FileExistsError`` when the earlier run used other settings.
+        their settings), the same content (SHA-256 of this run's source of that key, ``sources``:
+        key -> path; default: the recorded path), no error, every file still there. Raises
+        ``FileExistsError`` when the earlier run used other settings.
 
         Example::
 
-            done = run.reusable({"model": "m", "weights_digest": "..."})   # {"cat.jpg": {...}}
+            done = run.reusable({"model": "m", "weights_digest": "..."}, {"cat.jpg": "photos/cat.jpg"})
         """
         self.settings["fingerprint"] = settings
         if not self.resume or self._old is None:
@@ -477,6 +494,8 @@ class RunWriter:
                 continue
             src = bytes.fromhex(rec["source_hex"]) if rec.get("source_hex") else rec.get("source")
             src = os.fsdecode(src) if isinstance(src, bytes) else src
+            if sources is not None:
+                src = os.fspath(sources[key]) if isinstance(sources.get(key), (str, os.PathLike)) else None
             if not isinstance(src, str) or not os.path.isfile(src):
                 continue
             if os.path.islink(self.root / key) or not all(
@@ -486,9 +505,13 @@ class RunWriter:
                 keep[key] = rec
         return keep
 
-    def keep_image(self, key: str) -> list[str]:
-        """With ``resume``: image ``key`` of the earlier run stays as it is; returns its files."""
-        return list(self._images[key]["files"])
+    def keep_image(self, key: str, source: Any = None) -> list[str]:
+        """With ``resume``: image ``key`` of the earlier run stays as it is (its record names
+        ``source``, where this run found the same content); returns its files."""
+        rec = self._images[key]
+        rec.pop("source_hex", None)
+        rec.update(_source_fields(source))
+        return list(rec["files"])
 
     # -- staging ----------------------------------------------------------------------------
     @property
@@ -550,16 +573,7 @@ class RunWriter:
         files = sorted(f for f in self._staged_files if f.startswith(key + "/"))
         rec: dict[str, Any] = {"key": key, "name": printable(name if name is not None else key), "ok": ok,
                                "files": files}
-        if isinstance(source, (str, os.PathLike)):
-            real = os.path.abspath(source)
-            rec["source"] = printable(real)
-            if printable(real) != real:
-                rec["source_hex"] = os.fsencode(real).hex()  # the exact bytes, for matching later
-            with contextlib.suppress(OSError):
-                st = os.stat(real)
-                rec["size"], rec["mtime_ns"] = st.st_size, st.st_mtime_ns
-            if os.path.isfile(real):
-                rec["sha256"] = _sha256(Path(real))
+        rec.update(_source_fields(source))
         rec.update(extra or {})
         earlier = self._images.get(key) if self.resume and self._old is not None else None
         self._images[key] = rec
