@@ -728,6 +728,8 @@ def explain(
                 if bar is not None:
                     bar.update(1)
             report.timings["total_s"] = time.perf_counter() - t_start
+            if classifier is None:
+                report.timings["load_model_s"] = load_s
             if run is not None:
                 report.finish(run)
     finally:
