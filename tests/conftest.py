@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,18 @@ import convlens
 
 #: every device present: the technique tests run on each (CUDA only where a GPU exists)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Every test runs with its own feature-visualisation cache folder, never the user's."""
+    before = os.environ.get("CONVLENS_CACHE")
+    os.environ["CONVLENS_CACHE"] = str(tmp_path_factory.mktemp("convlens-cache"))
+    yield
+    if before is None:
+        os.environ.pop("CONVLENS_CACHE", None)
+    else:
+        os.environ["CONVLENS_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

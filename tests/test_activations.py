@@ -198,3 +198,24 @@ def test_cli_activations(tmp_path, capsys, monkeypatch, clf):
     assert main(["activations", "--channels", "a,b", "--out", str(tmp_path / "a")]) == 2
     assert main(["activations", "--layers", "nope", "--out", str(tmp_path / "b")]) == 2
     assert "nope" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_plot_rows_layout_is_the_tiles_picture(clf, sample_x):
+    """layout="rows" (explain's report) shows the same channels, titles and colours as the tiles."""
+    import matplotlib
+
+    acts = activations(clf, sample_x, ["blocks.1", "bn2"])
+    fig = acts.plot(k=3, layout="rows")
+    axes = [ax for ax in fig.axes if ax.images]
+    assert len(axes) == 2 and axes[0].get_ylabel() == "blocks.1\n24x56x56"
+    top = acts.top_channels("bn2", 3)[0].tolist()
+    m = acts["bn2"][0].numpy()
+    assert [t.get_text() for t in axes[1].texts] == [f"ch {c} ({m[c].mean():.2g})" for c in top]
+    strip = axes[1].images[0].get_array()
+    w = m.shape[2]
+    lo, hi = m[top[1]].min(), m[top[1]].max()
+    x0 = w + max(1, round(0.12 * w))  # the second tile
+    expect = matplotlib.colormaps["viridis"]((m[top[1]] - lo) / (hi - lo))[..., :3]
+    np.testing.assert_allclose(strip[:, x0 : x0 + w], expect, atol=1e-6)
+    with pytest.raises(ValueError, match="layout"):
+        acts.plot(layout="grid")

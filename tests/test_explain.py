@@ -152,21 +152,26 @@ def test_saved_arrays_equal_the_api(run: dict, clf: convlens.Classifier) -> None
 def test_report_embeds_the_written_pngs(run: dict) -> None:
     """Every <img> is a base64 PNG data URI that decodes; each technique's PNG file is embedded byte for byte."""
     html, out, s = run["html"], run["out"], run["summary"]
-    srcs = [a["src"] for tag, a in _tags(html) if tag == "img"]
-    assert srcs and all(src.startswith("data:image/png;base64,") for src in srcs)
-    for src in srcs:
-        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
-            im.load()
-            assert im.width > 0 and im.height > 0
-    payloads = {src.split(",", 1)[1] for src in srcs}
-    for im in s["images"]:
-        for f in im["files"]:
-            if f.endswith(".png"):
-                assert base64.b64encode((out / f).read_bytes()).decode() in payloads
-    assert len(srcs) == sum(f.endswith(".png") for im in s["images"] for f in im["files"])
-    # no scripts, no external resources, the error of the broken image is shown
+    for im in s["images"]:  # each image's own page embeds that image's PNGs
+        if not im["files"]:
+            continue
+        page = (out / im["folder"] / "report.html").read_text()
+        srcs = [a["src"] for tag, a in _tags(page) if tag == "img"]
+        assert srcs and all(src.startswith("data:image/png;base64,") for src in srcs)
+        for src in srcs:
+            with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as pic:
+                pic.load()
+                assert pic.width > 0 and pic.height > 0
+        payloads = {src.split(",", 1)[1] for src in srcs}
+        pngs = [f for f in im["files"] if f.endswith(".png")]
+        assert all(base64.b64encode((out / f).read_bytes()).decode() in payloads for f in pngs)
+        assert len(srcs) == len(pngs)
+        assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
+    # the index: thumbnails only, no scripts, no external resources, the error of the broken image is shown
+    thumbs = [a["src"] for tag, a in _tags(html) if tag == "img"]
+    assert thumbs and all(src.startswith("data:image/jpeg;base64,") for src in thumbs)
     assert "<script" not in html.lower() and "http://" not in html and "https://" not in html
-    assert "Could not explain this image" in html and "truncated" in html
+    assert "truncated" in html and "with errors" in html
 
 
 def test_malicious_file_name_is_escaped(run: dict) -> None:
@@ -226,8 +231,10 @@ def test_a_failing_technique_is_recorded_and_the_rest_runs(clf, monkeypatch, tmp
         assert set(im.results) == {"gradcam"}
     assert report.images[0].key != report.images[1].key
     written = report.save(tmp_path)
-    html = (tmp_path / "report.html").read_text()
-    assert html.count("Occlusion sensitivity failed") == 2 and "occlusion exploded" in html
+    for im in report.images:
+        page = (tmp_path / im.key / "report.html").read_text()
+        assert page.count("Occlusion sensitivity failed") == 1 and "occlusion exploded" in page
+    assert (tmp_path / "report.html").read_text().count('class="mark error"') == 2
     assert not any(p.name.startswith("occlusion") for p in written)
     frag = report._repr_html_()
     assert frag.startswith("<style>") and "<html" not in frag and "data:image/png;base64," in frag
@@ -240,14 +247,15 @@ def test_interrupted_save_leaves_no_partial_file(clf, monkeypatch, tmp_path: Pat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rep, "render_html", interrupted)
+    monkeypatch.setattr(rep, "summary_csv", interrupted)
     with pytest.raises(KeyboardInterrupt):
         report.save(tmp_path)
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    # the image was complete and moved into place; summary.json and report.html were staged together
+    # the image was complete and moved into place; summary.json, .csv and report.html were staged together
     # and never moved in; the staging folder is gone; the manifest says the run is incomplete
     assert files == [".convlens-manifest.json", "chelsea.jpg/gradcam.npy", "chelsea.jpg/gradcam.png",
-                     "chelsea.jpg/input.png"]
+                     "chelsea.jpg/input.png", "chelsea.jpg/report.html", "chelsea.jpg/summary.json",
+                     "chelsea.jpg/thumbnail.jpg"]
     manifest = json.loads((tmp_path / ".convlens-manifest.json").read_text())
     assert manifest["complete"] is False and manifest["files"] == []
     assert manifest["images"][0]["files"] == files[1:] and manifest["images"][0]["key"] == "chelsea.jpg"
@@ -363,7 +371,7 @@ def test_trust_section_numbers_once_per_run_sanity_and_plain_words(tmp_path: Pat
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["images"][0]["trust"]["auc"]["gradcam"]["deletion"] == pytest.approx(t.auc()["gradcam"]["deletion"])
     assert s["images"][0]["trust"]["sanity"]["gradcam"]["passed"] is False
-    html = (tmp_path / "report.html").read_text()
+    html = (tmp_path / first.key / "report.html").read_text()
     assert "How far to trust these maps" in html and "hardly changes" in html
     assert_same(before, clf.model)
     from convlens.explain import ExplainError

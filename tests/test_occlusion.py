@@ -525,3 +525,29 @@ def test_cli_approximate_and_refine(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["occlusion", "--refine", "2", "--out", str(tmp_path)])
     assert e.value.code == 2 and "expected a share in (0, 1]" in capsys.readouterr().err
+
+
+def test_crop_structure_is_read_once_per_model_shape_and_weights(img, monkeypatch):
+    """A folder of same-sized images pays the private copy and the analysis once (any window grid);
+    the result is the same as a fresh analysis, and new weights mean a new copy."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _randomise_bn(SmallNet()).eval()
+    copies = []
+    real = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda m, *a: (copies.append(m) if m is model else None, real(m, *a))[1])
+    first = occlusion(model, img[:1], patch=40, stride=20)
+    second = occlusion(model, img[1:], patch=40, stride=20)
+    assert len(copies) == 1 and first.settings["path"] == second.settings["path"] == "crop"
+    plain = occlusion(model, img[1:], patch=40, stride=20, fast=False)
+    torch.testing.assert_close(second.maps, plain.maps, atol=1e-6, rtol=0)
+    other = occlusion(model, img[:1], patch=48, stride=24)  # another window grid: the same copy and analysis
+    assert len(copies) == 1 and other.settings["path"] == "crop"
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)
+    changed = occlusion(model, img[1:], patch=40, stride=20)
+    assert len(copies) == 2 and changed.settings["path"] == "crop"
+    torch.testing.assert_close(changed.maps, occlusion(model, img[1:], patch=40, stride=20, fast=False).maps,
+                               atol=1e-6, rtol=0)
+    assert count_hooks(model) == 0

@@ -439,6 +439,14 @@ def _run_occlusion(args: argparse.Namespace) -> int:
 
 
 # -- filters (feature visualisation) --------------------------------------------------------
+def _add_no_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-cache", action="store_true",
+        help="neither read nor write the feature-visualisation cache (default: the user cache folder, "
+        "$CONVLENS_CACHE overrides, $CONVLENS_CACHE_MB bounds it, 500 MB)",
+    )
+
+
 def _add_filters(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--layer", "-l", default=None, metavar="L", help="layer name (see `convlens layers`)")
@@ -459,6 +467,7 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
         "--diversity", type=float, default=0.0, metavar="W", help="diversity weight between repeated channels"
     )
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default 0)")
+    _add_no_cache(p)
     _add_out(p)
 
 
@@ -491,7 +500,7 @@ def _run_filters(args: argparse.Namespace) -> int:
     res = feature_visualization(
         clf, args.layer, len(units) if args.objective == "layer" else units, objective=args.objective,
         param=args.param, transforms=() if args.no_transforms else "standard", diversity=args.diversity,
-        seed=args.seed, progress=sys.stderr.isatty(), **options,
+        seed=args.seed, progress=sys.stderr.isatty(), cache=not args.no_cache, **options,
     )
     with run:
         for p, w in feature_files(res, key):
@@ -526,38 +535,65 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fast", action="store_true", help="lighter settings: coarser occlusion, fewer and smaller feature images"
     )
+    _add_no_cache(p)
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue an earlier (interrupted or finished) run in --out: images it finished with the same model, "
+        "weights, settings and file content are kept, the rest are explained, the report covers all",
+    )
+    p.add_argument(
+        "--shard", type=_shard_arg, default=None, metavar="I/N",
+        help="explain only part I of N (1-based) of the images, by sorted file name, into --out/shard-I-of-N: "
+        "N processes or machines share one folder (e.g. a Slurm array --array=1-N: --shard "
+        "$SLURM_ARRAY_TASK_ID/N); merge them with `convlens report`",
+    )
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    from .explain import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _run_explain(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
-    from .explain import METHODS, collect_images, explain, item_keys, run_writer
+    from .explain import METHODS, ExplainError, explain, plan, run_writer, shard_folder
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"unknown technique(s) {', '.join(bad) or '(none)'}; choose from {','.join(METHODS)}")
+    if args.resume and args.force:
+        raise ValueError("--resume keeps an earlier run and --force replaces it: choose one")
     sources = image_list(args.images)
     missing = [str(s) for s in sources if not Path(s).exists()]
     if missing:  # a typo on the command line is a usage error, not a failed image in a report
         raise ValueError(f"{missing[0]}: no such file or folder")
-    items, _ = collect_images(sources, warn=False)  # only to name the outputs; explain() warns
-    if not items:
-        raise ValueError("no image files to explain")
-    planned = [SimpleNamespace(key=k, path=src) for k, (_, src) in zip(item_keys(items), items)]
-    run = run_writer(args.out, planned, force=args.force, settings=run_settings(args))  # before any work
+    try:
+        planned, _ = plan(sources, args.shard, warn=False)  # only to name the outputs; explain() warns
+    except ExplainError as e:
+        if args.shard is not None and "holds no image" in str(e):  # more shards than images: nothing to do
+            print(f"shard {args.shard[0]}/{args.shard[1]}: {e}; nothing to do")
+            return 0
+        raise
+    run = run_writer(  # checked before any work
+        shard_folder(args.out, args.shard), [SimpleNamespace(key=k, path=s) for _, s, k in planned],
+        force=args.force, resume=args.resume, settings=run_settings(args),
+    )
     import time
 
     t0 = time.perf_counter()
     clf = load_classifier(args)
     load_s = time.perf_counter() - t0
-    with run:
-        report = explain(
-            sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer,
-            on_image=lambda rep, im: rep.save_image(run, im),  # each image lands as soon as it is done
-        )
-        report.timings["load_model_s"] = load_s
-        report.finish(run)
+    report = explain(
+        sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer,
+        cache=not args.no_cache, shard=args.shard, out=run,  # each image lands as soon as it is done
+    )
+    report.timings["load_model_s"] = load_s
     for im in report.images:
         if "image" in im.errors:
             print(f"{im.name}: FAILED: {im.errors['image']}")
@@ -571,9 +607,11 @@ def _run_explain(args: argparse.Namespace) -> int:
         print(f"skipped {s['path']}: {s['reason']}")
     n_bad = len(report.failed)
     n_files = sum(len(f) for f in report._files.values())
+    kept = sum(im.reused for im in report.images)
+    again = f", {kept} kept from the earlier run" if args.resume else ""
     print(
-        f"wrote {printable(run.root / 'report.html')}, summary.json and {n_files} other files "
-        f"({len(report.images)} images, {n_bad} with errors, {len(report.skipped)} skipped, "
+        f"wrote {printable(run.root / 'report.html')}, summary.json, summary.csv and {n_files} other files "
+        f"({len(report.images)} images{again}, {n_bad} with errors, {len(report.skipped)} skipped, "
         f"{report.timings['total_s']:.1f} s)"
     )
     return 1 if n_bad else 0
@@ -723,6 +761,32 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report -------------------------------------------------------------------------------
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="OUT",
+                   help="explain outputs to merge: a run's --out, or a folder holding shard-I-of-N runs")
+    p.add_argument("--out", "-o", required=True, metavar="MERGED",
+                   help="folder for the merged report.html, summary.json and summary.csv (may be the folder "
+                   "that holds the shards); an earlier merge there is kept unless --force")
+    p.add_argument("--force", action="store_true", help="replace an earlier merge in --out")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .runs import merge_runs
+
+    for r in args.runs:
+        if not Path(r).exists():
+            raise ValueError(f"{printable(r)}: no such folder")
+    summary = merge_runs(args.runs, args.out, force=args.force)
+    n, bad = len(summary["images"]), sum(1 for im in summary["images"] if not im.get("ok"))
+    print(f"merged {len(summary['merged_from'])} run(s): {n} images, {bad} with errors -> "
+          f"{printable(Path(args.out) / 'report.html')}, summary.json, summary.csv")
+    for r in summary["incomplete"]:
+        print(f"note: {r} is not complete (interrupted or still running): only its finished images are in; "
+              "finish it with --resume and merge again")
+    return 1 if bad else 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "explain": ("every technique on images, with an HTML report", _add_explain, _run_explain),
     "predict": ("top-k classes for images", _add_predict, _run_predict),
@@ -731,6 +795,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "gradcam": ("Grad-CAM family heatmaps: which regions drive a class", _add_gradcam, _run_gradcam),
     "occlusion": ("occlusion sensitivity maps (PNG + .npy)", _add_occlusion, _run_occlusion),
     "filters": ("feature visualisation: images that excite chosen channels", _add_filters, _run_filters),
+    "report": ("merge explain runs or shards into one report and summary (nothing recomputed)",
+               _add_report, _run_report),
     "compare": ("which map to believe: faithfulness, class sensitivity and sanity of every method",
                 _add_compare, _run_compare),
     "serve": ("explore a model in the browser: a local web page (needs convlens[serve])", _add_serve, _run_serve),

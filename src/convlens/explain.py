@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -33,7 +36,10 @@ from .models import Classifier, Prediction, as_classifier, load_model
 from .outputs import RunWriter, check_interrupt, is_regular, printable, safe_key
 from .outputs import image_keys as _image_keys
 
-__all__ = ["METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "settings_for"]
+__all__ = [
+    "METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "parse_shard", "plan",
+    "select_shard", "settings_for", "shard_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +117,23 @@ def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
 
     layer = ctx["cam_layer"]
     # "what did the network see here": the channels of the Grad-CAM layer most active on this image
-    top = activations(clf, x, [layer]).top_channels(layer, int(s["channels"]))
+    # (its output was captured in the prediction's forward pass; else one more pass)
+    act = ctx.get("cam_act")
+    k = int(s["channels"])
+    if isinstance(act, Tensor) and act.dim() == 4:
+        top = act.float().mean(dim=(2, 3)).topk(min(k, act.shape[1]), dim=1).indices
+    else:
+        top = activations(clf, x, [layer]).top_channels(layer, k)
     channels = [int(c) for c in np.asarray(_first(top))]
     ctx["layers"]["filters"] = ctx["fv_layer"]
     ctx["channels"]["filters"] = channels
     result = feature_visualization(
         clf, ctx["fv_layer"], channels, steps=s["steps"], size=s["size"], param=s["param"],
-        transforms=s["transforms"], seed=s["seed"],
+        transforms=s["transforms"], seed=s["seed"], cache=ctx.get("cache", False),
     )
+    hits = result.settings.get("cache", {}).get("hits", 0)
+    if hits:  # channels rendered earlier (another image, another run) and read back bit for bit
+        ctx["channels"]["filters_cached"] = hits
     dead = [c for c, d in zip(channels, getattr(result, "dead", [])) if d]
     if dead:
         ctx["channels"]["filters_dead"] = dead
@@ -214,6 +229,12 @@ class ImageExplanation:
     errors: dict[str, str] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)  # warnings a technique gave
     timings: dict[str, float] = field(default_factory=dict)
+    #: how far techniques agree, e.g. ``gradcam_occlusion_spearman`` (None where undefined)
+    agreement: dict[str, float | None] = field(default_factory=dict)
+    #: once written and released (a run with ``out``): the image's summary entry, and its thumbnail
+    summary: dict[str, Any] | None = field(default=None, repr=False)
+    thumb: bytes | None = field(default=None, repr=False)
+    reused: bool = field(default=False, repr=False)  # kept from an earlier run (``resume``), not recomputed
 
     @property
     def ok(self) -> bool:
@@ -250,6 +271,7 @@ class Report:
     created: str = ""
     _png: dict[tuple[str, str], bytes] = field(default_factory=dict, repr=False)
     _files: dict[str, list[str]] = field(default_factory=dict, repr=False)  # image key -> files written
+    _planned: int = field(default=0, repr=False)  # images the run will hold (0: as many as it holds now)
 
     @property
     def failed(self) -> list[ImageExplanation]:
@@ -261,7 +283,9 @@ class Report:
         rendered once and cached; ``None`` when there is nothing to show."""
         key = (image.key, technique)
         if key not in self._png:  # a failed drawing is remembered too (as b""), so it is tried once
-            args = {"k": int(self.settings["activations"]["channels"])} if technique == "activations" else {}
+            # one Axes per stage, not per tile: the same picture, several times faster to draw
+            args = ({"k": int(self.settings["activations"]["channels"]), "layout": "rows"}
+                    if technique == "activations" else {})
             self._png[key] = _render(image, technique, args) or b""
         return self._png[key] or None
 
@@ -276,42 +300,97 @@ class Report:
         return run_writer(directory, self.images, force=force, settings=self.settings)
 
     def save_image(self, run: RunWriter, im: ImageExplanation) -> list[str]:
-        """Stage one image's files (``input.png``, per technique a PNG and the raw ``.npy``) and
-        move its folder into place; returns its files relative to the output folder."""
+        """Stage one image's files and move its folder into place; returns its files relative to
+        the output folder. The folder holds ``input.png``, per technique a PNG and the raw ``.npy``,
+        the image's own self-contained page ``report.html``, ``thumbnail.jpg`` (for the index) and
+        ``summary.json`` (the image's entry of the run's summary, read back by ``--resume`` and
+        ``convlens report``). An image that could not be read gets no folder."""
         from .outputs import npy_writer
+        from .report import render_html, summary_dict, thumbnail, to_json
 
+        if "image" in im.errors:
+            self._files[im.key] = run.commit_image(im.key, name=im.name, source=im.path, ok=False,
+                                                   extra={"errors": dict(im.errors)})
+            return self._files[im.key]
+        written = []
         for tech in ("input", *self.methods):
             data = self.png(im, tech)
             if data is not None:
-                run.write(im.key, f"{tech}.png", data)
+                written.append(run.write(im.key, f"{tech}.png", data))
             for suffix, array in _arrays(im, tech):
-                run.write(im.key, f"{tech}{suffix}.npy", npy_writer(array))
+                written.append(run.write(im.key, f"{tech}{suffix}.npy", npy_writer(array)))
+        # the run's skipped entries are shown on its only page, not repeated on each of many
+        one = (self._planned or len(self.images)) == 1
+        page = replace(self, images=[im], skipped=self.skipped if one else [], timings={})
+        written.append(run.write(im.key, "report.html", render_html(page).encode()))
+        if im.rgb is not None:
+            im.thumb = thumbnail(im.rgb)
+            written.append(run.write(im.key, "thumbnail.jpg", im.thumb))
+        files = sorted([*written, f"{im.key}/summary.json"])
+        entry = summary_dict(page, {im.key: files})["images"][0]
+        run.write(im.key, "summary.json", to_json(entry).encode())
+        im.summary = entry
         self._files[im.key] = run.commit_image(im.key, name=im.name, source=im.path, ok=im.ok)
         return self._files[im.key]
 
-    def finish(self, run: RunWriter) -> None:
-        """Write ``summary.json`` and ``report.html`` (they describe exactly the image files
-        written) and put everything in place, replacing an earlier run as a whole."""
-        from .report import render_html, summary_dict, to_json
+    def release(self, im: ImageExplanation) -> None:
+        """Drop what an image's files now hold (maps, figures, the picture), keeping what the
+        summary and the index need (predictions, target, timings, errors, files, a thumbnail):
+        memory stays flat over a folder of any size."""
+        from .report import summary_dict, thumbnail
 
-        run.write(None, "summary.json", to_json(summary_dict(self, self._files)).encode())
-        run.write(None, "report.html", render_html(self).encode())
+        if im.thumb is None and im.rgb is not None:
+            im.thumb = thumbnail(im.rgb)
+        if im.summary is None:
+            im.summary = summary_dict(replace(self, images=[im]), self._files)["images"][0]
+        im.results, im.rgb = {}, None
+        for tech in ("input", *self.methods):
+            self._png.pop((im.key, tech), None)
+
+    def finish(self, run: RunWriter) -> None:
+        """Write ``summary.json``, ``summary.csv`` and ``report.html`` (they describe exactly the
+        image files written) and put everything in place, replacing an earlier run as a whole.
+        ``report.html`` is the index page (a thumbnail grid linking to each image's own page) when
+        there are several images; for one image it is that image's page."""
+        from .report import render_index, summary_csv, summary_dict, thumbnail, to_json
+
+        summary = summary_dict(self, self._files)
+        run.write(None, "summary.json", to_json(summary).encode())
+        run.write(None, "summary.csv", summary_csv(summary).encode("utf-8"))
+        page = None
+        if len(self.images) == 1 and self._files.get(self.images[0].key):
+            page = run.locate(f"{self.images[0].key}/report.html").read_bytes()
+        elif len(self.images) == 1:
+            from .report import render_html
+
+            page = render_html(self).encode()  # an image that could not be read: today's page says why
+        else:
+            thumbs = {}
+            for im in self.images:
+                if im.thumb is None and im.rgb is not None:
+                    im.thumb = thumbnail(im.rgb)
+                if im.thumb is not None:
+                    thumbs[im.key] = im.thumb
+            page = render_index(summary, thumbs).encode()
+        run.write(None, "report.html", page)
         run.finish()
 
     def save(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         """Write every output into ``directory``; returns the paths written.
 
-        Per image, in its own folder: ``input.png`` and per technique a PNG and the raw ``.npy``;
-        then ``summary.json`` and ``report.html``. Everything is staged and moved into place
-        (see :mod:`convlens.outputs`): an interrupted save leaves no half-written file. An earlier
-        run or a file of the same name in ``directory`` is refused unless ``force``.
+        Per image, in its own folder: ``input.png``, per technique a PNG and the raw ``.npy``, its
+        own page ``report.html`` (see :meth:`save_image`); then ``summary.json``, ``summary.csv``
+        and ``report.html`` (the index page for several images, the image's page for one).
+        Everything is staged and moved into place (see :mod:`convlens.outputs`): an interrupted
+        save leaves no half-written file. An earlier run or a file of the same name in
+        ``directory`` is refused unless ``force``.
         """
         with self.writer(directory, force=force) as run:
             for im in self.images:
                 self.save_image(run, im)
             self.finish(run)
         files = [f for im in self.images for f in self._files.get(im.key, [])]
-        return [run.root / f for f in (*files, "summary.json", "report.html")]
+        return [run.root / f for f in (*files, "summary.json", "summary.csv", "report.html")]
 
     def _repr_lines(self) -> list[str]:
         weights = f" ({short(self.weights)})" if self.weights else ""  # the file name, not where it is installed
@@ -345,12 +424,14 @@ def planned_outputs(directory: str | os.PathLike[str], keys: Sequence[str]) -> l
 
 def run_writer(
     directory: str | os.PathLike[str], images: Sequence[Any], *, force: bool = False,
-    settings: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None, resume: bool = False,
 ) -> RunWriter:
     """The checked :class:`RunWriter` of an explain run over ``images`` (items with ``key`` and
     ``path``); raises before any work when ``directory`` cannot take the run."""
-    return RunWriter(directory, "explain", keys=[im.key for im in images], files=["report.html", "summary.json"],
-                     inputs=[im.path for im in images if im.path is not None], force=force, settings=settings or {})
+    return RunWriter(directory, "explain", keys=[im.key for im in images],
+                     files=["report.html", "summary.json", "summary.csv"],
+                     inputs=[im.path for im in images if im.path is not None], force=force, settings=settings or {},
+                     resume=resume)
 
 
 def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> bytes | None:
@@ -451,6 +532,48 @@ def item_keys(items: Sequence[tuple[str, ImageSource]]) -> list[str]:
     return image_keys([n for n, _ in items], [s if isinstance(s, (str, os.PathLike)) else n for n, s in items])
 
 
+def parse_shard(text: str | tuple[int, int]) -> tuple[int, int]:
+    """``"I/N"`` (or ``(I, N)``) -> ``(I, N)`` with ``1 <= I <= N``: part I of N (1-based, as a
+    Slurm array ``--array=1-N`` numbers its tasks); anything else is a ValueError.
+
+    Example::
+
+        parse_shard("2/4")   # (2, 4)
+    """
+    if isinstance(text, tuple):
+        i, n = text
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        if not m:
+            raise ValueError(f"a shard is I/N, e.g. 1/4, not {text!r}")
+        i, n = int(m.group(1)), int(m.group(2))
+    if isinstance(i, bool) or isinstance(n, bool) or not (isinstance(i, int) and isinstance(n, int)) or not 1 <= i <= n:
+        raise ValueError(f"a shard I/N needs 1 <= I <= N, not {i}/{n}")
+    return i, n
+
+
+def select_shard(items: Sequence[tuple[str, Any]], shard: str | tuple[int, int] | None) -> list[tuple[str, Any]]:
+    """Part ``I`` of ``N`` of ``items`` (``(name, source)`` pairs from :func:`collect_images`).
+
+    Items are ranked by name (the path relative to the folder they were found in; ties by their
+    place in ``items``), and the one at rank ``r`` (0-based) belongs to shard ``r mod N + 1``: the N
+    shards are disjoint, cover every item, differ in size by at most one, and are the same on every
+    machine that sees the same files, whatever the folder is called there or the order the file
+    system lists it in. Selected items keep their order in ``items``.
+
+    Example::
+
+        items, _ = collect_images(["photos/"])
+        mine = select_shard(items, "2/4")   # about a quarter
+    """
+    if shard is None:
+        return list(items)
+    i, n = parse_shard(shard)
+    ranked = sorted(range(len(items)), key=lambda j: (items[j][0], j))
+    keep = {j for r, j in enumerate(ranked) if r % n == i - 1}
+    return [item for j, item in enumerate(items) if j in keep]
+
+
 def _versions() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
@@ -481,6 +604,11 @@ def explain(
     layer: str | None = None,
     settings: dict[str, dict[str, Any]] | None = None,
     on_image: Callable[[Report, ImageExplanation], None] | None = None,
+    cache: bool | str | os.PathLike[str] | None = True,
+    shard: str | tuple[int, int] | None = None,
+    out: str | os.PathLike[str] | RunWriter | None = None,
+    force: bool = False,
+    resume: bool = False,
 ) -> Report:
     """Explain each image with every technique in ``methods`` and gather the results.
 
@@ -488,10 +616,19 @@ def explain(
     bundled sample photo); ``classifier``: a :class:`Classifier` or ``nn.Module`` (default: the
     bundled EfficientNet-Lite0); ``target``: a class index or name for every image (default: each
     image's top-1); ``layer``: the Grad-CAM layer (default: automatic); ``settings``: per-technique
-    overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``); ``on_image(report, image)``
-    is called as each image is done (the CLI saves it then). Errors (also NaN or infinite logits
-    or maps) are recorded per image and technique, never raised; bad arguments raise
-    :class:`ExplainError`.
+    overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``); ``cache``: where finished
+    feature visualisations are kept and reused across images and runs (True: the user cache folder,
+    ``$CONVLENS_CACHE`` overrides; a folder; False: off; see :mod:`convlens.cache`); ``shard``:
+    ``"I/N"`` explains only part I of N of the images (:func:`select_shard`); ``out``: a folder
+    each image's files go into as soon as it is done, after which its maps and figures are
+    dropped from memory (the report keeps predictions, errors, timings, file names and a
+    thumbnail), so memory stays flat over any number of images; ends with ``summary.json``,
+    ``summary.csv`` and ``report.html`` (:meth:`Report.finish`); a shard writes into
+    ``out/shard-I-of-N/`` (:func:`shard_folder`); ``force`` replaces an earlier run there,
+    ``resume`` keeps its images that match this run (same model, weights, settings and file
+    content) and does the rest; ``on_image(report, image)`` is called as each image is done.
+    Errors (also NaN or infinite logits or maps) are recorded per image and technique, never
+    raised; bad arguments raise :class:`ExplainError`.
 
     Example::
 
@@ -515,10 +652,11 @@ def explain(
         image_or_images = [sample_image_path()]
     elif isinstance(image_or_images, (str, os.PathLike, bytes, Tensor)) or not isinstance(image_or_images, Sequence):
         image_or_images = [image_or_images]
-    items, skipped = collect_images(image_or_images)
-    if not items:
-        more = f" ({len(skipped)} folder entries skipped: {skipped[0]['reason']}, ...)" if skipped else ""
-        raise ExplainError(f"no image files to explain{more}")
+    planned, skipped = plan(image_or_images, shard)
+    items, keys = [(n, s) for n, s, _ in planned], [k for _, _, k in planned]
+    run = out if isinstance(out, RunWriter) or out is None else run_writer(
+        shard_folder(out, shard), [SimpleNamespace(key=k, path=s) for _, s, k in planned], force=force,
+        resume=resume)  # checked before any work
 
     t0 = time.perf_counter()
     clf = load_model() if classifier is None else as_classifier(classifier)
@@ -529,7 +667,6 @@ def explain(
         from .layers import resolve_layer
 
         resolve_layer(clf.model, conf["gradcam"]["layer"])
-    keys = item_keys(items)
     report = Report(
         model=clf.name,
         weights=clf.weights,
@@ -537,12 +674,25 @@ def explain(
         input={"size": clf.size, "resize": clf.resize, "interpolation": clf.interpolation,
                "mean": list(clf.mean), "std": list(clf.std)},
         methods=methods,
-        settings={"fast": fast, "target": None if target is None else str(target), **conf},
+        settings={"fast": fast, "target": None if target is None else str(target), **conf,
+                  **({"shard": "{}/{}".format(*parse_shard(shard))} if shard is not None else {})},
         images=[],
         skipped=skipped,
         created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        _planned=len(items),
     )
     report.settings["versions"] = _versions()
+    from .cache import cache_dir, limit_bytes
+
+    try:
+        folder = cache_dir(cache) if "filters" in methods else None
+        if folder is not None:
+            limit_bytes()  # a bad $CONVLENS_CACHE_MB is a usage error now, not a failure per image
+    except ValueError as e:
+        raise ExplainError(str(e)) from None
+    report.settings["cache"] = None if folder is None else str(folder)
+    done = {} if run is None else run.reusable(
+        _fingerprint(clf, report), {k: s for _, s, k in planned if isinstance(s, (str, os.PathLike))})
 
     bar = None
     quiet = contextlib.nullcontext()
@@ -555,18 +705,34 @@ def explain(
     cam_layers: dict[tuple[int, ...], tuple[str, str]] = {}
     run_cache: dict[Any, Any] = {}  # what is computed once per model and run (the sanity verdict)
     try:
-        with quiet:
+        with quiet, run if run is not None else contextlib.nullcontext():
             for (name, src), key in zip(items, keys):
                 if bar is not None:
                     bar.set_postfix_str(printable(name)[:30])
-                report.images.append(
-                    _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, run_cache)
-                )
-                check_interrupt()
-                if on_image is not None:
-                    on_image(report, report.images[-1])
+                earlier = _earlier(run, key, done.get(key))
+                if earlier is not None:  # --resume: finished by an earlier run with the same settings
+                    if isinstance(src, (str, os.PathLike)):  # the same content, maybe found elsewhere now
+                        earlier.source = printable(os.path.abspath(src))
+                        earlier.summary = {**(earlier.summary or {}), "source": earlier.source}
+                    report.images.append(earlier)
+                    report._files[key] = run.keep_image(key, src)  # type: ignore[union-attr]
+                else:
+                    report.images.append(
+                        _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, run_cache, folder)
+                    )
+                    check_interrupt()
+                    if run is not None:
+                        report.save_image(run, report.images[-1])
+                        report.release(report.images[-1])
+                    if on_image is not None:
+                        on_image(report, report.images[-1])
                 if bar is not None:
                     bar.update(1)
+            report.timings["total_s"] = time.perf_counter() - t_start
+            if classifier is None:
+                report.timings["load_model_s"] = load_s
+            if run is not None:
+                report.finish(run)
     finally:
         if bar is not None:
             bar.close()
@@ -574,6 +740,103 @@ def explain(
     if classifier is None:
         report.timings["load_model_s"] = load_s
     return report
+
+
+def plan(
+    sources: Sequence[ImageSource], shard: str | tuple[int, int] | None = None, *, warn: bool = True
+) -> tuple[list[tuple[str, ImageSource, str]], list[dict[str, str]]]:
+    """The images a run explains: ``([(name, source, key)], skipped)``. Keys (output folders) are
+    given over all the images before a shard is taken, so every shard names an image as one run
+    over the whole folder does and their outputs merge (``convlens report``).
+
+    Example::
+
+        todo, skipped = plan(["photos/"], "1/2")
+    """
+    items, skipped = collect_images(sources, warn=warn)
+    if not items:
+        more = f" ({len(skipped)} folder entries skipped: {skipped[0]['reason']}, ...)" if skipped else ""
+        raise ExplainError(f"no image files to explain{more}")
+    keyed = [(name, (src, key)) for (name, src), key in zip(items, item_keys(items))]
+    if shard is not None:
+        try:
+            n_all, keyed = len(keyed), select_shard(keyed, shard)
+        except ValueError as e:
+            raise ExplainError(str(e)) from None
+        if not keyed:
+            raise ExplainError(f"shard {shard} of {n_all} images holds no image")
+    return [(name, src, key) for name, (src, key) in keyed], skipped
+
+
+def shard_folder(out: str | os.PathLike[str], shard: str | tuple[int, int] | None) -> Path:
+    """Where a run writes: ``out`` itself, or ``out/shard-I-of-N`` for shard ``I/N``, so N
+    processes can share one ``out`` without writing the same files.
+
+    Example::
+
+        shard_folder("out", "2/4")   # Path('out/shard-2-of-4')
+    """
+    if shard is None:
+        return Path(out)
+    i, n = parse_shard(shard)
+    return Path(out) / f"shard-{i}-of-{n}"
+
+
+def _fingerprint(clf: Classifier, report: Report) -> dict[str, Any]:
+    """What makes an image's outputs the same as another run's: the model, its weights (digest
+    of every parameter and buffer), its input, the techniques and all their settings."""
+    from .cache import model_digest
+
+    settings = {k: v for k, v in report.settings.items() if k not in ("versions", "cache", "shard")}
+    return json.loads(json.dumps({
+        "model": clf.name, "weights": clf.weights, "weights_digest": model_digest(clf.model), "input": report.input,
+        "methods": list(report.methods), "settings": settings}, default=str))
+
+
+def _earlier(run: RunWriter | None, key: str, rec: dict[str, Any] | None) -> ImageExplanation | None:
+    """An image an earlier run finished, from its own ``summary.json`` (None when unreadable)."""
+    if run is None or rec is None:
+        return None
+    try:
+        entry = json.loads((run.root / key / "summary.json").read_text(encoding="utf-8"))
+        thumb = run.root / key / "thumbnail.jpg"
+        return ImageExplanation(
+            name=entry["name"], source=entry.get("source"), key=key,
+            original_size=tuple(entry["original_size"]) if entry.get("original_size") else None,
+            predictions=[Prediction(p["label"], int(p["index"]), float(p["probability"]))
+                         for p in entry.get("predictions") or []],
+            target=(entry.get("target") or {}).get("index"), target_label=(entry.get("target") or {}).get("label"),
+            layers=entry.get("layers") or {}, channels=entry.get("channels") or {},
+            errors=entry.get("errors") or {}, notes=entry.get("notes") or {}, timings=entry.get("timings") or {},
+            agreement=entry.get("agreement") or {}, summary=entry, reused=True,
+            thumb=thumb.read_bytes() if is_regular(thumb) else None,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: the earlier run's summary cannot be read (%s); explaining it again", printable(key), e)
+        return None
+
+
+def _logits_and_layer(clf: Classifier, x: Tensor, layer: str) -> tuple[Tensor, Tensor | None]:
+    """One forward pass: the logits and the output of ``layer`` (for the feature visualisation's
+    choice of channels), under the model guard and without autograd."""
+    import torch
+
+    from .hooks import LayerCapture, model_guard
+    from .layers import resolve_layer
+    from .models import require_logits
+
+    name, module = resolve_layer(clf.model, layer)
+    with model_guard(clf.model), torch.no_grad(), LayerCapture({name: module}) as cap:
+        out = require_logits(clf.adapt(cap.run(clf.model, clf.batch(x))))  # tuple/dict/.logits outputs too
+        act = cap.outputs.get(name)
+    return out, act.detach() if isinstance(act, Tensor) else None
+
+
+def _top(clf: Classifier, logits: Tensor, top: int) -> list[Prediction]:
+    """The top-``top`` predictions of the first image, as :meth:`Classifier.predict` gives them."""
+    probs = logits.float().softmax(dim=1)
+    values, indices = probs.topk(max(1, min(top, probs.shape[1])), dim=1)
+    return [Prediction(clf.label(int(i)), int(i), float(p)) for p, i in zip(values[0].cpu(), indices[0].cpu())]
 
 
 def _explain_one(
@@ -587,6 +850,7 @@ def _explain_one(
     cam_layers: dict[tuple[int, ...], tuple[str, str]],
     bar: Any,
     run_cache: dict[Any, Any] | None = None,
+    cache: Path | None = None,
 ) -> ImageExplanation:
     is_path = isinstance(src, (str, os.PathLike))
     im = ImageExplanation(name=printable(name), source=printable(src) if is_path else None, key=key,
@@ -602,12 +866,6 @@ def _explain_one(
             x = clf.preprocess(pil)
             im.original_size = (pil.width, pil.height)
         im.rgb = clf.denormalise(x)[0].permute(1, 2, 0).float().cpu().numpy()
-        logits = require_finite(clf.logits(x), "the model's output")
-        im.predictions = clf.predict(x, top=int(conf["predictions"]["top"]))[0]
-        from .targets import resolve_target
-
-        resolved = resolve_target(clf, target, 1, logits)
-        im.target, im.target_label = resolved.indices[0], resolved.labels[0]
         shape = tuple(x.shape[1:])
         if shape not in cam_layers:
             from .layers import default_cam_layer, layer_table, resolve_layer
@@ -616,6 +874,13 @@ def _explain_one(
             cam = conf["gradcam"]["layer"]
             cam = default_cam_layer(clf.model, x, table) if cam is None else resolve_layer(clf.model, cam)[0]
             cam_layers[shape] = (cam, pre_activation_layer(table, cam))
+        logits, cam_act = _logits_and_layer(clf, x, cam_layers[shape][0])
+        require_finite(logits, "the model's output")
+        im.predictions = _top(clf, logits, int(conf["predictions"]["top"]))
+        from .targets import resolve_target
+
+        resolved = resolve_target(clf, target, 1, logits)
+        im.target, im.target_label = resolved.indices[0], resolved.labels[0]
     except (ImageError, NonFiniteError) as e:
         im.errors["image"] = printable(e)
         log.warning("%s: %s", im.name, im.errors["image"])
@@ -636,6 +901,8 @@ def _explain_one(
         "notes": im.notes,
         "name": name,
         "run": {} if run_cache is None else run_cache,
+        "cache": cache if cache is not None else False,
+        "cam_act": cam_act,
     }
     for tech in methods:
         if bar is not None:
@@ -656,6 +923,13 @@ def _explain_one(
             log.warning("%s: %s failed: %s", im.name, tech, im.errors[tech], exc_info=log.isEnabledFor(logging.DEBUG))
         im.timings[f"{tech}_s"] = time.perf_counter() - t1
         check_interrupt()
+    if "gradcam" in im.results and "occlusion" in im.results:
+        try:
+            im.agreement["gradcam_occlusion_spearman"] = spearman(
+                _np(im.results["gradcam"].maps)[0], _np(im.results["occlusion"].maps)[0]
+            )
+        except ValueError as e:  # maps of different sizes: nothing to compare
+            log.warning("%s: cannot compare Grad-CAM and occlusion: %s", im.name, printable(e))
     im.timings["total_s"] = time.perf_counter() - t0
     return im
 
@@ -668,3 +942,30 @@ def _finite(result: Any, tech: str) -> Any:
         if isinstance(t, Tensor):
             require_finite(t, f"the {tech} map{' of ' + name if name else ''}")
     return result
+
+
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    """1-based ranks of the values of ``a`` (flattened), ties sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(a.ravel(), return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse.ravel()]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rank correlation of two maps of the same shape, pixel by pixel: the Pearson
+    correlation of their average ranks (ties share a rank). None when a map is constant.
+
+    rho = cov(rank a, rank b) / (std(rank a) std(rank b))
+
+    Example::
+
+        spearman(cam.to_numpy()[0], occ.to_numpy()[0])   # 1.0: same ordering of pixels
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"maps of shapes {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return None
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return None if den == 0 else float((ra * rb).sum() / den)

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 MANIFEST = ".convlens-manifest.json"
 STAGING_PREFIX = ".convlens-staging-"
 #: top-level names no image key may take (compared case-insensitively)
-RESERVED = frozenset({"report.html", "summary.json", MANIFEST})
+RESERVED = frozenset({"report.html", "summary.json", "summary.csv", MANIFEST})
 MAX_KEY_BYTES = 120
 _BAD_CHARS = set('/\\:*?"<>|')
 
@@ -358,6 +358,22 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
+def _source_fields(source: Any) -> dict[str, Any]:
+    """What a manifest records of an image's source file: path, size, mtime, SHA-256."""
+    rec: dict[str, Any] = {}
+    if isinstance(source, (str, os.PathLike)):
+        real = os.path.abspath(source)
+        rec["source"] = printable(real)
+        if printable(real) != real:
+            rec["source_hex"] = os.fsencode(real).hex()  # the exact bytes, for matching later
+        with contextlib.suppress(OSError):
+            st = os.stat(real)
+            rec["size"], rec["mtime_ns"] = st.st_size, st.st_mtime_ns
+        if os.path.isfile(real):
+            rec["sha256"] = _sha256(Path(real))
+    return rec
+
+
 @dataclass
 class RunWriter:
     """The outputs of one run in ``out``: check, stage, commit, manifest.
@@ -379,6 +395,7 @@ class RunWriter:
     inputs: Sequence[Any] = ()
     force: bool = False
     settings: dict[str, Any] = field(default_factory=dict)  # what produced the run (for a later resume)
+    resume: bool = False  # keep an earlier run of this command in ``out`` and add to it (see :meth:`reusable`)
     root: Path = field(init=False)
     _old: dict[str, Any] | None = field(init=False, default=None)
     _replace: list[str] = field(init=False, default_factory=list)
@@ -390,6 +407,7 @@ class RunWriter:
     _run_id: str = field(init=False, default_factory=lambda: uuid.uuid4().hex[:12])
     _created: str = field(init=False, default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _done: bool = field(init=False, default=False)
+    _old_top: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = resolve_out(self.out)
@@ -407,6 +425,9 @@ class RunWriter:
                     raise FileExistsError(
                         f"{printable(self.out)}/{printable(n)} would replace the input {printable(src)}; choose "
                         "another output folder")
+        if self.resume and old is not None and not self.force:
+            self._init_resume(old, there)
+            return
         if (old is not None or there) and not self.force:
             more = f" and {len(there) - 3} more" if len(there) > 3 else ""
             what = ", ".join(printable(n) for n in there[:3]) + more
@@ -423,11 +444,85 @@ class RunWriter:
         if old is not None:
             self._replace.append(MANIFEST)
 
+    def _init_resume(self, old: dict[str, Any], there: list[str]) -> None:
+        """``resume``: the earlier run stays; its images are kept (those this run recomputes are
+        replaced one by one as they complete) and its top-level files are replaced at the end."""
+        if old.get("format") == "damaged":
+            raise FileExistsError(f"{printable(self.out)}: the earlier run's manifest is damaged, so it cannot be "
+                                  "resumed; use --force to replace that run")
+        if old.get("command") != self.command:
+            raise FileExistsError(f"{printable(self.out)} holds a {printable(old.get('command'))} run, not "
+                                  f"{self.command}; --resume continues the same command only")
+        owned = set(manifest_entries(old)) | set(self.files)
+        foreign = [n for n in there if n not in owned]
+        if foreign:
+            raise FileExistsError(f"{printable(self.out)} already holds {printable(foreign[0])}, which convlens did "
+                                  "not write; use --force (force=True) to replace it or choose another output folder")
+        self._old = old
+        for rec in old.get("images", []):
+            if isinstance(rec, dict) and isinstance(rec.get("key"), str) and rec["key"] in manifest_entries(
+                    {"images": [rec]}):
+                self._images[rec["key"]] = rec  # still there: listed until replaced
+        self._replace = [n for n in self.files if os.path.lexists(self.root / n)]
+        self._old_top = [n for n in old.get("files", []) if n in self._replace]
+
+    def reusable(self, settings: dict[str, Any], sources: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """With ``resume``: the earlier run's image records (by key) that this run can keep as they
+        are: same ``settings`` (the run's fingerprint: model, weights digest, techniques and
+        their settings), the same content (SHA-256 of this run's source of that key, ``sources``:
+        key -> path; default: the recorded path), no error, every file still there. Raises
+        ``FileExistsError`` when the earlier run used other settings.
+
+        Example::
+
+            done = run.reusable({"model": "m", "weights_digest": "..."}, {"cat.jpg": "photos/cat.jpg"})
+        """
+        self.settings["fingerprint"] = settings
+        if not self.resume or self._old is None:
+            return {}
+        before = (self._old.get("settings") or {}).get("fingerprint")
+        now = json.loads(json.dumps(settings, default=str))
+        if before != now:
+            diff = sorted(k for k in set(before or {}) | set(now) if (before or {}).get(k) != now.get(k))
+            raise FileExistsError(
+                f"{printable(self.out)} holds a run with other settings (differs in: {', '.join(diff) or 'all'}), so "
+                "it cannot be resumed; use --force to replace it or choose another output folder")
+        keep = {}
+        for key in self.keys:
+            rec = self._images.get(key)
+            if not rec or not rec.get("ok") or not rec.get("files") or not rec.get("sha256"):
+                continue
+            src = bytes.fromhex(rec["source_hex"]) if rec.get("source_hex") else rec.get("source")
+            src = os.fsdecode(src) if isinstance(src, bytes) else src
+            if sources is not None:
+                src = os.fspath(sources[key]) if isinstance(sources.get(key), (str, os.PathLike)) else None
+            if not isinstance(src, str) or not os.path.isfile(src):
+                continue
+            if os.path.islink(self.root / key) or not all(
+                    is_regular(self.root / f) and not os.path.islink(self.root / f) for f in rec["files"]):
+                continue
+            if _sha256(Path(src)) == rec["sha256"]:
+                keep[key] = rec
+        return keep
+
+    def keep_image(self, key: str, source: Any = None) -> list[str]:
+        """With ``resume``: image ``key`` of the earlier run stays as it is (its record names
+        ``source``, where this run found the same content); returns its files."""
+        rec = self._images[key]
+        rec.pop("source_hex", None)
+        rec.update(_source_fields(source))
+        return list(rec["files"])
+
     # -- staging ----------------------------------------------------------------------------
     @property
     def deferred(self) -> bool:
         """True when results wait in staging until the end (an earlier run is being replaced)."""
-        return bool(self._replace)
+        return bool(self._replace) and not (self.resume and self._old is not None)
+
+    def locate(self, rel: str) -> Path:
+        """Where file ``rel`` (relative to ``out``) of this run is now: in staging or in place."""
+        staged = self._staging / rel if self._staging is not None else None
+        return staged if staged is not None and staged.exists() else self.root / rel
 
     def _stage(self) -> Path:
         if self._staging is None:
@@ -471,26 +566,25 @@ class RunWriter:
             self._staged_files.append(rel)
         return rel
 
-    def commit_image(self, key: str, *, name: str | None = None, source: Any = None, ok: bool = True) -> list[str]:
+    def commit_image(self, key: str, *, name: str | None = None, source: Any = None, ok: bool = True,
+                     extra: dict[str, Any] | None = None) -> list[str]:
         """The image ``key`` is complete: move its folder into place (at the end when replacing
         an earlier run) and record it in the manifest. Returns its files (relative to ``out``)."""
         files = sorted(f for f in self._staged_files if f.startswith(key + "/"))
         rec: dict[str, Any] = {"key": key, "name": printable(name if name is not None else key), "ok": ok,
                                "files": files}
-        if isinstance(source, (str, os.PathLike)):
-            real = os.path.abspath(source)
-            rec["source"] = printable(real)
-            if printable(real) != real:
-                rec["source_hex"] = os.fsencode(real).hex()  # the exact bytes, for matching later
-            with contextlib.suppress(OSError):
-                st = os.stat(real)
-                rec["size"], rec["mtime_ns"] = st.st_size, st.st_mtime_ns
-            if os.path.isfile(real):
-                rec["sha256"] = _sha256(Path(real))
+        rec.update(_source_fields(source))
+        rec.update(extra or {})
+        earlier = self._images.get(key) if self.resume and self._old is not None else None
         self._images[key] = rec
-        if files and not self.deferred:
+        if not self.deferred and (files or earlier):
             with hold_interrupts():
-                os.rename(self._stage() / key, self.root / key)
+                if earlier is not None and os.path.lexists(self.root / key):  # an earlier run's folder, redone
+                    aside = self._stage() / ".old" / key
+                    aside.parent.mkdir(exist_ok=True)
+                    os.rename(self.root / key, aside)
+                if files:
+                    os.rename(self._stage() / key, self.root / key)
                 self._write_manifest(complete=False)
         return files
 
@@ -501,7 +595,7 @@ class RunWriter:
             "format": "convlens-manifest", "version": 1, "convlens": __version__, "command": self.command,
             "run": self._run_id, "created": self._created, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "complete": complete, "settings": json.loads(json.dumps(self.settings, default=str)),
-            "files": list(self._top) if complete else [],
+            "files": list(self._top) if complete else list(self._old_top),
             "images": list(self._images.values()),
         }
 

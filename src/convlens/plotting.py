@@ -128,17 +128,29 @@ def plot_activations(
     channels: str | list[int] | dict[str, list[int]] = "top",
     k: int = 8,
     cmap: str = "viridis",
+    layout: str = "tiles",
 ) -> Figure:
     """Grid of channel maps for image ``index``: a row per layer (labelled with name and
     C x h x w), a column per channel (``"top"``: most active first, ``"first"``: 0..k-1, or
     chosen indices). Each tile has its own colour scale; its title gives the channel and its
-    mean activation."""
+    mean activation. ``layout="tiles"``: one Axes per tile; ``"rows"``: the same picture with one
+    Axes per layer (its tiles coloured here and laid side by side), several times faster to draw."""
     if not 0 <= index < result.images.shape[0]:
         raise ValueError(f"index {index} is out of range for {result.images.shape[0]} images")
+    if layout not in ("tiles", "rows"):
+        raise ValueError('layout is "tiles" or "rows"')
     picks = {n: _channel_choice(result, n, index, channels, k) for n in result.maps}
     cols = max(1, max(len(p) for p in picks.values()))
     rows = len(picks)
     fig = ResultFigure(figsize=(1.6 * cols + 1.2, 1.75 * rows + 0.6))
+    how = {"top": f"{cols} most active channels", "first": f"first {cols} channels"}.get(
+        channels if isinstance(channels, str) else "", "chosen channels"
+    )
+    if layout == "rows":
+        _activation_rows(fig, result, index, picks, cols, cmap)
+        fig.suptitle(f"Intermediate activations: {how} per layer")
+        fig.tight_layout()
+        return fig
     axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
     for r, (name, chans) in enumerate(picks.items()):
         m = result.maps[name][index].detach().float().cpu().numpy()
@@ -155,12 +167,34 @@ def plot_activations(
             if col == 0:
                 c, h, w = m.shape
                 ax.set_ylabel(f"{name}\n{c}x{h}x{w}", fontsize=8)
-    how = {"top": f"{cols} most active channels", "first": f"first {cols} channels"}.get(
-        channels if isinstance(channels, str) else "", "chosen channels"
-    )
     fig.suptitle(f"Intermediate activations: {how} per layer")
     fig.tight_layout()
     return fig
+
+
+def _activation_rows(
+    fig: Figure, result: Activations, index: int, picks: dict[str, list[int]], cols: int, cmap: str
+) -> None:
+    """One Axes per layer: the tiles, each min-max scaled on its own (as ``imshow`` would), coloured
+    with ``cmap`` and laid side by side with a white gap; titles as text above each tile."""
+    colormap = matplotlib.colormaps[cmap]
+    for r, (name, chans) in enumerate(picks.items()):
+        ax = fig.add_subplot(len(picks), 1, r + 1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+        m = result.maps[name][index].detach().float().cpu().numpy()
+        c, h, w = m.shape
+        gap = max(1, round(0.12 * w))
+        strip = np.ones((h, cols * w + (cols - 1) * gap, 3))
+        for col, ch in enumerate(chans):
+            x0 = col * (w + gap)
+            strip[:, x0 : x0 + w] = colormap(normalize_map(m[ch]))[..., :3]
+            ax.text(x0 + w / 2, 1.02, f"ch {ch} ({m[ch].mean():.2g})", ha="center", va="bottom", fontsize=7,
+                    transform=ax.get_xaxis_transform())  # x in pixels of the strip, y above the axes
+        ax.imshow(strip, interpolation="nearest" if w < 32 else "antialiased")
+        ax.set_ylabel(f"{name}\n{c}x{h}x{w}", fontsize=8)
 
 
 def plot_feature_images(result: FeatureImages, *, ncols: int | None = None) -> Figure:

@@ -129,13 +129,15 @@ class Activations:
         channels: str | list[int] | dict[str, list[int]] = "top",
         k: int = 8,
         cmap: str = "viridis",
+        layout: str = "tiles",
     ) -> Figure:
         """A grid for image ``index``: one row per layer (name and shape), one column per channel:
         ``channels="top"`` the ``k`` most active, ``"first"`` the first ``k`` (the spec's figure),
-        or explicit indices (a list for every layer, or a dict per layer)."""
+        or explicit indices (a list for every layer, or a dict per layer). ``layout="rows"`` draws
+        the same picture with one Axes per layer, several times faster."""
         from .plotting import plot_activations
 
-        return plot_activations(self, index, channels=channels, k=k, cmap=cmap)
+        return plot_activations(self, index, channels=channels, k=k, cmap=cmap, layout=layout)
 
     def _repr_lines(self) -> list[str]:
         n = self.images.shape[0]

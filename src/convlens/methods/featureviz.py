@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -51,8 +52,13 @@ Param = Literal["fourier", "pixel"]
 OBJECTIVES: tuple[Objective, ...] = ("channel", "neuron", "layer", "class")
 PARAMS: tuple[Param, ...] = ("fourier", "pixel")
 
-#: A transform maps an image batch (N, 3, H, W) and a random generator to a new batch.
-Transform = Callable[[Tensor, torch.Generator], Tensor]
+#: A transform maps an image batch (N, 3, H, W) and a random generator to a new batch. The
+#: built-in ones also take a list of N generators, one per image, and then draw each image's
+#: randomness from its own generator (so an image does not depend on the rest of the batch).
+Transform = Callable[[Tensor, "torch.Generator | Sequence[torch.Generator]"], Tensor]
+
+#: Bump when the optimisation changes what it returns for the same settings: part of the cache key.
+FV_VERSION = 2
 
 # Square root of the colour covariance of ImageNet photos (lucid's SVD), columns scaled to norm
 # <= 1: three decorrelated channels mixed by it give natural colour statistics.
@@ -65,6 +71,22 @@ MAX_SIZE = 1024
 
 
 # -- robustness transforms ------------------------------------------------------------------
+def _draws(rng: torch.Generator | Sequence[torch.Generator], n: int, sample: Callable[[int, torch.Generator], Tensor]
+           ) -> Tensor:
+    """``n`` random draws along dim 0: all from one generator, or one per image from a list of n."""
+    if isinstance(rng, torch.Generator):
+        return sample(n, rng)
+    gens = list(rng)
+    if len(gens) != n:
+        raise ValueError(f"{len(gens)} generators for a batch of {n} images")
+    return torch.cat([sample(1, g) for g in gens])
+
+
+def _per_image(fn: Transform) -> Transform:
+    fn.per_image = True  # type: ignore[attr-defined]  # takes a list of generators, one per image
+    return fn
+
+
 def pad(width: int, mode: str = "reflect", value: float = 0.5) -> Transform:
     """Pad every side by ``width`` pixels (``reflect``, ``replicate`` or ``constant`` ``value``)."""
     if width < 0:
@@ -75,7 +97,7 @@ def pad(width: int, mode: str = "reflect", value: float = 0.5) -> Transform:
             return F.pad(x, [width] * 4, mode="constant", value=value)
         return F.pad(x, [width] * 4, mode=mode)
 
-    return _pad
+    return _per_image(_pad)
 
 
 def jitter(d: int) -> Transform:
@@ -88,10 +110,10 @@ def jitter(d: int) -> Transform:
         if d == 0:
             return x
         n, _, h, w = x.shape
-        off = torch.randint(0, d + 1, (n, 2), generator=rng).tolist()
+        off = _draws(rng, n, lambda m, g: torch.randint(0, d + 1, (m, 2), generator=g)).tolist()
         return torch.stack([x[i, :, dy : dy + h - d, dx : dx + w - d] for i, (dy, dx) in enumerate(off)])
 
-    return _jitter
+    return _per_image(_jitter)
 
 
 def _affine(x: Tensor, scale: Tensor, angle_deg: Tensor) -> Tensor:
@@ -114,10 +136,10 @@ def random_scale(scales: Sequence[float]) -> Transform:
         raise ValueError("scales must be a non-empty list of positive numbers")
 
     def _scale(x: Tensor, rng: torch.Generator) -> Tensor:
-        s = choices[torch.randint(0, len(choices), (x.shape[0],), generator=rng)]
+        s = choices[_draws(rng, x.shape[0], lambda m, g: torch.randint(0, len(choices), (m,), generator=g))]
         return _affine(x, s, torch.zeros_like(s))
 
-    return _scale
+    return _per_image(_scale)
 
 
 def random_rotate(degrees: Sequence[float]) -> Transform:
@@ -129,10 +151,10 @@ def random_rotate(degrees: Sequence[float]) -> Transform:
         raise ValueError("degrees must be a non-empty list")
 
     def _rotate(x: Tensor, rng: torch.Generator) -> Tensor:
-        a = choices[torch.randint(0, len(choices), (x.shape[0],), generator=rng)]
+        a = choices[_draws(rng, x.shape[0], lambda m, g: torch.randint(0, len(choices), (m,), generator=g))]
         return _affine(x, torch.ones_like(a), a)
 
-    return _rotate
+    return _per_image(_rotate)
 
 
 def standard_transforms(size: int = 128) -> list[Transform]:
@@ -149,10 +171,12 @@ def standard_transforms(size: int = 128) -> list[Transform]:
 
 
 # -- image parameterisations ------------------------------------------------------------------
-def _seed_for(seed: int, unit: int, k: int) -> int:
-    """One well-mixed seed per (call seed, unit, k-th image of that unit): a unit's image does not
-    depend on which other units share the batch."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, unit + 2, k]).generate_state(1, np.uint64)[0] >> 1)
+def _seed_for(seed: int, unit: int, k: int, stream: int = 0) -> int:
+    """One well-mixed seed per (call seed, unit, k-th image of that unit, stream): a unit's image
+    does not depend on which other units share the batch. Stream 0 seeds the initial image,
+    stream 1 the robustness transforms."""
+    entropy = [seed & 0xFFFFFFFF, unit + 2, k] + ([stream] if stream else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 class _Fourier:
@@ -185,7 +209,8 @@ class _Fourier:
         self.opt.step()
         self.param.grad = None
 
-    def display(self, image: Tensor) -> Tensor:
+    @staticmethod
+    def display(image: Tensor) -> Tensor:
         return image
 
 
@@ -206,7 +231,8 @@ class _Pixel:
         with torch.no_grad():
             self.param += lr * grad / (std + 1e-8)
 
-    def display(self, image: Tensor) -> Tensor:
+    @staticmethod
+    def display(image: Tensor) -> Tensor:
         lo = image.flatten(1).amin(1).view(-1, 1, 1, 1)
         hi = image.flatten(1).amax(1).view(-1, 1, 1, 1)
         return torch.where(hi > lo, (image - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(image))
@@ -297,6 +323,7 @@ def feature_visualization(
     diversity: float = 0.0,
     progress: bool = False,
     callback: Callable[[int, int], None] | None = None,
+    cache: bool | str | os.PathLike[str] | None = False,
 ) -> FeatureImages:
     """Images that maximise units of ``layer``, one per entry of ``channels``, optimised as one batch.
 
@@ -309,14 +336,19 @@ def feature_visualization(
     layers, lucid uses 1e2). ``param="fourier"``: decorrelated 1/f Fourier image through a
     sigmoid, Adam with ``lr``; ``"pixel"``: the spec's normalised-gradient steps on the raw input.
     ``transforms``: "standard", () or callables ``(x, generator) -> x``. Deterministic for
-    ``seed``; a unit's image does not depend on the other units in the batch. Units that never get
-    a gradient are reported as dead. A linear first conv's channel mean is maximised by a flat
-    colour: use ``"neuron"`` there. ``layer`` may be ``name#k`` (the k-th call of a module that
-    runs several times; a plain name is its last call). The image and the optimiser live in
-    float32 whatever the model's dtype; the input is cast to the model's dtype and the scores are
-    computed in float32. Works inside ``torch.no_grad()`` and ``torch.inference_mode()``.
-    ``callback``, if given, is called as ``callback(step, steps)`` after each step (an exception it
-    raises stops the call, e.g. to cancel).
+    ``seed``; a unit's image does not depend on the other units in the batch (with the built-in
+    transforms and no diversity; up to float rounding, which can differ with the batch size).
+    ``cache``: False (default: a library call writes nothing to disk), True (the user cache
+    folder, ``$CONVLENS_CACHE`` overrides) or a folder: each unit's result is stored there and a
+    later call with the same model weights, layer, unit, objective, settings and seed reads it back
+    bit for bit instead of optimising it (only units missing from the cache are optimised; see
+    :mod:`convlens.cache`). Units that never get a gradient are reported as dead. A linear first
+    conv's channel mean is maximised by a flat colour: use ``"neuron"`` there. ``layer`` may be
+    ``name#k`` (the k-th call of a module that runs several times; a plain name is its last call).
+    The image and the optimiser live in float32 whatever the model's dtype; the input is cast to
+    the model's dtype and the scores are computed in float32. Works inside ``torch.no_grad()`` and
+    ``torch.inference_mode()``. ``callback``, if given, is called as ``callback(step, steps)`` after
+    each optimisation step (an exception it raises stops the call, e.g. to cancel).
 
     Example::
 
@@ -328,6 +360,7 @@ def feature_visualization(
         return _feature_visualization(
             classifier_or_model, layer, channels, objective=objective, steps=steps, size=size, lr=lr, seed=seed,
             param=param, transforms=transforms, diversity=diversity, progress=progress, callback=callback,
+            cache=cache,
         )
 
 
@@ -346,6 +379,7 @@ def _feature_visualization(
     diversity: float,
     progress: bool,
     callback: Callable[[int, int], None] | None,
+    cache: bool | str | os.PathLike[str] | None,
 ) -> FeatureImages:
     clf = as_classifier(classifier_or_model)
     model = clf.model
@@ -371,25 +405,137 @@ def _feature_visualization(
     units = _units(clf, channels, kind)
     tfs = _transforms(transforms, size)
     n = len(units)
-    device, dtype = clf.device, clf.dtype
-
+    device = clf.device
     seen: dict[int | None, int] = {}
-    gens = []
+    ks = []  # k: this image is the k-th of its unit in the call (repeats get their own seeds)
+    for u in units:
+        ks.append(seen.setdefault(u, -1) + 1)
+        seen[u] = ks[-1]
+    opts = {"steps": steps, "size": size, "lr": lr, "seed": seed, "param": param, "diversity": diversity}
+
+    store, keys = _cache_keys(clf, cache, kind, name, units, ks, transforms, opts)
+    found = [_entry_ok(store.get(k), steps, size) for k in keys] if store is not None else [None] * n
+    todo = [i for i in range(n) if found[i] is None]
+    if todo:
+        run = _optimise(clf, name, module, kind, [units[i] for i in todo], [ks[i] for i in todo], tfs, opts, progress,
+                        callback)
+        for j, i in enumerate(todo):
+            found[i] = {key: value[j] for key, value in run.items()}
+            if store is not None:
+                store.put(keys[i], found[i])
+        if store is not None:
+            store.prune()
+    rows = {key: torch.from_numpy(np.stack([f[key] for f in found])) for key in ("image", "objective", "dead")}
+    img = rows["image"].to(device)
+    history = torch.from_numpy(np.stack([f["history"] for f in found], axis=1))
+    dead = [bool(d) for d in rows["dead"]]
+    if any(dead):
+        which = [units[i] for i in range(n) if dead[i]]
+        msg = (f"{sum(dead)} unit(s) of {name} never responded (no activation, no gradient): "
+               f"{which}; their images are the initial noise")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    labels = [
+        clf.label(u) if kind == "class" and u is not None else (name if u is None else f"{name} c{u}")
+        for u in units
+    ]
+    settings = {
+        "steps": steps, "size": size, "lr": lr, "seed": seed, "param": param,
+        "transforms": transforms if isinstance(transforms, str) else len(tfs),
+        "diversity": diversity, "model": clf.name,
+    }
+    if store is not None:
+        settings["cache"] = {"folder": str(store.folder), "hits": n - len(todo), "misses": len(todo)}
+    return FeatureImages(
+        images=_display(param, img).float(),
+        objective=rows["objective"].to(device).float(),
+        layer=name,
+        channels=units,
+        kind=kind if isinstance(kind, str) else getattr(kind, "__name__", "callable"),
+        dead=dead,
+        history=history,
+        inputs=_to_input(clf, param, img).float(),
+        labels=labels,
+        settings=settings,
+    )
+
+
+def _entry_ok(entry: dict[str, np.ndarray] | None, steps: int, size: int) -> dict[str, np.ndarray] | None:
+    """A cache entry when it holds what this call needs, else None (recomputed and rewritten)."""
+    if entry is None:
+        return None
+    shapes = {"image": (3, size, size), "objective": (), "history": (steps,), "dead": ()}
+    if any(k not in entry or entry[k].shape != s for k, s in shapes.items()):
+        return None
+    return entry
+
+
+def _to_input(clf: Classifier, param: str, img: Tensor) -> Tensor:
+    """The model-ready tensor of an image: the model's normalisation of the [0, 1] Fourier image;
+    the pixel parameterisation is the input itself."""
+    if param != "fourier":
+        return img
+    mean = torch.tensor(clf.mean, device=img.device).view(1, 3, 1, 1)
+    std = torch.tensor(clf.std, device=img.device).view(1, 3, 1, 1)
+    return (img - mean) / std
+
+
+def _display(param: str, img: Tensor) -> Tensor:
+    """The image as shown, in [0, 1]: the Fourier image as it is, the pixel one min-max scaled per image."""
+    return (_Fourier if param == "fourier" else _Pixel).display(img)
+
+
+def _cache_keys(
+    clf: Classifier, cache: Any, kind: Any, name: str, units: list[int | None], ks: list[int],
+    transforms: Any, opts: dict[str, Any],
+) -> tuple[Any, list[str]]:
+    """The cache (None when off or when the result is not cacheable) and one key per image.
+
+    Cacheable: a named objective, no diversity (it couples the images of a call), and the standard
+    or no transforms (a custom callable cannot be named in a key)."""
+    from ..cache import entry_key, model_digest, open_cache
+
+    store = open_cache(cache)
+    if store is None:
+        return None, []
+    std = transforms == "standard" if isinstance(transforms, str) else transforms is None or len(list(transforms)) == 0
+    if not isinstance(kind, str) or opts["diversity"] != 0 or not std:
+        log.info("feature visualisation not cached: a callable objective or transform, or diversity > 0")
+        return None, []
+    from .. import __version__
+
+    common = {
+        "fv": FV_VERSION, "convlens": __version__, "torch": torch.__version__, "device": clf.device.type,
+        "model": model_digest(clf.model), "mean": list(clf.mean), "std": list(clf.std), "layer": name,
+        "objective": kind, "transforms": transforms if isinstance(transforms, str) else "none", **opts,
+    }
+    return store, [entry_key({**common, "unit": u, "k": k}) for u, k in zip(units, ks)]
+
+
+def _optimise(
+    clf: Classifier, name: str, module: nn.Module | None, kind: Any, units: list[int | None], ks: list[int],
+    tfs: list[Transform], opts: dict[str, Any], progress: bool, callback: Callable[[int, int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Optimise one image per unit as one batch; per image (dim 0, numpy, float32): ``image`` (the
+    raw parameterised image before display), ``objective``, ``history`` (steps,) and ``dead``."""
+    model = clf.model
+    device = clf.device
+    steps, size, lr, seed, param, diversity = (opts[k] for k in ("steps", "size", "lr", "seed", "param", "diversity"))
+    n = len(units)
+    gens, tf_gens = [], []
     groups: dict[int | None, list[int]] = {}
-    for i, u in enumerate(units):
-        k = seen[u] = seen.get(u, -1) + 1
+    for i, (u, k) in enumerate(zip(units, ks)):
         gens.append(torch.Generator().manual_seed(_seed_for(seed, -1 if u is None else u, k)))
+        tf_gens.append(torch.Generator().manual_seed(_seed_for(seed, -1 if u is None else u, k, stream=1)))
         groups.setdefault(u, []).append(i)
     group_list = list(groups.values())
-    tf_rng = torch.Generator().manual_seed(_seed_for(seed, -2, 0))
+    # the built-in transforms draw each image's randomness from its own generator; a custom one
+    # gets one generator for the batch
+    tf_rng: Any = tf_gens if all(getattr(t, "per_image", False) for t in tfs) else \
+        torch.Generator().manual_seed(_seed_for(seed, -2, 0))
     image_param = (_Fourier if param == "fourier" else _Pixel)(gens, size, device)
     unit_t = torch.tensor([-1 if u is None else u for u in units], device=device)
-    mean = torch.tensor(clf.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(clf.std, device=device).view(1, 3, 1, 1)
-
-    def to_input(img: Tensor) -> Tensor:
-        # the image is float32; a half-precision model gets its own dtype (the cast is differentiable)
-        return ((img - mean) / std if param == "fourier" else img).to(dtype)
+    dtype = clf.dtype  # the image is float32; a half-precision model gets its own dtype (a differentiable cast)
 
     history = torch.zeros(steps, n, device=device)
     grad_seen = torch.zeros(n, dtype=torch.bool, device=device)
@@ -431,7 +577,7 @@ def _feature_visualization(
             x = img
             for t in tfs:
                 x = t(x, tf_rng)
-            act = forward(to_input(x), True)
+            act = forward(_to_input(clf, param, x).to(dtype), True)
             scores = _unit_scores(act, kind, unit_t)
             total = scores.sum()
             if diversity > 0:
@@ -444,37 +590,13 @@ def _feature_visualization(
                 callback(step + 1, steps)
         with torch.no_grad():
             img = image_param.image().detach()
-            x = to_input(img)
-            final = _unit_scores(forward(x, False), kind, unit_t).float()
-
-    dead = [not bool(s) for s in grad_seen.cpu()]
-    if any(dead):
-        which = [units[i] for i in range(n) if dead[i]]
-        msg = (f"{sum(dead)} unit(s) of {name} never responded (no activation, no gradient): "
-               f"{which}; their images are the initial noise")
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    labels = [
-        clf.label(u) if kind == "class" and u is not None else (name if u is None else f"{name} c{u}")
-        for u in units
-    ]
-    return FeatureImages(
-        images=image_param.display(img).float(),
-        objective=final,
-        layer=name,
-        channels=units,
-        kind=kind if isinstance(kind, str) else getattr(kind, "__name__", "callable"),
-        dead=dead,
-        history=history.cpu(),
-        inputs=x.float(),
-        labels=labels,
-        settings={
-            "steps": steps, "size": size, "lr": lr, "seed": seed, "param": param,
-            "transforms": transforms if isinstance(transforms, str) else len(tfs),
-            "diversity": diversity, "model": clf.name,
-        },
-    )
-
+            final = _unit_scores(forward(_to_input(clf, param, img).to(dtype), False), kind, unit_t).float()
+    return {
+        "image": img.float().cpu().numpy(),
+        "objective": final.cpu().numpy(),
+        "history": history.float().cpu().numpy().T.copy(),
+        "dead": (~grad_seen).cpu().numpy(),
+    }
 
 def _progress(steps: int, show: bool, name: str):
     if not show:

@@ -1,0 +1,181 @@
+"""Merge finished (or interrupted) ``convlens explain`` runs and shards into one summary and report.
+
+Every image a run explains has its own folder holding its page (``report.html``), its entry of
+the run's summary (``summary.json``) and a ``thumbnail.jpg``; the run's manifest lists the
+images. :func:`merge_runs` reads those, never a model: N shards (``--shard I/N``, written into
+``OUT/shard-I-of-N/``) or earlier runs become one ``summary.json``, ``summary.csv`` and index
+``report.html`` whose links point at the images' own pages where they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .outputs import MANIFEST, RunWriter, is_regular, printable, resolve_out
+
+__all__ = ["find_runs", "merge_runs"]
+
+log = logging.getLogger(__name__)
+
+_SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
+
+
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not is_regular(path) or path.is_symlink():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == "convlens-manifest" else None
+
+
+def find_runs(folder: str | os.PathLike[str]) -> list[Path]:
+    """The explain runs in ``folder``: the folder itself when it holds one, else its shard
+    subfolders (``shard-I-of-N``, in order of I). Anything else is a ValueError.
+
+    Example::
+
+        find_runs("out")   # [Path('out/shard-1-of-2'), Path('out/shard-2-of-2')]
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{printable(folder)} is not a folder")
+    m = _manifest(root)
+    if m is not None and m.get("command") == "explain":
+        return [root]
+    shards = sorted((p for p in root.iterdir() if _SHARD.fullmatch(p.name) and p.is_dir() and not p.is_symlink()),
+                    key=lambda p: tuple(int(g) for g in _SHARD.fullmatch(p.name).groups()[::-1]))  # type: ignore[union-attr]
+    runs = [p for p in shards if (_manifest(p) or {}).get("command") == "explain"]
+    if not runs:
+        raise ValueError(f"{printable(folder)} holds no convlens explain run (no {MANIFEST}, no shard-I-of-N folders)")
+    return runs
+
+
+def _entry(root: Path, rec: dict[str, Any]) -> dict[str, Any] | None:
+    key = rec.get("key")
+    if not isinstance(key, str) or "/" in key or key in ("", ".", ".."):
+        return None
+    if rec.get("files"):
+        try:
+            entry = json.loads((root / key / "summary.json").read_text(encoding="utf-8"))
+            if isinstance(entry, dict):
+                return entry
+        except (OSError, ValueError):
+            pass
+        log.warning("%s: %s/summary.json cannot be read; listed as not explained", printable(root), printable(key))
+        return {"name": rec.get("name", key), "source": rec.get("source"), "folder": key, "ok": False,
+                "predictions": [], "target": None, "errors": {"image": "its summary.json cannot be read"},
+                "files": []}
+    return {"name": rec.get("name", key), "source": rec.get("source"), "folder": key, "ok": False,
+            "predictions": [], "target": None, "errors": rec.get("errors") or {"image": "not explained"}, "files": []}
+
+
+def merge_runs(
+    folders: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *, force: bool = False
+) -> dict[str, Any]:
+    """Merge the explain runs in ``folders`` (runs or folders of shards, see :func:`find_runs`)
+    into ``out``: ``summary.json`` and ``summary.csv`` (one row per image, sorted by name) and an
+    index ``report.html`` linking to each image's own page, without computing anything. The runs
+    must share the model, weights and settings (their manifests' fingerprint); an image found in
+    two runs (same source) is listed once; a run that is not complete (interrupted, or a shard
+    still running) contributes the images it finished and is named under ``incomplete``.
+    Returns the merged summary.
+
+    Example::
+
+        merge_runs(["out"], "out")   # out/shard-*-of-*/ -> out/report.html, summary.json, summary.csv
+    """
+    from .report import render_index, summary_csv, to_json
+
+    target = resolve_out(out)
+    roots: list[Path] = []
+    for f in folders:
+        roots += [r for r in find_runs(f) if r not in roots]
+    for r in roots:
+        if Path(os.path.realpath(r)) == target:
+            raise ValueError(f"--out {printable(out)} is the run {printable(r)} itself; merge into another folder "
+                             "(the folder that holds the shards is fine)")
+    base: tuple[Path, Any] | None = None
+    head: dict[str, Any] = {}
+    entries: list[dict[str, Any]] = []
+    thumbs: dict[str, bytes] = {}
+    skipped: list[dict[str, str]] = []
+    seen: dict[str, Path] = {}
+    incomplete: list[str] = []
+    for root in roots:
+        m = _manifest(root) or {}
+        if not m.get("complete"):  # interrupted or still running: merged as far as it got
+            incomplete.append(printable(os.path.relpath(os.path.realpath(root), target)))
+            log.warning("%s is not complete (interrupted or still running); its finished images are merged",
+                        printable(root))
+        fp = (m.get("settings") or {}).get("fingerprint")
+        if base is None:
+            base = (root, fp)
+        elif fp != base[1]:
+            diff = sorted(k for k in set(fp or {}) | set(base[1] or {}) if (fp or {}).get(k) != (base[1] or {}).get(k))
+            raise ValueError(f"{printable(root)} was made with other settings than {printable(base[0])} (differs in: "
+                             f"{', '.join(diff) or 'all'}); merge runs of one model and one set of settings")
+        top = root / "summary.json"
+        if not head and is_regular(top):
+            try:
+                head = json.loads(top.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                head = {}
+        if is_regular(top):
+            try:
+                skipped += [s for s in json.loads(top.read_text(encoding="utf-8")).get("skipped", [])
+                            if s not in skipped]
+            except (OSError, ValueError):
+                pass
+        for rec in m.get("images", []):
+            entry = _entry(root, rec) if isinstance(rec, dict) else None
+            if entry is None:
+                continue
+            source = str(entry.get("source") or "")
+            if source and source in seen:
+                skipped.append({"path": source, "reason": f"also in {printable(seen[source])}; listed once"})
+                continue
+            seen[source] = root
+            key = rec["key"]
+            folder = Path(os.path.relpath(os.path.realpath(root / key), target)).as_posix()
+            entry["folder"] = folder
+            entry["files"] = [Path(os.path.relpath(os.path.realpath(root / f), target)).as_posix()
+                              for f in entry.get("files", []) if isinstance(f, str)]
+            thumb = root / key / "thumbnail.jpg"
+            if entry["files"] and is_regular(thumb):
+                thumbs[folder] = thumb.read_bytes()
+            entries.append(entry)
+    entries.sort(key=lambda e: (str(e.get("name", "")), str(e.get("source", ""))))
+    fp = base[1] if base is not None and isinstance(base[1], dict) else {}
+    errors = [{"image": e.get("name"), "technique": t, "error": msg}
+              for e in entries for t, msg in (e.get("errors") or {}).items()]
+    summary = {
+        "convlens": head.get("convlens"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": head.get("model") or {"name": fp.get("model"), "weights": fp.get("weights"), "input": fp.get("input")},
+        "methods": head.get("methods") or fp.get("methods"),
+        "settings": {k: v for k, v in (head.get("settings") or fp.get("settings") or {}).items() if k != "shard"},
+        "versions": head.get("versions", {}),
+        "merged_from": [printable(os.path.relpath(os.path.realpath(r), target)) for r in roots],
+        "incomplete": incomplete,
+        "ok": not errors,
+        "errors": errors,
+        "skipped": skipped,
+        "images": entries,
+    }
+    with RunWriter(target, "report", files=["report.html", "summary.json", "summary.csv"], inputs=roots,
+                   force=force, settings={"merged_from": summary["merged_from"]}) as run:
+        run.write(None, "summary.json", to_json(summary).encode())
+        run.write(None, "summary.csv", summary_csv(summary).encode("utf-8"))
+        run.write(None, "report.html", render_index(summary, thumbs).encode())
+        run.finish()
+    return summary
