@@ -42,3 +42,13 @@ def sample_x(clf: convlens.Classifier) -> torch.Tensor:
 def device(request: pytest.FixtureRequest) -> str:
     """Each device present: ``"cpu"``, and ``"cuda"`` where a GPU is available."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One OpenMP thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a shared 2-core machine two spinning threads per process are many times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

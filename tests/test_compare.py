@@ -15,13 +15,7 @@ import convlens
 from convlens.cli import main
 from convlens.metrics.compare import merge, reference_map
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from torch import nn
 import convlens
 from convlens.metrics.faithfulness import auc, pixel_order
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
 
 
 class Weighted(nn.Module):

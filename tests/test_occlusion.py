@@ -54,13 +54,7 @@ def _randomise_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # on a shared 2-core machine two OpenMP threads per process are 10x slower than one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import warnings
 
 import pytest
 import torch
+from tests.test_anymodel import small_net  # the same fixed-seed CNN (batch norm with non-trivial statistics)
 from torch import nn
 
 import convlens
@@ -33,22 +34,6 @@ CAMS = ("gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "eigencam")
 TOL = {torch.float64: 1e-5, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 ACT_TOL = {torch.float64: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 OCC_TOL = {torch.float64: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-
-
-def small_net() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
-    )
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return net.eval()
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:

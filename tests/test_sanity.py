@@ -10,13 +10,7 @@ from tests.test_hooks import assert_same, snapshot, tiny_net
 import convlens
 from convlens.metrics.sanity import _steps, cascade_stages
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
 
 
 def test_steps_reinitialise_from_the_output_down_cumulatively():
