@@ -611,7 +611,8 @@ def _run_explain(args: argparse.Namespace) -> int:
     again = f", {kept} kept from the earlier run" if args.resume else ""
     print(
         f"wrote {printable(run.root / 'report.html')}, summary.json, summary.csv and {n_files} other files "
-        f"({len(report.images)} images{again}, {n_bad} with errors, {len(report.skipped)} skipped, "
+        f"({len(report.images)} image{'' if len(report.images) == 1 else 's'}{again}, {n_bad} with errors, "
+        f"{len(report.skipped)} skipped, "
         f"{report.timings['total_s']:.1f} s)"
     )
     return 1 if n_bad else 0
