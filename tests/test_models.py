@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data as skimage_data  # a test dependency
 import torch
 import torchvision
 from PIL import Image
 
 import convlens
 from convlens.models import ModelError, read_state_dict
-
-skimage_data = pytest.importorskip("skimage.data")
 
 
 @pytest.mark.parametrize(

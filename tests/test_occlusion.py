@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import captum.attr as captum_attr  # a test dependency
 import numpy as np
 import pytest
 import torch
@@ -15,8 +16,6 @@ import convlens
 from convlens.cli import main
 from convlens.hooks import count_hooks
 from convlens.methods.occlusion import occlusion, window_starts
-
-captum_attr = pytest.importorskip("captum.attr")
 
 
 class SmallNet(nn.Module):

@@ -7,11 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+import ray  # in the test extra (and convlens[ray])
 
-ray = pytest.importorskip("ray", reason="the convlens[ray] extra is not installed")
-
-from convlens.parallel import explain_on_ray  # noqa: E402
+from convlens.parallel import explain_on_ray
 
 HERE = Path(__file__).parent
 

@@ -10,21 +10,19 @@ import time
 
 import numpy as np
 import pytest
+import starlette  # noqa: F401 -- the test extra has convlens[serve]
 import torch
+import uvicorn  # noqa: F401
 from PIL import Image
+from starlette.testclient import TestClient
 from torch import nn
 
 import convlens
 from convlens.hooks import count_hooks
-
-pytest.importorskip("starlette", reason="convlens[serve] is not installed")
-pytest.importorskip("uvicorn", reason="convlens[serve] is not installed")
-from starlette.testclient import TestClient  # noqa: E402
-
-from convlens.serve import app as app_module  # noqa: E402
-from convlens.serve import render  # noqa: E402
-from convlens.serve.app import create_app  # noqa: E402
-from convlens.serve.explorer import Explorer, ModelLock  # noqa: E402
+from convlens.serve import app as app_module
+from convlens.serve import render
+from convlens.serve.app import create_app
+from convlens.serve.explorer import Explorer, ModelLock
 
 BASE = "http://127.0.0.1:8000"
 GRAD_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "eigencam"]

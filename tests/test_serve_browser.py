@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+import starlette  # noqa: F401 -- the test extra has convlens[serve] and selenium
+import uvicorn  # noqa: F401
+from selenium import webdriver
 
 import convlens
-
-pytest.importorskip("starlette", reason="convlens[serve] is not installed")
-pytest.importorskip("uvicorn", reason="convlens[serve] is not installed")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra has it)")
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
 DRIVER = shutil.which("chromedriver") or next(
