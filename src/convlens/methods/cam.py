@@ -145,9 +145,14 @@ def cam_from_layer(method: str, a: Tensor, g: Tensor | None, size: tuple[int, in
         raw = RULES[method](a.float(), g.float())
     else:
         raise ValueError(f"cam_from_layer computes {', '.join((*RULES, 'eigencam'))}, not {method!r}")
+    return _relu_upsampled(raw, size)
+
+
+def _relu_upsampled(raw: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Every method's last step: ``relu`` (NaN -> 0) in float32 at the layer's resolution, and that
+    map upsampled bilinearly to ``size``."""
     raw = torch.nan_to_num(raw.float()).clamp(min=0)
-    maps = F.interpolate(raw[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-    return raw, maps
+    return raw, F.interpolate(raw[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
 # -- targets: one row per (image, target) ---------------------------------------------------
@@ -357,8 +362,7 @@ def grad_cam(
                 raw, maps = cam_from_layer(method, a.detach(), None, x.shape[-2:])
             else:
                 w, bs = _scorecam_weights(clf, x, a.detach(), rows, batch_size, memory_mb, callback)
-                raw = torch.nan_to_num((w[:, :, None, None] * a.detach()[rows.image].float()).sum(1)).clamp(min=0)
-                maps = F.interpolate(raw[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                raw, maps = _relu_upsampled((w[:, :, None, None] * a.detach()[rows.image].float()).sum(1), x.shape[-2:])
                 settings["batch_size"] = bs
     warn_constant(raw, method, f"nothing at {name} supports the target")
     images = clf.denormalise(x.detach())[rows.image]
