@@ -589,7 +589,7 @@ class RunWriter:
         return files
 
     def _manifest(self, complete: bool) -> dict[str, Any]:
-        from . import __version__
+        from ._version import __version__
 
         return {
             "format": "convlens-manifest", "version": 1, "convlens": __version__, "command": self.command,
