@@ -426,7 +426,7 @@ def _feature_visualization(
             store.prune()
     rows = {key: torch.from_numpy(np.stack([f[key] for f in found])) for key in ("image", "objective", "dead")}
     img = rows["image"].to(device)
-    history = torch.from_numpy(np.stack([f["history"] for f in found], axis=1))
+    history = torch.from_numpy(np.stack([f["history"] for f in found], axis=1)).to(device)  # with the rest
     dead = [bool(d) for d in rows["dead"]]
     if any(dead):
         which = [units[i] for i in range(n) if dead[i]]
