@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import convlens
+from conftest import assert_unchanged, snapshot
 from convlens import grad_cam
 from convlens.cli import main
 from convlens.hooks import count_hooks
@@ -250,35 +251,16 @@ class WithBN(Tiny):
         return self.fc(self.pool(self.relu(self.bn(self.conv(x)))).flatten(1))
 
 
-def _state(m: nn.Module):
-    return (
-        [mod.training for mod in m.modules()],
-        [(p.requires_grad, p.grad) for p in m.parameters()],
-        [None if p.grad is None else p.grad.clone() for p in m.parameters()],
-        {k: v.clone() for k, v in m.state_dict().items()},
-        [getattr(mod, "inplace", None) for mod in m.modules()],
-    )
-
-
-def _same(before, after):
-    assert before[0] == after[0]
-    assert all(a[0] == b[0] and a[1] is b[1] for a, b in zip(before[1], after[1]))
-    for a, b in zip(before[2], after[2]):
-        assert (a is None and b is None) or torch.equal(a, b)
-    assert all(torch.equal(before[3][k], after[3][k]) for k in before[3])
-    assert before[4] == after[4]
-
-
 @pytest.mark.parametrize("method", ALL)
 def test_model_unchanged_from_train_mode_with_grads(method, xt):
     m = WithBN().train()
     m.conv.weight.grad = torch.ones_like(m.conv.weight)
     m.fc.weight.requires_grad_(False)
-    before = _state(m)
+    before = snapshot(m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = grad_cam(m, xt, target=0, layer="relu", method=method)
-    _same(before, _state(m))
+    assert_unchanged(m, before)
     assert count_hooks(m) == 0 and torch.isfinite(r.maps).all()
     assert torch.is_grad_enabled()
 
@@ -299,11 +281,11 @@ def test_model_unchanged_from_train_mode_with_grads(method, xt):
 def test_bad_input_leaves_no_hooks_and_model_as_it_was(kwargs, error, xt):
     m = WithBN().train()
     m.conv.weight.grad = torch.zeros_like(m.conv.weight)
-    before = _state(m)
+    before = snapshot(m)
     kwargs.setdefault("layer", "relu")
     with pytest.raises(error):
         grad_cam(m, xt, **kwargs)
-    _same(before, _state(m))
+    assert_unchanged(m, before)
     assert count_hooks(m) == 0 and torch.is_grad_enabled()
 
 

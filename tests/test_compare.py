@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from tests.test_hooks import assert_same, snapshot
 from tests.test_occlusion import SmallNet, _randomise_bn
 
 import convlens
+from conftest import assert_unchanged, snapshot
 from convlens.cli import main
 from convlens.metrics.compare import merge, reference_map
 
@@ -47,7 +47,7 @@ def test_rows_equal_the_metrics_one_by_one(small):
     rnd = reference_map("random map", 2, 64, 64)
     torch.testing.assert_close(cmp.row("random map").insertion.scores, convlens.insertion(net, x, rnd, steps=8).scores)
     assert cmp.row("random map").class_rho is None
-    assert_same(before, net)
+    assert_unchanged(net, before)
 
 
 def test_summary_aggregates_and_ranks(small):
@@ -108,7 +108,7 @@ def test_cli_compare_on_the_sample_photo(tmp_path, capsys, clf):
     assert "from an earlier run" in capsys.readouterr().err
     assert main(["compare", "--methods", "gradcam,saliency", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
-    assert_same(before, clf.model)
+    assert_unchanged(clf.model, before)
 
 
 def test_cli_compare_over_a_folder_aggregates_and_skips_a_broken_file(tmp_path, capsys):

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 import convlens
+from conftest import assert_unchanged, snapshot
 from convlens import feature_visualization
 from convlens.cli import main
 from convlens.hooks import count_hooks
@@ -57,26 +58,6 @@ def _one_thread():
 @pytest.fixture()
 def tiny() -> Tiny:
     return Tiny().eval()
-
-
-def _snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grad": [p.grad for p in model.parameters()],
-        "hooks": count_hooks(model),
-    }
-
-
-def _assert_same(model: nn.Module, snap: dict) -> None:
-    now = _snapshot(model)
-    assert now["state"].keys() == snap["state"].keys()
-    assert all(torch.equal(now["state"][k], snap["state"][k]) for k in snap["state"])
-    assert now["training"] == snap["training"]
-    assert now["requires_grad"] == snap["requires_grad"]
-    assert all(a is b for a, b in zip(now["grad"], snap["grad"]))
-    assert now["hooks"] == snap["hooks"]
 
 
 # -- objectives -------------------------------------------------------------------------------
@@ -234,7 +215,7 @@ def test_no_parameter_gradients_and_model_unchanged(tiny):
     tiny.train()
     tiny.fc.weight.requires_grad_(False)
     tiny.conv1.weight.grad = torch.ones_like(tiny.conv1.weight)
-    snap = _snapshot(tiny)
+    snap = snapshot(tiny)
     seen = []
     handle = tiny.conv2.register_forward_hook(
         lambda m, i, o: seen.append((m.training, [p.requires_grad for p in tiny.parameters()]))
@@ -244,20 +225,20 @@ def test_no_parameter_gradients_and_model_unchanged(tiny):
     finally:
         handle.remove()
     assert all(not training and not any(flags) for training, flags in seen)
-    _assert_same(tiny, snap)
+    assert_unchanged(tiny, snap)
     assert torch.is_grad_enabled()
     with pytest.raises(ValueError, match="has 8 channels"):
         feature_visualization(tiny, "relu2", [0, 8], **FAST)
-    _assert_same(tiny, snap)
+    assert_unchanged(tiny, snap)
     assert res.images.shape == (2, 3, 32, 32)
 
 
 def test_default_model_unchanged(clf):
-    snap = _snapshot(clf.model)
+    snap = snapshot(clf.model)
     with torch.no_grad():
         feature_visualization(clf, "blocks.1", [0, 3], steps=2, size=32)
         assert not torch.is_grad_enabled()  # works under the caller's no_grad, which survives
-    _assert_same(clf.model, snap)
+    assert_unchanged(clf.model, snap)
 
 
 # -- results, input checks, CLI ------------------------------------------------------------------

@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from torch import nn
 
 import convlens
-from convlens.hooks import count_hooks
+from conftest import assert_unchanged, snapshot
 from convlens.serve import app as app_module
 from convlens.serve import explorer as explorer_module
 from convlens.serve import render
@@ -90,22 +90,6 @@ def _wait(client: TestClient, job: dict, timeout: float = 120.0) -> dict:
         time.sleep(0.05)
         job = client.get(f"/api/jobs/{job['id']}").json()
     return job
-
-
-def _state(m: nn.Module):
-    return (
-        [mod.training for mod in m.modules()],
-        [(p.requires_grad, p.grad) for p in m.parameters()],
-        {k: v.clone() for k, v in m.state_dict().items()},
-        count_hooks(m),
-    )
-
-
-def _same(before, after) -> None:
-    assert before[0] == after[0]
-    assert all(a[0] == b[0] and a[1] is b[1] for a, b in zip(before[1], after[1]))
-    assert all(torch.equal(before[2][k], after[2][k]) for k in before[2])
-    assert before[3] == after[3] == 0
 
 
 # -- values equal to the library's ------------------------------------------------------------
@@ -330,7 +314,7 @@ def tiny_client(tiny_clf):
 
 def test_scorecam_job_equals_grad_cam(tiny_client):
     c, ex, clf, entry = tiny_client
-    before = _state(clf.model)
+    before = snapshot(clf.model)
     r = c.get("/api/cam", params={"image": entry.id, "cls": 2, "method": "scorecam"})
     assert r.status_code == 202
     job = _wait(c, r.json()["job"])
@@ -338,12 +322,12 @@ def test_scorecam_job_equals_grad_cam(tiny_client):
     got = _npy(c, image=entry.id, cls=2, method="scorecam")
     lib = convlens.grad_cam(clf, entry.x, target=2, method="scorecam")
     np.testing.assert_allclose(got, lib.maps[0].numpy(), rtol=1e-5, atol=1e-7)
-    _same(before, _state(clf.model))
+    assert_unchanged(clf.model, before)
 
 
 def test_occlusion_job_equals_occlusion(tiny_client):
     c, ex, clf, entry = tiny_client
-    before = _state(clf.model)
+    before = snapshot(clf.model)
     body = {"image": entry.id, "cls": 4, "patch": 8, "stride": 4}
     r = c.post("/api/occlusion", json=body)
     assert r.status_code == 202
@@ -355,12 +339,12 @@ def test_occlusion_job_equals_occlusion(tiny_client):
     np.testing.assert_allclose(ex.occlusion_result(entry.id, 4, 8, 4).maps.numpy(), lib.maps.numpy(), atol=1e-6)
     assert _decode(j["png"]).shape == (32, 32, 4)
     assert c.post("/api/occlusion", json={**body, "patch": 99}).status_code == 400
-    _same(before, _state(clf.model))
+    assert_unchanged(clf.model, before)
 
 
 def test_feature_job_equals_feature_visualization_and_is_cached(tiny_client):
     c, ex, clf, entry = tiny_client
-    before = _state(clf.model)
+    before = snapshot(clf.model)
     r = c.post("/api/features", json={"layer": "act2", "channel": 1})
     assert r.status_code == 202
     job = _wait(c, r.json()["job"])
@@ -374,12 +358,12 @@ def test_feature_job_equals_feature_visualization_and_is_cached(tiny_client):
     job = _wait(c, r.json()["job"])
     assert job["state"] == "error" and "6 channels" in job["error"]
     assert c.post("/api/features", json={"layer": "act2"}).status_code == 400
-    _same(before, _state(clf.model))
+    assert_unchanged(clf.model, before)
 
 
 def test_cancel_stops_a_running_job_and_leaves_the_model(tiny_client):
     c, ex, clf, entry = tiny_client
-    before = _state(clf.model)
+    before = snapshot(clf.model)
     job = c.post("/api/features", json={"layer": "act1", "channel": 0}).json()["job"]
     while job["state"] == "queued" or (job["state"] == "running" and job["done"] == 0):
         job = c.get(f"/api/jobs/{job['id']}").json()
@@ -395,7 +379,7 @@ def test_cancel_stops_a_running_job_and_leaves_the_model(tiny_client):
     # asked again, a cancelled job runs anew
     job = _wait(c, c.post("/api/features", json={"layer": "act1", "channel": 0}).json()["job"])
     assert job["state"] == "done"
-    _same(before, _state(clf.model))
+    assert_unchanged(clf.model, before)
     assert c.get("/api/jobs/nope").status_code == 404
 
 
@@ -424,7 +408,7 @@ def test_model_untouched_after_a_session_from_train_mode(tiny_clf):
     m = tiny_clf.model.train()
     m.conv1.weight.grad = torch.ones_like(m.conv1.weight)
     m.fc.bias.requires_grad_(False)
-    before = _state(m)
+    before = snapshot(m)
     ex = Explorer(tiny_clf, [Image.new("RGB", (32, 32), (10, 200, 90))])
     with TestClient(create_app(ex), base_url=BASE) as c:
         i = ex.images()[0].id
@@ -433,7 +417,7 @@ def test_model_untouched_after_a_session_from_train_mode(tiny_clf):
         assert c.get("/api/channels", params={"image": i, "layer": "act1"}).status_code == 200
         _wait(c, c.post("/api/occlusion", json={"image": i, "patch": 8, "stride": 8}).json()["job"])
     ex.close()
-    _same(before, _state(m))
+    assert_unchanged(m, before)
     assert m.training and torch.is_grad_enabled()
 
 
@@ -456,7 +440,7 @@ def test_progress_callbacks_count_to_the_total_and_can_stop(tiny_clf):
     def stop(d: int, t: int) -> None:
         raise Stop
 
-    before = _state(tiny_clf.model)
+    before = snapshot(tiny_clf.model)
     for call in (
         lambda: convlens.occlusion(tiny_clf, x, patch=8, stride=8, callback=stop),
         lambda: convlens.grad_cam(tiny_clf, x, method="scorecam", callback=stop),
@@ -464,7 +448,7 @@ def test_progress_callbacks_count_to_the_total_and_can_stop(tiny_clf):
     ):
         with pytest.raises(Stop):
             call()
-        _same(before, _state(tiny_clf.model))
+        assert_unchanged(tiny_clf.model, before)
 
 
 def test_cam_from_layer_is_grad_cams_rule(tiny_clf):
