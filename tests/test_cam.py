@@ -119,7 +119,8 @@ def test_all_zero_map_warns_and_has_no_nan(tiny, xt):
 
 # -- agreement with captum and pytorch-grad-cam on the default model ---------------------------
 def test_gradcam_equals_captum_layer_gradcam(clf, sample_x):
-    captum = pytest.importorskip("captum.attr")
+    import captum.attr as captum  # test extra; imported here, not at the top, to keep collection quick
+
     r = grad_cam(clf, sample_x)
     assert r.layer == "bn2" and r.target == [285] and r.labels == ["Egyptian cat"]
     ref = captum.LayerGradCam(clf.model, clf.model.bn2).attribute(sample_x, target=285, relu_attributions=True)
@@ -150,7 +151,8 @@ def _pgc_raw(cls, model, x, layer, target):
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam"])
 def test_gradient_rules_equal_pytorch_grad_cam(clf, sample_x, method):
-    pgc = pytest.importorskip("pytorch_grad_cam")
+    import pytorch_grad_cam as pgc  # test extra (grad-cam); a few seconds to import, so not at the top
+
     cls = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM,
            "layercam": pgc.LayerCAM}[method]
     ref, _ = _pgc_raw(cls, clf.model, sample_x, "bn2", 281)
@@ -160,7 +162,7 @@ def test_gradient_rules_equal_pytorch_grad_cam(clf, sample_x, method):
 
 
 def test_eigencam_equals_pytorch_grad_cam_up_to_sign(clf, sample_x):
-    pgc = pytest.importorskip("pytorch_grad_cam")
+    import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
     _, acts = _pgc_raw(pgc.EigenCAM, clf.model, sample_x, "bn2", 0)
@@ -174,7 +176,7 @@ def test_eigencam_equals_pytorch_grad_cam_up_to_sign(clf, sample_x):
 
 
 def test_scorecam_equals_pytorch_grad_cam(monkeypatch):
-    pgc = pytest.importorskip("pytorch_grad_cam")
+    import pytorch_grad_cam as pgc
     import pytorch_grad_cam.score_cam as sc
 
     monkeypatch.setattr(sc.tqdm, "tqdm", lambda it, *a, **k: it)  # its progress bar is noise here

@@ -592,8 +592,7 @@ def test_in_a_notebook_it_serves_in_the_background_and_shows_inline(tmp_path):
     import sys
     from pathlib import Path
 
-    jc = pytest.importorskip("jupyter_client", reason="jupyter_client is not installed")
-    pytest.importorskip("ipykernel", reason="ipykernel is not installed")
+    import jupyter_client as jc  # comes with ipykernel (test extra), which the kernel below runs
     from jupyter_client.kernelspec import KernelSpecManager
 
     spec = tmp_path / "kernels" / "convlens-test"
