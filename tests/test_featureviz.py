@@ -45,14 +45,9 @@ class Tiny(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small ops: on a shared 2-core machine, OpenMP threads waiting for each other cost more
-    than they give (a 30-step run took 8 s with 2 threads under load, 0.08 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# conftest's one OpenMP thread: many small ops, and on a shared 2-core machine threads waiting for
+# each other cost more than they give (a 30-step run took 8 s with 2 threads under load, 0.08 s with 1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
