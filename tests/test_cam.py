@@ -339,6 +339,8 @@ def test_plot_and_save(tmp_path, clf, sample_x):
     paths = r.save(tmp_path / "cam")
     assert [p.name for p in paths] == ["cam_0.png", "cam_0.npy", "cam_1.png", "cam_1.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "cam_1.npy"), r.maps[1].numpy())
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        r.plot(0, normalize="global")  # type: ignore[arg-type]
 
 
 def test_cli_gradcam_writes_png_and_npy(tmp_path, capsys, monkeypatch, clf):
