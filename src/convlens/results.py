@@ -17,6 +17,7 @@ from .display import caption, rich_display, short
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from .methods.featureviz import Objective
     from .plotting import Channels, Layout, Normalize
 
 __all__ = ["Saliency", "Activations", "FeatureImages", "atomic_path", "save_npy", "save_figure"]
@@ -235,7 +236,7 @@ class FeatureImages:
     objective: Tensor
     layer: str
     channels: list[int | None]
-    kind: str = "channel"
+    kind: Objective = "channel"
     dead: list[bool] = field(default_factory=list)
     history: Tensor | None = field(default=None, repr=False)
     inputs: Tensor | None = field(default=None, repr=False)
