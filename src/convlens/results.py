@@ -6,7 +6,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from torch import Tensor
@@ -17,10 +17,12 @@ from .display import caption, rich_display, short
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .methods.featureviz import Objective
     from .plotting import Channels, Layout, Normalize
 
-__all__ = ["Saliency", "Activations", "FeatureImages", "atomic_path", "save_npy", "save_figure"]
+__all__ = ["Saliency", "Activations", "FeatureImages", "Objective", "atomic_path", "save_npy", "save_figure"]
+
+#: What a feature visualisation maximises (see :func:`convlens.feature_visualization`).
+Objective = Literal["channel", "neuron", "layer", "class"]
 
 
 def atomic_path(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Path]:

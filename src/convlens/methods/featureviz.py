@@ -32,7 +32,7 @@ from .._scaling import minmax
 from ..hooks import LayerCapture, model_guard
 from ..layers import call_counts, missing_layer, resolve_layer
 from ..models import Classifier, as_classifier
-from ..results import FeatureImages
+from ..results import FeatureImages, Objective
 
 __all__ = [
     "FeatureImages",
@@ -48,7 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Objective = Literal["channel", "neuron", "layer", "class"]
 Param = Literal["fourier", "pixel"]
 OBJECTIVES: tuple[Objective, ...] = ("channel", "neuron", "layer", "class")
 PARAMS: tuple[Param, ...] = ("fourier", "pixel")
