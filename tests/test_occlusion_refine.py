@@ -9,7 +9,7 @@ import torch
 from tests.test_occlusion import SmallNet, _pearson, _photos, _randomise_bn
 from torch import nn
 
-from convlens.methods.occlusion import DEFAULT_REFINE, _lattice, _steps, occlusion
+from convlens.methods.occlusion import DEFAULT_REFINE, _lattice, occlusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
 
@@ -71,8 +71,8 @@ def test_full_share_equals_the_plain_map(img):
     [
         ((100, 100), (50.0, 50.0), 16, 8, True, 0.99),  # a peak between coarse windows: 12 x 12 windows
         ((100, 94), (95.0, 90.0), 16, 8, True, 0.99),  # the peak under the far-edge windows (flush, off the stride)
-        # three levels (steps 4, 2, 1) on 10 x 10 windows, a plateau of strong windows, 26 evaluated
-        ((100, 100), (37.0, 61.0), 32, 8, False, 0.9),
+        # 10 x 10 windows (patch 32 / stride 8): a plateau of strong windows
+        ((100, 100), (37.0, 61.0), 32, 8, False, 0.99),
     ],
 )
 def test_refinement_finds_a_known_peak_and_evaluates_each_window_once(size, centre, patch, stride, neighbours,
@@ -108,13 +108,10 @@ def test_refinement_finds_a_known_peak_and_evaluates_each_window_once(size, cent
     assert float(_pearson(res.maps, truth.maps)) > min_r
 
 
-def test_lattices_and_levels():
+def test_coarse_lattice():
     assert _lattice(27, 2) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26]
     assert _lattice(28, 2)[-2:] == [26, 27]  # the far-edge window is always on the lattice
     assert _lattice(1, 2) == [0]
-    assert _steps(16, 8) == [2, 1]  # the coarse windows (stride 16) still cover every pixel
-    assert _steps(32, 8) == [4, 2, 1]
-    assert _steps(40, 20) == [2, 1] and _steps(8, 8) == [2, 1] and _steps(100, 7) == [8, 4, 2, 1]
 
 
 def test_a_single_window_row():
