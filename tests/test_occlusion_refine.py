@@ -50,18 +50,20 @@ def _peak_net(size: tuple[int, int], centre: tuple[float, float], sigma: float) 
 
 def _drops(net: PeakNet, x: torch.Tensor, patch: int, starts: tuple[list[int], list[int]]) -> torch.Tensor:
     """The drop of every window straight from the definition: the sum of weight * x over it."""
-    wx = (net.weight * x)[0].sum(0).double()
+    wx = (net.weight * x)[0].sum(0).double().cpu()
     return torch.tensor([[float(wx[y : y + patch, c : c + patch].sum()) for c in starts[1]] for y in starts[0]],
                         dtype=torch.float64)
 
 
-def test_full_share_equals_the_plain_map(img):
+def test_full_share_equals_the_plain_map(img, device):
     torch.manual_seed(0)
-    net = _randomise_bn(SmallNet()).eval()
-    full = occlusion(net, img, patch=32, stride=16)
-    ref = occlusion(net, img, patch=32, stride=16, refine=1.0)
-    torch.testing.assert_close(ref.raw, full.raw, atol=1e-6, rtol=0)
-    torch.testing.assert_close(ref.maps, full.maps, atol=1e-6, rtol=0)
+    net = _randomise_bn(SmallNet()).eval().to(device)
+    x = img.to(device)
+    full = occlusion(net, x, patch=32, stride=16)
+    ref = occlusion(net, x, patch=32, stride=16, refine=1.0)
+    atol = 1e-6 if device == "cpu" else 1e-4  # CUDA: other batches may pick other (TF32) conv algorithms
+    torch.testing.assert_close(ref.raw, full.raw, atol=atol, rtol=0)
+    torch.testing.assert_close(ref.maps, full.maps, atol=atol, rtol=0)
     assert ref.settings["windows_evaluated"] == 2 * 13 * 13 == full.settings["windows_evaluated"]
     assert ref.settings["work"] == pytest.approx(full.settings["work"])
 
@@ -76,8 +78,9 @@ def test_full_share_equals_the_plain_map(img):
     ],
 )
 def test_refinement_finds_a_known_peak_and_evaluates_each_window_once(size, centre, patch, stride, neighbours,
-                                                                     min_r):
+                                                                     min_r, device):
     net, x = _peak_net(size, centre, sigma=4.0)
+    net, x = net.to(device), x.to(device)
     res = occlusion(net, x, target=0, score="logit", patch=patch, stride=stride, refine=0.1, fast=False)
     starts = res.settings["starts"]
     expected = _drops(net, x, patch, starts)
@@ -104,7 +107,7 @@ def test_refinement_finds_a_known_peak_and_evaluates_each_window_once(size, cent
         assert near <= set(evaluated)
     # the map is close to the true one everywhere (the far windows are interpolated)
     truth = occlusion(net, x, target=0, score="logit", patch=patch, stride=stride, fast=False)
-    torch.testing.assert_close(truth.raw[0].double(), expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(truth.raw[0].double().cpu(), expected, rtol=1e-4, atol=1e-3)
     assert float(_pearson(res.maps, truth.maps)) > min_r
 
 
