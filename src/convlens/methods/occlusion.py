@@ -338,7 +338,8 @@ def occlusion(
 
             evaluator = build_fast_evaluator(
                 model, x, base, (ph, pw), starts_y, starts_x,
-                tau=tau if mode == "approximate" else None, reasons=reasons, output=clf.adapt,
+                reference=evaluator, tau=tau if mode == "approximate" else None, reasons=reasons,
+                output=clf.adapt,
             ) or evaluator
         elif mode == "approximate":
             reasons.append("fast=False asks for full forwards")
