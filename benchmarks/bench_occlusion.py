@@ -11,12 +11,16 @@ minutes):
   at 40/20; the best one is marked and used at 16/8. Not at 8/4.
 - ``exact, old crop path``: the crop path as it was before issue 16 (``occlusion_v0.py``: batches
   of 4, blocks as boundaries).
-- ``exact``: ``convlens.occlusion(mode="exact")`` (the default).
+- ``exact``: ``convlens.occlusion(mode="exact")`` (the default): since issue 16's second round a
+  channels-last private copy with batch norm folded into the convolutions, TF-same padding read
+  exactly, crops gathered and pasted for a whole batch at once.
 - ``approximate``: ``mode="approximate"`` (tau 0.9); ``+ refine``: with ``refine=0.25``.
 
 Columns: seconds, x brute force (the brute force's seconds over the row's: a speed-up), Pearson r
-of the map with the exact map, and the share of work: the estimated multiply-adds done over
-those of one full forward per window (``settings["work"]``).
+of the map with the exact map, the share of work: the estimated multiply-adds done over those of
+one full forward per window (``settings["work"]``), and for the exact row (not at 8/4) the largest
+difference of its drops from those of ``fast=False`` (one full forward per window, run untimed)
+over the largest drop: float32 rounding, not a choice.
 A second table: the approximate modes' r against the exact map on the five natural photos.
 """
 
@@ -128,6 +132,7 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe):
         model, x, target=target, patch=patch, stride=stride, mode="approximate", refine=REFINE))
     times = measure(cases, repeats=1, warmup=0, device=device)
     times[floor_key] *= every
+    plain = None if big else occlusion(model, x, target=target, patch=patch, stride=stride, fast=False)
 
     exact = results["exact"]
     floor_s = times[floor_key]
@@ -153,6 +158,10 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe):
             "windows": n_spec if grid_only else n_ours,
             "r vs exact": None if m is None else compare_maps(m, exact.maps[0])[1],
             "work share": 1.0 if key == floor_key or grid_only else work,
+            "max |drop diff| / max |drop|": (
+                float((exact.raw - plain.raw).abs().max() / plain.raw.abs().max())
+                if key == "exact" and plain is not None else None
+            ),
         }
         label = key + (" (best)" if key == best and not best_ppe else "")
         rows.append(Row(label, name, 1, t, t / floor_s, extra=extra))

@@ -138,3 +138,15 @@ def test_batch_norm_folding_only_where_it_is_the_same_function():
     assert isinstance(folded.bn3, nn.Identity) and folded.conv3.bias is not None
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), atol=1e-6, rtol=1e-6)
+
+
+def test_fast_module_does_not_import_its_caller():
+    """The crop engine receives the reference evaluator as an argument: no import circle."""
+    import ast
+    import inspect
+
+    from convlens.methods import _occlusion_fast
+
+    tree = ast.parse(inspect.getsource(_occlusion_fast))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {m for m in imported if m and m.endswith("occlusion")}, imported

@@ -27,6 +27,13 @@ last window against full forwards of the user's model before it is used, to the 
 device's precision (:func:`check_tolerance`). Anything not understood (an unknown layer type
 inside the prefix, a module run twice, a mismatch) means the plain path, and the reason is logged.
 
+What makes it fast besides the crops: the private copy runs in channels-last memory (the CPU's
+and cuDNN's fast layout for convolutions, depthwise ones most of all) with every batch norm that
+directly follows a convolution folded into it; a batch's crops are gathered, and its recomputed
+cells pasted, with index tensors for all windows at once (no Python loop over windows, which also
+keeps a GPU busy); the clean pass runs once per group of images. TF "same" padding (decided at
+run time, e.g. timm's ``Conv2dSame``) is read from the sizes instead of bounded by the kernel.
+
 Batches mix windows of several images (each job names its image); the clean pass runs once per
 group of images. The approximate path (``tau``) runs the same machinery on smaller regions: at each
 boundary only the window's cells plus the central share ``tau`` of their growth (a Gaussian model
