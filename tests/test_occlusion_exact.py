@@ -150,3 +150,27 @@ def test_fast_module_does_not_import_its_caller():
     tree = ast.parse(inspect.getsource(_occlusion_fast))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {m for m in imported if m and m.endswith("occlusion")}, imported
+
+
+def test_windows_of_several_images_share_a_batch(device):
+    """As on a GPU: one batch holds windows of several images, in any order; each job's logits
+    equal one full forward of its own occluded image."""
+    from convlens.methods._occlusion_fast import build_fast_evaluator
+    from convlens.methods.occlusion import _PlainEvaluator
+
+    model = _calibrated(ARCHS["resnet18"][0]).to(device)
+    x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(8)).to(device)
+    base = torch.zeros_like(x)
+    starts = window_starts(SIZE, PATCH, STRIDE)
+    plain = _PlainEvaluator(model, (starts, starts), (PATCH, PATCH))
+    fast = build_fast_evaluator(model, x, base, (PATCH, PATCH), starts, starts, reference=plain)
+    assert fast is not None
+    jobs = [(2, 4, 0), (0, 0, 0), (1, 2, 3), (2, 1, 1), (0, 4, 4), (1, 0, 4)]
+    try:
+        with torch.no_grad():
+            got, want = fast(x, base, jobs), plain(x, base, jobs)
+    finally:
+        fast.close()
+    assert float((want[:, None] - want[None]).abs().max()) > 1e-2  # jobs that differ
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert count_hooks(model) == 0
