@@ -174,3 +174,30 @@ def test_windows_of_several_images_share_a_batch(device):
     assert float((want[:, None] - want[None]).abs().max()) > 1e-2  # jobs that differ
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     assert count_hooks(model) == 0
+
+
+class _Flat(nn.Module):
+    """Convolutions, then a ``.view`` of the activation, which channels-last memory cannot give:
+    the crops run in contiguous memory instead, and still pay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                      nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 4, 3, padding=1))
+        self.head = nn.Linear(4 * 24 * 24, 10)
+
+    def forward(self, x):
+        y = self.features(x)
+        return self.head(y.view(y.shape[0], -1))
+
+
+def test_crops_in_contiguous_memory_when_the_model_needs_it(caplog):
+    torch.manual_seed(0)
+    caplog.set_level("INFO", logger="convlens.methods._occlusion_fast")
+    model = _Flat().eval()
+    x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(9))
+    plain = occlusion(model, x, target=1, patch=8, stride=8, score="logit", fast=False)
+    fast = occlusion(model, x, target=1, patch=8, stride=8, score="logit")
+    assert fast.settings["path"] == "crop", fast.settings["fallback"]
+    assert "crops in contiguous memory (RuntimeError" in caplog.text
+    torch.testing.assert_close(fast.raw, plain.raw, atol=1e-5 * float(plain.raw.abs().max()), rtol=1e-5)

@@ -367,6 +367,7 @@ class CropEvaluator:
     def __init__(self, private: nn.Module, nodes: list[_Node], stages: list[tuple[_Stage, _Stage]],
                  starts: tuple[list[int], list[int]], patch: tuple[int, int], device: torch.device) -> None:
         self.model = private
+        self.layout = private.convlens_layout  # memory format of the crops (see _private_copy)
         self.nodes = nodes  # the chosen boundaries, nodes[0] the input
         self.stages = stages  # stages[k]: from nodes[k] to nodes[k + 1]
         self.starts = starts
@@ -404,7 +405,7 @@ class CropEvaluator:
     def _hook(self, k: int):
         def hook(module: nn.Module, args: object, out: Tensor) -> Tensor | None:
             if self._jobs is None:  # the clean pass
-                self.clean[k] = out.clone(memory_format=_FORMAT)
+                self.clean[k] = out.clone(memory_format=self.layout)
                 return None
             img, job = self._jobs[0], self._jobs[1:]
             geo = self._geo[k - 1]  # the stage that made ``out``
@@ -418,7 +419,8 @@ class CropEvaluator:
                 nxt = self.stages[k]
                 rows = [self._geo[k][ax][0][job[ax]][:, None] + torch.arange(nxt[ax].crop, device=img.device)
                         for ax in range(2)]
-            return self._compose(out, torch.arange(len(img), device=img.device), at, clean, img, rows, region)
+            new = self._compose(out, torch.arange(len(img), device=img.device), at, clean, img, rows, region)
+            return new.contiguous(memory_format=self.layout)
 
         return hook
 
@@ -428,7 +430,7 @@ class CropEvaluator:
         key = (x.data_ptr(), x.shape, x.stride(), x._version, x.device)
         if self._clean_of != key:
             self._jobs = None
-            self.model(x.contiguous(memory_format=_FORMAT))
+            self.model(x.contiguous(memory_format=self.layout))
             self._clean_of = key
 
     def __call__(self, x: Tensor, base: Tensor, jobs: list[tuple[int, int, int]]) -> Tensor:
@@ -440,6 +442,7 @@ class CropEvaluator:
         # the window (all of it in exact mode; an approximate crop may cut it) from the baseline
         window = [self._window[ax][:, j] for ax, j in enumerate((iy, ix))]
         crops = self._compose(base, img, [torch.zeros_like(img)] * 2, x, img, rows, window)
+        crops = crops.contiguous(memory_format=self.layout)
         self._jobs = (img, iy, ix)
         try:
             return self.model(crops)
@@ -476,7 +479,16 @@ def _private_copy(model: nn.Module, x: Tensor) -> nn.Module:
                 d.clear()
     if _FOLD:
         _fold_batch_norms(private, x)
-    return private.to(memory_format=_FORMAT)
+    private.to(memory_format=_FORMAT)
+    try:  # a forward that needs contiguous memory (a .view() of an activation): keep that layout
+        with torch.no_grad():
+            private(x.contiguous(memory_format=_FORMAT))
+        private.convlens_layout = _FORMAT
+    except Exception as e:
+        log.info("occlusion: crops in contiguous memory (%s: %s)", type(e).__name__, e)
+        private.to(memory_format=torch.contiguous_format)
+        private.convlens_layout = torch.contiguous_format
+    return private
 
 
 def _bn_act() -> type | None:
