@@ -14,6 +14,8 @@ minutes):
 - ``exact``: ``convlens.occlusion(mode="exact")`` (the default): since issue 16's second round a
   channels-last private copy with batch norm folded into the convolutions, TF-same padding read
   exactly, crops gathered and pasted for a whole batch at once.
+- ``exact, batch 16``: the same with ``batch_size=16``, where the default batch differs (the
+  default model on a CPU: ``_default_batch`` gives models with depthwise convolutions 4).
 - ``approximate``: ``mode="approximate"`` (tau 0.9); ``+ refine``: with ``refine=0.25``.
 
 Columns: seconds, x brute force (the brute force's seconds over the row's: a speed-up), Pearson r
@@ -36,6 +38,7 @@ except ImportError:  # run as a script from benchmarks/
     from common import Row, compare_maps, measure  # type: ignore[no-redef]
 
 REFINE = 0.25
+WIDE = 16  # the crop path's CPU batch without the depthwise exception of _default_batch
 
 
 def spec_occlusion(model, img_tensor, target_class, patch=40, stride=20):
@@ -73,7 +76,7 @@ def _models(device: str):
 
 
 def _table(name, model, x, patch, stride, device, quick, best_ppe):
-    from convlens.methods.occlusion import occlusion, window_starts
+    from convlens.methods.occlusion import _default_batch, occlusion, window_starts
 
     try:
         from . import occlusion_v0
@@ -126,6 +129,9 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe):
             pass
     cases["exact, old crop path"] = keep("old", lambda: occlusion_v0.occlusion_map(model, x, target, patch, stride))
     cases["exact"] = keep("exact", lambda: occlusion(model, x, target=target, patch=patch, stride=stride))
+    if _default_batch(model, x, n_ours, True) != WIDE:  # the default model on a CPU: 4
+        cases[f"exact, batch {WIDE}"] = keep("wide", lambda: occlusion(
+            model, x, target=target, patch=patch, stride=stride, batch_size=WIDE))
     cases["approximate"] = keep("approx", lambda: occlusion(model, x, target=target, patch=patch, stride=stride,
                                                             mode="approximate"))
     cases[f"approximate + refine {REFINE}"] = keep("refine", lambda: occlusion(
@@ -141,7 +147,7 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe):
     rows = []
     for key, t in times.items():
         short = {"spec loop": "spec", "exact, old crop path": "old", "exact": "exact", "approximate": "approx",
-                 f"approximate + refine {REFINE}": "refine"}.get(key)
+                 f"approximate + refine {REFINE}": "refine", f"exact, batch {WIDE}": "wide"}.get(key)
         if key.startswith("captum"):
             short = "captum" + key.split("=")[1].split()[0]
         res = results.get(short) if short else None
