@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,8 +63,7 @@ _POINTWISE = (
 )
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 MIN_GAIN = 0.1  # below this estimated saving the plain path is kept
-_FORMAT = torch.channels_last
-_FOLD = True
+_FORMAT = torch.channels_last  # the private copy's memory layout where its forward allows it
 COPY_COST = 4.0  # cost units per element copied or touched by a pointwise op (vs 1 per multiply-add)
 
 
@@ -477,8 +477,7 @@ def _private_copy(model: nn.Module, x: Tensor) -> nn.Module:
             d = getattr(m, attr, None)
             if d:
                 d.clear()
-    if _FOLD:
-        _fold_batch_norms(private, x)
+    _fold_batch_norms(private, x)
     private.to(memory_format=_FORMAT)
     try:  # a forward that needs contiguous memory (a .view() of an activation): keep that layout
         with torch.no_grad():
@@ -491,12 +490,19 @@ def _private_copy(model: nn.Module, x: Tensor) -> nn.Module:
     return private
 
 
-def _bn_act() -> type | None:
-    try:  # timm's batch norm + activation (EfficientNet-Lite, the default model)
-        from timm.layers import BatchNormAct2d
-    except ImportError:
-        return None
-    return BatchNormAct2d
+def _foldable() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """The convolution and batch-norm classes whose pairs fold: exactly these (a subclass may
+    compute otherwise, e.g. a weight-standardised convolution); timm's where timm is imported (a
+    timm model imported it; importing it here would cost a torchvision user seconds)."""
+    convs: tuple[type, ...] = (nn.Conv2d,)
+    norms: tuple[type, ...] = (nn.BatchNorm2d,)
+    if "timm" not in sys.modules:
+        return convs, norms
+    try:  # TF-"same" convolution, batch norm + activation (EfficientNet-Lite, the default model)
+        from timm.layers import BatchNormAct2d, Conv2dSame
+    except ImportError:  # an older timm
+        return convs, norms
+    return convs + (Conv2dSame,), norms + (BatchNormAct2d,)
 
 
 def _fold_batch_norms(model: nn.Module, x: Tensor) -> None:
@@ -507,8 +513,7 @@ def _fold_batch_norms(model: nn.Module, x: Tensor) -> None:
     ``Identity``, timm's ``BatchNormAct2d`` its dropout and activation. The same function to float
     rounding, one pass over each activation less. (Were the convolution's output also read
     elsewhere, the check against the user's model would fail and the plain path run.)"""
-    bn_act = _bn_act()
-    kinds = (nn.BatchNorm2d,) + ((bn_act,) if bn_act else ())
+    convs, norms = _foldable()
     # every module call in order: (module, "in" / "out", the tensor, its in-place version)
     events: list[tuple[nn.Module, str, object, int]] = []
     handles = []
@@ -530,7 +535,7 @@ def _fold_batch_norms(model: nn.Module, x: Tensor) -> None:
     for m, side, _, _ in events:
         calls[m] = calls.get(m, 0) + (side == "in")
     for (conv, side, out, version), (bn, side2, bn_in, version2) in zip(events, events[1:]):
-        if not (side == "out" and side2 == "in" and isinstance(conv, nn.Conv2d) and type(bn) in kinds
+        if not (side == "out" and side2 == "in" and type(conv) in convs and type(bn) in norms
                 and isinstance(out, Tensor) and bn_in is out and version == version2
                 and calls[conv] == calls[bn] == 1 and not bn.training
                 and bn.running_mean is not None and bn.running_var is not None):
