@@ -155,7 +155,7 @@ def test_fast_module_does_not_import_its_caller():
 def test_windows_of_several_images_share_a_batch(device):
     """As on a GPU: one batch holds windows of several images, in any order; each job's logits
     equal one full forward of its own occluded image."""
-    from convlens.methods._occlusion_fast import build_fast_evaluator
+    from convlens.methods._occlusion_fast import build_fast_evaluator, check_tolerance
     from convlens.methods.occlusion import _PlainEvaluator
 
     model = _calibrated(ARCHS["resnet18"][0]).to(device)
@@ -171,8 +171,10 @@ def test_windows_of_several_images_share_a_batch(device):
             got, want = fast(x, base, jobs), plain(x, base, jobs)
     finally:
         fast.close()
-    assert float((want[:, None] - want[None]).abs().max()) > 1e-2  # jobs that differ
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    # the device's rounding (TF32 on a GPU), far below what a job read from another image would give
+    tol = 2 * check_tolerance(x.device, x.dtype) * float(want.abs().max())
+    assert float((want[:, None] - want[None]).abs().amax(-1).fill_diagonal_(1e9).min()) > 10 * tol
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
     assert count_hooks(model) == 0
 
 
