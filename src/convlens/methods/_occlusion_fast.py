@@ -347,10 +347,13 @@ def _plan(nodes: list[_Node], total: float, regions: list[tuple[list, list]]):
     return cost, path, [stages[path[k], path[k + 1]][:2] for k in range(len(path) - 1)]
 
 
-def _cells(t: Tensor, img: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``t[img[b], :, rows[b, i], cols[b, j]]`` as (B, C, I, J), channels-last in memory (one
-    gather for a whole batch of crops)."""
-    return t[img[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+def _cells(t: Tensor, img: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+    """``t[img[b], :, rows[b, i], cols[b, j]]`` as a contiguous (B, I, J, C) tensor (one gather for
+    a whole batch of crops; ``rows = cols = None``: the whole map)."""
+    nhwc = t.permute(0, 2, 3, 1)
+    if rows is None or cols is None:
+        return nhwc[img].contiguous()  # a copy of whole channels-last maps; NCHW ones are transposed
+    return nhwc[img[:, None, None], rows[:, :, None], cols[:, None, :]].contiguous()
 
 
 class CropEvaluator:
@@ -393,14 +396,20 @@ class CropEvaluator:
 
     @staticmethod
     def _compose(fresh: Tensor, fresh_img: Tensor, fresh_at: list[Tensor], clean: Tensor, img: Tensor,
-                 rows: list[Tensor], region: list[Tensor]) -> Tensor:
-        """(B, C, I, J): cells ``rows[0][b] x rows[1][b]`` (grid indices, (B, I) and (B, J)) of
-        ``clean[img[b]]``, those inside ``region`` (per axis a (2, B) first / last cell) taken from
-        ``fresh[fresh_img[b]]``, whose cell 0 sits at grid cell ``fresh_at[axis][b]``."""
+                 rows: list[Tensor], region: list[Tensor], whole: bool = False) -> Tensor:
+        """(B, C, I, J), channels-last: cells ``rows[0][b] x rows[1][b]`` (grid indices, (B, I)
+        and (B, J); ``whole``: they are the whole map) of ``clean[img[b]]``, those inside
+        ``region`` (per axis a (2, B) first / last cell) replaced by ``fresh[fresh_img[b]]``'s,
+        whose cell 0 sits at grid cell ``fresh_at[axis][b]``. One copy of the clean cells, then
+        only the region's cells are gathered and written."""
+        new = _cells(clean, img, *((None, None) if whole else rows))
         inside = [(r >= reg[0][:, None]) & (r <= reg[1][:, None]) for r, reg in zip(rows, region)]
-        src = [(r - at[:, None]).clamp(0, n - 1) for r, at, n in zip(rows, fresh_at, fresh.shape[2:])]
-        mask = (inside[0][:, :, None] & inside[1][:, None, :])[:, None]
-        return torch.where(mask, _cells(fresh, fresh_img, *src), _cells(clean, img, *rows))
+        n_i, n_j = rows[0].shape[1], rows[1].shape[1]
+        at = (inside[0][:, :, None] & inside[1][:, None, :]).flatten().nonzero().squeeze(1)
+        b, i, j = at // (n_i * n_j), at // n_j % n_i, at % n_j
+        src = fresh.permute(0, 2, 3, 1)[fresh_img[b], rows[0][b, i] - fresh_at[0][b], rows[1][b, j] - fresh_at[1][b]]
+        new.view(-1, new.shape[-1]).index_copy_(0, at, src)
+        return new.permute(0, 3, 1, 2)
 
     def _hook(self, k: int):
         def hook(module: nn.Module, args: object, out: Tensor) -> Tensor | None:
@@ -413,13 +422,14 @@ class CropEvaluator:
             at = [geo[ax][0][job[ax]] // ratio[ax] for ax in range(2)]  # where ``out`` starts
             region = [geo[ax][1:, job[ax]] for ax in range(2)]
             clean = self.clean[k]
-            if k == len(self.nodes) - 1:  # the full map for the rest of the network
+            whole = k == len(self.nodes) - 1  # the full map for the rest of the network
+            if whole:
                 rows = [torch.arange(n, device=img.device).expand(len(img), n) for n in clean.shape[2:]]
             else:
                 nxt = self.stages[k]
                 rows = [self._geo[k][ax][0][job[ax]][:, None] + torch.arange(nxt[ax].crop, device=img.device)
                         for ax in range(2)]
-            new = self._compose(out, torch.arange(len(img), device=img.device), at, clean, img, rows, region)
+            new = self._compose(out, torch.arange(len(img), device=img.device), at, clean, img, rows, region, whole)
             return new.contiguous(memory_format=self.layout)
 
         return hook
