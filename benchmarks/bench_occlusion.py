@@ -11,15 +11,20 @@ minutes):
   at 40/20; the best one is marked and used at 16/8. Not at 8/4.
 - ``exact, old crop path``: the crop path as it was before issue 16 (``occlusion_v0.py``: batches
   of 4, blocks as boundaries).
-- ``exact``: ``convlens.occlusion(mode="exact")`` (the default).
+- ``exact``: ``convlens.occlusion(mode="exact")`` (the default): since issue 16's second round a
+  channels-last private copy with batch norm folded into the convolutions, TF-same padding read
+  exactly, crops gathered and pasted for a whole batch at once.
+- ``exact, batch 16``: the same with ``batch_size=16``, shown only where the default batch differs.
 - ``approximate``: ``mode="approximate"`` (tau 0.9).
 - ``exact + refine``, ``approximate + refine``: with ``refine=True`` (the default share, 0.3:
   a coarse lattice of windows, then the full stride only in the top share of its cells).
 
 Columns: seconds, x brute force (the brute force's seconds over the row's: a speed-up), Pearson r
 of the map with the exact map, the share of work: the estimated multiply-adds done over those of
-one full forward per window (``settings["work"]``), and the share of the windows evaluated
-(``settings["windows_evaluated"]`` over the windows; the rest are interpolated).
+one full forward per window (``settings["work"]``), the share of the windows evaluated
+(``settings["windows_evaluated"]`` over the windows; the rest are interpolated), and for the exact
+row (not at 8/4) the largest difference of its drops from those of ``fast=False`` (one full
+forward per window, run untimed) over the largest drop: float32 rounding, not a choice.
 A second table: the approximate and refined maps' r against the exact map on the five natural
 photos, with their share of work and of windows and their speed-up over the exact map.
 """
@@ -38,6 +43,7 @@ except ImportError:  # run as a script from benchmarks/
     from common import Row, compare_maps, measure  # type: ignore[no-redef]
 
 REFINE = True  # the default share, convlens.methods.occlusion.DEFAULT_REFINE
+WIDE = 16  # a wider crop batch, shown where the default batch differs
 
 
 def spec_occlusion(model, img_tensor, target_class, patch=40, stride=20):
@@ -77,7 +83,7 @@ def _models(device: str):
 def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
     """One table; ``peers=False`` leaves out the spec loop, captum and the old crop path (they do
     not change with convlens; a shorter run for the refinement rows)."""
-    from convlens.methods.occlusion import occlusion, window_starts
+    from convlens.methods.occlusion import _default_batch, occlusion, window_starts
 
     try:
         from . import occlusion_v0
@@ -131,6 +137,9 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
     if peers:
         cases["exact, old crop path"] = keep("old", lambda: occlusion_v0.occlusion_map(model, x, target, patch, stride))
     cases["exact"] = keep("exact", lambda: occlusion(model, x, target=target, patch=patch, stride=stride))
+    if _default_batch(model, x, n_ours, True) != WIDE:  # the default model on a CPU: 4
+        cases[f"exact, batch {WIDE}"] = keep("wide", lambda: occlusion(
+            model, x, target=target, patch=patch, stride=stride, batch_size=WIDE))
     cases["approximate"] = keep("approx", lambda: occlusion(model, x, target=target, patch=patch, stride=stride,
                                                             mode="approximate"))
     for mode in ("exact", "approximate"):
@@ -138,6 +147,7 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
             model, x, target=target, patch=patch, stride=stride, mode=mode, refine=REFINE))
     times = measure(cases, repeats=1, warmup=0, device=device)
     times[floor_key] *= every
+    plain = None if big else occlusion(model, x, target=target, patch=patch, stride=stride, fast=False)
 
     exact = results["exact"]
     floor_s = times[floor_key]
@@ -146,7 +156,8 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
     rows = []
     for key, t in times.items():
         short = {"spec loop": "spec", "exact, old crop path": "old", "exact": "exact", "approximate": "approx",
-                 "exact + refine": "exact refine", "approximate + refine": "approximate refine"}.get(key)
+                 "exact + refine": "exact refine", "approximate + refine": "approximate refine",
+                 f"exact, batch {WIDE}": "wide"}.get(key)
         if key.startswith("captum"):
             short = "captum" + key.split("=")[1].split()[0]
         res = results.get(short) if short else None
@@ -165,6 +176,10 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
             "r vs exact": None if m is None else compare_maps(m, exact.maps[0])[1],
             "work share": 1.0 if key == floor_key or grid_only else work,
             "windows evaluated": windows,
+            "max |drop diff| / max |drop|": (
+                float((exact.raw - plain.raw).abs().max() / plain.raw.abs().max())
+                if key == "exact" and plain is not None else None
+            ),
         }
         label = key + (" (best)" if key == best and not best_ppe else "")
         rows.append(Row(label, name, 1, t, t / floor_s, extra=extra))

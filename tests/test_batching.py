@@ -26,13 +26,13 @@ def test_cpu_batch_is_the_constant_capped_by_items_and_memory(monkeypatch):
     assert default_batch(net, x, 1000, cpu=16) == 2
 
 
-def test_occlusion_batches_by_kind_of_model():
+def test_occlusion_batches_by_kind_of_path():
     x = torch.zeros(1, 3, 32, 32)
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
     depthwise = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8))
     assert _default_batch(plain, x, 100, crop=False) == 1
     assert _default_batch(plain, x, 100, crop=True) == 16
-    assert _default_batch(depthwise, x, 100, crop=True) == 4
+    assert _default_batch(depthwise, x, 100, crop=True) == 16  # since the channels-last crop path
     assert _default_batch(depthwise, x, 3, crop=True) == 3
 
 

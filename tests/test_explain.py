@@ -347,7 +347,7 @@ def test_bare_module_and_tensor_batch(tmp_path: Path) -> None:
 def test_trust_section_numbers_once_per_run_sanity_and_plain_words(tmp_path: Path, clf) -> None:
     """The trust technique: AUCs equal the metrics called directly, the sanity verdict is computed once
     per run (on the first image) and shared, and a method that fails says so where its map is shown."""
-    from tests.test_hooks import assert_same, snapshot
+    from conftest import assert_unchanged, snapshot
 
     before = snapshot(clf.model)
     x = clf.preprocess(convlens.sample_image())
@@ -373,7 +373,7 @@ def test_trust_section_numbers_once_per_run_sanity_and_plain_words(tmp_path: Pat
     assert s["images"][0]["trust"]["sanity"]["gradcam"]["passed"] is False
     html = (tmp_path / first.key / "report.html").read_text()
     assert "How far to trust these maps" in html and "hardly changes" in html
-    assert_same(before, clf.model)
+    assert_unchanged(clf.model, before)
     from convlens.explain import ExplainError
 
     with pytest.raises(ExplainError, match="trust technique"):

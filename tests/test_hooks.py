@@ -28,11 +28,6 @@ def tiny_net() -> nn.Sequential:
     return net
 
 
-def assert_same(before: dict, model: nn.Module) -> None:
-    """The old name and argument order, kept for tests/test_occlusion.py and tests/test_explain.py
-    until they import ``assert_unchanged`` from conftest; remove it then."""
-    assert_unchanged(model, before)
-
 
 def test_capture_is_not_overwritten_by_later_inplace_op():
     net = tiny_net().eval()

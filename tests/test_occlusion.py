@@ -11,6 +11,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import convlens
+from conftest import assert_unchanged, snapshot
 from convlens.cli import main
 from convlens.hooks import count_hooks
 from convlens.methods.occlusion import occlusion, window_starts
@@ -327,33 +328,13 @@ def test_bad_arguments_raise_clear_errors(net, img, kwargs, match):
 
 
 # -- the model is left as it was ----------------------------------------------------------------------
-def _state(model):
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [m.training for m in model.modules()],
-        [p.requires_grad for p in model.parameters()],
-        [p.grad for p in model.parameters()],
-        [getattr(m, "inplace", None) for m in model.modules()],
-    )
-
-
-def _assert_same(model, before):
-    after = _state(model)
-    for k, v in before[0].items():
-        assert torch.equal(after[0][k], v), k
-    assert after[1:3] == before[1:3]
-    assert all(a is b for a, b in zip(after[3], before[3]))
-    assert after[4] == before[4]
-    assert count_hooks(model) == 0
-
-
 @pytest.mark.parametrize("failure", [None, RuntimeError, KeyboardInterrupt])
 def test_model_unchanged_also_after_an_error(img, failure):
     torch.manual_seed(0)
     model = _randomise_bn(SmallNet()).train()
     model.fc.weight.grad = torch.ones_like(model.fc.weight)
     model.conv1.weight.requires_grad_(False)
-    before = _state(model)
+    before = snapshot(model)
     calls = []
 
     def score(out):
@@ -370,13 +351,13 @@ def test_model_unchanged_also_after_an_error(img, failure):
             occlusion(model, img[:1], target=score, patch=64, stride=64, batch_size=4)
     assert torch.is_grad_enabled() == grad_mode
     assert model.training
-    _assert_same(model, before)
+    assert_unchanged(model, before)
 
 
 def test_default_model_unchanged(clf, sample_x):
-    before = _state(clf.model)
+    before = snapshot(clf.model)
     occlusion(clf, sample_x, patch=112, stride=112)
-    _assert_same(clf.model, before)
+    assert_unchanged(clf.model, before)
 
 
 # -- progress and CLI ---------------------------------------------------------------------------------
@@ -413,39 +394,7 @@ def test_overlay_opacity_follows_the_weight():
     np.testing.assert_allclose(out[1, 1], 0.4375)  # opacity 0.25
 
 
-# -- exact mode on real architectures, approximate mode on natural photos ---------------------------
-ARCHS = ["resnet18", "resnet50", "efficientnet_b0", "vgg11", "densenet121", "convnext_tiny", "mobilenet_v3_small"]
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_exact_mode_equals_full_forwards_on_torchvision_architectures(arch):
-    """Random init (no download), a small input: the fast path (or its fallback) gives the same
-    drops as one full forward of the unmodified model per window, to float32 rounding."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(num_classes=10)
-    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(6))
-    # batch-norm statistics from a few images, as training would set them: without them the
-    # activations of a random ResNet-50 grow to ~1e4 and float32 rounding alone fails the check
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    with torch.no_grad():
-        model.train()(torch.randn(8, 3, 96, 96, generator=torch.Generator().manual_seed(7)))
-    model.eval()
-    a = occlusion(model, x, target=3, patch=24, stride=20, score="logit", fast=False)
-    b = occlusion(model, x, target=3, patch=24, stride=20, score="logit")
-    assert a.settings["windows"] == (5, 5) and b.settings["mode"] == "exact"
-    scale = float(a.raw.abs().max())
-    assert scale > 0
-    torch.testing.assert_close(b.raw, a.raw, atol=1e-5 * max(1.0, scale), rtol=1e-5)
-    if arch in ("resnet18", "resnet50", "vgg11"):  # the others: a global pool (SE), LayerNorm or no gain
-        assert b.settings["path"] == "crop", b.settings["fallback"]
-        assert b.settings["work"] < 0.9
-
-
+# -- approximate mode on natural photos (exact mode on real architectures: test_occlusion_exact.py) -----
 def _photos(clf):
     """The five natural photos: scikit-image's chelsea, coffee, astronaut, rocket and matplotlib's
     grace_hopper.jpg."""

@@ -27,6 +27,13 @@ last window against full forwards of the user's model before it is used, to the 
 device's precision (:func:`check_tolerance`). Anything not understood (an unknown layer type
 inside the prefix, a module run twice, a mismatch) means the plain path, and the reason is logged.
 
+What makes it fast besides the crops: the private copy runs in channels-last memory (the CPU's
+and cuDNN's fast layout for convolutions, depthwise ones most of all) with every batch norm that
+directly follows a convolution folded into it; a batch's crops are gathered, and its recomputed
+cells pasted, with index tensors for all windows at once (no Python loop over windows, which also
+keeps a GPU busy); the clean pass runs once per group of images. TF "same" padding (decided at
+run time, e.g. timm's ``Conv2dSame``) is read from the sizes instead of bounded by the kernel.
+
 Batches mix windows of several images (each job names its image); the clean pass runs once per
 group of images. The approximate path (``tau``) runs the same machinery on smaller regions: at each
 boundary only the window's cells plus the central share ``tau`` of their growth (a Gaussian model
@@ -39,6 +46,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +63,7 @@ _POINTWISE = (
 )
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 MIN_GAIN = 0.1  # below this estimated saving the plain path is kept
+_FORMAT = torch.channels_last  # the private copy's memory layout where its forward allows it
 COPY_COST = 4.0  # cost units per element copied or touched by a pointwise op (vs 1 per multiply-add)
 
 
@@ -140,7 +149,11 @@ def _reach(c: _Call) -> list[tuple[int, int, int]] | None:
         expected = (math.ceil if getattr(m, "ceil_mode", False) else math.floor)(
             (c.in_shape[2 + ax] + 2 * pad[ax] - span - 1) / s[ax]
         ) + 1
-        if expected != c.out_shape[2 + ax]:  # padding decided at run time (TF "same"): bound both sides
+        if expected != c.out_shape[2 + ax] and c.out_shape[2 + ax] == -(-c.in_shape[2 + ax] // s[ax]):
+            # TF "same", padded at run time by ``total`` cells: either side may get the odd one
+            total = max((c.out_shape[2 + ax] - 1) * s[ax] + span + 1 - c.in_shape[2 + ax], 0)
+            out.append((-(-total // 2), span - total // 2, s[ax]))
+        elif expected != c.out_shape[2 + ax]:  # padding decided at run time some other way: bound both sides
             out.append((span, span, s[ax]))
         else:
             out.append((pad[ax], max(span - pad[ax], 0), s[ax]))
@@ -334,23 +347,43 @@ def _plan(nodes: list[_Node], total: float, regions: list[tuple[list, list]]):
     return cost, path, [stages[path[k], path[k + 1]][:2] for k in range(len(path) - 1)]
 
 
+def _cells(t: Tensor, img: Tensor, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+    """``t[img[b], :, rows[b, i], cols[b, j]]`` as a contiguous (B, I, J, C) tensor (one gather for
+    a whole batch of crops; ``rows = cols = None``: the whole map)."""
+    nhwc = t.permute(0, 2, 3, 1)
+    if rows is None or cols is None:
+        return nhwc[img].contiguous()  # a copy of whole channels-last maps; NCHW ones are transposed
+    return nhwc[img[:, None, None], rows[:, :, None], cols[:, None, :]].contiguous()
+
+
 class CropEvaluator:
     """Runs a private copy of the model stage by stage on crops; hooks on the boundaries swap in
     the next stage's crop (or, after the last, the full map). Windows of several images can share
-    a batch: each job is ``(image, row index, column index)`` into the window starts."""
+    a batch: each job is ``(image, row index, column index)`` into the window starts.
+
+    Crops are gathered and pasted with index tensors for the whole batch at once (no Python loop
+    over windows): every boundary builds its new tensor as the clean cells of the next crop with
+    the recomputed ones (the region of each window) taken from the stage's output."""
 
     name = "crop"
 
     def __init__(self, private: nn.Module, nodes: list[_Node], stages: list[tuple[_Stage, _Stage]],
-                 starts: tuple[list[int], list[int]], patch: tuple[int, int]) -> None:
+                 starts: tuple[list[int], list[int]], patch: tuple[int, int], device: torch.device) -> None:
         self.model = private
+        self.layout = private.convlens_layout  # memory format of the crops (see _private_copy)
         self.nodes = nodes  # the chosen boundaries, nodes[0] the input
         self.stages = stages  # stages[k]: from nodes[k] to nodes[k + 1]
         self.starts = starts
         self.patch = patch
+        # per stage and axis, per window start: crop start, first and last recomputed output cell
+        self._geo = [
+            [torch.tensor([st.a, st.j0, st.j1], device=device) for st in stage] for stage in stages
+        ]
+        # the window itself is the "region" of the input image
+        self._window = [torch.tensor([s, [v + p - 1 for v in s]], device=device) for s, p in zip(starts, patch)]
         self.clean: list[Tensor | None] = [None] * len(nodes)
-        self._clean_of: Tensor | None = None
-        self._jobs: list[tuple[int, int, int]] | None = None
+        self._clean_of: tuple | None = None
+        self._jobs: tuple[Tensor, Tensor, Tensor] | None = None  # image, row and column index per job
         self._handles = [
             node.call.module.register_forward_hook(self._hook(k)) for k, node in enumerate(nodes) if k > 0
         ]
@@ -361,63 +394,66 @@ class CropEvaluator:
         while self._handles:
             self._handles.pop().remove()
 
+    @staticmethod
+    def _compose(fresh: Tensor, fresh_img: Tensor, fresh_at: list[Tensor], clean: Tensor, img: Tensor,
+                 rows: list[Tensor], region: list[Tensor], whole: bool = False) -> Tensor:
+        """(B, C, I, J), channels-last: cells ``rows[0][b] x rows[1][b]`` (grid indices, (B, I)
+        and (B, J); ``whole``: they are the whole map) of ``clean[img[b]]``, those inside
+        ``region`` (per axis a (2, B) first / last cell) replaced by ``fresh[fresh_img[b]]``'s,
+        whose cell 0 sits at grid cell ``fresh_at[axis][b]``. One copy of the clean cells, then
+        only the region's cells are gathered and written."""
+        new = _cells(clean, img, *((None, None) if whole else rows))
+        inside = [(r >= reg[0][:, None]) & (r <= reg[1][:, None]) for r, reg in zip(rows, region)]
+        n_i, n_j = rows[0].shape[1], rows[1].shape[1]
+        at = (inside[0][:, :, None] & inside[1][:, None, :]).flatten().nonzero().squeeze(1)
+        b, i, j = at // (n_i * n_j), at // n_j % n_i, at % n_j
+        src = fresh.permute(0, 2, 3, 1)[fresh_img[b], rows[0][b, i] - fresh_at[0][b], rows[1][b, j] - fresh_at[1][b]]
+        new.view(-1, new.shape[-1]).index_copy_(0, at, src)
+        return new.permute(0, 3, 1, 2)
+
     def _hook(self, k: int):
         def hook(module: nn.Module, args: object, out: Tensor) -> Tensor | None:
-            jobs = self._jobs
-            if jobs is None:  # the clean pass
-                self.clean[k] = out.clone()
+            if self._jobs is None:  # the clean pass
+                self.clean[k] = out.clone(memory_format=self.layout)
                 return None
-            sy, sx = self.stages[k - 1]
-            ry = self.nodes[k].stride[0] // self.nodes[k - 1].stride[0]
-            rx = self.nodes[k].stride[1] // self.nodes[k - 1].stride[1]
+            img, job = self._jobs[0], self._jobs[1:]
+            geo = self._geo[k - 1]  # the stage that made ``out``
+            ratio = [self.nodes[k].stride[ax] // self.nodes[k - 1].stride[ax] for ax in range(2)]
+            at = [geo[ax][0][job[ax]] // ratio[ax] for ax in range(2)]  # where ``out`` starts
+            region = [geo[ax][1:, job[ax]] for ax in range(2)]
             clean = self.clean[k]
-            last = k == len(self.nodes) - 1
-            if last:
-                new = clean[[j[0] for j in jobs]]
+            whole = k == len(self.nodes) - 1  # the full map for the rest of the network
+            if whole:
+                rows = [torch.arange(n, device=img.device).expand(len(img), n) for n in clean.shape[2:]]
             else:
-                ny, nx = self.stages[k]
-                new = out.new_empty(out.shape[0], out.shape[1], ny.crop, nx.crop)
-            for w, (img, iy, ix) in enumerate(jobs):
-                if last:
-                    ay = ax = 0
-                    lo_y, hi_y, lo_x, hi_x = sy.j0[iy], sy.j1[iy], sx.j0[ix], sx.j1[ix]
-                else:
-                    ay, ax = ny.a[iy], nx.a[ix]
-                    new[w] = clean[img, :, ay : ay + ny.crop, ax : ax + nx.crop]
-                    lo_y, hi_y = max(sy.j0[iy], ay), min(sy.j1[iy], ay + ny.crop - 1)
-                    lo_x, hi_x = max(sx.j0[ix], ax), min(sx.j1[ix], ax + nx.crop - 1)
-                if lo_y > hi_y or lo_x > hi_x:
-                    continue
-                oy, ox = sy.a[iy] // ry, sx.a[ix] // rx  # where this stage's output starts
-                new[w, :, lo_y - ay : hi_y - ay + 1, lo_x - ax : hi_x - ax + 1] = out[
-                    w, :, lo_y - oy : hi_y - oy + 1, lo_x - ox : hi_x - ox + 1
-                ]
-            return new
+                nxt = self.stages[k]
+                rows = [self._geo[k][ax][0][job[ax]][:, None] + torch.arange(nxt[ax].crop, device=img.device)
+                        for ax in range(2)]
+            new = self._compose(out, torch.arange(len(img), device=img.device), at, clean, img, rows, region, whole)
+            return new.contiguous(memory_format=self.layout)
 
         return hook
 
     def prepare(self, x: Tensor) -> None:
-        """The clean pass of the images ``x``: the boundaries' outputs are kept for the windows."""
-        if self._clean_of is not x:
+        """The clean pass of the images ``x``: the boundaries' outputs are kept for the windows
+        (once per images: a view of the same memory, e.g. ``x[:1]`` and ``x[0:1]``, counts as one)."""
+        key = (x.data_ptr(), x.shape, x.stride(), x._version, x.device)
+        if self._clean_of != key:
             self._jobs = None
-            self.model(x)
-            self._clean_of = x
+            self.model(x.contiguous(memory_format=self.layout))
+            self._clean_of = key
 
     def __call__(self, x: Tensor, base: Tensor, jobs: list[tuple[int, int, int]]) -> Tensor:
         self.prepare(x)
-        ph, pw = self.patch
-        sy, sx = self.stages[0]
-        crops = x.new_empty(len(jobs), x.shape[1], sy.crop, sx.crop)
-        for w, (img, iy, ix) in enumerate(jobs):
-            y, xx = self.starts[0][iy], self.starts[1][ix]
-            a, b = sy.a[iy], sx.a[ix]
-            crops[w] = x[img, :, a : a + sy.crop, b : b + sx.crop]
-            # the window inside the crop (all of it in exact mode; an approximate crop may cut it)
-            y0, y1 = max(y, a), min(y + ph, a + sy.crop)
-            x0, x1 = max(xx, b), min(xx + pw, b + sx.crop)
-            if y0 < y1 and x0 < x1:
-                crops[w, :, y0 - a : y1 - a, x0 - b : x1 - b] = base[img, :, y0:y1, x0:x1]
-        self._jobs = jobs
+        img, iy, ix = torch.tensor(jobs, device=x.device).T
+        geo = self._geo[0]
+        rows = [geo[ax][0][j][:, None] + torch.arange(st.crop, device=x.device)
+                for ax, (j, st) in enumerate(zip((iy, ix), self.stages[0]))]
+        # the window (all of it in exact mode; an approximate crop may cut it) from the baseline
+        window = [self._window[ax][:, j] for ax, j in enumerate((iy, ix))]
+        crops = self._compose(base, img, [torch.zeros_like(img)] * 2, x, img, rows, window)
+        crops = crops.contiguous(memory_format=self.layout)
+        self._jobs = (img, iy, ix)
         try:
             return self.model(crops)
         finally:
@@ -441,14 +477,89 @@ def check_tolerance(device: torch.device, dtype: torch.dtype) -> float:
     return 1e-5
 
 
-def _private_copy(model: nn.Module) -> nn.Module:
+def _private_copy(model: nn.Module, x: Tensor) -> nn.Module:
+    """A copy of ``model`` in eval mode, without the caller's hooks, in channels-last memory (the
+    layout the CPU and cuDNN convolutions run fastest in, on small crops most of all), with every
+    batch norm that directly follows a convolution folded into it (:func:`_fold_batch_norms`)."""
     private = copy.deepcopy(model).eval()
     for m in private.modules():  # the caller's hooks stay on the caller's model
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
             d = getattr(m, attr, None)
             if d:
                 d.clear()
+    _fold_batch_norms(private, x)
+    private.to(memory_format=_FORMAT)
+    try:  # a forward that needs contiguous memory (a .view() of an activation): keep that layout
+        with torch.no_grad():
+            private(x.contiguous(memory_format=_FORMAT))
+        private.convlens_layout = _FORMAT
+    except Exception as e:
+        log.info("occlusion: crops in contiguous memory (%s: %s)", type(e).__name__, e)
+        private.to(memory_format=torch.contiguous_format)
+        private.convlens_layout = torch.contiguous_format
     return private
+
+
+def _foldable() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """The convolution and batch-norm classes whose pairs fold: exactly these (a subclass may
+    compute otherwise, e.g. a weight-standardised convolution); timm's where timm is imported (a
+    timm model imported it; importing it here would cost a torchvision user seconds)."""
+    convs: tuple[type, ...] = (nn.Conv2d,)
+    norms: tuple[type, ...] = (nn.BatchNorm2d,)
+    if "timm" not in sys.modules:
+        return convs, norms
+    try:  # TF-"same" convolution, batch norm + activation (EfficientNet-Lite, the default model)
+        from timm.layers import BatchNormAct2d, Conv2dSame
+    except ImportError:  # an older timm
+        return convs, norms
+    return convs + (Conv2dSame,), norms + (BatchNormAct2d,)
+
+
+def _fold_batch_norms(model: nn.Module, x: Tensor) -> None:
+    """Folds each eval-mode batch norm that reads the output of the module called just before it,
+    a convolution (each called once, the tensor not changed in place in between), into that
+    convolution's weight and bias, in place (on the private copy): ``conv(x) * g + h`` with
+    ``g = gamma / sqrt(var + eps)``, ``h = beta - mean * g``. A plain ``BatchNorm2d`` becomes
+    ``Identity``, timm's ``BatchNormAct2d`` its dropout and activation. The same function to float
+    rounding, one pass over each activation less. (Were the convolution's output also read
+    elsewhere, the check against the user's model would fail and the plain path run.)"""
+    convs, norms = _foldable()
+    # every module call in order: (module, "in" / "out", the tensor, its in-place version)
+    events: list[tuple[nn.Module, str, object, int]] = []
+    handles = []
+
+    def note(m: nn.Module, side: str, t: object) -> None:
+        events.append((m, side, t, t._version if isinstance(t, Tensor) else -1))
+
+    names = {m: name for name, m in model.named_modules()}
+    try:
+        for m in names:
+            handles.append(m.register_forward_pre_hook(lambda m, args: note(m, "in", args[0] if args else None)))
+            handles.append(m.register_forward_hook(lambda m, args, out: note(m, "out", out)))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    calls: dict[nn.Module, int] = {}
+    for m, side, _, _ in events:
+        calls[m] = calls.get(m, 0) + (side == "in")
+    for (conv, side, out, version), (bn, side2, bn_in, version2) in zip(events, events[1:]):
+        if not (side == "out" and side2 == "in" and type(conv) in convs and type(bn) in norms
+                and isinstance(out, Tensor) and bn_in is out and version == version2
+                and calls[conv] == calls[bn] == 1 and not bn.training
+                and bn.running_mean is not None and bn.running_var is not None):
+            continue
+        with torch.no_grad():
+            g = (bn.weight.double() if bn.weight is not None else 1.0) / (bn.running_var.double() + bn.eps).sqrt()
+            h = (bn.bias.double() if bn.bias is not None else 0.0) - bn.running_mean.double() * g
+            if conv.bias is not None:
+                h = h + conv.bias.double() * g
+            conv.weight.copy_((conv.weight.double() * g.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+            conv.bias = nn.Parameter(h.to(conv.weight.dtype), requires_grad=False)
+        parent_name, _, attr = names[bn].rpartition(".")
+        rest = nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act)
+        setattr(model.get_submodule(parent_name), attr, rest)
 
 
 def _structure(model: nn.Module, x: Tensor) -> tuple[nn.Module, list[_Node], float]:
@@ -463,7 +574,7 @@ def _structure(model: nn.Module, x: Tensor) -> tuple[nn.Module, list[_Node], flo
     slot: dict[str, Any] = remembered(model, ("convlens.occlusion.crop-structure", tuple(x.shape[1:]), x.dtype,
                                               x.device), dict)
     if slot.get("stamp") != stamp:
-        private = _private_copy(model)
+        private = _private_copy(model, x[:1])
         nodes, total = _nodes(private, _record(private, x[:1]), tuple(x.shape[-2:]))
         slot.clear()
         slot.update(stamp=stamp, structure=(private, nodes, total))
@@ -478,6 +589,7 @@ def build_fast_evaluator(
     starts_y: list[int],
     starts_x: list[int],
     *,
+    reference: Callable[[Tensor, Tensor, list[tuple[int, int, int]]], Any],
     tau: float | None = None,
     reasons: list[str] | None = None,
     output: Callable[[Any], Tensor] = lambda out: out,
@@ -486,8 +598,9 @@ def build_fast_evaluator(
     model's structure is not understood, the crops would not save enough work, or the check fails
     (the reason is logged and appended to ``reasons``). ``tau``: ``None`` for the exact path; a
     share in (0, 1] for the approximate one, which keeps at every boundary only the central cells
-    carrying that share of the window's influence (see :func:`_approx_regions`)."""
-    from .occlusion import _PlainEvaluator
+    carrying that share of the window's influence (see :func:`_approx_regions`). ``reference``:
+    the plain evaluator (one full forward of the user's model per window, called as
+    ``reference(x, base, jobs)``) the crop path is checked against before it is used."""
 
     def give_up(level: int, msg: str, *args: object) -> None:
         text = msg % args
@@ -519,13 +632,13 @@ def build_fast_evaluator(
     # check the first, a middle and the last window against the user's own model; the approximate
     # path is checked on its boundaries with exact regions (what it computes that is not a choice)
     if tau is None:
-        check = ev = CropEvaluator(private, chosen, stages, (starts_y, starts_x), patch)
+        check = ev = CropEvaluator(private, chosen, stages, (starts_y, starts_x), patch, x.device)
     else:
         exact_stages = [
             (_stage_axis(nodes[i], nodes[j], 0, exact[j][0]), _stage_axis(nodes[i], nodes[j], 1, exact[j][1]))
             for i, j in zip(path, path[1:])
         ]
-        check = CropEvaluator(private, chosen, exact_stages, (starts_y, starts_x), patch)
+        check = CropEvaluator(private, chosen, exact_stages, (starts_y, starts_x), patch, x.device)
     ny, nx = len(starts_y), len(starts_x)
     picks = sorted({(0, 0), (ny // 2, nx // 2), (ny - 1, nx - 1)})
     jobs = [(0, iy, ix) for iy, ix in picks]
@@ -534,7 +647,7 @@ def build_fast_evaluator(
         with torch.no_grad():
             # through the classifier's output adapter (tuple, dict, .logits, output=)
             fast = output(check(x[:1], base[:1], jobs)).float()
-            ref = output(_PlainEvaluator(model, (starts_y, starts_x), patch)(x[:1], base[:1], jobs)).float()
+            ref = output(reference(x[:1], base[:1], jobs)).float()
         # logits to the device's rounding relative to their size, probabilities to it absolutely
         err = float((fast - ref).abs().max()) / (rel * max(1.0, float(ref.abs().max())))
         err = max(err, float((fast.softmax(1) - ref.softmax(1)).abs().max()) / rel)
@@ -549,7 +662,7 @@ def build_fast_evaluator(
                 err, rel)
         return None
     if tau is not None:
-        ev = CropEvaluator(private, chosen, stages, (starts_y, starts_x), patch)
+        ev = CropEvaluator(private, chosen, stages, (starts_y, starts_x), patch, x.device)
     log.info(
         "occlusion: %s crops through %s (first crop %dx%d px), estimated %.1f%% of the plain work",
         "exact" if tau is None else f"approximate (tau {tau:g})", ", ".join(ev.split_names),

@@ -94,11 +94,10 @@ def _default_batch(model: nn.Module, x: Tensor, n_windows: int, crop: bool) -> i
     """Windows per forward pass (:func:`convlens._batching.default_batch`). CPU: 1 for full
     forwards, 16 for the crop path (its stages run on small crops and its last layers on the full
     map, where a batch uses the cores far better: ResNet-50 at patch 16 / stride 8, 2 threads, 6.4x
-    single forwards at 16, 4.1x at 8, 3.0x at 4, 6.2x at 32), 4 when the model has depthwise
-    convolutions (bound by memory traffic, which a larger batch does not help: the default model,
-    841 windows, 23.0 s in batches of 4, 27.4 s of 16), fewer when memory would not hold them."""
-    depthwise = any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
-    return default_batch(model, x, n_windows, cpu=(4 if depthwise else 16) if crop else 1)
+    single forwards at 16, 4.1x at 8, 3.0x at 4, 6.2x at 32; the default model, since the
+    channels-last crop path, 4.2x brute force at 16 vs 3.0x at 4, side by side), fewer when memory
+    would not hold them."""
+    return default_batch(model, x, n_windows, cpu=16 if crop else 1)
 
 
 class _Scorer:
@@ -354,7 +353,8 @@ def occlusion(
 
             evaluator = build_fast_evaluator(
                 model, x, base, (ph, pw), starts_y, starts_x,
-                tau=tau if mode == "approximate" else None, reasons=reasons, output=clf.adapt,
+                reference=evaluator, tau=tau if mode == "approximate" else None, reasons=reasons,
+                output=clf.adapt,
             ) or evaluator
         elif mode == "approximate":
             reasons.append("fast=False asks for full forwards")
