@@ -623,6 +623,11 @@ class RunWriter:
 
     def _stage(self) -> Path:
         if self._staging is None:
+            if self._lock is not None and self._lock.fd is not None:
+                # holding out's lock, no other run writes here: staging folders are a killed run's leftovers
+                for p in self.root.glob(STAGING_PREFIX + "*"):
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
             self._staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
         return self._staging
 
