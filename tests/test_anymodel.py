@@ -222,10 +222,11 @@ def test_every_technique_on_the_device_equals_the_cpu(device):
 
 
 def test_gpu_batch_estimate_reads_memory_without_resetting_the_callers_peak(monkeypatch):
-    """occlusion's GPU batch size comes from the largest ``memory_allocated`` seen after any module
-    of one forward (forward hooks), never from ``reset_peak_memory_stats``, which would wipe the
-    caller's own statistics. The CUDA counters are simulated: 100 bytes per module output."""
-    from convlens.methods import occlusion as occ
+    """The GPU batch size (occlusion, Score-CAM, deletion / insertion) comes from the largest
+    ``memory_allocated`` seen after any module of one forward (forward hooks), never from
+    ``reset_peak_memory_stats``, which would wipe the caller's own statistics. The CUDA counters
+    are simulated: 100 bytes per module output."""
+    from convlens._batching import forward_peak
 
     def boom(*a, **k):
         raise AssertionError("the caller's peak statistics were reset")
@@ -240,7 +241,7 @@ def test_gpu_batch_estimate_reads_memory_without_resetting_the_callers_peak(monk
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", boom)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated[0])
     try:
-        assert occ._forward_peak(net, torch.zeros(1, 3, 8, 8)) == 300
+        assert forward_peak(net, torch.zeros(1, 3, 8, 8)) == 300
     finally:
         for h in handles:
             h.remove()

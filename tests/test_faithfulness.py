@@ -42,14 +42,14 @@ def test_auc_is_the_trapezoid_over_k_over_steps():
     assert auc(s).item() == pytest.approx((10 / 2 + 8 + 5 + 1 + 0 / 2) / 4)
 
 
-def test_deletion_and_insertion_by_hand_logit():
-    net = Weighted()
-    d = convlens.deletion(net, X, MAP, target=0, steps=4, baseline=0.0, score="logit")
+def test_deletion_and_insertion_by_hand_logit(device):
+    net, x, m = Weighted().to(device), X.to(device), MAP.to(device)
+    d = convlens.deletion(net, x, m, target=0, steps=4, baseline=0.0, score="logit")
     # pixel weights in order 2, 3, 4, 1: deleting them one by one from 10
     assert d.scores.tolist() == [[10.0, 8.0, 5.0, 1.0, 0.0]]
     assert d.auc.item() == pytest.approx(19 / 4)
     assert d.fractions.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
-    i = convlens.insertion(net, X, MAP, target=0, steps=4, baseline=0.0, score="logit")
+    i = convlens.insertion(net, x, m, target=0, steps=4, baseline=0.0, score="logit")
     assert i.scores.tolist() == [[0.0, 2.0, 5.0, 9.0, 10.0]]
     assert i.auc.item() == pytest.approx(21 / 4)
     assert d.settings["forwards"] == i.settings["forwards"] == 5

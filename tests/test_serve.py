@@ -20,6 +20,7 @@ from torch import nn
 import convlens
 from convlens.hooks import count_hooks
 from convlens.serve import app as app_module
+from convlens.serve import explorer as explorer_module
 from convlens.serve import render
 from convlens.serve.app import create_app
 from convlens.serve.explorer import Explorer, ModelLock
@@ -208,18 +209,10 @@ def test_bad_parameters_are_clear_errors(client, image_id):
     assert client.get("/api/predict", params={"image": image_id, "k": "x"}).status_code == 400
 
 
-def test_metrics_answer_501_without_convlens_deletion(client, image_id, monkeypatch):
-    for name in ("deletion", "insertion"):
-        monkeypatch.delattr(convlens, name, raising=False)
-    r = client.get("/api/metrics", params={"image": image_id})
-    assert r.status_code == 501 and "metrics not available" in r.json()["error"]
-    assert client.get("/api/state").json()["metrics"] is False
-
-
 def test_metrics_pass_the_served_map_to_convlens_deletion_and_insertion(client, clf, image_id, sample_x,
                                                                         monkeypatch):
-    """The wiring to convlens.deletion / insertion (branch `trust`), with stand-ins that record
-    what they get and answer a PerturbationCurve's fields."""
+    """The wiring to convlens.deletion / insertion, with stand-ins that record what they get and
+    answer a PerturbationCurve's fields."""
     from types import SimpleNamespace
 
     calls = []
@@ -231,8 +224,8 @@ def test_metrics_pass_the_served_map_to_convlens_deletion_and_insertion(client, 
                                    auc=torch.tensor([0.5 if kind == "deletion" else 0.6]))
         return curve
 
-    monkeypatch.setattr(convlens, "deletion", fake("deletion"), raising=False)
-    monkeypatch.setattr(convlens, "insertion", fake("insertion"), raising=False)
+    monkeypatch.setattr(explorer_module, "deletion", fake("deletion"))
+    monkeypatch.setattr(explorer_module, "insertion", fake("insertion"))
     params = {"image": image_id, "cls": 281, "method": "layercam"}
     r = client.get("/api/metrics", params=params)
     assert r.status_code == 202

@@ -1,10 +1,9 @@
 """convlens: see what a convolutional image classifier sees and why it decides as it does."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 # first: in the `convlens` command it sets OMP_NUM_THREADS / OMP_WAIT_POLICY before torch loads
 from . import _cpu  # noqa: F401
-from .explain import ImageExplanation, Report, explain
+from ._version import __version__
+from .explain import explain
 from .hooks import LayerCapture, model_guard
 from .images import ImageError, load_image, sample_image, sample_image_path
 from .layers import LayerError, default_cam_layer, layer_table, resolve_layer, resolve_layers
@@ -17,15 +16,12 @@ from .metrics.faithfulness import deletion, insertion
 from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
 from .metrics.sanity import class_sensitivity, sanity_check
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model, model_output
+from .report import ImageExplanation, Report
 from .results import Activations, Saliency
 from .serve import serve  # the function; needs the extra convlens[serve] only when called
 
-try:
-    __version__ = version("convlens")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+src"
-
 __all__ = [
+    "__version__",
     "Activations",
     "CAM_METHODS",
     "activations",

@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteError", "require_finite", "warn_constant"]
+__all__ = ["NonFiniteError", "choose", "require_finite", "warn_constant"]
+
+
+def choose(
+    names: str | Iterable[str], allowed: Sequence[str], what: str, *, error: type[Exception] = ValueError,
+) -> tuple[str, ...]:
+    """The names asked for, checked against ``allowed``: the one rule for method and technique
+    names in the CLI and the library.
+
+    Args:
+        names: a comma-separated string (``"gradcam, occlusion"``) or an iterable of names;
+            ``"all"`` means every allowed name.
+        allowed: the valid names, in their canonical order.
+        what: what a name is, for the message (``"technique"``, ``"method"``).
+        error: the exception type to raise.
+    Returns:
+        The names without repeats, in the order given.
+    Raises:
+        ``error`` (``ValueError`` by default) naming the unknown names and the allowed ones, also
+        when no name is given.
+    """
+    if isinstance(names, str):
+        names = list(allowed) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    picked = tuple(dict.fromkeys(names))
+    bad = [n for n in picked if n not in allowed]
+    if bad or not picked:
+        unknown = f"{what}s " + ", ".join(map(repr, bad)) if len(bad) > 1 else f"{what} {bad[0]!r}" if bad \
+            else f"{what}: none given"
+        raise error(f"unknown {unknown}; choose from {', '.join(allowed)}")
+    return picked
 
 
 class NonFiniteError(ValueError):

@@ -33,7 +33,7 @@ def printable(text: object) -> str:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 
@@ -561,12 +561,10 @@ def _shard_arg(text: str) -> tuple[int, int]:
 def _run_explain(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
+    from .checks import choose
     from .explain import METHODS, ExplainError, explain, plan, run_writer, shard_folder
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ValueError(f"unknown technique(s) {', '.join(bad) or '(none)'}; choose from {','.join(METHODS)}")
+    methods = choose(args.methods, METHODS, "technique")
     if args.resume and args.force:
         raise ValueError("--resume keeps an earlier run and --force replaces it: choose one")
     sources = image_list(args.images)
@@ -650,16 +648,12 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from .checks import choose
     from .explain import collect_images
     from .images import ImageError, load_image
     from .metrics.compare import ALL_METHODS, compare, merge
 
-    methods = list(ALL_METHODS) if args.methods.strip() == "all" else [
-        m.strip() for m in args.methods.split(",") if m.strip()
-    ]
-    bad = [m for m in methods if m not in ALL_METHODS]
-    if bad or not methods:
-        raise ValueError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {','.join(ALL_METHODS)}")
+    methods = list(choose(args.methods, ALL_METHODS, "method"))
     if args.steps < 1:
         raise ValueError("--steps must be at least 1")
     sources = image_list(args.images)

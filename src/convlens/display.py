@@ -30,7 +30,11 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["rich_display", "summary_lines", "caption", "figure_png", "short", "PNG_SIGNATURE"]
+__all__ = ["rich_display", "summary_lines", "caption", "figure_png", "short", "PNG_SIGNATURE", "METHOD_TITLES"]
+
+#: How each method's name is written for people (the report, the trust section, figures).
+METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
+                 "scorecam": "Score-CAM", "eigencam": "Eigen-CAM", "occlusion": "Occlusion"}
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: the widest line a repr prints, in characters

@@ -1,19 +1,18 @@
-"""``explain``: every technique on every image, gathered into one :class:`Report`.
+"""``explain``: every technique on every image, gathered into one :class:`~convlens.report.Report`.
 
 Per image: the top-k predictions; the activations of the model's stages (most active channels);
 Grad-CAM at the automatic layer for the target (default: the top-1 class); occlusion
 sensitivity; how far to trust those two maps (``trust``: deletion / insertion beside a random
 map, class sensitivity, and the Grad-CAM method's sanity verdict, computed once per run);
 feature visualisations of the channels that fired most on this image in the Grad-CAM layer.
-A failure (a broken file, a technique that raises) is recorded for that image
-and technique and the run goes on. :meth:`Report.save` draws each result with its own ``plot()``
-and writes atomically; the HTML and JSON are formatted by :mod:`convlens.report`.
+A failure (a broken file, a technique that raises) is recorded for that image and technique and
+the run goes on. The results, their drawing and writing (:meth:`~convlens.report.Report.save`),
+the HTML and the JSON live in :mod:`convlens.report`; this module is the driver.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,12 +27,12 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from .checks import NonFiniteError, require_finite
-from .display import rich_display, short
+from .checks import NonFiniteError, choose, require_finite
 from .images import IMAGE_SUFFIXES, ImageError, ImageSource
 from .models import Classifier, Prediction, as_classifier, load_model
-from .outputs import RunWriter, check_interrupt, is_regular, printable, safe_key
+from .outputs import RunWriter, check_interrupt, is_regular, printable
 from .outputs import image_keys as _image_keys
+from .report import ImageExplanation, Report, run_writer
 
 __all__ = [
     "METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "parse_shard", "plan",
@@ -208,269 +206,10 @@ def _first(channels: Any) -> Any:
     return a[0] if a.ndim == 2 else a
 
 
-# -- results --------------------------------------------------------------------------------
-@rich_display
-@dataclass
-class ImageExplanation:
-    """Everything computed for one image; ``errors`` maps ``"image"`` or a technique to its error."""
-
-    name: str  # display-safe (control characters and undecodable bytes escaped)
-    source: str | None  # display-safe path
-    key: str  # the image's output folder, unique within a report
-    path: Any = field(default=None, repr=False)  # the path exactly as given (for the manifest)
-    rgb: np.ndarray | None = None  # (H, W, 3) float32 in [0, 1], as the model saw it
-    original_size: tuple[int, int] | None = None  # (width, height) before preprocessing
-    predictions: list[Prediction] = field(default_factory=list)
-    target: int | None = None
-    target_label: str | None = None
-    results: dict[str, Any] = field(default_factory=dict)
-    layers: dict[str, Any] = field(default_factory=dict)
-    channels: dict[str, Any] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    notes: dict[str, list[str]] = field(default_factory=dict)  # warnings a technique gave
-    timings: dict[str, float] = field(default_factory=dict)
-    #: how far techniques agree, e.g. ``gradcam_occlusion_spearman`` (None where undefined)
-    agreement: dict[str, float | None] = field(default_factory=dict)
-    #: once written and released (a run with ``out``): the image's summary entry, and its thumbnail
-    summary: dict[str, Any] | None = field(default=None, repr=False)
-    thumb: bytes | None = field(default=None, repr=False)
-    reused: bool = field(default=False, repr=False)  # kept from an earlier run (``resume``), not recomputed
-
-    @property
-    def ok(self) -> bool:
-        """True when the image loaded and every technique succeeded."""
-        return not self.errors
-
-    def _repr_lines(self) -> list[str]:
-        size = f" {self.original_size[0]}x{self.original_size[1]} px" if self.original_size else ""
-        target = f"target {self.target_label} [{self.target}]" if self.target is not None else "no target"
-        top = f" (top-1 {self.predictions[0].label} {100 * self.predictions[0].probability:.1f}%)" \
-            if self.predictions else ""
-        errors = "; errors: " + ", ".join(f"{k}: {short(v, 40)}" for k, v in self.errors.items()) if self.errors else ""
-        return [f"ImageExplanation: {self.name}{size}, {target}{top}",
-                f"results: {', '.join(self.results) or 'none'}{errors}"]
-
-
-@rich_display
-@dataclass
-class Report:
-    """What :func:`explain` found: the model, the settings, and one :class:`ImageExplanation` per
-    image (in order). ``save(dir)`` writes the PNGs, raw arrays, ``summary.json`` and a
-    self-contained ``report.html``; in a notebook the report displays itself.
-    """
-
-    model: str
-    weights: str | None
-    device: str
-    input: dict[str, Any]
-    methods: tuple[str, ...]
-    settings: dict[str, Any]
-    images: list[ImageExplanation]
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    created: str = ""
-    _png: dict[tuple[str, str], bytes] = field(default_factory=dict, repr=False)
-    _files: dict[str, list[str]] = field(default_factory=dict, repr=False)  # image key -> files written
-    _planned: int = field(default=0, repr=False)  # images the run will hold (0: as many as it holds now)
-
-    @property
-    def failed(self) -> list[ImageExplanation]:
-        """The images with any error."""
-        return [im for im in self.images if not im.ok]
-
-    def png(self, image: ImageExplanation, technique: str) -> bytes | None:
-        """The PNG of one technique's figure for one image (``"input"`` for the photo itself),
-        rendered once and cached; ``None`` when there is nothing to show."""
-        key = (image.key, technique)
-        if key not in self._png:  # a failed drawing is remembered too (as b""), so it is tried once
-            # one Axes per stage, not per tile: the same picture, several times faster to draw
-            args = ({"k": int(self.settings["activations"]["channels"]), "layout": "rows"}
-                    if technique == "activations" else {})
-            self._png[key] = _render(image, technique, args) or b""
-        return self._png[key] or None
-
-    def outputs(self, directory: str | os.PathLike[str]) -> list[Path]:
-        """The top-level outputs of :meth:`save` in ``directory`` (known before anything is computed)."""
-        return planned_outputs(directory, [im.key for im in self.images])
-
-    def writer(self, directory: str | os.PathLike[str], *, force: bool = False) -> RunWriter:
-        """A :class:`convlens.outputs.RunWriter` for this report's files in ``directory``; raises
-        ``FileExistsError`` when ``directory`` holds an earlier run or a file of the same name
-        (unless ``force``), before anything is written."""
-        return run_writer(directory, self.images, force=force, settings=self.settings)
-
-    def save_image(self, run: RunWriter, im: ImageExplanation) -> list[str]:
-        """Stage one image's files and move its folder into place; returns its files relative to
-        the output folder. The folder holds ``input.png``, per technique a PNG and the raw ``.npy``,
-        the image's own self-contained page ``report.html``, ``thumbnail.jpg`` (for the index) and
-        ``summary.json`` (the image's entry of the run's summary, read back by ``--resume`` and
-        ``convlens report``). An image that could not be read gets no folder."""
-        from .outputs import npy_writer
-        from .report import render_html, summary_dict, thumbnail, to_json
-
-        if "image" in im.errors:
-            self._files[im.key] = run.commit_image(im.key, name=im.name, source=im.path, ok=False,
-                                                   extra={"errors": dict(im.errors)})
-            return self._files[im.key]
-        written = []
-        for tech in ("input", *self.methods):
-            data = self.png(im, tech)
-            if data is not None:
-                written.append(run.write(im.key, f"{tech}.png", data))
-            for suffix, array in _arrays(im, tech):
-                written.append(run.write(im.key, f"{tech}{suffix}.npy", npy_writer(array)))
-        # the run's skipped entries are shown on its only page, not repeated on each of many
-        one = (self._planned or len(self.images)) == 1
-        page = replace(self, images=[im], skipped=self.skipped if one else [], timings={})
-        written.append(run.write(im.key, "report.html", render_html(page).encode()))
-        if im.rgb is not None:
-            im.thumb = thumbnail(im.rgb)
-            written.append(run.write(im.key, "thumbnail.jpg", im.thumb))
-        files = sorted([*written, f"{im.key}/summary.json"])
-        entry = summary_dict(page, {im.key: files})["images"][0]
-        run.write(im.key, "summary.json", to_json(entry).encode())
-        im.summary = entry
-        self._files[im.key] = run.commit_image(im.key, name=im.name, source=im.path, ok=im.ok)
-        return self._files[im.key]
-
-    def release(self, im: ImageExplanation) -> None:
-        """Drop what an image's files now hold (maps, figures, the picture), keeping what the
-        summary and the index need (predictions, target, timings, errors, files, a thumbnail):
-        memory stays flat over a folder of any size."""
-        from .report import summary_dict, thumbnail
-
-        if im.thumb is None and im.rgb is not None:
-            im.thumb = thumbnail(im.rgb)
-        if im.summary is None:
-            im.summary = summary_dict(replace(self, images=[im]), self._files)["images"][0]
-        im.results, im.rgb = {}, None
-        for tech in ("input", *self.methods):
-            self._png.pop((im.key, tech), None)
-
-    def finish(self, run: RunWriter) -> None:
-        """Write ``summary.json``, ``summary.csv`` and ``report.html`` (they describe exactly the
-        image files written) and put everything in place, replacing an earlier run as a whole.
-        ``report.html`` is the index page (a thumbnail grid linking to each image's own page) when
-        there are several images; for one image it is that image's page."""
-        from .report import render_index, summary_csv, summary_dict, thumbnail, to_json
-
-        summary = summary_dict(self, self._files)
-        run.write(None, "summary.json", to_json(summary).encode())
-        run.write(None, "summary.csv", summary_csv(summary).encode("utf-8"))
-        page = None
-        if len(self.images) == 1 and self._files.get(self.images[0].key):
-            page = run.locate(f"{self.images[0].key}/report.html").read_bytes()
-        elif len(self.images) == 1:
-            from .report import render_html
-
-            page = render_html(self).encode()  # an image that could not be read: today's page says why
-        else:
-            thumbs = {}
-            for im in self.images:
-                if im.thumb is None and im.rgb is not None:
-                    im.thumb = thumbnail(im.rgb)
-                if im.thumb is not None:
-                    thumbs[im.key] = im.thumb
-            page = render_index(summary, thumbs).encode()
-        run.write(None, "report.html", page)
-        run.finish()
-
-    def save(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
-        """Write every output into ``directory``; returns the paths written.
-
-        Per image, in its own folder: ``input.png``, per technique a PNG and the raw ``.npy``, its
-        own page ``report.html`` (see :meth:`save_image`); then ``summary.json``, ``summary.csv``
-        and ``report.html`` (the index page for several images, the image's page for one).
-        Everything is staged and moved into place (see :mod:`convlens.outputs`): an interrupted
-        save leaves no half-written file. An earlier run or a file of the same name in
-        ``directory`` is refused unless ``force``.
-        """
-        with self.writer(directory, force=force) as run:
-            for im in self.images:
-                self.save_image(run, im)
-            self.finish(run)
-        files = [f for im in self.images for f in self._files.get(im.key, [])]
-        return [run.root / f for f in (*files, "summary.json", "summary.csv", "report.html")]
-
-    def _repr_lines(self) -> list[str]:
-        weights = f" ({short(self.weights)})" if self.weights else ""  # the file name, not where it is installed
-        fast = ", fast" if self.settings.get("fast") else ""
-        n = len(self.images)
-        head = f"Report: {self.model}{weights} on {self.device}; {', '.join(self.methods)}{fast}"
-        shown = [f"{im.name}: {im.target_label} [{im.target}]" if im.ok else f"{im.name}: FAILED" for im in self.images]
-        images = f"{n} image{'s' if n != 1 else ''}: " + ", ".join(shown[:3]) + (", …" if n > 3 else "")
-        total = self.timings.get("total_s")
-        status = (f"{len(self.failed)} with errors" if self.failed else "no errors") + (
-            f"; {total:.1f} s" if total is not None else "")
-        return [head, images, f"{status}; .save(dir) writes report.html, summary.json and the figures"]
-
-    def _repr_html_(self) -> str:
-        from .report import render_html
-
-        return render_html(self, standalone=False)
-
-
 def image_keys(names: Sequence[str], sources: Sequence[Any] | None = None) -> list[str]:
     """Unique, file-system-safe folder names for images, from their whole file names
     (:func:`convlens.outputs.image_keys`)."""
     return _image_keys(names, sources)
-
-
-def planned_outputs(directory: str | os.PathLike[str], keys: Sequence[str]) -> list[Path]:
-    """Top-level outputs in ``directory``: ``report.html``, ``summary.json`` and one folder per image."""
-    directory = Path(directory)
-    return [directory / "report.html", directory / "summary.json", *(directory / k for k in keys)]
-
-
-def run_writer(
-    directory: str | os.PathLike[str], images: Sequence[Any], *, force: bool = False,
-    settings: dict[str, Any] | None = None, resume: bool = False,
-) -> RunWriter:
-    """The checked :class:`RunWriter` of an explain run over ``images`` (items with ``key`` and
-    ``path``); raises before any work when ``directory`` cannot take the run."""
-    return RunWriter(directory, "explain", keys=[im.key for im in images],
-                     files=["report.html", "summary.json", "summary.csv"],
-                     inputs=[im.path for im in images if im.path is not None], force=force, settings=settings or {},
-                     resume=resume)
-
-
-def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> bytes | None:
-    if technique == "input":
-        if im.rgb is None:
-            return None
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.fromarray((np.clip(im.rgb, 0, 1) * 255 + 0.5).astype(np.uint8)).save(buf, format="PNG")
-        return buf.getvalue()
-    result = im.results.get(technique)
-    if result is None:
-        return None
-    try:
-        fig = result.plot(**plot_args)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        return buf.getvalue()
-    except Exception as e:  # a figure that cannot be drawn is an error of that technique, not of the run
-        log.warning("%s: cannot draw %s: %s", im.name, technique, printable(e))
-        im.errors[technique] = printable(f"drawing failed: {type(e).__name__}: {e}")
-        return None
-
-
-def _arrays(im: ImageExplanation, technique: str) -> list[tuple[str, np.ndarray]]:
-    """The raw arrays of one technique: ``[(suffix, array)]``."""
-    r = im.results.get(technique)
-    if r is None:
-        return []
-    if technique == "activations":
-        return [(f"_{safe_key(name)[0]}", _np(t)[0]) for name, t in r.maps.items()]
-    if technique == "filters":
-        return [("", _np(r.images))]
-    return [("", r.to_numpy()[0])]
-
-
-def _np(t: Any) -> np.ndarray:
-    return t.detach().float().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -580,7 +319,7 @@ def _versions() -> dict[str, str]:
 
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     out = {"convlens": __version__, "python": platform.python_version(), "platform": platform.platform(),
            "torch": torch.__version__}  # the module's own string carries the build (+cu130, +cpu)
@@ -636,10 +375,7 @@ def explain(
         report.save("out")       # out/report.html, out/summary.json, PNGs and .npy per technique
     """
     t_start = time.perf_counter()
-    methods = tuple(dict.fromkeys(methods))
-    unknown = [m for m in methods if m not in RUNNERS]
-    if unknown or not methods:
-        raise ExplainError(f"unknown technique(s) {unknown}; choose from {', '.join(METHODS)}")
+    methods = choose(methods, METHODS, "technique", error=ExplainError)
     methods = tuple(m for m in METHODS if m in methods)
     if "trust" in methods and not {"gradcam", "occlusion"} & set(methods):
         raise ExplainError("the trust technique judges the gradcam and occlusion maps: add one of them")
@@ -926,7 +662,7 @@ def _explain_one(
     if "gradcam" in im.results and "occlusion" in im.results:
         try:
             im.agreement["gradcam_occlusion_spearman"] = spearman(
-                _np(im.results["gradcam"].maps)[0], _np(im.results["occlusion"].maps)[0]
+                im.results["gradcam"].to_numpy()[0], im.results["occlusion"].to_numpy()[0]
             )
         except ValueError as e:  # maps of different sizes: nothing to compare
             log.warning("%s: cannot compare Grad-CAM and occlusion: %s", im.name, printable(e))

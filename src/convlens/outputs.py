@@ -704,7 +704,7 @@ class RunWriter:
             self._write_manifest(complete=False)
 
     def _manifest(self, complete: bool) -> dict[str, Any]:
-        from . import __version__
+        from ._version import __version__
 
         return {
             "format": "convlens-manifest", "version": 1, "convlens": __version__, "command": self.command,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from ._scaling import minmax
 from .display import figure_png
 
-if TYPE_CHECKING:
-    from .results import Activations, FeatureImages, Saliency
+# The results are typed ``Any`` here: this module draws them and knows them by their fields only
+# (``convlens.results`` imports it; importing ``convlens.results`` back would be a circle).
 
 __all__ = [
     "ResultFigure", "normalize_map", "overlay", "plot_saliency", "plot_activations", "plot_feature_images",
@@ -46,8 +47,7 @@ def normalize_map(m: np.ndarray, how: str = "per_image") -> np.ndarray:
         return m
     if how != "per_image":
         raise ValueError(f"normalize must be one of {NORMALIZE}")
-    lo, hi = float(np.min(m)), float(np.max(m))
-    return np.zeros_like(m) if hi - lo <= 0 else (m - lo) / (hi - lo)
+    return minmax(m)
 
 
 def overlay(
@@ -62,7 +62,7 @@ def overlay(
 
 
 def plot_saliency(
-    result: Saliency,
+    result: Any,  # a convlens.results.Saliency
     index: int = 0,
     *,
     normalize: str = "per_image",
@@ -106,7 +106,7 @@ def plot_saliency(
     return fig
 
 
-def _channel_choice(result: Activations, name: str, index: int, channels: object, k: int) -> list[int]:
+def _channel_choice(result: Any, name: str, index: int, channels: object, k: int) -> list[int]:
     c = result.maps[name].shape[1]
     if channels == "top":
         return result.top_channels(name, k)[index].tolist()
@@ -122,7 +122,7 @@ def _channel_choice(result: Activations, name: str, index: int, channels: object
 
 
 def plot_activations(
-    result: Activations,
+    result: Any,  # a convlens.results.Activations
     index: int = 0,
     *,
     channels: str | list[int] | dict[str, list[int]] = "top",
@@ -173,7 +173,7 @@ def plot_activations(
 
 
 def _activation_rows(
-    fig: Figure, result: Activations, index: int, picks: dict[str, list[int]], cols: int, cmap: str
+    fig: Figure, result: Any, index: int, picks: dict[str, list[int]], cols: int, cmap: str
 ) -> None:
     """One Axes per layer: the tiles, each min-max scaled on its own (as ``imshow`` would), coloured
     with ``cmap`` and laid side by side with a white gap; titles as text above each tile."""
@@ -197,7 +197,7 @@ def _activation_rows(
         ax.set_ylabel(f"{name}\n{c}x{h}x{w}", fontsize=8)
 
 
-def plot_feature_images(result: FeatureImages, *, ncols: int | None = None) -> Figure:
+def plot_feature_images(result: Any, *, ncols: int | None = None) -> Figure:
     """A grid of feature-visualisation images, titled ``layer cN`` (or the class name) with the
     final objective; dead units are marked. Images are shown as they are (already in [0, 1])."""
     n = len(result.channels)

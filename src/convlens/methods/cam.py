@@ -54,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checks import require_finite, warn_constant
+from .._batching import default_batch
+from ..checks import choose, require_finite, warn_constant
 from ..hooks import LayerCapture, model_guard
 from ..layers import (
     LayerError,
@@ -227,11 +228,12 @@ def _scorecam_weights(
     ``x`` masked by each channel's upsampled activation, scaled to [0, 1]. Masks are built and run
     per batch, once per image: the masked outputs score every target of that image."""
     c = a.shape[1]
-    per_sample = x[0].numel() * x.element_size()
     if batch_size is None:
-        # a forward without autograd holds a few maps a few times the input's size at once;
-        # 32 input-sizes per sample is a generous estimate for ImageNet CNNs
-        batch_size = max(1, min(c, int(memory_mb * 2**20 // (per_sample * 32))))
+        # within memory_mb: on a CPU a forward without autograd holds a few maps a few times the
+        # input's size at once (32 input-sizes per sample is generous for ImageNet CNNs); on a GPU
+        # the measured peak of one forward
+        batch_size = default_batch(clf.model, x, c, cpu=c, budget=int(memory_mb * 2**20),
+                                   bytes_per_item=x[0].numel() * x.element_size() * 32)
     weights = torch.empty((len(rows.image), c), device=a.device, dtype=torch.float32)
     images = sorted(set(rows.image))
     for k, i in enumerate(images):
@@ -318,8 +320,9 @@ def grad_cam(
         cam = grad_cam(load_model(), sample_image(), top=5)
         cam.plot(0)
     """
-    if method not in CAM_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    if not isinstance(method, str) or "," in method:
+        raise ValueError(f"method must be one name, one of {', '.join(CAM_METHODS)}; got {method!r}")
+    (method,) = choose([method], CAM_METHODS, "method")
     clf = as_classifier(model_or_classifier)
     x = clf.batch(x)
     model = clf.model

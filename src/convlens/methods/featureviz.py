@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._scaling import minmax
 from ..hooks import LayerCapture, model_guard
 from ..layers import call_counts, missing_layer, resolve_layer
 from ..models import Classifier, as_classifier
@@ -234,9 +235,7 @@ class _Pixel:
 
     @staticmethod
     def display(image: Tensor) -> Tensor:
-        lo = image.flatten(1).amin(1).view(-1, 1, 1, 1)
-        hi = image.flatten(1).amax(1).view(-1, 1, 1, 1)
-        return torch.where(hi > lo, (image - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(image))
+        return minmax(image, (1, 2, 3))
 
 
 # -- objectives -----------------------------------------------------------------------------------
@@ -534,7 +533,7 @@ def _cache_keys(
     if not isinstance(kind, str) or opts["diversity"] != 0 or not std:
         log.info("feature visualisation not cached: a callable objective or transform, or diversity > 0")
         return None, []
-    from .. import __version__
+    from .._version import __version__
 
     common = {
         "fv": FV_VERSION, "convlens": __version__, "torch": torch.__version__, "device": clf.device.type,

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .._batching import default_batch
 from ..baselines import BASELINES, MAX_BASELINE, make_baseline  # noqa: F401 -- BASELINES: the old name
 from ..baselines import gaussian_blur as _gaussian_blur  # noqa: F401 -- the old name
 from ..checks import require_finite, warn_constant
@@ -83,65 +84,15 @@ def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int]) -> Tensor:
     return make_baseline(baseline, x, sigma=max(patch) / 4)
 
 
-# rough bytes of activations alive at once per image in a forward, per input element: ResNet-50's
-# largest activation is 5.3x its input and a few of them are alive at a time
-_ACTIVATION_FACTOR = 64 * 4
-
-
-def _cpu_budget() -> int:
-    """A quarter of the available RAM, at most 2 GiB."""
-    avail = 8 << 30
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    return min(avail // 4, 2 << 30)
-
-
 def _default_batch(model: nn.Module, x: Tensor, n_windows: int, crop: bool) -> int:
-    """Windows per forward pass, within a memory budget. CPU: 1 for full forwards (measured on 2
-    cores: batching ResNet-50 is slower, 6.2 s for 101 single forwards vs 7.4 s in chunks of 16),
-    16 for the crop path (its stages run on small crops and its last layers on the full map, where
-    a batch uses the cores far better: ResNet-50 at patch 16 / stride 8, 2 threads, 6.4x single
-    forwards at 16, 4.1x at 8, 3.0x at 4, 6.2x at 32), 4 when the model has depthwise
-    convolutions, fewer when a
-    quarter of the free RAM (at most 2 GiB) would not hold them (large images). GPU: as many as
-    half the free memory allows, from the measured peak of a single full forward, capped at 256."""
-    if x.device.type != "cuda":
-        per_image = _ACTIVATION_FACTOR * x[0].numel()
-        # depthwise convolutions are bound by memory traffic, which a larger batch does not help:
-        # the default model (EfficientNet-Lite0), 841 windows, 23.0 s in batches of 4, 27.4 s of 16
-        depthwise = any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
-                        for m in model.modules())
-        size = (4 if depthwise else 16) if crop else 1
-        return int(max(1, min(size, _cpu_budget() // per_image)))
-    per_sample = max(1, _forward_peak(model, x[:1]))
-    free, _ = torch.cuda.mem_get_info(x.device)
-    return int(max(1, min(256, n_windows, (free // 2) // per_sample)))
-
-
-def _forward_peak(model: nn.Module, x: Tensor) -> int:
-    """Bytes a forward of ``x`` allocates above what was allocated before, on CUDA: the largest
-    ``memory_allocated`` seen after any module finished. Read through forward hooks instead of
-    ``reset_peak_memory_stats``, which would wipe the caller's own peak statistics."""
-    base = torch.cuda.memory_allocated(x.device)
-    peak = [base]
-
-    def hook(module: nn.Module, args: object, out: object) -> None:
-        peak[0] = max(peak[0], torch.cuda.memory_allocated(x.device))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return peak[0] - base
+    """Windows per forward pass (:func:`convlens._batching.default_batch`). CPU: 1 for full
+    forwards, 16 for the crop path (its stages run on small crops and its last layers on the full
+    map, where a batch uses the cores far better: ResNet-50 at patch 16 / stride 8, 2 threads, 6.4x
+    single forwards at 16, 4.1x at 8, 3.0x at 4, 6.2x at 32), 4 when the model has depthwise
+    convolutions (bound by memory traffic, which a larger batch does not help: the default model,
+    841 windows, 23.0 s in batches of 4, 27.4 s of 16), fewer when memory would not hold them."""
+    depthwise = any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+    return default_batch(model, x, n_windows, cpu=(4 if depthwise else 16) if crop else 1)
 
 
 class _Scorer:

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._scaling import minmax
+from ..checks import choose
 from ..models import Classifier
 from ..results import Saliency
 
@@ -54,7 +56,7 @@ def make_map(
             cam_options = {k: v for k, v in options.items() if k in ("batch_size", "memory_mb")}
             out = grad_cam(clf, x, target=target, layer=layer, method=method, **cam_options)
         else:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*CAM_METHODS, 'occlusion'))}")
+            choose([method], (*CAM_METHODS, "occlusion"), "method")  # raises: no such method
     if isinstance(out, Saliency):
         return out.maps.float(), out
     if isinstance(out, Tensor):
@@ -91,9 +93,5 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
     becomes zeros), with scikit-image's defaults (7x7 window, data range 1), as Adebayo et al."""
     from skimage.metrics import structural_similarity
 
-    def scale(m: np.ndarray) -> np.ndarray:
-        lo, hi = m.min(), m.max()
-        return np.zeros_like(m) if hi - lo <= 0 else (m - lo) / (hi - lo)
-
-    out = [float(structural_similarity(scale(u), scale(v), data_range=1.0)) for u, v in zip(_np(a), _np(b))]
+    out = [float(structural_similarity(minmax(u), minmax(v), data_range=1.0)) for u, v in zip(_np(a), _np(b))]
     return torch.tensor(out, dtype=torch.float32, device=a.device)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import choose
 from ..display import rich_display
 from ..models import Classifier, as_classifier
 from ..targets import Target
@@ -383,11 +384,7 @@ def compare(
     clf: Classifier = as_classifier(model_or_classifier)
     x = clf.batch(x)
     n, _, h, w = x.shape
-    from ..methods.cam import CAM_METHODS
-
-    unknown = [m for m in methods if m not in (*CAM_METHODS, "occlusion")]
-    if unknown or not methods:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+    methods = choose(methods, ALL_METHODS, "method")
     bad_refs = [r for r in references if r not in REFERENCES]
     if bad_refs:
         raise ValueError(f"unknown reference(s) {bad_refs}; choose from {REFERENCES}")

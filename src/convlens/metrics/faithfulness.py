@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._batching import default_batch
 from ..baselines import describe_baseline, make_baseline
 from ..hooks import model_guard
 from ..models import Classifier, as_classifier, require_logits
@@ -153,11 +154,9 @@ def perturbation_curve(
     with model_guard(model), torch.no_grad():
         bs = batch_size
         if bs is None:
-            # occlusion's rule for full forwards: 1 on a CPU (larger batches measured slower there),
-            # on a GPU what half the free memory holds, from a probe forward's peak
-            from ..methods.occlusion import _default_batch
-
-            bs = _default_batch(model, x, len(jobs), False)
+            # full forwards: 1 on a CPU (larger batches measured slower there), on a GPU what
+            # half the free memory holds, from a probe forward's peak
+            bs = default_batch(model, x, len(jobs))
         for start in range(0, len(jobs), bs):
             batch = torch.stack([step_image(i, k) for i, k in jobs[start : start + bs]])
             outputs.append(require_logits(clf.forward(batch)).float())  # tuple/dict/.logits outputs too

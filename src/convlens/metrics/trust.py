@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..display import METHOD_TITLES
 from ..models import Classifier
 from ..results import Saliency
 from .compare import reference_map
@@ -19,8 +20,7 @@ from .sanity import CLASS_THRESHOLD, cascade_stages, class_sensitivity, sanity_c
 
 __all__ = ["trust_summary", "model_sanity", "NAMES"]
 
-NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
-         "scorecam": "Score-CAM", "eigencam": "Eigen-CAM", "occlusion": "Occlusion"}
+NAMES = METHOD_TITLES  # the method names as people read them (kept under this name for callers)
 
 
 def _options(sal: Saliency) -> dict[str, Any] | None:

@@ -151,7 +151,6 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
             "model": ex.clf.name, "device": str(ex.clf.device), "methods": list(CAM_METHODS),
             "instant_methods": list(INSTANT_METHODS), "layers": layers, "default_layer": default,
             "images": [image_entry(e) for e in ex.images()], "max_upload_mb": MAX_UPLOAD_BYTES / 2**20,
-            "metrics": _metrics_available(),
         }
 
     def labels(request: Request) -> list[str]:
@@ -319,10 +318,7 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
         return await handler(add)(request)
 
     def metrics(request: Request) -> Response | dict[str, Any]:
-        # the deletion/insertion curves of the current map, from convlens.deletion / insertion
-        # (branch `trust`): 501 while this convlens has none, 202 + a job the first time
-        if not _metrics_available():
-            return _error("metrics not available: this convlens has no convlens.deletion / convlens.insertion", 501)
+        # the deletion/insertion curves of the current map: 202 + a job the first time
         image_id, cls, method, layer, _ = cam_params(request)
         found = ex.curves_result(image_id, cls, method, layer)
         if found is None:
@@ -362,9 +358,4 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
     app = Starlette(routes=routes)
     return LocalOnly(app, allowed)
 
-
-def _metrics_available() -> bool:
-    import convlens
-
-    return hasattr(convlens, "deletion") and hasattr(convlens, "insertion")
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checks import require_finite
+from ..checks import choose, require_finite
 from ..hooks import LayerCapture, model_guard
 from ..images import ImageError, load_image
 from ..layers import LayerError, default_cam_layer, layer_table, resolve_layer
@@ -35,6 +35,7 @@ from ..methods.activations import activations
 from ..methods.cam import CAM_METHODS, cam_from_layer, grad_cam
 from ..methods.featureviz import feature_visualization
 from ..methods.occlusion import occlusion
+from ..metrics.faithfulness import deletion, insertion
 from ..models import Classifier, require_logits
 
 __all__ = ["Explorer", "ModelLock", "Job", "Cancelled", "MAX_UPLOAD_BYTES", "INSTANT_METHODS"]
@@ -354,8 +355,7 @@ class Explorer:
         ``{"raw", "maps", "layer", "target", "method"}``, ``raw`` (h, w), ``maps`` (H, W), the
         same values :func:`convlens.grad_cam` gives for one image. ``scorecam`` is answered only
         from the cache (see :meth:`scorecam_job`); KeyError when it is not there yet."""
-        if method not in CAM_METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+        choose([method], CAM_METHODS, "method")
         layer = self._layer(layer)
         cls = self.class_index(image_id, cls)
         key = (image_id, layer, cls, method)
@@ -537,25 +537,21 @@ class Explorer:
         """The cached :class:`~convlens.FeatureImages` of one channel, or None."""
         return self._features.get((self._layer(layer), int(channel)))
 
-    # -- deletion / insertion of the current map (convlens.deletion / insertion, branch `trust`) --
+    # -- deletion / insertion of the current map --
     def curves_job(self, image_id: str, cls: int | str | None, method: str, layer: str | None) -> Job:
         """The deletion and insertion curves of a map as a job (each is ``steps`` + 1 forwards);
         the map itself is computed first, here, outside the job's hold on the model."""
-        import convlens
-
-        if not (hasattr(convlens, "deletion") and hasattr(convlens, "insertion")):
-            raise NotImplementedError("metrics not available: this convlens has no convlens.deletion / insertion")
         res = self.cam(image_id, cls, method, layer)
         key = (image_id, res["layer"], res["target"], method)
         x, maps, target = self.image(image_id).x, res["maps"][None], res["target"]
 
         def run(progress: Callable[[int, int], None]) -> None:
             progress(0, 2)
-            deletion = convlens.deletion(self.clf, x, maps, target=target)
+            removed = deletion(self.clf, x, maps, target=target)
             progress(1, 2)
-            insertion = convlens.insertion(self.clf, x, maps, target=target)
+            restored = insertion(self.clf, x, maps, target=target)
             progress(2, 2)
-            self._curves.put(key, (deletion, insertion))
+            self._curves.put(key, (removed, restored))
 
         return self.submit("curves", ("curves", *key), run, lambda: key in self._curves)
 

@@ -10,6 +10,8 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
+from .._scaling import minmax
+
 __all__ = ["png", "data_uri", "rgb_png", "heat_png", "signed_png", "channel_pngs"]
 
 _LUTS: dict[str, np.ndarray] = {}
@@ -64,13 +66,11 @@ def signed_png(m: np.ndarray, cmap: str = "RdBu_r") -> bytes:
 def channel_pngs(maps: np.ndarray, size: int = 96) -> list[bytes]:
     """(k, h, w) channel maps as viridis PNGs on one shared scale (min..max over all k, so
     strengths compare), each scaled up to ``size`` px with nearest neighbours (the cells stay visible)."""
-    lo, hi = float(maps.min()), float(maps.max())
     out = []
-    for m in maps:
-        t = np.zeros_like(m) if hi - lo <= 0 else (m - lo) / (hi - lo)
+    for t in minmax(maps):
         img = Image.fromarray(_lut("viridis")[(np.clip(t, 0, 1) * 255 + 0.5).astype(np.uint8)])
-        scale = max(1, size // max(m.shape))
-        img = img.resize((m.shape[1] * scale, m.shape[0] * scale), Image.NEAREST)
+        scale = max(1, size // max(t.shape))
+        img = img.resize((t.shape[1] * scale, t.shape[0] * scale), Image.NEAREST)
         buf = io.BytesIO()
         img.save(buf, format="PNG", compress_level=1)
         out.append(buf.getvalue())

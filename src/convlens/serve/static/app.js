@@ -285,10 +285,6 @@ async function cancel(job) {
 function refreshMetrics() {
   const box = $("metrics");
   S.seq.curves = (S.seq.curves || 0) + 1;
-  if (!S.metrics) {
-    box.replaceChildren(el("p", { className: "muted", text: "metrics not available: this convlens has no deletion / insertion metrics yet." }));
-    return;
-  }
   const b = el("button", { type: "button", id: "curves-run", text: "Curves of this map" });
   b.addEventListener("click", computeCurves);
   box.replaceChildren(el("p", { className: "muted", text: "The class's probability as the map's most salient pixels are removed " +
@@ -402,7 +398,6 @@ async function init() {
     S.images = st.images;
     S.labels = labels;
     S.layer = st.default_layer;
-    S.metrics = st.metrics;
     $("model").textContent = `${st.model} on ${st.device} · ${labels.length} classes`;
     $("method").replaceChildren(...st.methods.map((m) => el("option", { value: m, text: METHOD_NAMES[m] || m })));
     $("layer").replaceChildren(...st.layers.map((l) => el("option", { value: l.name,

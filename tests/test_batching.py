@@ -1,0 +1,52 @@
+"""The one batch-memory policy (convlens._batching) that occlusion, Score-CAM and deletion /
+insertion share."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from convlens import _batching
+from convlens._batching import default_batch
+from convlens.methods.occlusion import _default_batch
+
+
+def test_cpu_batch_is_the_constant_capped_by_items_and_memory(monkeypatch):
+    net = nn.Conv2d(3, 3, 1)
+    x = torch.zeros(2, 3, 10, 10)  # 300 elements per image -> 76 800 bytes per item by default
+    monkeypatch.setattr(_batching, "memory_budget", lambda: 10**9)
+    assert default_batch(net, x, 1000) == 1  # full forwards: one at a time on a CPU
+    assert default_batch(net, x, 1000, cpu=16) == 16
+    assert default_batch(net, x, 5, cpu=16) == 5  # never more than there are items
+    assert default_batch(net, x, 0, cpu=16) == 1
+    assert default_batch(net, x, 1000, cpu=16, budget=3 * 76_800) == 3  # the memory cap
+    assert default_batch(net, x, 1000, cpu=16, budget=10) == 1  # at least one
+    assert default_batch(net, x, 1000, cpu=64, budget=1000, bytes_per_item=100) == 10
+    monkeypatch.setattr(_batching, "memory_budget", lambda: 2 * 76_800)
+    assert default_batch(net, x, 1000, cpu=16) == 2
+
+
+def test_occlusion_batches_by_kind_of_model():
+    x = torch.zeros(1, 3, 32, 32)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+    depthwise = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8))
+    assert _default_batch(plain, x, 100, crop=False) == 1
+    assert _default_batch(plain, x, 100, crop=True) == 16
+    assert _default_batch(depthwise, x, 100, crop=True) == 4
+    assert _default_batch(depthwise, x, 3, crop=True) == 3
+
+
+def test_scorecam_batch_follows_memory_mb():
+    """Score-CAM's masked forwards per batch fit ``memory_mb`` at 32 input sizes per sample."""
+    from convlens import grad_cam
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(5, 2)).eval()
+    x = torch.rand(1, 3, 8, 8)
+    per_sample = x[0].numel() * x.element_size() * 32  # 24 576 bytes
+    one = grad_cam(net, x, target=1, layer="1", method="scorecam", memory_mb=2 * per_sample / 2**20)
+    assert one.settings["batch_size"] == 2
+    all5 = grad_cam(net, x, target=1, layer="1", method="scorecam", memory_mb=100.0)
+    assert all5.settings["batch_size"] == 5  # never more than the 5 channels
+    torch.testing.assert_close(one.maps, all5.maps)
