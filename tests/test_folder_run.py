@@ -181,3 +181,115 @@ def test_kill_9_then_resume_equals_one_run(tmp_path: Path) -> None:
     finally:
         mp.undo()
     assert [p.name for p in out.rglob(".*")] == [MANIFEST]
+
+
+# -- several images per call (the GPU path, checked on the CPU too) ---------------------------
+def _folder(tmp_path: Path, n: int) -> Path:
+    from test_resume import photos
+
+    photos(tmp_path / "in", n)
+    return tmp_path / "in"
+
+
+def test_batched_explain_equals_one_image_at_a_time(tmp_path: Path, device: str, monkeypatch) -> None:
+    import torch
+
+    from test_outputs import tiny
+
+    clf = tiny()
+    clf.model.to(device)
+    clf = convlens.Classifier(clf.model, mean=clf.mean, std=clf.std, size=32, name="tiny", labels=clf.labels)
+    folder = _folder(tmp_path, 5)
+    settings = {"occlusion": {"patch": 16, "stride": 8}, "activations": {"channels": 2}, "trust": {"steps": 4}}
+    methods = ["activations", "gradcam", "occlusion", "trust"]
+    sizes = []
+    occ = sys.modules["convlens.methods.occlusion"]
+    real = occ.occlusion
+    monkeypatch.setattr(occ, "occlusion", lambda m, x, **k: sizes.append(len(x)) or real(m, x, **k))
+    one = convlens.explain(folder, clf, methods=methods, settings=settings, batch_size=1, cache=False)
+    assert sizes == [1] * 5
+    sizes.clear()
+    many = convlens.explain(folder, clf, methods=methods, settings=settings, batch_size=3, cache=False)
+    assert sizes == [3, 2]  # images 1-3, then 4-5, went through occlusion together
+    assert [im.name for im in many.images] == [im.name for im in one.images]
+    for a, b in zip(one.images, many.images):
+        assert a.ok and b.ok and a.target == b.target and a.predictions == b.predictions
+        assert a.channels == b.channels and a.layers == b.layers
+        for tech in ("gradcam", "occlusion"):
+            ra, rb = a.results[tech], b.results[tech]
+            assert rb.maps.shape == ra.maps.shape == (1, 32, 32) and rb.target == ra.target and rb.labels == ra.labels
+            torch.testing.assert_close(rb.maps, ra.maps, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(rb.raw, ra.raw, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(rb.images, ra.images)
+        for layer in a.results["activations"].maps:
+            torch.testing.assert_close(b.results["activations"].maps[layer], a.results["activations"].maps[layer])
+        flat = [(t, k, v) for t, d in a.results["trust"].auc().items() for k, v in d.items()]
+        assert [b.results["trust"].auc()[t][k] for t, k, _ in flat] == pytest.approx([v for *_, v in flat], abs=1e-5)
+        # float rounding of the batched convolutions can swap near-tied pixels' ranks
+        assert b.agreement["gradcam_occlusion_spearman"] == pytest.approx(a.agreement["gradcam_occlusion_spearman"],
+                                                                          abs=1e-4)
+        assert b.timings["occlusion_s"] > 0
+
+
+def test_batch_size_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(sys.modules["convlens.explain"].ExplainError, match="batch_size must be a positive int"):
+        convlens.explain(tmp_path, batch_size=0)
+
+
+# -- the feature-visualisation budget of a run over several images ----------------------------
+def test_a_folder_draws_the_most_shared_channels_and_one_image_keeps_all(tmp_path: Path, monkeypatch) -> None:
+    import torch
+    from torch import nn
+
+    from test_outputs import tiny
+
+    explain_mod = sys.modules["convlens.explain"]
+    # the last conv's channel c responds to how much of input colour c % 3 there is: an image's
+    # top channels follow its colours, so red images share channels 0, 3 and green ones 1, 4
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.zero_()
+        for c in range(6):
+            net[0].weight[c, c % 3] = 1.0 + 0.1 * c
+    clf = tiny(net=net)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    from PIL import Image
+
+    colours = {"r1": (250, 10, 10), "r2": (240, 30, 20), "r3": (230, 20, 40), "g1": (10, 250, 10)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (32, 32), rgb).save(folder / f"{name}.png")
+    drawn = []
+    real = sys.modules["convlens.methods.featureviz"].feature_visualization
+
+    def spy(clf, layer, channels, **k):
+        drawn.append(list(channels))
+        return real(clf, layer, channels, **k)
+
+    monkeypatch.setattr(sys.modules["convlens.methods.featureviz"], "feature_visualization", spy)
+    settings = {"filters": {"channels": 2, "steps": 2, "size": 16}, "trust": {"steps": 2}}
+    cache = tmp_path / "cache"
+    rep = convlens.explain(folder, clf, methods=["gradcam", "filters"], settings=settings, cache=cache)
+    assert explain_mod.FOLDER["filters"]["budget"] == 0.5 and rep.settings["filters"]["shared"] == 2
+    by = {im.name: im for im in rep.images}
+    # red images' top-2: channels 3 then 0 (weights 1.3, 1.0); green: 4, 1. Votes: 3 and 0 three each: drawn
+    assert by["r1.png"].channels["filters"] == [3, 0] and "filters_top" not in by["r1.png"].channels
+    assert by["g1.png"].channels["filters_top"] == [4, 1] and "filters" not in by["g1.png"].results
+    assert any("[4, 1]" in n and "not drawn" in n for n in by["g1.png"].notes["filters"])
+    assert by["g1.png"].ok and "filters" not in by["g1.png"].errors
+    assert drawn == [[3, 0]] * 3  # g1 asked for nothing
+    # one image alone keeps all its top channels
+    alone = convlens.explain(folder / "g1.png", clf, methods=["gradcam", "filters"], settings=settings, cache=cache)
+    assert alone.images[0].channels["filters"] == [4, 1] and "budget" not in str(alone.images[0].notes)
+    assert alone.settings["filters"]["budget"] is None
+    # the folder again: channels 4 and 1 are in the cache now, so g1 shows them
+    again = convlens.explain(folder, clf, methods=["gradcam", "filters"], settings=settings, cache=cache)
+    assert {im.name: im for im in again.images}["g1.png"].channels["filters"] == [4, 1]
+    # the drawn images are those of one image alone (same settings, same cache entries)
+    torch.testing.assert_close({im.name: im for im in again.images}["g1.png"].results["filters"].images,
+                               alone.images[0].results["filters"].images)
+    # the budget can be lifted: every image's top channels
+    full = convlens.explain(folder, clf, methods=["gradcam", "filters"], cache=False,
+                            settings={**settings, "filters": {**settings["filters"], "budget": None}})
+    assert all(len(im.channels["filters"]) == 2 for im in full.images)
