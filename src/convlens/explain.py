@@ -164,7 +164,7 @@ def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
                 f"Several images in this run: feature visualisation draws only the {len(shared)} channels most "
                 f"shared among the images' top {k} (about {s['budget']:g} per image) and channels already in the "
                 f"cache. This image's top {k} channels are {top}; {len(left)} of them ({left}) are not drawn here. "
-                "Explain the image alone, or run the folder again with the cache, to see them all.")
+                "Explain the image alone, or the folder with --full (full=True), to see them all.")
         if not channels:
             return None
     ctx["channels"]["filters"] = channels
@@ -209,8 +209,8 @@ def _run_trust(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any
     if skipped:
         ctx["notes"].setdefault("trust", []).append(
             f"Several images in this run: the class sensitivity of {', '.join(skipped)} is not computed (it needs "
-            f"a second map of each image) and the curves use {int(s['steps'])} steps; explain the image alone for "
-            "the full check.")
+            f"a second map of each image) and the curves use {int(s['steps'])} steps; explain the image alone, or "
+            "the folder with --full (full=True), for the full check.")
     return result
 
 
@@ -400,6 +400,7 @@ def explain(
     force: bool = False,
     resume: bool = False,
     batch_size: int | None = None,
+    full: bool = False,
 ) -> Report:
     """Explain each image with every technique in ``methods`` and gather the results.
 
@@ -418,7 +419,8 @@ def explain(
     ``out/shard-I-of-N/`` (:func:`shard_folder`); ``force`` replaces an earlier run there,
     ``resume`` keeps its images that match this run (same model, weights, settings and file
     content) and does the rest; ``on_image(report, image)`` is called as each image is done.
-    A run over several images overlays :data:`FOLDER` on the settings (``settings`` can undo it).
+    A run over several images overlays :data:`FOLDER` on the settings, unless ``full`` (every
+    image then gets the settings of an image alone).
     ``batch_size``: images that go through activations, Grad-CAM and occlusion together (default:
     8 on CUDA, 1 elsewhere, where a larger batch is not faster); the results are those of one image
     at a time, to float rounding. Errors (also NaN or infinite logits or maps) are recorded per
@@ -444,7 +446,7 @@ def explain(
         image_or_images = [image_or_images]
     planned, skipped = plan(image_or_images, shard)
     items, keys = [(n, s) for n, s, _ in planned], [k for _, _, k in planned]
-    conf = settings_for(fast, settings, folder=len(planned) > 1 or shard is not None)
+    conf = settings_for(fast, settings, folder=(len(planned) > 1 or shard is not None) and not full)
     if layer is not None:
         conf["gradcam"]["layer"] = layer
     run = out if isinstance(out, RunWriter) or out is None else run_writer(
