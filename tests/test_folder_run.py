@@ -85,6 +85,22 @@ def test_a_refused_run_leaves_no_folder_and_no_lock(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["cat.png"]
 
 
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with RunWriter(tmp_path / "out", "explain", keys=["a"]) as run:
+        assert not (tmp_path / "out" / LOCK).exists()
+        run.write("a", "x.txt", b"x")
+        run.commit_image("a")
+        run.finish()
+    assert "cannot lock the output folder" in caplog.text and (tmp_path / "out" / "a" / "x.txt").is_file()
+
+
 def test_the_manifest_grows_by_journal_lines_and_is_rewritten_rarely(tmp_path: Path, monkeypatch) -> None:
     out, n = tmp_path / "out", 100
     keys = [f"im{i:03d}.png" for i in range(n)]

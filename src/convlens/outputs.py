@@ -435,6 +435,13 @@ class _FolderLock:
                 raise RunLockedError(
                     f"{printable(folder)} is being written by another convlens run ({who}, which holds {LOCK}); "
                     "wait for it to finish or choose another output folder") from None
+            except OSError as e:  # a file system without flock (some network mounts): no lock, as on Windows
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                log.warning("%s: cannot lock the output folder (%s); a second run there would not be refused",
+                            printable(folder), e)
+                return
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
             except FileNotFoundError:
