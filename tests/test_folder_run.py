@@ -228,14 +228,16 @@ def test_batched_explain_equals_one_image_at_a_time(tmp_path: Path, device: str,
     many = convlens.explain(folder, clf, methods=methods, settings=settings, batch_size=3, cache=False)
     assert sizes == [3, 2]  # images 1-3, then 4-5, went through occlusion together
     assert [im.name for im in many.images] == [im.name for im in one.images]
+    # float rounding only: GPU kernels may pick other algorithms for another batch size
+    tol = {"rtol": 1e-5, "atol": 1e-6} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-5}
     for a, b in zip(one.images, many.images):
         assert a.ok and b.ok and a.target == b.target and a.predictions == b.predictions
         assert a.channels == b.channels and a.layers == b.layers
         for tech in ("gradcam", "occlusion"):
             ra, rb = a.results[tech], b.results[tech]
             assert rb.maps.shape == ra.maps.shape == (1, 32, 32) and rb.target == ra.target and rb.labels == ra.labels
-            torch.testing.assert_close(rb.maps, ra.maps, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(rb.raw, ra.raw, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(rb.maps, ra.maps, **tol)
+            torch.testing.assert_close(rb.raw, ra.raw, **tol)
             torch.testing.assert_close(rb.images, ra.images)
         for layer in a.results["activations"].maps:
             torch.testing.assert_close(b.results["activations"].maps[layer], a.results["activations"].maps[layer])
