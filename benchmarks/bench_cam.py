@@ -75,7 +75,7 @@ def _rel(theirs: Tensor | np.ndarray, ours: Tensor) -> float:
 
 def _corr(theirs: Tensor | np.ndarray, ours: Tensor) -> float:
     t = torch.as_tensor(np.asarray(theirs, dtype=np.float32)).flatten().float()
-    o = ours.flatten().float()
+    o = ours.detach().flatten().float().cpu()
     if t.numel() != o.numel():
         side = int(round(t.numel() ** 0.5))
         t = F.interpolate(t.view(1, 1, side, side), size=ours.shape[-2:], mode="bilinear")[0, 0].flatten()

@@ -12,15 +12,21 @@ minutes):
 - ``exact, old crop path``: the crop path as it was before issue 16 (``occlusion_v0.py``: batches
   of 4, blocks as boundaries).
 - ``exact``: ``convlens.occlusion(mode="exact")`` (the default).
-- ``approximate``: ``mode="approximate"`` (tau 0.9); ``+ refine``: with ``refine=0.25``.
+- ``approximate``: ``mode="approximate"`` (tau 0.9).
+- ``exact + refine``, ``approximate + refine``: with ``refine=True`` (the default share, 0.3:
+  a coarse lattice of windows, then the full stride only in the top share of its cells).
 
 Columns: seconds, x brute force (the brute force's seconds over the row's: a speed-up), Pearson r
-of the map with the exact map, and the share of work: the estimated multiply-adds done over
-those of one full forward per window (``settings["work"]``).
-A second table: the approximate modes' r against the exact map on the five natural photos.
+of the map with the exact map, the share of work: the estimated multiply-adds done over those of
+one full forward per window (``settings["work"]``), and the share of the windows evaluated
+(``settings["windows_evaluated"]`` over the windows; the rest are interpolated).
+A second table: the approximate and refined maps' r against the exact map on the five natural
+photos, with their share of work and of windows and their speed-up over the exact map.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -31,7 +37,7 @@ try:
 except ImportError:  # run as a script from benchmarks/
     from common import Row, compare_maps, measure  # type: ignore[no-redef]
 
-REFINE = 0.25
+REFINE = True  # the default share, convlens.methods.occlusion.DEFAULT_REFINE
 
 
 def spec_occlusion(model, img_tensor, target_class, patch=40, stride=20):
@@ -68,7 +74,9 @@ def _models(device: str):
     return out
 
 
-def _table(name, model, x, patch, stride, device, quick, best_ppe):
+def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
+    """One table; ``peers=False`` leaves out the spec loop, captum and the old crop path (they do
+    not change with convlens; a shorter run for the refinement rows)."""
     from convlens.methods.occlusion import occlusion, window_starts
 
     try:
@@ -98,7 +106,7 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe):
 
     floor_key = f"brute force: {n_ours} single forwards" + (f" (timed on every {every}th, scaled)" if big else "")
     cases = {floor_key: floor}
-    if not big:
+    if not big and peers:
         cases["spec loop"] = keep("spec", lambda: spec_occlusion(model, x, target, patch, stride))
         try:
             from captum.attr import Occlusion
@@ -120,12 +128,14 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe):
                 cases[f"captum ppe={ppe}" + (" (best at 40/20)" if best_ppe else "")] = keep(f"captum{ppe}", run_captum)
         except ImportError:
             pass
-    cases["exact, old crop path"] = keep("old", lambda: occlusion_v0.occlusion_map(model, x, target, patch, stride))
+    if peers:
+        cases["exact, old crop path"] = keep("old", lambda: occlusion_v0.occlusion_map(model, x, target, patch, stride))
     cases["exact"] = keep("exact", lambda: occlusion(model, x, target=target, patch=patch, stride=stride))
     cases["approximate"] = keep("approx", lambda: occlusion(model, x, target=target, patch=patch, stride=stride,
                                                             mode="approximate"))
-    cases[f"approximate + refine {REFINE}"] = keep("refine", lambda: occlusion(
-        model, x, target=target, patch=patch, stride=stride, mode="approximate", refine=REFINE))
+    for mode in ("exact", "approximate"):
+        cases[f"{mode} + refine"] = keep(f"{mode} refine", lambda mode=mode: occlusion(
+            model, x, target=target, patch=patch, stride=stride, mode=mode, refine=REFINE))
     times = measure(cases, repeats=1, warmup=0, device=device)
     times[floor_key] *= every
 
@@ -136,15 +146,16 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe):
     rows = []
     for key, t in times.items():
         short = {"spec loop": "spec", "exact, old crop path": "old", "exact": "exact", "approximate": "approx",
-                 f"approximate + refine {REFINE}": "refine"}.get(key)
+                 "exact + refine": "exact refine", "approximate + refine": "approximate refine"}.get(key)
         if key.startswith("captum"):
             short = "captum" + key.split("=")[1].split()[0]
         res = results.get(short) if short else None
-        m, work = None, None
+        m, work, windows = None, None, 1.0
         if isinstance(res, tuple):  # the old path: (map, estimate)
             m, work = res
         elif res is not None and hasattr(res, "maps"):
             m, work = res.maps[0], res.settings["work"]
+            windows = res.settings["windows_evaluated"] / n_ours
         elif res is not None:
             m = res
         grid_only = key == "spec loop" or key.startswith("captum")
@@ -153,6 +164,7 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe):
             "windows": n_spec if grid_only else n_ours,
             "r vs exact": None if m is None else compare_maps(m, exact.maps[0])[1],
             "work share": 1.0 if key == floor_key or grid_only else work,
+            "windows evaluated": windows,
         }
         label = key + (" (best)" if key == best and not best_ppe else "")
         rows.append(Row(label, name, 1, t, t / floor_s, extra=extra))
@@ -161,7 +173,7 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe):
 
 
 def _photo_table(device: str) -> list[Row]:
-    """Approximate vs exact on the five natural photos, default model, patch 16 / stride 8."""
+    """Approximate and refined vs exact on the five natural photos, default model, patch 16 / stride 8."""
     import time
 
     from matplotlib import cbook
@@ -183,12 +195,14 @@ def _photo_table(device: str) -> list[Row]:
         exact = occlusion(clf, x, patch=16, stride=8)
         t_exact = time.perf_counter() - t0
         extra = {"label": exact.labels[0]}
-        for key, kw in (("approximate", {}), (f"+ refine {REFINE}", {"refine": REFINE})):
+        for key, kw in (("approximate", {"mode": "approximate"}), ("exact + refine", {"refine": REFINE}),
+                        ("approximate + refine", {"mode": "approximate", "refine": REFINE})):
             t0 = time.perf_counter()
-            res = occlusion(clf, x, patch=16, stride=8, mode="approximate", target=exact.target, **kw)
+            res = occlusion(clf, x, patch=16, stride=8, target=exact.target, **kw)
             t = time.perf_counter() - t0
             extra[f"r {key}"] = compare_maps(res.maps, exact.maps)[1]
             extra[f"work {key}"] = res.settings["work"]
+            extra[f"windows {key}"] = res.settings["windows_evaluated"] / math.prod(res.settings["windows"])
             extra[f"x exact {key}"] = t_exact / t
         rows.append(Row(f"photo: {name}", "efficientnet_lite0 (default)", 1, t_exact, None, extra=extra))
     return rows
@@ -204,6 +218,6 @@ def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:
             rows, best_ppe = _table(name, model, x, patch, stride, device, quick, best_ppe)
             out.append((f"Occlusion, {name}, patch {patch} / stride {stride}, 224 px, {device}", rows))
     if not quick:
-        out.append((f"Occlusion, approximate vs exact on five natural photos, patch 16 / stride 8, {device} "
-                    "(median s = the exact map's seconds)", _photo_table(device)))
+        out.append((f"Occlusion, approximate and refined vs exact on five natural photos, patch 16 / stride 8, "
+                    f"{device} (median s = the exact map's seconds)", _photo_table(device)))
     return out

@@ -1,4 +1,6 @@
-"""Shared fixtures: the real default model (loaded once), the bundled sample photo, and the devices."""
+"""Shared fixtures: the real default model (loaded once), the bundled sample photo, and the devices;
+and the one model-state check every "the user's model is untouched" test uses (``snapshot`` /
+``assert_unchanged``; import them with ``from conftest import snapshot, assert_unchanged``)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,10 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import convlens
+from convlens.hooks import count_hooks
 
 #: every device present: the technique tests run on each (CUDA only where a GPU exists)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -52,3 +56,44 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything of ``model`` a convlens call must leave as it was, copied now.
+
+    Covers the module tree (the same module objects under the same names: nothing swapped, no
+    ``forward`` patched onto an instance), every module's ``training`` and ``inplace`` flag, the
+    parameter objects, their ``requires_grad``, their ``.grad`` (the same tensor object, same
+    values), the values of the state dict and of every buffer (non-persistent ones too), the
+    number of hooks (``convlens.hooks.count_hooks``), and the caller's grad / inference mode.
+    """
+    modules = list(model.named_modules())
+    params = list(model.named_parameters())
+    return {
+        "modules": [(name, id(m)) for name, m in modules],
+        "patched": [name for name, m in modules if "forward" in vars(m)],
+        "training": [m.training for _, m in modules],
+        "inplace": [getattr(m, "inplace", None) for _, m in modules],
+        "params": [(name, id(p)) for name, p in params],
+        "requires_grad": [p.requires_grad for _, p in params],
+        "grad_ids": [None if p.grad is None else id(p.grad) for _, p in params],
+        "grads": [None if p.grad is None else p.grad.detach().clone() for _, p in params],
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "buffers": {k: v.detach().clone() for k, v in model.named_buffers()},
+        "hooks": count_hooks(model),
+        "grad_mode": (torch.is_grad_enabled(), torch.is_inference_mode_enabled()),
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    """Assert ``model`` is exactly as ``snapshot(model)`` found it (``before``); values compared exactly."""
+    after = snapshot(model)
+    for key in ("modules", "patched", "training", "inplace", "params", "requires_grad", "grad_ids", "hooks",
+                "grad_mode"):
+        assert after[key] == before[key], key
+    for (name, _), a, b in zip(after["params"], before["grads"], after["grads"]):
+        assert (a is None and b is None) or torch.equal(a, b), f"{name}.grad"
+    for key in ("state", "buffers"):
+        assert after[key].keys() == before[key].keys(), key
+        for name, v in before[key].items():
+            assert torch.equal(after[key][name], v), f"{key} {name}"

@@ -83,7 +83,8 @@ def test_top_channels_rank_by_mean(clf, sample_x):
 
 
 def test_equals_captum_layer_activation(clf, sample_x):
-    captum = pytest.importorskip("captum.attr")
+    import captum.attr as captum  # test extra; imported here, not at the top, to keep collection quick
+
     names = ["blocks.0", "blocks.3", "bn2"]
     acts = activations(clf, sample_x, names)
     mods = [dict(clf.model.named_modules())[n] for n in names]

@@ -40,12 +40,7 @@ exec(TINY_SRC, _ns)  # the same net in this process and in the worker processes 
 _tiny = _ns["_tiny"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
 
 
 def _same(a: convlens.FeatureImages, b: convlens.FeatureImages) -> bool:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import convlens
+from conftest import assert_unchanged, snapshot
 from convlens import grad_cam
 from convlens.cli import main
 from convlens.hooks import count_hooks
@@ -118,7 +119,8 @@ def test_all_zero_map_warns_and_has_no_nan(tiny, xt):
 
 # -- agreement with captum and pytorch-grad-cam on the default model ---------------------------
 def test_gradcam_equals_captum_layer_gradcam(clf, sample_x):
-    captum = pytest.importorskip("captum.attr")
+    import captum.attr as captum  # test extra; imported here, not at the top, to keep collection quick
+
     r = grad_cam(clf, sample_x)
     assert r.layer == "bn2" and r.target == [285] and r.labels == ["Egyptian cat"]
     ref = captum.LayerGradCam(clf.model, clf.model.bn2).attribute(sample_x, target=285, relu_attributions=True)
@@ -149,7 +151,8 @@ def _pgc_raw(cls, model, x, layer, target):
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam"])
 def test_gradient_rules_equal_pytorch_grad_cam(clf, sample_x, method):
-    pgc = pytest.importorskip("pytorch_grad_cam")
+    import pytorch_grad_cam as pgc  # test extra (grad-cam); a few seconds to import, so not at the top
+
     cls = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM,
            "layercam": pgc.LayerCAM}[method]
     ref, _ = _pgc_raw(cls, clf.model, sample_x, "bn2", 281)
@@ -159,7 +162,7 @@ def test_gradient_rules_equal_pytorch_grad_cam(clf, sample_x, method):
 
 
 def test_eigencam_equals_pytorch_grad_cam_up_to_sign(clf, sample_x):
-    pgc = pytest.importorskip("pytorch_grad_cam")
+    import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
     _, acts = _pgc_raw(pgc.EigenCAM, clf.model, sample_x, "bn2", 0)
@@ -173,7 +176,7 @@ def test_eigencam_equals_pytorch_grad_cam_up_to_sign(clf, sample_x):
 
 
 def test_scorecam_equals_pytorch_grad_cam(monkeypatch):
-    pgc = pytest.importorskip("pytorch_grad_cam")
+    import pytorch_grad_cam as pgc
     import pytorch_grad_cam.score_cam as sc
 
     monkeypatch.setattr(sc.tqdm, "tqdm", lambda it, *a, **k: it)  # its progress bar is noise here
@@ -250,35 +253,16 @@ class WithBN(Tiny):
         return self.fc(self.pool(self.relu(self.bn(self.conv(x)))).flatten(1))
 
 
-def _state(m: nn.Module):
-    return (
-        [mod.training for mod in m.modules()],
-        [(p.requires_grad, p.grad) for p in m.parameters()],
-        [None if p.grad is None else p.grad.clone() for p in m.parameters()],
-        {k: v.clone() for k, v in m.state_dict().items()},
-        [getattr(mod, "inplace", None) for mod in m.modules()],
-    )
-
-
-def _same(before, after):
-    assert before[0] == after[0]
-    assert all(a[0] == b[0] and a[1] is b[1] for a, b in zip(before[1], after[1]))
-    for a, b in zip(before[2], after[2]):
-        assert (a is None and b is None) or torch.equal(a, b)
-    assert all(torch.equal(before[3][k], after[3][k]) for k in before[3])
-    assert before[4] == after[4]
-
-
 @pytest.mark.parametrize("method", ALL)
 def test_model_unchanged_from_train_mode_with_grads(method, xt):
     m = WithBN().train()
     m.conv.weight.grad = torch.ones_like(m.conv.weight)
     m.fc.weight.requires_grad_(False)
-    before = _state(m)
+    before = snapshot(m)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = grad_cam(m, xt, target=0, layer="relu", method=method)
-    _same(before, _state(m))
+    assert_unchanged(m, before)
     assert count_hooks(m) == 0 and torch.isfinite(r.maps).all()
     assert torch.is_grad_enabled()
 
@@ -299,11 +283,11 @@ def test_model_unchanged_from_train_mode_with_grads(method, xt):
 def test_bad_input_leaves_no_hooks_and_model_as_it_was(kwargs, error, xt):
     m = WithBN().train()
     m.conv.weight.grad = torch.zeros_like(m.conv.weight)
-    before = _state(m)
+    before = snapshot(m)
     kwargs.setdefault("layer", "relu")
     with pytest.raises(error):
         grad_cam(m, xt, **kwargs)
-    _same(before, _state(m))
+    assert_unchanged(m, before)
     assert count_hooks(m) == 0 and torch.is_grad_enabled()
 
 
@@ -355,6 +339,8 @@ def test_plot_and_save(tmp_path, clf, sample_x):
     paths = r.save(tmp_path / "cam")
     assert [p.name for p in paths] == ["cam_0.png", "cam_0.npy", "cam_1.png", "cam_1.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "cam_1.npy"), r.maps[1].numpy())
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        r.plot(0, normalize="global")  # type: ignore[arg-type]
 
 
 def test_cli_gradcam_writes_png_and_npy(tmp_path, capsys, monkeypatch, clf):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
-from tests.test_hooks import assert_same, snapshot
 from tests.test_occlusion import SmallNet, _randomise_bn
 
 import convlens
+from conftest import assert_unchanged, snapshot
 from convlens.cli import main
 from convlens.metrics.compare import merge, reference_map
 
@@ -47,7 +48,24 @@ def test_rows_equal_the_metrics_one_by_one(small):
     rnd = reference_map("random map", 2, 64, 64)
     torch.testing.assert_close(cmp.row("random map").insertion.scores, convlens.insertion(net, x, rnd, steps=8).scores)
     assert cmp.row("random map").class_rho is None
-    assert_same(before, net)
+    assert_unchanged(net, before)
+
+
+def test_reference_maps_by_hand():
+    # 3 x 5: the centre is (1, 2), sigma = min(3, 5) / 4 = 0.75, 2 sigma^2 = 1.125
+    g = reference_map("centred Gaussian", 2, 3, 5)
+    assert g.shape == (2, 3, 5) and torch.equal(g[0], g[1])
+    assert g[0, 1, 2].item() == 1.0
+    assert g[0, 0, 2].item() == pytest.approx(math.exp(-1 / 1.125), rel=1e-6)
+    assert g[0, 2, 0].item() == pytest.approx(math.exp(-(1 + 4) / 1.125), rel=1e-6)
+    # even sizes: the centre falls between pixels, (1.5, 1.5) on 4 x 4, sigma 1
+    assert reference_map("centred Gaussian", 1, 4, 4)[0, 1, 1].item() == pytest.approx(math.exp(-0.25), rel=1e-6)
+    r = reference_map("random map", 3, 4, 6, seed=5)
+    assert torch.equal(r[0], r[2]) and 0 <= r.min() and r.max() < 1 and len(r[0].unique()) == 24
+    assert torch.equal(r, reference_map("random map", 3, 4, 6, seed=5))
+    assert not torch.equal(r, reference_map("random map", 3, 4, 6, seed=6))
+    with pytest.raises(ValueError, match="unknown reference"):
+        reference_map("gaussian", 1, 4, 4)
 
 
 def test_summary_aggregates_and_ranks(small):
@@ -108,7 +126,7 @@ def test_cli_compare_on_the_sample_photo(tmp_path, capsys, clf):
     assert "from an earlier run" in capsys.readouterr().err
     assert main(["compare", "--methods", "gradcam,saliency", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
-    assert_same(before, clf.model)
+    assert_unchanged(clf.model, before)
 
 
 def test_cli_compare_over_a_folder_aggregates_and_skips_a_broken_file(tmp_path, capsys):

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-from tests.test_hooks import assert_same, snapshot, tiny_net
+from tests.test_hooks import tiny_net
 from torch import nn
 
 import convlens
+from conftest import assert_unchanged, snapshot
 from convlens.metrics.faithfulness import auc, pixel_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
@@ -114,7 +115,7 @@ def test_model_untouched_also_after_an_error():
     before = snapshot(net)
     x = torch.randn(1, 3, 8, 8)
     convlens.deletion(net, x, torch.rand(1, 8, 8), steps=4)
-    assert_same(before, net)
+    assert_unchanged(net, before)
     with pytest.raises(ValueError, match="non-finite"):
         convlens.insertion(net, x, torch.full((1, 8, 8), float("nan")))
     with pytest.raises(ValueError, match="2 maps for 1 images"):
@@ -123,7 +124,7 @@ def test_model_untouched_also_after_an_error():
         convlens.insertion(net, x, torch.rand(1, 8, 8), baseline="zeros")
     with pytest.raises(ValueError, match="steps"):
         convlens.deletion(net, x, torch.rand(1, 8, 8), steps=0)
-    assert_same(before, net)
+    assert_unchanged(net, before)
 
 
 class OnePatch(nn.Module):
@@ -173,7 +174,7 @@ def test_default_model_gradcam_beats_random_and_model_is_unchanged(clf, sample_x
     rnd = convlens.insertion(clf, sample_x, torch.rand(1, 224, 224, generator=torch.Generator().manual_seed(0)))
     assert ins.target == cam.target
     assert ins.auc.item() > rnd.auc.item()
-    assert_same(before, clf.model)
+    assert_unchanged(clf.model, before)
 
 
 def test_plot_and_save_write_png_and_npy(tmp_path):

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 import convlens
+from conftest import assert_unchanged, snapshot
 from convlens import feature_visualization
 from convlens.cli import main
 from convlens.hooks import count_hooks
@@ -44,39 +45,14 @@ class Tiny(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small ops: on a shared 2-core machine, OpenMP threads waiting for each other cost more
-    than they give (a 30-step run took 8 s with 2 threads under load, 0.08 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# conftest's one OpenMP thread: many small ops, and on a shared 2-core machine threads waiting for
+# each other cost more than they give (a 30-step run took 8 s with 2 threads under load, 0.08 s with 1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
 def tiny() -> Tiny:
     return Tiny().eval()
-
-
-def _snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grad": [p.grad for p in model.parameters()],
-        "hooks": count_hooks(model),
-    }
-
-
-def _assert_same(model: nn.Module, snap: dict) -> None:
-    now = _snapshot(model)
-    assert now["state"].keys() == snap["state"].keys()
-    assert all(torch.equal(now["state"][k], snap["state"][k]) for k in snap["state"])
-    assert now["training"] == snap["training"]
-    assert now["requires_grad"] == snap["requires_grad"]
-    assert all(a is b for a, b in zip(now["grad"], snap["grad"]))
-    assert now["hooks"] == snap["hooks"]
 
 
 # -- objectives -------------------------------------------------------------------------------
@@ -234,7 +210,7 @@ def test_no_parameter_gradients_and_model_unchanged(tiny):
     tiny.train()
     tiny.fc.weight.requires_grad_(False)
     tiny.conv1.weight.grad = torch.ones_like(tiny.conv1.weight)
-    snap = _snapshot(tiny)
+    snap = snapshot(tiny)
     seen = []
     handle = tiny.conv2.register_forward_hook(
         lambda m, i, o: seen.append((m.training, [p.requires_grad for p in tiny.parameters()]))
@@ -244,20 +220,20 @@ def test_no_parameter_gradients_and_model_unchanged(tiny):
     finally:
         handle.remove()
     assert all(not training and not any(flags) for training, flags in seen)
-    _assert_same(tiny, snap)
+    assert_unchanged(tiny, snap)
     assert torch.is_grad_enabled()
     with pytest.raises(ValueError, match="has 8 channels"):
         feature_visualization(tiny, "relu2", [0, 8], **FAST)
-    _assert_same(tiny, snap)
+    assert_unchanged(tiny, snap)
     assert res.images.shape == (2, 3, 32, 32)
 
 
 def test_default_model_unchanged(clf):
-    snap = _snapshot(clf.model)
+    snap = snapshot(clf.model)
     with torch.no_grad():
         feature_visualization(clf, "blocks.1", [0, 3], steps=2, size=32)
         assert not torch.is_grad_enabled()  # works under the caller's no_grad, which survives
-    _assert_same(clf.model, snap)
+    assert_unchanged(clf.model, snap)
 
 
 # -- results, input checks, CLI ------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_unchanged, snapshot
 from convlens.hooks import LayerCapture, StopForward, count_hooks, model_guard
 
 
@@ -27,26 +28,10 @@ def tiny_net() -> nn.Sequential:
     return net
 
 
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "training": [m.training for m in model.modules()],
-        "inplace": [getattr(m, "inplace", None) for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grad_ids": [id(p.grad) if p.grad is not None else None for p in model.parameters()],
-        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "hooks": count_hooks(model),
-    }
-
-
 def assert_same(before: dict, model: nn.Module) -> None:
-    after = snapshot(model)
-    for key in ("training", "inplace", "requires_grad", "grad_ids", "hooks"):
-        assert after[key] == before[key], key
-    for a, b in zip(before["grads"], after["grads"]):
-        assert (a is None and b is None) or torch.equal(a, b)
-    for k, v in before["state"].items():
-        assert torch.equal(v, after["state"][k]), k
+    """The old name and argument order, kept for tests/test_occlusion.py and tests/test_explain.py
+    until they import ``assert_unchanged`` from conftest; remove it then."""
+    assert_unchanged(model, before)
 
 
 def test_capture_is_not_overwritten_by_later_inplace_op():
@@ -161,7 +146,7 @@ def test_guard_restores_everything_after_failure_halfway():
             finally:
                 net[4]._forward_hooks.clear()
     assert torch.is_grad_enabled()
-    assert_same(before, net)
+    assert_unchanged(net, before)
     assert all(m.training for m in net.modules())
 
 
@@ -172,7 +157,45 @@ def test_guard_restores_after_keyboard_interrupt():
         with model_guard(net), LayerCapture({"3": net[3]}):
             assert not net.training
             raise KeyboardInterrupt
-    assert_same(before, net)
+    assert_unchanged(net, before)
+
+
+def _grad_off(net):
+    torch.set_grad_enabled(False)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda net: net[1].train(not net[1].training),
+        lambda net: setattr(net[2], "inplace", False),
+        lambda net: net[0].weight.requires_grad_(False),
+        lambda net: setattr(net[3].weight, "grad", net[3].weight.grad.clone()),  # same values, new tensor
+        lambda net: net[3].weight.grad.add_(1),  # same tensor, new values
+        lambda net: setattr(net[0].weight, "grad", torch.zeros_like(net[0].weight)),
+        lambda net: net[6].bias.data.add_(1e-6),
+        lambda net: net[1].running_mean.add_(1e-6),
+        lambda net: net[1].extra.add_(1),  # a non-persistent buffer (not in the state dict)
+        lambda net: net[4].register_forward_hook(lambda *a: None),
+        lambda net: net.__setitem__(2, nn.ReLU(inplace=True)),  # a module swapped for an equal one
+        lambda net: setattr(net[5], "forward", lambda x: x.flatten(1)),  # forward patched on the instance
+        lambda net: setattr(net[6], "weight", nn.Parameter(net[6].weight.detach().clone())),
+        _grad_off,
+    ],
+)
+def test_assert_unchanged_sees_every_kind_of_change(change):
+    """conftest's model-state check, which every "model untouched" test relies on, fails on each change."""
+    net = tiny_net().eval()
+    net[3].weight.grad = torch.ones_like(net[3].weight)
+    net[1].register_buffer("extra", torch.zeros(2), persistent=False)
+    before = snapshot(net)
+    assert_unchanged(net, before)
+    try:
+        change(net)
+        with pytest.raises(AssertionError):
+            assert_unchanged(net, before)
+    finally:
+        torch.set_grad_enabled(True)
 
 
 def test_remove_is_idempotent_and_capture_rejects_tuple_outputs():

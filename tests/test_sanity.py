@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.test_hooks import assert_same, snapshot, tiny_net
+from tests.test_hooks import tiny_net
 
 import convlens
+from conftest import assert_unchanged, snapshot
 from convlens.metrics.sanity import _steps, cascade_stages
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
@@ -38,7 +39,7 @@ def test_a_fixed_map_fails_and_the_model_is_untouched(tmp_path):
     torch.testing.assert_close(check.ssim, torch.ones(2, 3))
     assert check.stages == ["6", "3", "0"] and check.method == "ignores_the_model"
     assert check.maps.shape == (2, 4, 16, 16)
-    assert_same(before, net)
+    assert_unchanged(net, before)
     png, npy = check.save(tmp_path / "sanity", index=1)
     assert png.read_bytes()[:4] == b"\x89PNG"
     import numpy as np
@@ -78,7 +79,7 @@ def test_default_model_gradcam_passes_gradcam_pp_fails(clf, sample_x):
     assert bad.passed == [False] and bad.spearman[0, 0] > 0.8
     fig = good.plot()
     assert len(fig.axes) == 4  # input, original, two steps
-    assert_same(before, clf.model)
+    assert_unchanged(clf.model, before)
 
 
 def test_class_sensitivity_on_the_default_model(clf, sample_x):
@@ -93,7 +94,7 @@ def test_class_sensitivity_on_the_default_model(clf, sample_x):
     torch.testing.assert_close(eig.maps[:, 0], eig.maps[:, 1])
     named = convlens.class_sensitivity(clf, sample_x, "gradcam", other="tench")
     assert named.other == [0] and named.other_labels == ["tench"]
-    assert_same(before, clf.model)
+    assert_unchanged(clf.model, before)
 
 
 def test_bad_arguments():

@@ -184,9 +184,10 @@ def test_the_page_in_chromium(server, browser, tmp_path: Path) -> None:
 
     # a good upload joins the strip and is explained
     good = tmp_path / "coffee.png"
+    import skimage.data  # scikit-image is a dependency of convlens itself
     from PIL import Image
 
-    Image.fromarray(pytest.importorskip("skimage.data").coffee()).save(good)
+    Image.fromarray(skimage.data.coffee()).save(good)
     d.find_element(By.ID, "upload-input").send_keys(str(good))
     _until(d, "document.querySelectorAll('#strip button').length === 2 && "
               "document.querySelector('#strip button[aria-pressed=true] .name').textContent === 'coffee.png'")

@@ -4,20 +4,30 @@ insertion metrics (a number, the image's channel means, a Gaussian blur, or a te
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BASELINES", "gaussian_blur", "make_baseline", "describe_baseline"]
+__all__ = ["BASELINES", "Baseline", "BaselineName", "gaussian_blur", "make_baseline", "describe_baseline"]
 
-BASELINES = ("mean", "blur")
+BaselineName = Literal["mean", "blur"]
+BASELINES: tuple[BaselineName, ...] = ("mean", "blur")
+#: what replaces hidden pixels: a number in the model's normalised input space, a name, or a tensor
+Baseline = float | BaselineName | Tensor
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of a (N, C, H, W) batch with replicated borders (kernel radius
-    ``ceil(3 sigma)``, cut to the image size)."""
+    """Separable Gaussian blur of a batch with replicated borders (kernel radius ``ceil(3 sigma)``,
+    cut to the image size).
+
+    Args:
+        x: (N, C, H, W) floating tensor, any device.
+        sigma: the standard deviation in pixels (> 0).
+    Returns:
+        (N, C, H, W) tensor on ``x``'s device, in its dtype.
+    """
     radius = max(1, math.ceil(3 * sigma))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
@@ -38,12 +48,21 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 MAX_BASELINE = 100.0
 
 
-def make_baseline(baseline: Any, x: Tensor, *, sigma: float) -> Tensor:
-    """The replacement values for ``x`` (N, C, H, W), broadcastable to it.
+def make_baseline(baseline: Baseline, x: Tensor, *, sigma: float) -> Tensor:
+    """The replacement values for ``x``, broadcastable to it.
 
-    ``baseline``: a number in the model's normalised input space (0 is the mean colour),
-    ``"mean"`` (each image's channel means), ``"blur"`` (:func:`gaussian_blur` with ``sigma``
-    pixels) or a tensor broadcastable to ``x``. Anything else raises ``ValueError``.
+    Args:
+        baseline: a number in the model's normalised input space (0 is the mean colour, at most
+            ``MAX_BASELINE`` in size), ``"mean"`` (each image's channel means), ``"blur"``
+            (:func:`gaussian_blur` with ``sigma`` pixels) or a finite tensor broadcastable to ``x``.
+        x: (N, C, H, W) model input, any device and floating dtype.
+        sigma: the blur's standard deviation in pixels (used by ``"blur"`` only).
+    Returns:
+        A tensor on ``x``'s device in its dtype: (1, 1, 1, 1) for a number, (N, C, 1, 1) for
+        ``"mean"``, (N, C, H, W) for ``"blur"`` and a tensor.
+    Raises:
+        ValueError: a bool, a non-finite or too large number, another name, a tensor that does
+            not broadcast to ``x`` or holds NaN/inf, or any other type.
 
     Example::
 
@@ -81,6 +100,6 @@ def make_baseline(baseline: Any, x: Tensor, *, sigma: float) -> Tensor:
     raise ValueError(f"baseline must be a number, 'mean', 'blur' or a tensor, not {type(baseline).__name__}")
 
 
-def describe_baseline(baseline: Any) -> Any:
+def describe_baseline(baseline: Baseline) -> Any:
     """How a baseline is recorded in a result's settings: the number or name, else ``"tensor"``."""
     return baseline if isinstance(baseline, (int, float, str)) else "tensor"

@@ -49,6 +49,13 @@ def cache_dir(cache: bool | str | os.PathLike[str] | None = True) -> Path | None
     ``True``: ``$CONVLENS_CACHE`` if set (``off`` disables), else the user cache folder of the
     platform (``platformdirs.user_cache_dir("convlens")``); a path: that folder; ``False``/``None``: off.
 
+    Args:
+        cache: ``True``, ``False``, ``None`` or a folder.
+    Returns:
+        The folder (not created here), or None.
+    Raises:
+        ValueError: any other value.
+
     Example::
 
         cache_dir(True)            # e.g. ~/.cache/convlens
@@ -71,7 +78,13 @@ def cache_dir(cache: bool | str | os.PathLike[str] | None = True) -> Path | None
 
 
 def limit_bytes() -> int:
-    """The size limit from ``$CONVLENS_CACHE_MB`` (a positive number of megabytes) or :data:`DEFAULT_MB`."""
+    """The size limit from ``$CONVLENS_CACHE_MB`` (a positive number of megabytes) or :data:`DEFAULT_MB`.
+
+    Returns:
+        The limit in bytes.
+    Raises:
+        ValueError: ``$CONVLENS_CACHE_MB`` is not a positive finite number.
+    """
     text = os.environ.get(ENV_MB, "").strip()
     if not text:
         return int(DEFAULT_MB * 2**20)
@@ -90,6 +103,11 @@ def model_digest(model: nn.Module) -> str:
 
     The memo is keyed on each tensor's in-place version counter and storage address, so loading
     new weights or an optimiser step gives a new digest without hashing the weights on every call.
+
+    Args:
+        model: the model, on any device (tensors are copied to the CPU for hashing).
+    Returns:
+        64 hexadecimal digits.
 
     Example::
 
@@ -124,13 +142,25 @@ def _bytes(t: Any) -> bytes:
 
 
 def entry_key(fields: Mapping[str, Any]) -> str:
-    """The file key of a cache entry: SHA-256 of the fields as canonical JSON."""
+    """The file key of a cache entry: SHA-256 of the fields as canonical JSON (sorted keys; values
+    JSON cannot hold are written with ``str``).
+
+    Args:
+        fields: everything the entry depends on.
+    Returns:
+        64 hexadecimal digits.
+    """
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 class FeatureCache:
-    """Entries of arrays (``dict[str, np.ndarray]``) by key in ``folder``, size-bounded.
+    """Entries of arrays (``dict[str, np.ndarray]``) by key in ``folder``/featureviz, size-bounded.
+
+    Args:
+        folder: the cache folder (created on the first write).
+        max_bytes: the size limit (default :func:`limit_bytes`, which raises ``ValueError`` for a
+            bad ``$CONVLENS_CACHE_MB``).
 
     Example::
 
@@ -224,7 +254,11 @@ class FeatureCache:
 
 
 def open_cache(cache: bool | str | os.PathLike[str] | None) -> FeatureCache | None:
-    """A :class:`FeatureCache` in the folder :func:`cache_dir` gives, or None when off."""
+    """A :class:`FeatureCache` in the folder :func:`cache_dir` gives, or None when off.
+
+    Raises:
+        ValueError: a bad ``cache`` or ``$CONVLENS_CACHE_MB``.
+    """
     folder = cache_dir(cache)
     return None if folder is None else FeatureCache(folder)
 

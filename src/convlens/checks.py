@@ -48,6 +48,14 @@ def require_finite(t: Tensor, what: str) -> Tensor:
     """Return ``t`` when all its values are finite, else raise :class:`NonFiniteError` saying
     what holds how many NaN/inf values (a checkpoint with NaN weights, an overflowing baseline).
 
+    Args:
+        t: any tensor, any device.
+        what: what ``t`` is, for the message.
+    Returns:
+        ``t`` itself.
+    Raises:
+        NonFiniteError: NaN or infinity in ``t`` (a ``ValueError``).
+
     Example::
 
         logits = require_finite(model(x), "the model's output")
@@ -63,8 +71,15 @@ def require_finite(t: Tensor, what: str) -> Tensor:
 
 
 def warn_constant(maps: Tensor, method: str, why: str = "nothing supports the target") -> list[int]:
-    """Warn (``RuntimeWarning``) when a row of ``maps`` (N, ...) holds one value only: such a map
-    says nothing. Returns the constant rows.
+    """Warn (``RuntimeWarning``) when a row of ``maps`` holds one value only: such a map says
+    nothing.
+
+    Args:
+        maps: (N, ...) tensor, any device.
+        method: the map's name, for the message.
+        why: the likely reason, for the message.
+    Returns:
+        The indices of the constant rows.
 
     Example::
 

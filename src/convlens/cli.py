@@ -387,12 +387,13 @@ def _add_occlusion(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mode", choices=("exact", "approximate"), default="exact",
         help="exact: equal to one full forward per window; approximate: recompute only the central part "
-             "of each layer's reach (faster, a close map)",
+             "of each layer's reach (faster, a close map; see the README)",
     )
     p.add_argument(
-        "--refine", type=_share_arg, nargs="?", const=0.25, default=None, metavar="SHARE",
-        help="every second window first, then the full stride only near the top SHARE of them by |drop| "
-             "(default 0.25), the rest interpolated",
+        "--refine", type=_share_arg, nargs="?", const=True, default=None, metavar="SHARE",
+        help="adaptive refinement, in either mode: a coarse lattice of windows first, then the full stride "
+             "only in the top SHARE of its cells by |drop| (default 0.3: about half the windows at "
+             "--patch 16 --stride 8), the other windows interpolated",
     )
     _add_evidence(p)
     _add_out(p)

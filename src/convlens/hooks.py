@@ -31,6 +31,13 @@ def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = Fals
     ``freeze=True`` also turns ``requires_grad`` off on every parameter for the call, so autograd
     records activations only (a backward to a captured layer then touches no weight gradient).
 
+    Args:
+        model: the model (any device).
+        eval_mode: put it in eval mode for the call.
+        freeze: turn ``requires_grad`` off on its parameters for the call.
+    Yields:
+        ``model`` itself (not a copy).
+
     Example::
 
         with model_guard(model):
@@ -85,6 +92,17 @@ class LayerCapture:
     cannot overwrite what was captured. Removal is idempotent. With grad layers, autograd stays
     on after :meth:`run` (so the score can be computed and differentiated) until the ``with``
     block ends, which restores the caller's grad mode, ``torch.no_grad()`` included.
+
+    Args:
+        layers: key (``"name"`` or ``"name#k"``) -> module to capture.
+        grad: keys whose outputs will be differentiated.
+        stop_early: end the pass once every layer has fired.
+        calls: module name -> how often it runs in one pass.
+    Raises:
+        ValueError: a grad key that is not among ``layers``, or a bad ``#k``.
+
+    After :meth:`run`, ``capture[key]`` is the layer's output tensor, on the model's device in
+    its dtype (a leaf that requires grad for a grad layer).
 
     Example::
 
@@ -176,6 +194,17 @@ class LayerCapture:
         ``input_grad=True`` records the whole pass (for gradients down to ``x``, as feature
         visualisation needs) and leaves autograd on until the ``with`` block ends; then list no
         grad layers.
+
+        Args:
+            model: the model the layers belong to.
+            x: (N, C, H, W) model-ready input on the model's device, in its dtype.
+            input_grad: record the whole pass.
+        Returns:
+            The model's raw output, or None when the pass stopped early.
+        Raises:
+            RuntimeError: used outside its ``with`` block.
+            ValueError: ``input_grad`` with grad layers.
+            TypeError: a captured layer returns something other than a tensor.
         """
         if self._grad_mode is None:
             raise RuntimeError("use LayerCapture as a context manager: `with LayerCapture(...) as cap:`")

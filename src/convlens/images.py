@@ -34,12 +34,16 @@ class ImageError(ValueError):
 
 
 def sample_image_path() -> Path:
-    """Path of the bundled sample photo (scikit-image's ``chelsea``, CC0)."""
+    """Path of the bundled sample photo (scikit-image's ``chelsea``, CC0; 451 x 300 JPEG)."""
     return Path(str(resources.files("convlens") / "data" / "chelsea.jpg"))
 
 
 def sample_image() -> Image.Image:
-    """The bundled sample photo as an RGB PIL image; no network needed."""
+    """The bundled sample photo as an RGB PIL image (451 x 300); no network needed.
+
+    Returns:
+        A ``PIL.Image.Image`` in mode ``"RGB"``.
+    """
     return load_image(sample_image_path())
 
 
@@ -143,6 +147,19 @@ def load_image(source: ImageSource) -> Image.Image:
     Every Pillow mode (greyscale, RGBA, palette, CMYK, 16-bit) becomes RGB, EXIF orientation is
     applied, and files that are missing, empty, not images, truncated or larger than
     :data:`MAX_PIXELS` raise :class:`ImageError` with a message that says what is wrong.
+
+    Args:
+        source: a path (str or ``os.PathLike``), the file's bytes, an open binary file, a PIL
+            image, or a numpy array (H, W), (H, W, 3|4) or (3|4, H, W): uint8, uint16, bool,
+            integers in [0, 255] or floats in [0, 1]. Only the formats in :data:`FORMATS` are
+            decoded.
+    Returns:
+        A ``PIL.Image.Image`` in mode ``"RGB"`` (8 bits per channel; transparency composited on
+        white).
+    Raises:
+        ImageError: a missing or empty file, a folder, FIFO or device, data that is not an image
+            in a supported format, a truncated or corrupt file, more than :data:`MAX_PIXELS`
+            pixels, an array of another shape, dtype or range, or another type of ``source``.
 
     Example::
 

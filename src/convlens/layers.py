@@ -60,7 +60,8 @@ class LayerInfo:
 def split_call(spec: str) -> tuple[str, int | None]:
     """``"name#k"`` -> ``("name", k)`` (k counted from 1); a plain name -> ``("name", None)``, its last call.
 
-    Raises :class:`LayerError` for a ``#`` not followed by a positive integer.
+    Raises:
+        LayerError: a ``#`` not followed by a positive integer, or nothing before it.
 
     Example::
 
@@ -81,6 +82,15 @@ def _named(model: nn.Module) -> dict[str, nn.Module]:
 def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
     """Return ``(name, module)`` for a dotted ``named_modules`` name, a ``name#k`` call (the name
     is returned with its ``#k``) or a module of ``model``.
+
+    Args:
+        model: the model.
+        layer: a name, ``name#k`` or one of the model's modules.
+    Returns:
+        The layer's name and its module.
+    Raises:
+        LayerError: an unknown name (with close matches), a bad ``#k``, a module not in the model,
+            or another type.
 
     Example::
 
@@ -116,6 +126,19 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) ->
     A pattern matches dotted names with :func:`fnmatch.fnmatchcase` and must match at least one
     (``"layer4.*.relu#1"``: the first call of each match). Order follows the request, then model
     order within a pattern; duplicates are dropped.
+
+    Args:
+        model: the model.
+        layers: one name, pattern or module, or an iterable of them.
+    Returns:
+        ``{name: module}`` in that order.
+    Raises:
+        LayerError: an unknown name, a pattern that matches nothing, a module not in the model, or
+            no layers at all.
+
+    Example::
+
+        resolve_layers(resnet, ["layer?", "fc"])   # {"layer1": ..., ..., "layer4": ..., "fc": ...}
     """
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
@@ -145,6 +168,13 @@ def layer_table(model: nn.Module, x: Tensor) -> list[LayerInfo]:
     ran. ``order`` gives execution order (completion of the last call). The model is left as it
     was (eval mode during the pass, hooks removed). The call counts are remembered for
     :func:`call_counts`.
+
+    Args:
+        model: the model.
+        x: (N, C, H, W) model-ready input on the model's device, in its dtype (one image is enough).
+    Returns:
+        One :class:`LayerInfo` per named module (``shape`` None for a module that never ran or
+        returns no tensor). An error of the model's forward on ``x`` propagates.
 
     Example::
 
@@ -195,6 +225,12 @@ def call_counts(model: nn.Module, x: Tensor) -> dict[str, int]:
     """How many times each named module runs on inputs shaped like ``x`` (one traced pass, then
     remembered per model and input shape; :func:`layer_table` fills the same memo).
 
+    Args:
+        model: the model.
+        x: (N, C, H, W) model-ready input on the model's device (its first image is traced).
+    Returns:
+        ``{name: calls}`` for every named module that ran.
+
     Example::
 
         call_counts(resnet50, x)["layer4.2.relu"]   # 3
@@ -222,6 +258,19 @@ def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | 
 
     A stage and its last block share that map; the stage finishes last, so ``layer4`` is chosen
     rather than ``layer4.2``. The choice is logged.
+
+    Args:
+        model: the model.
+        x: (N, C, H, W) model-ready input on the model's device (one image is enough).
+        table: the model's :func:`layer_table` for ``x``, when the caller has it.
+    Returns:
+        The layer's name.
+    Raises:
+        LayerError: no layer outputs a spatial (N, C, h, w) map.
+
+    Example::
+
+        default_cam_layer(torchvision.models.resnet18(), torch.zeros(1, 3, 224, 224))   # "layer4"
     """
     table = layer_table(model, x) if table is None else table
     spatial = [
@@ -252,6 +301,15 @@ def find_stages(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None =
     lone pooling layer is no stage) and its map has more than one position; adaptive pools are
     left out. ResNet-50 -> ``relu, layer1 .. layer4`` (the spec's five), VGG -> the ReLU before
     each pooling, MobileNetV2 -> ``features.1, .3, .6, .13`` and the head ``features.18``.
+
+    Args:
+        model: the model.
+        x: (N, C, H, W) model-ready input on the model's device (one image is enough).
+        table: the model's :func:`layer_table` for ``x``, when the caller has it.
+    Returns:
+        Module names, shallowest first.
+    Raises:
+        LayerError: no stage outputs (4-D maps) are found.
 
     Example::
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "efficientnet_lite0"
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
+Resize = Literal["square", "shorter"]
 _INTERPOLATIONS = {"nearest", "bilinear", "bicubic"}
 
 
@@ -82,7 +84,7 @@ def model_output(out: Any) -> Tensor:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One class of a top-k list."""
+    """One class of a top-k list: its ``label``, class ``index`` and softmax ``probability``."""
 
     label: str
     index: int
@@ -93,7 +95,11 @@ class Prediction:
 
 
 def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet-1k class names (from torchvision's metadata; no download)."""
+    """The 1000 ImageNet-1k class names (from torchvision's metadata; no download).
+
+    Returns:
+        A list of 1000 names, index ``i`` the name of class ``i``.
+    """
     from torchvision.models import ResNet50_Weights
 
     return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
@@ -118,6 +124,22 @@ class Classifier:
     ``["logits"]``); every technique goes through it. Inputs follow the model: ``preprocess`` and
     ``batch`` return tensors on the model's device in its floating dtype (float16, bfloat16 and
     float64 models work; the methods compute their maps in float32 or wider).
+
+    Args:
+        model: the network (an ``nn.Module``; kept, never copied; its device is the classifier's).
+        mean: three channel means of the model's input normalisation, for RGB in [0, 1].
+        std: three channel standard deviations (> 0).
+        size: the side of the square input (``resize="square"``), the shorter side
+            (``"shorter"``), or None for the image's own size; at least 8.
+        interpolation: Pillow's resampling filter for resizing.
+        labels: the class names, index ``i`` naming class ``i``.
+        name: a display name (default: the model's class name).
+        weights: where the weights came from, for reports.
+        resize: ``"square"`` or ``"shorter"`` (see above).
+        output: ``raw_output -> tensor`` (default :func:`model_output`).
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``output`` is not callable.
+        ValueError: bad ``mean``/``std``, ``interpolation``, ``resize`` or ``size``.
     """
 
     def __init__(
@@ -127,11 +149,11 @@ class Classifier:
         mean: Sequence[float],
         std: Sequence[float],
         size: int | None = 224,
-        interpolation: str = "bilinear",
+        interpolation: Interpolation = "bilinear",
         labels: Sequence[str] | None = None,
         name: str | None = None,
         weights: str | None = None,
-        resize: str = "square",
+        resize: Resize = "square",
         output: OutputAdapter | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -185,7 +207,14 @@ class Classifier:
 
     def adapt(self, raw: Any) -> Tensor:
         """The tensor to explain in a raw model output: ``output(raw)`` when an ``output=`` callable
-        was given, else :func:`model_output`. Raises :class:`ModelError` when none is found.
+        was given, else :func:`model_output`.
+
+        Args:
+            raw: what ``model(x)`` returned.
+        Returns:
+            The tensor (on the model's device, in its dtype).
+        Raises:
+            ModelError: none is found, or ``output=`` returned something other than a tensor.
 
         Example::
 
@@ -199,6 +228,13 @@ class Classifier:
     def forward(self, x: Tensor) -> Tensor:
         """``adapt(model(x))`` as is: no guard, no grad-mode change (for use inside a method).
 
+        Args:
+            x: (N, C, H, W) model-ready tensor on the model's device, in its dtype.
+        Returns:
+            The adapted output, usually (N, classes) logits, on the model's device.
+        Raises:
+            ModelError: as :meth:`adapt`.
+
         Example::
 
             with torch.no_grad():
@@ -207,18 +243,28 @@ class Classifier:
         return self.adapt(self.model(x))
 
     def to(self, device: str | torch.device) -> Classifier:
-        """Move the model to ``device``; returns ``self``."""
+        """Move the model to ``device`` (``"cpu"``, ``"cuda"``, ``torch.device``...); returns ``self``."""
         self.model.to(device)
         return self
 
     def label(self, index: int) -> str:
-        """The class name of ``index``, or ``"class N"`` when the model has no labels."""
+        """The class name of ``index``, or ``"class N"`` when the model has no labels (or the index
+        is out of their range)."""
         if self.labels is not None and 0 <= index < len(self.labels):
             return self.labels[index]
         return f"class {index}"
 
     def class_index(self, target: int | str) -> int:
-        """A class index from an index or a class name (exact, then case-insensitive)."""
+        """A class index from an index or a class name (exact, then case-insensitive).
+
+        Args:
+            target: an int, a string of digits (``"285"``) or a class name.
+        Returns:
+            The class index.
+        Raises:
+            ValueError: a bool, an index out of range, a name when the model has no labels, an
+                unknown name (with close matches), or another type.
+        """
         if isinstance(target, bool):
             raise ValueError("a target is a class index or name, not a bool")
         if isinstance(target, int):
@@ -250,14 +296,21 @@ class Classifier:
         return (x - mean) / std
 
     def denormalise(self, x: Tensor) -> Tensor:
-        """Undo the normalisation: model input -> float32 RGB in [0, 1] (clamped)."""
+        """Undo the normalisation: model input -> RGB in [0, 1] (clamped).
+
+        Args:
+            x: (N, 3, H, W) model input, any device and floating dtype.
+        Returns:
+            (N, 3, H, W) float32 on ``x``'s device.
+        """
         x = x.float()
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (x * std + mean).clamp(0, 1)
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
-        """Height and width after resizing an image of ``height`` x ``width``."""
+        """``(height, width)`` after resizing an image of ``height`` x ``width`` (the input size
+        the model gets)."""
         if self.size is None:
             return height, width
         if self.resize == "square":
@@ -266,10 +319,19 @@ class Classifier:
         return max(1, round(height * scale)), max(1, round(width * scale))
 
     def preprocess(self, images: ImageSource | Sequence[ImageSource]) -> Tensor:
-        """Image(s) -> normalised tensor (N, 3, H, W) on the model's device, in its dtype
-        (normalised in float32, then cast).
+        """Image(s) -> normalised tensor, resized as the model expects (:meth:`target_size`).
 
         Images of different shapes in one call are each resized to the first one's size.
+
+        Args:
+            images: one image or a list/tuple of them: a path, bytes, a PIL image or a numpy
+                array (anything :func:`convlens.load_image` reads).
+        Returns:
+            (N, 3, H, W) tensor on the model's device, in its dtype (normalised in float32, then
+            cast).
+        Raises:
+            ValueError: an empty list.
+            ImageError: an image that cannot be read.
         """
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
@@ -290,8 +352,18 @@ class Classifier:
         return self._normalise(torch.stack(batch).to(self.device)).to(self.dtype)
 
     def batch(self, x: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
-        """A model-ready batch on the model's device and in its dtype: tensors pass through (a
-        3-D tensor gains the batch axis), images are preprocessed. Checks the shape."""
+        """A model-ready batch: tensors pass through (a 3-D tensor gains the batch axis), images
+        are preprocessed.
+
+        Args:
+            x: an (N, C, H, W) or (C, H, W) tensor, already normalised, on any device; or what
+                :meth:`preprocess` takes.
+        Returns:
+            (N, C, H, W) tensor on the model's device, in its dtype.
+        Raises:
+            ValueError: a tensor of another rank, or an empty list.
+            ImageError: an image that cannot be read.
+        """
         if isinstance(x, Tensor):
             if x.dim() == 3:
                 x = x[None]
@@ -302,14 +374,32 @@ class Classifier:
 
     # -- prediction --------------------------------------------------------------------
     def logits(self, x: Tensor) -> Tensor:
-        """Logits (N, classes) for a batch, without gradients, in eval mode, through the output
-        adapter; the model is left as it was. Raises :class:`ModelError` for another shape."""
+        """Logits for a batch, without gradients, in eval mode, through the output adapter; the
+        model is left as it was.
+
+        Args:
+            x: what :meth:`batch` takes.
+        Returns:
+            (N, classes) tensor on the model's device, in its dtype.
+        Raises:
+            ModelError: the adapted output is not (N, classes).
+            ValueError, ImageError: as :meth:`batch`.
+        """
         with model_guard(self.model), torch.no_grad():
             out = self.forward(self.batch(x))
         return require_logits(out)
 
     def predict(self, x: Tensor | ImageSource | Sequence[ImageSource], top: int = 5) -> list[list[Prediction]]:
-        """Top-``top`` predictions per image, most probable first (softmax of the logits)."""
+        """Top-``top`` predictions per image, most probable first (softmax of the logits, in float32).
+
+        Args:
+            x: what :meth:`batch` takes.
+            top: how many classes per image (clamped to 1 .. the number of classes).
+        Returns:
+            One list of :class:`Prediction` per image.
+        Raises:
+            ModelError, ValueError, ImageError: as :meth:`logits`.
+        """
         probs = self.logits(x).float().softmax(dim=1)  # float32 softmax for half models
         k = max(1, min(int(top), probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
@@ -320,7 +410,11 @@ class Classifier:
 
 
 def require_logits(out: Tensor) -> Tensor:
-    """``out`` when it is (N, classes) logits, else :class:`ModelError` (a ``ValueError``)."""
+    """``out`` when it is (N, classes) logits (a 2-D tensor).
+
+    Raises:
+        ModelError: anything else (a ``ValueError``).
+    """
     if not isinstance(out, Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ModelError(
@@ -335,6 +429,14 @@ def as_classifier(model: nn.Module | Classifier, *, output: OutputAdapter | None
     (its inputs are then taken to be already preprocessed tensors). ``output``: the output
     adapter for a bare module (see :class:`Classifier`); a Classifier keeps its own unless one is
     given, in which case a copy with that adapter is returned.
+
+    Args:
+        model: an ``nn.Module`` or a :class:`Classifier`.
+        output: the output adapter.
+    Returns:
+        A :class:`Classifier` (the given one, a shallow copy, or a new wrapper of the module).
+    Raises:
+        TypeError: anything else.
 
     Example::
 
@@ -379,6 +481,14 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     Pickled checkpoints are read with ``weights_only=True``, so no code inside them can run.
     Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and DataParallel's
     ``module.`` prefix are unwrapped.
+
+    Args:
+        path: the file.
+    Returns:
+        The state dict: name -> tensor on the CPU.
+    Raises:
+        ModelError: the file is missing, unreadable, holds pickled code or objects, or is not a
+            dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -541,6 +651,19 @@ def load_model(
     ``.pth``/``.pt``/``.safetensors`` state dict, read without running pickled code.
     ``device``: ``None``/``"auto"`` picks CUDA when available. ``output``: the output adapter
     (see :class:`Classifier`).
+
+    Args:
+        name: the model (see above).
+        weights: a local state-dict file.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a ``torch.device``.
+        output: the output adapter.
+    Returns:
+        A :class:`Classifier` in eval mode on ``device``, with the model's mean, std, input size,
+        interpolation and (for 1000 classes) the ImageNet labels.
+    Raises:
+        ModelError: an unknown name or device, no CUDA/MPS, weights that are missing, unreadable,
+            unsafe or do not fit, or pretrained weights that are not cached and cannot be
+            downloaded.
 
     Example::
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
 import numpy as np
@@ -19,7 +19,12 @@ __all__ = [
     "plot_curves", "plot_sanity", "plot_class_sensitivity", "plot_comparison", "plot_trust",
 ]
 
-NORMALIZE = ("per_image", "none")
+Normalize = Literal["per_image", "none"]
+NORMALIZE: tuple[Normalize, ...] = ("per_image", "none")
+Layout = Literal["tiles", "rows"]
+#: which channels an activation grid shows: the most active, the first k, or chosen indices
+#: (one list for every layer, or a dict of lists per layer)
+Channels = Literal["top", "first"] | list[int] | dict[str, list[int]]
 
 
 class ResultFigure(Figure):
@@ -40,9 +45,18 @@ class ResultFigure(Figure):
         return figure_png(self)
 
 
-def normalize_map(m: np.ndarray, how: str = "per_image") -> np.ndarray:
+def normalize_map(m: np.ndarray, how: Normalize = "per_image") -> np.ndarray:
     """Scale a map for display. ``per_image``: to [0, 1] by its own min and max (a constant map
-    becomes all zeros); ``none``: unchanged."""
+    becomes all zeros); ``none``: unchanged.
+
+    Args:
+        m: a map (H, W), any real dtype.
+        how: ``"per_image"`` or ``"none"``.
+    Returns:
+        An array of ``m``'s shape and dtype (``m`` itself for ``"none"``).
+    Raises:
+        ValueError: another ``how``.
+    """
     if how == "none":
         return m
     if how != "per_image":
@@ -53,9 +67,21 @@ def normalize_map(m: np.ndarray, how: str = "per_image") -> np.ndarray:
 def overlay(
     rgb: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet", weight: np.ndarray | None = None
 ) -> np.ndarray:
-    """Blend a [0, 1] heatmap, coloured with ``cmap`` (RGB order), over an RGB image in [0, 1].
-    ``weight`` (same shape as ``heat``, in [0, 1]) scales the opacity per pixel, so that pixels
-    that do not matter show the photo itself."""
+    """Blend a [0, 1] heatmap, coloured with ``cmap`` (RGB order), over an RGB image in [0, 1]:
+    ``(1 - a) * rgb + a * cmap(heat)`` with ``a = alpha * weight``.
+
+    Args:
+        rgb: (H, W, 3) float array in [0, 1].
+        heat: (H, W) float array; clipped to [0, 1].
+        alpha: the heatmap's opacity.
+        cmap: a matplotlib colormap name.
+        weight: (H, W) in [0, 1], scales the opacity per pixel, so that pixels that do not matter
+            show the photo itself.
+    Returns:
+        (H, W, 3) float64 array in [0, 1].
+    Raises:
+        KeyError: an unknown colormap name (matplotlib's error).
+    """
     colored = matplotlib.colormaps[cmap](np.clip(heat, 0, 1))[..., :3]
     a = alpha if weight is None else alpha * np.clip(weight, 0, 1)[..., None]
     return np.clip((1 - a) * rgb + a * colored, 0, 1)
@@ -65,7 +91,7 @@ def plot_saliency(
     result: Any,  # a convlens.results.Saliency
     index: int = 0,
     *,
-    normalize: str = "per_image",
+    normalize: Normalize = "per_image",
     alpha: float = 0.5,
     cmap: str | None = None,
 ) -> Figure:
@@ -74,7 +100,22 @@ def plot_saliency(
     Occlusion maps are signed, so they use a diverging colormap centred on zero, also in the
     overlay, whose opacity there follows the size of the drop; CAM maps use ``jet``. The title
     names the method, the layer and the class.
+
+    Args:
+        result: a :class:`convlens.Saliency` (its maps on any device).
+        index: the row to draw.
+        normalize: the heatmap panel's scaling of a CAM map (:func:`normalize_map`); the overlay
+            is always scaled per image, an occlusion map always centred on zero.
+        alpha: the overlay's opacity.
+        cmap: a matplotlib colormap (default ``jet``, ``RdBu_r`` for occlusion).
+    Returns:
+        A :class:`ResultFigure` with three panels.
+    Raises:
+        ValueError: another ``normalize``.
+        IndexError: ``index`` out of range.
     """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, not {normalize!r}")
     m = result.to_numpy()[index]
     rgb = result.rgb(index)
     signed = result.method == "occlusion"
@@ -125,16 +166,31 @@ def plot_activations(
     result: Any,  # a convlens.results.Activations
     index: int = 0,
     *,
-    channels: str | list[int] | dict[str, list[int]] = "top",
+    channels: Channels = "top",
     k: int = 8,
     cmap: str = "viridis",
-    layout: str = "tiles",
+    layout: Layout = "tiles",
 ) -> Figure:
     """Grid of channel maps for image ``index``: a row per layer (labelled with name and
     C x h x w), a column per channel (``"top"``: most active first, ``"first"``: 0..k-1, or
     chosen indices). Each tile has its own colour scale; its title gives the channel and its
     mean activation. ``layout="tiles"``: one Axes per tile; ``"rows"``: the same picture with one
-    Axes per layer (its tiles coloured here and laid side by side), several times faster to draw."""
+    Axes per layer (its tiles coloured here and laid side by side), several times faster to draw.
+
+    Args:
+        result: a :class:`convlens.Activations` (its maps on any device).
+        index: the image to draw.
+        channels: ``"top"``, ``"first"``, a list of channel indices for every layer, or a dict
+            layer -> list.
+        k: channels per layer for ``"top"`` / ``"first"``.
+        cmap: a matplotlib colormap name.
+        layout: ``"tiles"`` or ``"rows"``.
+    Returns:
+        A :class:`ResultFigure`.
+    Raises:
+        ValueError: ``index`` out of range, another ``layout``, a bad ``channels`` or a channel
+            out of range.
+    """
     if not 0 <= index < result.images.shape[0]:
         raise ValueError(f"index {index} is out of range for {result.images.shape[0]} images")
     if layout not in ("tiles", "rows"):
@@ -199,7 +255,14 @@ def _activation_rows(
 
 def plot_feature_images(result: Any, *, ncols: int | None = None) -> Figure:
     """A grid of feature-visualisation images, titled ``layer cN`` (or the class name) with the
-    final objective; dead units are marked. Images are shown as they are (already in [0, 1])."""
+    final objective; dead units are marked. Images are shown as they are (already in [0, 1]).
+
+    Args:
+        result: a :class:`convlens.FeatureImages`.
+        ncols: images per row (default: up to 4).
+    Returns:
+        A :class:`ResultFigure`.
+    """
     n = len(result.channels)
     ncols = max(1, min(ncols or min(n, 4), n))
     nrows = -(-n // ncols)
@@ -222,7 +285,18 @@ def plot_feature_images(result: Any, *, ncols: int | None = None) -> Figure:
 def plot_curves(curves: list, index: int = 0, *, title: str | None = None, ax: object | None = None) -> Figure:
     """Deletion / insertion curves of image ``index``: one line per curve (labelled with its
     method and AUC), the first one's area shaded. ``curves`` are
-    :class:`convlens.metrics.results.PerturbationCurve`; with ``ax`` the lines go there."""
+    :class:`convlens.metrics.results.PerturbationCurve`; with ``ax`` the lines go there.
+
+    Args:
+        curves: the curves (one kind or both), the first one shaded.
+        index: the image to draw.
+        title: the axes' title (default: the kinds and which way is better).
+        ax: a matplotlib ``Axes`` to draw into (default: a new figure).
+    Returns:
+        The figure (``ax``'s figure when given).
+    Raises:
+        ValueError: no curves.
+    """
     if not curves:
         raise ValueError("no curves to plot")
     own = ax is None
@@ -254,7 +328,11 @@ def plot_curves(curves: list, index: int = 0, *, title: str | None = None, ax: o
 def plot_sanity(result: object, index: int = 0) -> Figure:
     """Adebayo et al.'s cascading-randomisation figure for image ``index`` of a
     :class:`convlens.metrics.results.SanityCheck`: the input, the original map, then the map
-    after each step (each normalised to [0, 1] on its own), with Spearman rho and SSIM."""
+    after each step (each normalised to [0, 1] on its own), with Spearman rho and SSIM.
+
+    Returns:
+        A :class:`ResultFigure`.
+    """
     maps = result.maps[index].detach().float().cpu().numpy()
     rgb = result.images[index].detach().float().permute(1, 2, 0).cpu().numpy()
     cols = maps.shape[0] + 1
@@ -284,7 +362,11 @@ def plot_sanity(result: object, index: int = 0) -> Figure:
 def plot_class_sensitivity(result: object, index: int = 0) -> Figure:
     """The target's map beside the other class's map for image ``index`` of a
     :class:`convlens.metrics.results.ClassSensitivity` (each normalised on its own), with their
-    rank correlation: a class-discriminative method draws two different maps."""
+    rank correlation: a class-discriminative method draws two different maps.
+
+    Returns:
+        A :class:`ResultFigure`.
+    """
     maps = result.maps[index].detach().float().cpu().numpy()
     fig = ResultFigure(figsize=(6.4, 3.4))
     axes = fig.subplots(1, 2)
@@ -303,7 +385,11 @@ def plot_class_sensitivity(result: object, index: int = 0) -> Figure:
 def plot_comparison(comparison: object) -> Figure:
     """Deletion (left) and insertion (right) curves of every row of a
     :class:`convlens.metrics.compare.Comparison`, averaged over its images; reference rows dashed
-    grey, the AUC (mean over images) in each legend entry."""
+    grey, the AUC (mean over images) in each legend entry.
+
+    Returns:
+        A :class:`ResultFigure`.
+    """
     fig = ResultFigure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2)
     rows = [r for r in comparison.rows if not r.error]
@@ -331,7 +417,11 @@ def plot_comparison(comparison: object) -> Figure:
 
 def plot_trust(result: object) -> Figure:
     """The report's trust figure: deletion (left) and insertion (right) curves of each map of a
-    :class:`convlens.metrics.results.TrustSummary` beside the random map's (dashed)."""
+    :class:`convlens.metrics.results.TrustSummary` beside the random map's (dashed).
+
+    Returns:
+        A :class:`ResultFigure`.
+    """
     fig = ResultFigure(figsize=(10, 3.6))
     axes = fig.subplots(1, 2)
     for j, ax in enumerate(axes):

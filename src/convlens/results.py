@@ -6,7 +6,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from torch import Tensor
@@ -17,22 +17,48 @@ from .display import caption, rich_display, short
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["Saliency", "Activations", "FeatureImages", "atomic_path", "save_npy", "save_figure"]
+    from .plotting import Channels, Layout, Normalize
+
+__all__ = ["Saliency", "Activations", "FeatureImages", "Objective", "atomic_path", "save_npy", "save_figure"]
+
+#: What a feature visualisation maximises (see :func:`convlens.feature_visualization`).
+Objective = Literal["channel", "neuron", "layer", "class"]
 
 
 def atomic_path(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds,
-    so an interrupted write never leaves a half-written file (see :mod:`convlens.outputs`)."""
+    so an interrupted write never leaves a half-written file (see :mod:`convlens.outputs`).
+
+    Args:
+        path: the file to write.
+    Returns:
+        A context manager yielding the temporary ``Path``.
+    """
     return outputs.atomic_path(path)
 
 
 def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
-    """Write ``array`` to ``path`` (``.npy``) atomically."""
+    """Write ``array`` to ``path`` (``.npy``) atomically.
+
+    Args:
+        path: the file to write.
+        array: any numpy array.
+    Returns:
+        The path written.
+    """
     return outputs.write_file(path, outputs.npy_writer(array))
 
 
 def save_figure(path: str | os.PathLike[str], fig: Figure, *, dpi: int = 120) -> Path:
-    """Write a matplotlib figure as PNG atomically."""
+    """Write a matplotlib figure as PNG atomically.
+
+    Args:
+        path: the file to write.
+        fig: the figure.
+        dpi: its resolution.
+    Returns:
+        The path written.
+    """
     return outputs.write_file(path, outputs.figure_writer(fig, dpi))
 
 
@@ -42,10 +68,11 @@ class Saliency:
     """A saliency map per image, from Grad-CAM-style methods or occlusion.
 
     ``maps`` (N, H, W) at input resolution with raw values (no normalisation); ``raw`` at the
-    method's own resolution (the layer's for CAMs, the window grid for occlusion); ``target``
-    the class index per image; ``images`` the explained inputs as RGB (N, 3, H, W) in [0, 1],
-    for display.
-    ``settings`` records every choice that produced the result.
+    method's own resolution (the layer's (N, h, w) for CAMs, the window grid for occlusion);
+    ``target`` the class index per row (-1 for a callable target); ``labels`` the class names;
+    ``images`` the explained inputs as RGB (N, 3, H, W) in [0, 1], for display. The tensors are
+    float32 on the model's device. ``method`` and ``layer`` (None for occlusion) say what made
+    the maps; ``settings`` records every choice that produced the result.
     """
 
     maps: Tensor
@@ -58,17 +85,18 @@ class Saliency:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_numpy(self) -> np.ndarray:
-        """The maps as a float32 array (N, H, W)."""
+        """The maps as a float32 NumPy array (N, H, W), copied to the CPU."""
         return self.maps.detach().float().cpu().numpy()
 
     def rgb(self, index: int = 0) -> np.ndarray:
-        """Image ``index`` as displayable RGB (H, W, 3) in [0, 1]."""
+        """Image ``index`` as displayable RGB: a float32 NumPy array (H, W, 3) in [0, 1]."""
         return self.images[index].detach().float().permute(1, 2, 0).cpu().numpy()
 
     def plot(
-        self, index: int = 0, *, normalize: str = "per_image", alpha: float = 0.5, cmap: str | None = None
+        self, index: int = 0, *, normalize: Normalize = "per_image", alpha: float = 0.5, cmap: str | None = None
     ) -> Figure:
-        """Input | heatmap | overlay for image ``index``; see :func:`convlens.plotting.plot_saliency`."""
+        """Input | heatmap | overlay for image ``index``; arguments, result and errors as
+        :func:`convlens.plotting.plot_saliency`."""
         from .plotting import plot_saliency
 
         return plot_saliency(self, index, normalize=normalize, alpha=alpha, cmap=cmap)
@@ -84,7 +112,18 @@ class Saliency:
         is kept (``cam.v2`` -> ``cam.v2.png``), only a ``.png``/``.npy`` suffix is dropped.
 
         With several images the index is appended (``gradcam_0.png``...). A file convlens did not
-        write is refused unless ``force``. Returns the paths.
+        write is refused unless ``force``.
+
+        Args:
+            path: the files' path without suffix.
+            index: write only this row (default: every row).
+            force: replace files convlens did not write.
+            plot_args: passed to :meth:`plot`.
+        Returns:
+            The paths written.
+        Raises:
+            FileExistsError: a file in the way that convlens did not write, without ``force``.
+            IsADirectoryError: a folder in the way.
         """
         return outputs.save_files(outputs.saliency_files(self, path, index=index, **plot_args), force=force)
 
@@ -92,9 +131,9 @@ class Saliency:
 @rich_display
 @dataclass(frozen=True, eq=False)
 class Activations:
-    """Layer outputs for a batch: ``maps`` name -> (N, C, h, w) tensor, in execution order;
-    ``images`` the inputs as RGB (N, 3, H, W) in [0, 1] for display; ``settings`` how they were
-    asked for."""
+    """Layer outputs for a batch: ``maps`` name -> (N, C, h, w) float32 tensor on the model's
+    device, in execution order; ``images`` the inputs as RGB (N, 3, H, W) float32 in [0, 1] for
+    display; ``settings`` how they were asked for."""
 
     maps: dict[str, Tensor]
     images: Tensor = field(repr=False)
@@ -109,12 +148,21 @@ class Activations:
         return self.maps[name]
 
     def to_numpy(self) -> dict[str, np.ndarray]:
-        """Every map as a float32 array (N, C, h, w)."""
+        """Every map as a float32 NumPy array (N, C, h, w), copied to the CPU, by layer name."""
         return {n: t.detach().float().cpu().numpy() for n, t in self.maps.items()}
 
     def top_channels(self, name: str, k: int = 8) -> Tensor:
-        """Indices (N, k) of the ``k`` channels with the largest mean activation per image,
-        most active first (``k`` is capped at the channel count)."""
+        """The channels with the largest mean activation per image, most active first.
+
+        Args:
+            name: a layer of :attr:`maps`.
+            k: how many (capped at the channel count).
+        Returns:
+            (N, min(k, C)) int64 tensor on the maps' device.
+        Raises:
+            KeyError: an unknown layer.
+            ValueError: ``k < 1``.
+        """
         if name not in self.maps:
             raise KeyError(f"no layer {name!r} among {self.layers}")
         if k < 1:
@@ -126,15 +174,16 @@ class Activations:
         self,
         index: int = 0,
         *,
-        channels: str | list[int] | dict[str, list[int]] = "top",
+        channels: Channels = "top",
         k: int = 8,
         cmap: str = "viridis",
-        layout: str = "tiles",
+        layout: Layout = "tiles",
     ) -> Figure:
         """A grid for image ``index``: one row per layer (name and shape), one column per channel:
         ``channels="top"`` the ``k`` most active, ``"first"`` the first ``k`` (the spec's figure),
         or explicit indices (a list for every layer, or a dict per layer). ``layout="rows"`` draws
-        the same picture with one Axes per layer, several times faster."""
+        the same picture with one Axes per layer, several times faster. Arguments, result and
+        errors as :func:`convlens.plotting.plot_activations`."""
         from .plotting import plot_activations
 
         return plot_activations(self, index, channels=channels, k=k, cmap=cmap, layout=layout)
@@ -160,7 +209,14 @@ class Activations:
     ) -> list[Path]:
         """Write ``<prefix>_<layer>.npy`` (N, C, h, w) per layer and ``<prefix>.png`` (one grid
         per image: ``<prefix>_<i>.png`` when there are several). A file convlens did not write is
-        refused unless ``force``. Returns the paths."""
+        refused unless ``force``; ``plot_args`` go to :meth:`plot`.
+
+        Returns:
+            The paths written.
+        Raises:
+            FileExistsError: a file in the way that convlens did not write, without ``force``.
+            IsADirectoryError: a folder in the way.
+        """
         return outputs.save_files(outputs.activations_files(self, directory, prefix=prefix, **plot_args), force=force)
 
 
@@ -175,13 +231,14 @@ class FeatureImages:
     never got a gradient (the image is then the initial noise); ``history`` (steps, N) the score at
     every step (with that step's transforms); ``inputs`` the model-ready tensors that gave
     ``objective`` (for ``param="pixel"`` the raw input, shown min-max scaled in ``images``).
+    The tensors are float32 on the model's device.
     """
 
     images: Tensor
     objective: Tensor
     layer: str
     channels: list[int | None]
-    kind: str = "channel"
+    kind: Objective = "channel"
     dead: list[bool] = field(default_factory=list)
     history: Tensor | None = field(default=None, repr=False)
     inputs: Tensor | None = field(default=None, repr=False)
@@ -227,5 +284,12 @@ class FeatureImages:
         """Write ``<path>_<i>_c<channel>.png`` per image (the exact pixels, 1:1, via PIL),
         ``<path>.npy`` (all images, float32) and ``<path>_grid.png`` (the labelled figure); the
         whole name is kept (``blocks.4`` -> ``blocks.4.npy``). A file convlens did not write is
-        refused unless ``force``."""
+        refused unless ``force``.
+
+        Returns:
+            The paths written.
+        Raises:
+            FileExistsError: a file in the way that convlens did not write, without ``force``.
+            IsADirectoryError: a folder in the way.
+        """
         return outputs.save_files(outputs.feature_files(self, path), force=force)

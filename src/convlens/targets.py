@@ -4,20 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .models import Classifier
 
-__all__ = ["Target", "ResolvedTarget", "resolve_target"]
+__all__ = ["Target", "ResolvedTarget", "resolve_target", "Score", "SCORES"]
 
+#: a class index or name for every image, one per image, a callable ``f(output) -> (N,)`` scores,
+#: or None for each image's top-1 class
 Target = int | str | Sequence[int | str] | Callable[[Tensor], Tensor] | None
+#: what a perturbation method scores: the target's softmax probability or its logit
+Score = Literal["probability", "logit"]
+SCORES: tuple[Score, ...] = ("probability", "logit")
 
 
 @dataclass(frozen=True)
 class ResolvedTarget:
-    """Per image: the class index (``-1`` for a callable target) and a label for titles.
+    """A target resolved for a batch: per image the class index (``-1`` for a callable target)
+    and a label for titles; ``fn`` the callable, if the target was one.
 
     ``score(output)`` gives the (N,) scores to explain: the chosen logit per image, or the
     callable's result.
@@ -28,7 +35,16 @@ class ResolvedTarget:
     fn: Callable[[Tensor], Tensor] | None = None
 
     def score(self, output: Tensor) -> Tensor:
-        """The (N,) scores of ``output`` for these targets."""
+        """The (N,) scores of ``output`` for these targets.
+
+        Args:
+            output: (N, classes) model output (logits, or whatever the callable expects), any
+                device and dtype.
+        Returns:
+            (N,) tensor on ``output``'s device, in its dtype (the callable's dtype for a callable).
+        Raises:
+            ValueError: a callable target that does not return one score per image.
+        """
         if self.fn is not None:
             s = self.fn(output)
             if not isinstance(s, Tensor) or s.shape != (output.shape[0],):
@@ -41,10 +57,20 @@ class ResolvedTarget:
 def resolve_target(clf: Classifier, target: Target, n: int, logits: Tensor | None = None) -> ResolvedTarget:
     """Resolve ``target`` for a batch of ``n`` images.
 
-    ``None``: the top-1 class per image (needs ``logits``); an int or class name: that class for
-    every image; a sequence: one int or name per image; a callable ``f(output) -> (N,)``: a custom
-    score. Raises ``ValueError`` with a clear message for unknown names, out-of-range indices or a
-    list of the wrong length.
+    Args:
+        clf: the classifier whose labels name the classes.
+        target: ``None``: the top-1 class per image (needs ``logits``); an int or class name:
+            that class for every image; a sequence (or 1-D tensor): one int or name per image; a
+            callable ``f(output) -> (N,)``: a custom score.
+        n: the number of images.
+        logits: (n, classes) output of the model on the batch (any device); needed for ``None``
+            and used to check that indices are in range.
+    Returns:
+        A :class:`ResolvedTarget` with ``n`` indices and labels (``-1`` and the callable's name
+        for a callable).
+    Raises:
+        ValueError: an unknown class name, an out-of-range index, a list of the wrong length, a
+            target of another type, or ``None`` without ``logits``.
 
     Example::
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 def activations(
     model_or_classifier: nn.Module | Classifier,
     x: Tensor | object,
-    layers: LayerSpec | Iterable[LayerSpec] = "stages",
+    layers: Literal["stages"] | LayerSpec | Iterable[LayerSpec] = "stages",
 ) -> Activations:
     """The outputs of ``layers`` for the batch ``x``, each (N, C, h, w), in execution order.
 
@@ -36,6 +37,21 @@ def activations(
     several times is captured at its last call, ``"name#k"`` at its k-th. ``x``: a tensor or
     image(s) preprocessed by the classifier (cast to the model's dtype). Maps are float32 on the
     model's device. The model is left as it was.
+
+    Args:
+        model_or_classifier: an ``nn.Module`` (its inputs taken as preprocessed) or a
+            :class:`convlens.Classifier`.
+        x: (N, C, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+            :meth:`Classifier.batch` accepts (path, PIL image, array, list of them).
+        layers: ``"stages"``, or names, ``name#k`` calls, glob patterns or modules.
+    Returns:
+        :class:`convlens.Activations`: ``maps`` name -> (N, C, h, w) float32 on the model's
+        device, in execution order; ``images`` (N, 3, H, W) float32 RGB in [0, 1].
+    Raises:
+        LayerError: an unknown name, a pattern that matches nothing, no stages found, a layer
+            that did not run (or ran fewer times than ``#k``) or whose output is not a 4-D map.
+        NonFiniteError: NaN or infinity in a captured map (a ``ValueError``).
+        ValueError, ImageError: a bad ``x`` (see :meth:`Classifier.batch`).
 
     Example::
 

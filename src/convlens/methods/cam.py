@@ -134,6 +134,16 @@ def cam_from_layer(method: str, a: Tensor, g: Tensor | None, size: tuple[int, in
     and ``g`` (the local explorer caches them per image and class) gets another method's map
     without any model call.
 
+    Args:
+        method: ``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"layercam"`` or ``"eigencam"``.
+        a: (N, C, h, w) layer output, any device and floating dtype.
+        g: (N, C, h, w) gradient on ``a``'s device, or None for ``eigencam``.
+        size: the input's ``(H, W)``.
+    Returns:
+        ``(raw, maps)``: (N, h, w) and (N, H, W) float32 on ``a``'s device.
+    Raises:
+        ValueError: another method (Score-CAM needs the model), or a gradient method without ``g``.
+
     Example::
 
         raw, maps = cam_from_layer("gradcam++", a, g, (224, 224))
@@ -314,6 +324,30 @@ def grad_cam(
     through the classifier's output adapter (tuple, dict, ``.logits``, ``output=``); a callable
     target receives the adapted output. ``maps`` (R, H, W) and ``raw`` (R, h, w) are float32 on
     the model's device: ``relu(...)`` upsampled bilinearly to the input size, never normalised.
+
+    Args:
+        model_or_classifier: an ``nn.Module`` (its inputs taken as preprocessed) or a
+            :class:`convlens.Classifier`; left as it was (weights, flags, ``.grad``, hooks).
+        x: (N, C, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+            :meth:`Classifier.batch` accepts (path, PIL image, array, list of them).
+        target: see above.
+        layer: see above.
+        method: one of ``CAM_METHODS``.
+        top: explain each image's ``top`` most likely classes (not with ``target``).
+        batch_size: Score-CAM's masked inputs per forward.
+        memory_mb: Score-CAM's memory budget when ``batch_size`` is None.
+        callback: Score-CAM's progress, ``callback(done, total)``.
+    Returns:
+        :class:`convlens.Saliency` with R rows (one per image and target; one per image for
+        EigenCAM): ``maps`` (R, H, W), ``raw`` (R, h, w) and ``images`` (R, 3, H, W) float32 on the
+        model's device; ``target``, ``labels``, ``layer``, ``method`` and ``settings``
+        (``image_index``, ``layer_shape``, Score-CAM's ``batch_size``).
+    Raises:
+        ValueError: an unknown method, a bad ``target`` (unknown class, out of range, wrong count,
+            a callable that does not give one score per image), ``top`` with ``target`` or not a
+            positive int, NaN/inf in the output or the gradient (``NonFiniteError``).
+        LayerError: an unknown layer, one that does not run, or one whose output is not a 4-D map.
+        ModelError: the model's output is not (N, classes) logits (for a class target).
 
     Example::
 

@@ -32,7 +32,7 @@ from .._scaling import minmax
 from ..hooks import LayerCapture, model_guard
 from ..layers import call_counts, missing_layer, resolve_layer
 from ..models import Classifier, as_classifier
-from ..results import FeatureImages
+from ..results import FeatureImages, Objective
 
 __all__ = [
     "FeatureImages",
@@ -49,7 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Objective = Literal["channel", "neuron", "layer", "class"]
 Param = Literal["fourier", "pixel"]
 OBJECTIVES: tuple[Objective, ...] = ("channel", "neuron", "layer", "class")
 PARAMS: tuple[Param, ...] = ("fourier", "pixel")
@@ -427,7 +426,7 @@ def _feature_visualization(
             store.prune()
     rows = {key: torch.from_numpy(np.stack([f[key] for f in found])) for key in ("image", "objective", "dead")}
     img = rows["image"].to(device)
-    history = torch.from_numpy(np.stack([f["history"] for f in found], axis=1))
+    history = torch.from_numpy(np.stack([f["history"] for f in found], axis=1)).to(device)  # with the rest
     dead = [bool(d) for d in rows["dead"]]
     if any(dead):
         which = [units[i] for i in range(n) if dead[i]]

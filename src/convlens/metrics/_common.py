@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -13,17 +13,21 @@ from torch import Tensor
 
 from .._scaling import minmax
 from ..checks import choose
+from ..methods.cam import CamMethod
 from ..models import Classifier
 from ..results import Saliency
 
-__all__ = ["MethodSpec", "make_map", "method_name", "spearman", "ssim"]
+__all__ = ["MapMethod", "MethodSpec", "make_map", "method_name", "spearman", "ssim"]
 
-#: a method name (a CAM method or ``"occlusion"``) or ``f(clf, x, target) -> Saliency | (N, H, W) tensor``
-MethodSpec = str | Callable[..., Any]
+#: a method the metrics make maps with by name: a CAM method or occlusion
+MapMethod = CamMethod | Literal["occlusion"]
+#: a method name or ``f(clf, x, target) -> Saliency | (N, H, W) tensor``
+MethodSpec = MapMethod | Callable[..., Any]
 
 
 def method_name(method: MethodSpec) -> str:
-    """How a method is named in results and tables."""
+    """How a method is named in results and tables: the name, or a callable's ``__name__``
+    (``"custom"`` without one)."""
     return method if isinstance(method, str) else getattr(method, "__name__", "custom")
 
 
@@ -37,10 +41,25 @@ def make_map(
     options: dict[str, Any] | None = None,
     quiet: bool = False,
 ) -> tuple[Tensor, Saliency | None]:
-    """The (N, H, W) maps of ``method`` for ``target`` through the public functions
+    """The maps of ``method`` for ``target`` through the public functions
     (:func:`convlens.grad_cam`, :func:`convlens.occlusion`) or the caller's callable.
-    ``options`` go to the method (occlusion's patch/stride, Score-CAM's batch size);
-    ``quiet`` drops the "constant map" warnings (expected on randomised models)."""
+
+    Args:
+        clf: the classifier (left as it was).
+        x: (N, C, H, W) model-ready batch on the model's device.
+        method: a CAM method name, ``"occlusion"`` or ``f(clf, x, target) -> Saliency | tensor``.
+        target: what to explain, as :func:`convlens.grad_cam` takes it (one class per image here).
+        layer: the CAM layer (default: the automatic one).
+        options: passed to the method (occlusion's ``patch``/``stride``, Score-CAM's
+            ``batch_size``/``memory_mb``).
+        quiet: drop the "constant map" warnings (expected on randomised models).
+    Returns:
+        ``(maps, saliency)``: (N, H, W) float32 maps on ``x``'s device, and the method's
+        :class:`Saliency` (None when a callable returned a tensor).
+    Raises:
+        ValueError: an unknown method name, or a callable returning something other than a
+            Saliency or one (H, W) map per image; and whatever the method raises.
+    """
     from ..methods.cam import CAM_METHODS, grad_cam
     from ..methods.occlusion import occlusion
 
@@ -72,9 +91,16 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation per image of two (N, H, W) maps (ties get average ranks). A
-    constant map shares no ordering with a varying one: 0; two constant maps: NaN (nothing to
-    compare). Returns (N,) float32 on ``a``'s device."""
+    """Spearman rank correlation per image of two maps (ties get average ranks, as
+    ``scipy.stats.spearmanr``). A constant map shares no ordering with a varying one: 0; two
+    constant maps: NaN (nothing to compare).
+
+    Args:
+        a: (N, H, W) maps, any device and real dtype.
+        b: (N, H, W) maps of the same shape, any device.
+    Returns:
+        (N,) float32 on ``a``'s device.
+    """
     from scipy.stats import spearmanr
 
     out = []
@@ -89,8 +115,17 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 
 
 def ssim(a: Tensor, b: Tensor) -> Tensor:
-    """SSIM per image of two (N, H, W) maps, each min-max scaled to [0, 1] first (a constant map
-    becomes zeros), with scikit-image's defaults (7x7 window, data range 1), as Adebayo et al."""
+    """SSIM per image of two maps, each min-max scaled to [0, 1] first (a constant map becomes
+    zeros), with scikit-image's defaults (7x7 window, data range 1), as Adebayo et al.
+
+    Args:
+        a: (N, H, W) maps, H and W at least 7, any device and real dtype.
+        b: (N, H, W) maps of the same shape, any device.
+    Returns:
+        (N,) float32 on ``a``'s device.
+    Raises:
+        ValueError: from scikit-image, for maps smaller than its 7x7 window.
+    """
     from skimage.metrics import structural_similarity
 
     out = [float(structural_similarity(minmax(u), minmax(v), data_range=1.0)) for u, v in zip(_np(a), _np(b))]

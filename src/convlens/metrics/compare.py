@@ -19,17 +19,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..baselines import Baseline
 from ..checks import choose
 from ..display import rich_display
 from ..models import Classifier, as_classifier
 from ..targets import Target
-from ._common import make_map
+from ._common import MapMethod, make_map
 from .faithfulness import deletion, insertion
 from .results import PerturbationCurve
 from .sanity import CLASS_THRESHOLD, SANITY_THRESHOLD, cascade_stages, class_sensitivity, sanity_check
@@ -43,9 +44,11 @@ log = logging.getLogger(__name__)
 
 #: Score-CAM is left out of the default: it costs one forward per channel of the layer (1280 on
 #: the default model, about two minutes on a 2-core CPU); name it to include it
-DEFAULT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "occlusion")
-ALL_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "eigencam", "occlusion")
-REFERENCES = ("random map", "centred Gaussian")
+DEFAULT_METHODS: tuple[MapMethod, ...] = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "occlusion")
+ALL_METHODS: tuple[MapMethod, ...] = ("gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "eigencam",
+                                      "occlusion")
+Reference = Literal["random map", "centred Gaussian"]
+REFERENCES: tuple[Reference, ...] = ("random map", "centred Gaussian")
 #: occlusion inside a comparison: the windows of ``explain --fast``
 OCCLUSION = {"patch": 56, "stride": 28}
 #: draws of the classifier's re-initialisation for the verdict; one for the methods that cost a
@@ -53,11 +56,24 @@ OCCLUSION = {"patch": 56, "stride": 28}
 SANITY_DRAWS = {"occlusion": 1, "scorecam": 1}
 
 
-def reference_map(kind: str, n: int, height: int, width: int, *, seed: int = 0,
+def reference_map(kind: Reference, n: int, height: int, width: int, *, seed: int = 0,
                   device: torch.device | str = "cpu") -> Tensor:
-    """A reference map (n, H, W), the same for every image: ``"random map"`` uniform noise per
+    """A reference map, the same for every image: ``"random map"`` uniform noise in [0, 1) per
     pixel (seeded, drawn on the CPU so every device gets the same map) or ``"centred Gaussian"``
-    ``exp(-((y - cy)^2 + (x - cx)^2) / (2 sigma^2))`` with ``sigma = min(H, W) / 4``.
+    ``exp(-((y - cy)^2 + (x - cx)^2) / (2 sigma^2))`` with ``sigma = min(H, W) / 4`` and the
+    centre ``((H - 1) / 2, (W - 1) / 2)``.
+
+    Args:
+        kind: ``"random map"`` or ``"centred Gaussian"``.
+        n: how many images (rows).
+        height: the map's height.
+        width: the map's width.
+        seed: the random map's seed.
+        device: where the map goes.
+    Returns:
+        (n, height, width) float32 on ``device``.
+    Raises:
+        ValueError: an unknown ``kind``.
 
     Example::
 
@@ -320,7 +336,17 @@ class Comparison:
 
 
 def merge(parts: Sequence[Comparison]) -> Comparison:
-    """One comparison from several (e.g. one per image of a folder): rows joined by method."""
+    """One comparison from several (e.g. one per image of a folder): rows joined by method.
+
+    Args:
+        parts: comparisons of the same methods (as :func:`compare` returns them), in image order.
+    Returns:
+        A :class:`Comparison` over all their images (the first part's settings); a method that
+        failed in any part keeps that part's error.
+    Raises:
+        ValueError: no parts.
+        KeyError: a part without one of the first part's rows.
+    """
     if not parts:
         raise ValueError("nothing to merge")
     if len(parts) == 1:
@@ -354,14 +380,14 @@ def merge(parts: Sequence[Comparison]) -> Comparison:
 
 
 def compare(
-    model_or_classifier: Any,
+    model_or_classifier: nn.Module | Classifier,
     x: Any,
-    methods: Sequence[str] = DEFAULT_METHODS,
+    methods: str | Sequence[MapMethod] = DEFAULT_METHODS,
     *,
     target: Target = None,
     steps: int = 16,
-    baseline: float | str | Tensor = "blur",
-    references: Sequence[str] = REFERENCES,
+    baseline: Baseline = "blur",
+    references: Sequence[Reference] = REFERENCES,
     sanity: bool = True,
     seed: int = 0,
     occlusion: dict[str, Any] | None = None,
@@ -375,6 +401,28 @@ def compare(
     plus the reference rows (``"random map"``, ``"centred Gaussian"``). ``occlusion``: its
     settings (default patch 56 / stride 28, as ``explain --fast``). A method that raises gets a
     row with its error; the others go on.
+
+    Args:
+        model_or_classifier: an ``nn.Module`` or a :class:`convlens.Classifier` (left as it was;
+            the sanity check randomises a private copy).
+        x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+            :meth:`Classifier.batch` accepts.
+        methods: names from ``ALL_METHODS`` (a list, or one comma-separated string; ``"all"``).
+        target: one class per image (index or name), default the top-1 class; not a callable.
+        steps: deletion / insertion steps.
+        baseline: the deletion / insertion baseline (see :func:`convlens.deletion`).
+        references: reference rows, from ``REFERENCES``.
+        sanity: run the sanity check (the classifier re-initialised).
+        seed: seeds the sanity check's draws and the random reference map.
+        occlusion: occlusion's settings (``patch``, ``stride``, ...).
+        names: a name per image for the tables (default ``image 1``, ``image 2``, ...).
+    Returns:
+        A :class:`Comparison`: one :class:`MethodScores` per method, then one per reference;
+        its tensors (curves, rank correlations) are float32 on the model's device.
+    Raises:
+        ValueError: an unknown method or reference, a callable or bad target, bad ``steps`` or
+            ``baseline``.
+        ModelError: the model's output is not (N, classes) logits.
 
     Example::
 

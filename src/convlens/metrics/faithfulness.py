@@ -25,33 +25,44 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._batching import default_batch
-from ..baselines import describe_baseline, make_baseline
+from ..baselines import Baseline, describe_baseline, make_baseline
 from ..hooks import model_guard
 from ..models import Classifier, as_classifier, require_logits
 from ..results import Saliency
-from ..targets import Target, resolve_target
-from .results import PerturbationCurve
+from ..targets import SCORES, Score, Target, resolve_target
+from .results import CurveKind, PerturbationCurve
 
 __all__ = ["deletion", "insertion", "perturbation_curve", "auc", "pixel_order", "blur_sigma"]
 
 log = logging.getLogger(__name__)
 
-SCORES = ("probability", "logit")
-KINDS = ("deletion", "insertion")
+KINDS: tuple[CurveKind, ...] = ("deletion", "insertion")
 
 
 def blur_sigma(height: int, width: int) -> float:
     """The default sigma of the ``"blur"`` baseline: ``max(H, W) / 22.4`` (10 px at 224 px,
-    the blur of occlusion's default 40 px window)."""
+    the blur of occlusion's default 40 px window).
+
+    Args:
+        height: the input's height in pixels.
+        width: the input's width in pixels.
+    Returns:
+        The sigma in pixels.
+    """
     return max(height, width) / 22.4
 
 
 def auc(scores: Tensor) -> Tensor:
-    """Trapezoid area under (N, steps+1) scores over the fractions ``k / steps``:
+    """Trapezoid area under scores over the fractions ``k / steps``:
     ``(sum(s) - s[0]/2 - s[-1]/2) / steps``.
+
+    Args:
+        scores: (..., steps+1) tensor (steps >= 1), any device and floating dtype.
+    Returns:
+        (...,) tensor on ``scores``' device, in its dtype.
 
     Example::
 
@@ -62,7 +73,12 @@ def auc(scores: Tensor) -> Tensor:
 
 
 def pixel_order(maps: Tensor) -> Tensor:
-    """(N, H*W) flat pixel indices, highest map value first, ties by flat index (stable sort).
+    """Flat pixel indices per map, highest map value first, ties by flat index (stable sort).
+
+    Args:
+        maps: (N, H, W) tensor, any device and real dtype.
+    Returns:
+        (N, H*W) int64 tensor on ``maps``' device.
 
     Example::
 
@@ -103,19 +119,26 @@ def _check_batch_size(batch_size: int | None) -> None:
 
 
 def perturbation_curve(
-    kind: str,
-    model_or_classifier: Any,
+    kind: CurveKind,
+    model_or_classifier: nn.Module | Classifier,
     x: Any,
     saliency: Saliency | Tensor,
     *,
     target: Target = None,
     steps: int = 16,
-    baseline: float | str | Tensor = "blur",
-    score: str = "probability",
+    baseline: Baseline = "blur",
+    score: Score = "probability",
     batch_size: int | None = None,
     sigma: float | None = None,
 ) -> PerturbationCurve:
     """Deletion (``kind="deletion"``) or insertion curve; see :func:`deletion` and the module doc.
+
+    Args:
+        kind: ``"deletion"`` or ``"insertion"``; the other arguments as in :func:`deletion`.
+    Returns:
+        A :class:`PerturbationCurve` (see :func:`deletion`).
+    Raises:
+        ValueError: as :func:`deletion`.
 
     Example::
 
@@ -191,14 +214,14 @@ def perturbation_curve(
 
 
 def deletion(
-    model_or_classifier: Any,
+    model_or_classifier: nn.Module | Classifier,
     x: Any,
     saliency: Saliency | Tensor,
     *,
     target: Target = None,
     steps: int = 16,
-    baseline: float | str | Tensor = "blur",
-    score: str = "probability",
+    baseline: Baseline = "blur",
+    score: Score = "probability",
     batch_size: int | None = None,
     sigma: float | None = None,
 ) -> PerturbationCurve:
@@ -207,11 +230,30 @@ def deletion(
     evidence). ``s_k = score(x with the first min(ceil(HW/steps) k, HW) pixels of the map's order
     set to the baseline)``, ``AUC = (sum s - s_0/2 - s_steps/2) / steps``.
 
-    ``saliency``: a :class:`Saliency` (its ``maps`` and, when ``target`` is None, its ``target``)
-    or an (N, H, W) tensor (default target: the top-1 class). ``baseline``: a number in the
-    model's normalised space, ``"mean"``, ``"blur"`` (default, Gaussian with ``sigma`` px,
-    default ``max(H, W) / 22.4``) or a tensor. ``score``: ``"probability"`` (softmax) or
-    ``"logit"``. ``batch_size``: step images per forward (default: by device and memory).
+    Args:
+        model_or_classifier: an ``nn.Module`` or a :class:`convlens.Classifier` (left as it was).
+        x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+            :meth:`Classifier.batch` accepts (path, PIL image, array, list of them).
+        saliency: a :class:`Saliency` (its ``maps`` and, when ``target`` is None, its
+            ``target``; a ``top=k`` result with k rows per image is matched to its images by
+            ``settings["image_index"]``) or an (N, H, W) / (H, W) tensor, any device; a map not
+            at the input size is resized bilinearly.
+        target: as :func:`convlens.grad_cam` (default: the Saliency's targets, else the top-1
+            class of the clean image).
+        steps: how many steps (>= 1); ``steps + 1`` forwards per image.
+        baseline: a number in the model's normalised space, ``"mean"``, ``"blur"`` (default,
+            Gaussian with ``sigma`` px, default ``max(H, W) / 22.4``) or a tensor broadcastable
+            to ``x``.
+        score: ``"probability"`` (softmax) or ``"logit"`` (a callable target scores the logits).
+        batch_size: step images per forward (default: by device and memory).
+        sigma: the blur's standard deviation in pixels.
+    Returns:
+        A :class:`PerturbationCurve` with ``scores`` (N, steps+1) and ``auc`` (N,) float32 and
+        ``fractions`` (steps+1,) on the model's device, the targets and the settings.
+    Raises:
+        ValueError: a bad ``steps``, ``score``, ``baseline`` or ``batch_size``, a map of the
+            wrong shape or count or with non-finite values, or a bad target.
+        ModelError: the model's output is not (N, classes) logits.
 
     Example::
 
@@ -223,22 +265,22 @@ def deletion(
 
 
 def insertion(
-    model_or_classifier: Any,
+    model_or_classifier: nn.Module | Classifier,
     x: Any,
     saliency: Saliency | Tensor,
     *,
     target: Target = None,
     steps: int = 16,
-    baseline: float | str | Tensor = "blur",
-    score: str = "probability",
+    baseline: Baseline = "blur",
+    score: Score = "probability",
     batch_size: int | None = None,
     sigma: float | None = None,
 ) -> PerturbationCurve:
     """Insertion curve: starting from the baseline, the map's most salient pixels are put back
     from the input, ``ceil(H*W/steps)`` more per step (higher AUC = the map found the evidence).
     ``s_k = score(baseline with the first min(ceil(HW/steps) k, HW) pixels of the map's order
-    taken from x)``, ``AUC = (sum s - s_0/2 - s_steps/2) / steps``. Arguments as in
-    :func:`deletion` (default baseline ``"blur"``, as RISE uses for insertion).
+    taken from x)``, ``AUC = (sum s - s_0/2 - s_steps/2) / steps``. Arguments, result and errors
+    as in :func:`deletion` (default baseline ``"blur"``, as RISE uses for insertion).
 
     Example::
 

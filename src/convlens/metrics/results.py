@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from torch import Tensor
@@ -17,7 +17,9 @@ from ..display import rich_display
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["PerturbationCurve", "SanityCheck", "ClassSensitivity", "TrustSummary"]
+__all__ = ["CurveKind", "PerturbationCurve", "SanityCheck", "ClassSensitivity", "TrustSummary"]
+
+CurveKind = Literal["deletion", "insertion"]
 
 
 @rich_display
@@ -29,11 +31,11 @@ class PerturbationCurve:
     ``scores`` (N, steps+1) the target's score at each step; ``auc`` (N,) the trapezoid area
     under ``scores`` over ``fractions``; ``target`` the class index per image (-1 for a callable
     target); ``method`` the map's method (or ``"map"`` for a bare tensor); ``settings`` every
-    choice (steps, baseline, score, pixels per step, batch size, forwards).
-    Deletion: lower is better; insertion: higher is better.
+    choice (steps, baseline, score, pixels per step, batch size, forwards). The tensors are
+    float32 on the model's device. Deletion: lower is better; insertion: higher is better.
     """
 
-    kind: str
+    kind: CurveKind
     fractions: Tensor = field(repr=False)
     scores: Tensor = field(repr=False)
     auc: Tensor = field(repr=False)
@@ -60,7 +62,14 @@ class PerturbationCurve:
     def save(self, path: str | os.PathLike[str], *, index: int = 0, force: bool = False) -> list[Path]:
         """Write ``<path>.png`` (the figure of image ``index``) and ``<path>.npy`` (all scores); the
         whole name is kept (only a ``.png``/``.npy`` suffix is dropped) and a file convlens did not
-        write is refused unless ``force``."""
+        write is refused unless ``force``.
+
+        Returns:
+            The paths written.
+        Raises:
+            FileExistsError: a file in the way that convlens did not write, without ``force``.
+            IsADirectoryError: a folder in the way.
+        """
         return outputs.save_files(outputs.figure_and_array_files(self, path, index), force=force)
 
 
@@ -74,7 +83,8 @@ class SanityCheck:
     with the original; ``passed`` (N,) True where the rank correlation after the first step (the
     classifier alone) is below ``threshold`` (a map that became constant has correlation 0; NaN,
     both maps constant, does not pass).
-    ``maps`` (N, stages+1, H, W): the original map, then one per step.
+    ``maps`` (N, stages+1, H, W): the original map, then one per step; ``images`` (N, 3, H, W)
+    the inputs as RGB in [0, 1]. The tensors are float32 on the model's device.
     """
 
     method: str
@@ -108,7 +118,14 @@ class SanityCheck:
     def save(self, path: str | os.PathLike[str], *, index: int = 0, force: bool = False) -> list[Path]:
         """Write ``<path>.png`` (the figure of image ``index``) and ``<path>.npy`` (all maps); the
         whole name is kept (only a ``.png``/``.npy`` suffix is dropped) and a file convlens did not
-        write is refused unless ``force``."""
+        write is refused unless ``force``.
+
+        Returns:
+            The paths written.
+        Raises:
+            FileExistsError: a file in the way that convlens did not write, without ``force``.
+            IsADirectoryError: a folder in the way.
+        """
         return outputs.save_files(outputs.figure_and_array_files(self, path, index), force=force)
 
 
@@ -119,6 +136,7 @@ class ClassSensitivity:
 
     ``spearman`` (N,) rank correlation between the target's map and the ``other`` class's map;
     ``discriminative`` True where it is below ``threshold``. ``maps`` (N, 2, H, W): target, other.
+    The tensors are float32 on the model's device.
     """
 
     method: str

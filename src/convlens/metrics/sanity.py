@@ -55,6 +55,15 @@ def cascade_stages(model: nn.Module, x: Tensor) -> list[str]:
     """The default randomisation steps, from the output down: the last module with parameters to
     run (the classifier), then each stage of :func:`convlens.layers.find_stages` from the top.
 
+    Args:
+        model: the model (one traced pass, remembered per input shape; left as it was).
+        x: (N, C, H, W) model-ready input on the model's device (its first image is traced).
+    Returns:
+        Module names, the classifier first.
+    Raises:
+        ValueError: no module with parameters runs in the model.
+        LayerError: no stage outputs are found.
+
     Example::
 
         cascade_stages(clf.model, x)   # ['classifier', 'blocks.6', 'blocks.4', 'blocks.2', 'blocks.1', 'blocks.0']
@@ -138,7 +147,7 @@ def _given_or_made(
 
 
 def sanity_check(
-    model_or_classifier: Any,
+    model_or_classifier: nn.Module | Classifier,
     x: Any,
     method: MethodSpec = "gradcam",
     *,
@@ -169,6 +178,28 @@ def sanity_check(
     model's top-1 class, kept for every randomised model. ``original``: the method's map on the
     user's model for these targets, when the caller has it already (saves one run). The user's
     model is never touched.
+
+    Args:
+        model_or_classifier: an ``nn.Module`` or a :class:`convlens.Classifier`.
+        x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+            :meth:`Classifier.batch` accepts.
+        method: a CAM method name, ``"occlusion"`` or ``f(clf, x, target) -> Saliency | tensor``.
+        target: one class per image (index or name) or None (top-1); not a callable.
+        layer: the CAM layer (default: the one the method chooses on the user's model).
+        stages: module names to re-initialise, from the output down.
+        seed: the first draw's seed.
+        draws: draws of the first step (>= 1).
+        threshold: the verdict's rank-correlation threshold.
+        options: passed to the method.
+        original: the method's (N, H, W) map or Saliency on the user's model for these targets.
+    Returns:
+        A :class:`SanityCheck`: ``spearman`` and ``ssim`` (N, steps) float32, ``maps``
+        (N, steps+1, H, W) float32 (the original first), on the model's device; ``passed`` per
+        image; ``settings`` with the per-draw values.
+    Raises:
+        ValueError: empty ``stages``, bad ``draws``, a callable or bad target, an ``original``
+            that explains other classes or has the wrong shape, an unknown method.
+        LayerError: an unknown stage or layer name.
 
     Example::
 
@@ -237,7 +268,7 @@ def sanity_check(
 
 
 def class_sensitivity(
-    model_or_classifier: Any,
+    model_or_classifier: nn.Module | Classifier,
     x: Any,
     method: MethodSpec = "gradcam",
     *,
@@ -252,6 +283,24 @@ def class_sensitivity(
     for ``other`` (default: the least likely class): ``rho = spearman(map_target, map_other)``;
     ``discriminative[n] = rho[n] < threshold`` (NaN, a constant map, counts as not).
     ``original``: the target's map when the caller has it already (saves one run).
+
+    Args:
+        model_or_classifier: an ``nn.Module`` or a :class:`convlens.Classifier` (left as it was).
+        x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+            :meth:`Classifier.batch` accepts.
+        method: a CAM method name, ``"occlusion"`` or ``f(clf, x, target) -> Saliency | tensor``.
+        other: the other class per image (index or name; default: the least likely).
+        target: the explained class per image (default: top-1); not a callable.
+        layer: the CAM layer (default: the method's automatic choice).
+        threshold: the rank-correlation threshold.
+        options: passed to the method.
+        original: the target's (N, H, W) map or Saliency, when the caller has it.
+    Returns:
+        A :class:`ClassSensitivity`: ``spearman`` (N,) float32 and ``maps`` (N, 2, H, W) float32
+        (target, other) on the model's device; ``discriminative`` per image.
+    Raises:
+        ValueError: a callable or bad target or ``other``, an ``original`` that explains other
+            classes or has the wrong shape, an unknown method.
 
     Example::
 

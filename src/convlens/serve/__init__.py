@@ -27,7 +27,11 @@ class MissingExtra(ImportError):
 
 
 def require_extra() -> None:
-    """Raise :class:`MissingExtra` with the one-line install hint when the extra is missing."""
+    """Check that the extra ``convlens[serve]`` is installed.
+
+    Raises:
+        MissingExtra: Starlette or uvicorn is missing (the message is the one-line install hint).
+    """
     import importlib.util
 
     missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
@@ -36,7 +40,8 @@ def require_extra() -> None:
 
 
 def is_loopback(host: str) -> bool:
-    """True for 127.x.x.x, ::1 and ``localhost``."""
+    """True for 127.x.x.x, ::1 (also in brackets) and ``localhost``; False for anything else,
+    names included."""
     if host.lower() == "localhost":
         return True
     try:
@@ -47,7 +52,13 @@ def is_loopback(host: str) -> bool:
 
 def allowed_hosts(host: str) -> set[str]:
     """The names a request's Host header may carry for a server bound to ``host``: the loopback
-    names, ``host`` itself, and for a wildcard address this machine's name and addresses."""
+    names, ``host`` itself, and for a wildcard address this machine's name and addresses.
+
+    Args:
+        host: the address the server binds to (``"127.0.0.1"``, ``"0.0.0.0"``, ``"::"``, a name).
+    Returns:
+        The allowed host names and addresses (without ports).
+    """
     names = {"127.0.0.1", "localhost", "::1", host.strip("[]")}
     if host in ("0.0.0.0", "::", ""):
         for name in {socket.gethostname(), socket.getfqdn()}:
@@ -91,6 +102,14 @@ class Server:
 
         srv = convlens.serve(clf, ["cat.jpg"], block=False)
         srv.url; srv.stop()
+
+    Args:
+        explorer: the :class:`~convlens.serve.explorer.Explorer` to serve.
+        host: the address to listen on.
+        port: the port (0: a free one).
+    Raises:
+        MissingExtra: the extra ``convlens[serve]`` is not installed.
+        OSError: the address cannot be bound (the message suggests another port).
     """
 
     def __init__(self, explorer: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -166,6 +185,24 @@ def serve(
     use it). ``port``: default 8000 when blocking, a free one in the background. ``block``:
     default True, except in a notebook, where the server runs in a background thread and the
     returned :class:`Server` shows the page inline. The model is left as it came.
+
+    Args:
+        classifier: a :class:`~convlens.Classifier` or ``nn.Module`` (on any device; the
+            explorer computes there), or None for the bundled model.
+        images: one image source or folder, or a list of them; None for the sample photo.
+            An image that cannot be read is listed with its error.
+        host: the address to listen on.
+        port: the port (0: a free one).
+        block: serve in this thread until Ctrl-C (True) or in a background thread (False).
+        on_ready: called with the :class:`Server` once it is bound, before serving (the CLI
+            prints the URL there).
+    Returns:
+        The :class:`Server` (after it stopped, when blocking; running, in the background).
+    Raises:
+        MissingExtra: the extra ``convlens[serve]`` is not installed (an ``ImportError``).
+        OSError: the address cannot be bound.
+        TypeError: ``classifier`` is neither a Classifier nor an ``nn.Module``.
+        ModelError: the default model cannot be loaded.
 
     Example::
 
