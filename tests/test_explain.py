@@ -111,10 +111,10 @@ def test_folder_run_files_summary_and_exit_code(run: dict, folder: Path) -> None
     assert good["layers"]["gradcam"] == "bn2" and good["layers"]["filters"] == "bn2.drop"
     assert "filters_dead" not in good["channels"]
     # several images: only the channels most shared among the images' top ones are drawn (FOLDER),
-    # ceil(0.5 * 2 readable images) = 1 here, and the page says which are not
+    # ceil(0.4 * 2 readable images) = 1 here, and the page says which are not
     top = good["channels"].get("filters_top", good["channels"]["filters"])
     assert len(top) == s["settings"]["filters"]["channels"] and set(good["channels"]["filters"]) <= set(top)
-    assert s["settings"]["filters"]["budget"] == 0.5 and s["settings"]["filters"]["shared"] == 1
+    assert s["settings"]["filters"]["budget"] == 0.4 and s["settings"]["filters"]["shared"] == 1
     assert len(good["channels"]["filters"]) == 1 or "filters_top" not in good["channels"]
     for tech in TECHS:
         assert f"{good['folder']}/{tech}.png" in good["files"]

@@ -289,7 +289,7 @@ def test_a_folder_draws_the_most_shared_channels_and_one_image_keeps_all(tmp_pat
     settings = {"filters": {"channels": 2, "steps": 2, "size": 16}, "trust": {"steps": 2}}
     cache = tmp_path / "cache"
     rep = convlens.explain(folder, clf, methods=["gradcam", "filters"], settings=settings, cache=cache)
-    assert explain_mod.FOLDER["filters"]["budget"] == 0.5 and rep.settings["filters"]["shared"] == 2
+    assert explain_mod.FOLDER["filters"]["budget"] == 0.4 and rep.settings["filters"]["shared"] == 2
     by = {im.name: im for im in rep.images}
     # red images' top-2: channels 3 then 0 (weights 1.3, 1.0); green: 4, 1. Votes: 3 and 0 three each: drawn
     assert by["r1.png"].channels["filters"] == [3, 0] and "filters_top" not in by["r1.png"].channels

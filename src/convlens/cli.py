@@ -539,7 +539,7 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--full", action="store_true",
         help="several images: give each the settings of an image alone (by default a folder run draws only the "
-        "feature visualisations its images share most, about one per two images, and a shorter trust check)",
+        "feature visualisations its images share most, at most two per five images, and a shorter trust check)",
     )
     _add_no_cache(p)
     p.add_argument(

@@ -66,13 +66,13 @@ FAST: dict[str, dict[str, Any]] = {
 #: Overlaid on the settings of a run over several images (a folder, a list, a shard), after
 #: :data:`FAST`: one image alone keeps every setting above. Feature visualisation optimises at most
 #: ``budget`` channels per image on average: the channels most shared among the images' top
-#: channels (each rendered exactly as for one image, so the cache serves both), plus any channel
+#: channels (with the settings of one image alone, so the cache serves both), plus any channel
 #: already in the cache; an image's other top channels are named, not drawn. The trust section
 #: uses 8 deletion / insertion steps and remakes Grad-CAM's map for the other class but not
 #: occlusion's (a second occlusion per image). Both are said on each image's page. On a 2-core
-#: CPU they cut a default image from ~17 to ~5 cpu s with a cold cache (BENCHMARKS.md).
+#: CPU they cut a default image from ~14 to ~4.8 s with a cold cache (BENCHMARKS.md).
 FOLDER: dict[str, dict[str, Any]] = {
-    "filters": {"budget": 0.5},
+    "filters": {"budget": 0.4},
     "trust": {"steps": 8, "class_maps": ["gradcam"]},
 }
 
@@ -89,7 +89,7 @@ def settings_for(
 
     Example::
 
-        settings_for(fast=True, folder=True)["filters"]["budget"]   # 0.5
+        settings_for(fast=True, folder=True)["filters"]["budget"]   # 0.4
     """
     out = {k: dict(v) for k, v in DEFAULTS.items()}
     for layer in ([FAST] if fast else []) + ([FOLDER] if folder else []) + ([overrides] if overrides else []):
