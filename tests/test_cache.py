@@ -251,7 +251,7 @@ def test_explain_second_image_reads_channels_of_the_first(tmp_path, clf, monkeyp
     real = fv._optimise
     monkeypatch.setattr(fv, "_optimise", lambda c, n, m, k, units, *a, **kw: (optimised.append(list(units)),
                                                                                real(c, n, m, k, units, *a, **kw))[1])
-    settings = {"filters": {"channels": 3, "steps": 3, "size": 32}}
+    settings = {"filters": {"channels": 3, "steps": 3, "size": 32, "budget": None}}  # every top channel
     r = convlens.explain(folder, clf, methods=["filters"], settings=settings, cache=tmp_path / "c")
     a, b = r.images
     assert r.settings["cache"] == str(tmp_path / "c") and a.ok and b.ok

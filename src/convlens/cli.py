@@ -536,6 +536,11 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fast", action="store_true", help="lighter settings: coarser occlusion, fewer and smaller feature images"
     )
+    p.add_argument(
+        "--full", action="store_true",
+        help="several images: give each the settings of an image alone (by default a folder run draws only the "
+        "feature visualisations its images share most, at most two per five images, and a shorter trust check)",
+    )
     _add_no_cache(p)
     p.add_argument(
         "--resume", action="store_true",
@@ -590,7 +595,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     report = explain(
         sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer,
-        cache=not args.no_cache, shard=args.shard, out=run,  # each image lands as soon as it is done
+        cache=not args.no_cache, shard=args.shard, out=run, full=args.full,  # each image lands as soon as it is done
     )
     report.timings["load_model_s"] = load_s
     for im in report.images:

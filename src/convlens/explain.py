@@ -19,7 +19,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -51,8 +51,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "activations": {"layers": "stages", "channels": 8},
     "gradcam": {"method": "gradcam", "layer": None},
     "occlusion": {"patch": 40, "stride": 20, "baseline": 0.0, "score": "probability"},
-    "filters": {"channels": 4, "steps": 128, "size": 128, "param": "fourier", "transforms": "standard", "seed": 0},
-    "trust": {"steps": 16, "baseline": "blur"},
+    # budget: None, or the channels a run may optimise per image on average (see FOLDER)
+    "filters": {"channels": 4, "steps": 128, "size": 128, "param": "fourier", "transforms": "standard", "seed": 0,
+                "budget": None},
+    # class_maps: None (every map) or the maps whose class sensitivity is remade
+    "trust": {"steps": 16, "baseline": "blur", "class_maps": None},
 }
 FAST: dict[str, dict[str, Any]] = {
     "activations": {"channels": 6},
@@ -60,16 +63,36 @@ FAST: dict[str, dict[str, Any]] = {
     "filters": {"channels": 3, "steps": 48, "size": 96},
     "trust": {"steps": 8},
 }
+#: Overlaid on the settings of a run over several images (a folder, a list, a shard), after
+#: :data:`FAST`: one image alone keeps every setting above. Feature visualisation optimises at most
+#: ``budget`` channels per image on average: the channels most shared among the images' top
+#: channels (with the settings of one image alone, so the cache serves both), plus any channel
+#: already in the cache; an image's other top channels are named, not drawn. The trust section
+#: uses 8 deletion / insertion steps and remakes Grad-CAM's map for the other class but not
+#: occlusion's (a second occlusion per image). Both are said on each image's page. On a 2-core
+#: CPU they cut a default image from ~14 to ~4.8 s with a cold cache (BENCHMARKS.md).
+FOLDER: dict[str, dict[str, Any]] = {
+    "filters": {"budget": 0.4},
+    "trust": {"steps": 8, "class_maps": ["gradcam"]},
+}
 
 
 class ExplainError(ValueError):
     """Bad arguments to :func:`explain` (unknown technique, bad settings, no images)."""
 
 
-def settings_for(fast: bool = False, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    """The settings :func:`explain` uses: defaults, then the ``fast`` ones, then ``overrides``."""
+def settings_for(
+    fast: bool = False, overrides: dict[str, dict[str, Any]] | None = None, *, folder: bool = False
+) -> dict[str, dict[str, Any]]:
+    """The settings :func:`explain` uses: :data:`DEFAULTS`, then :data:`FAST` (``fast``), then
+    :data:`FOLDER` (``folder``: a run over several images), then ``overrides``.
+
+    Example::
+
+        settings_for(fast=True, folder=True)["filters"]["budget"]   # 0.4
+    """
     out = {k: dict(v) for k, v in DEFAULTS.items()}
-    for layer in ([FAST] if fast else []) + ([overrides] if overrides else []):
+    for layer in ([FAST] if fast else []) + ([FOLDER] if folder else []) + ([overrides] if overrides else []):
         for tech, values in layer.items():
             if tech not in out:
                 raise ExplainError(f"unknown settings group {tech!r}; use one of {sorted(out)}")
@@ -84,7 +107,7 @@ def settings_for(fast: bool = False, overrides: dict[str, dict[str, Any]] | None
 def _run_activations(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
     from .methods.activations import activations
 
-    result = activations(clf, x, s["layers"])
+    result = ctx["batched"].get("activations") or activations(clf, x, s["layers"])
     k = int(s["channels"])
     ctx["layers"]["activations"] = list(result.maps)
     ctx["channels"]["activations"] = {
@@ -96,7 +119,8 @@ def _run_activations(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[st
 def _run_gradcam(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
     from .methods.cam import grad_cam
 
-    result = grad_cam(clf, x, target=ctx["target"], layer=ctx["cam_layer"], method=s["method"])
+    result = ctx["batched"].get("gradcam") or grad_cam(
+        clf, x, target=ctx["target"], layer=ctx["cam_layer"], method=s["method"])
     ctx["layers"]["gradcam"] = result.layer
     return result
 
@@ -104,14 +128,19 @@ def _run_gradcam(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
 def _run_occlusion(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
     from .methods.occlusion import occlusion
 
-    return occlusion(
+    return ctx["batched"].get("occlusion") or occlusion(
         clf, x, target=ctx["target"], patch=s["patch"], stride=s["stride"], baseline=s["baseline"], score=s["score"]
     )
 
 
+def _top_channels(act: Tensor, k: int) -> list[int]:
+    """The ``k`` channels of a captured (1, C, H, W) layer output with the highest mean."""
+    return [int(c) for c in act[0].float().mean(dim=(1, 2)).topk(min(k, act.shape[1])).indices.cpu()]
+
+
 def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
     from .methods.activations import activations
-    from .methods.featureviz import feature_visualization
+    from .methods.featureviz import cached_channels, feature_visualization
 
     layer = ctx["cam_layer"]
     # "what did the network see here": the channels of the Grad-CAM layer most active on this image
@@ -119,11 +148,25 @@ def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
     act = ctx.get("cam_act")
     k = int(s["channels"])
     if isinstance(act, Tensor) and act.dim() == 4:
-        top = act.float().mean(dim=(2, 3)).topk(min(k, act.shape[1]), dim=1).indices
+        channels = _top_channels(act, k)
     else:
-        top = activations(clf, x, [layer]).top_channels(layer, k)
-    channels = [int(c) for c in np.asarray(_first(top))]
+        channels = [int(c) for c in np.asarray(_first(activations(clf, x, [layer]).top_channels(layer, k)))]
     ctx["layers"]["filters"] = ctx["fv_layer"]
+    shared = ctx.get("shared")  # with a budget: the run's channels to optimise, {(layer, channel)}
+    if shared is not None:
+        cached = cached_channels(clf, ctx["fv_layer"], channels, cache=ctx.get("cache", False), steps=s["steps"],
+                                 size=s["size"], param=s["param"], transforms=s["transforms"], seed=s["seed"])
+        top, channels = channels, [c for c, hit in zip(channels, cached) if hit or (ctx["fv_layer"], c) in shared]
+        left = [c for c in top if c not in channels]
+        if left:
+            ctx["channels"]["filters_top"] = top
+            ctx["notes"].setdefault("filters", []).append(
+                f"Several images in this run: feature visualisation draws only the {len(shared)} channels most "
+                f"shared among the images' top {k} (about {s['budget']:g} per image) and channels already in the "
+                f"cache. This image's top {k} channels are {top}; {len(left)} of them ({left}) are not drawn here. "
+                "Explain the image alone, or the folder with --full (full=True), to see them all.")
+        if not channels:
+            return None
     ctx["channels"]["filters"] = channels
     result = feature_visualization(
         clf, ctx["fv_layer"], channels, steps=s["steps"], size=s["size"], param=s["param"],
@@ -142,7 +185,7 @@ def _run_trust(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any
     """Deletion / insertion of this image's Grad-CAM and occlusion maps beside a random map's, their
     class sensitivity, and the Grad-CAM method's sanity verdict, computed once per model and run
     (on the first image) and shared; plain-words findings go to the notes of the judged technique."""
-    from .metrics.trust import model_sanity, trust_summary
+    from .metrics.trust import NAMES, model_sanity, trust_summary
 
     maps = {t: ctx["results"][t] for t in ("gradcam", "occlusion") if t in ctx["results"]}
     if not maps:
@@ -157,9 +200,17 @@ def _run_trust(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any
                                "stage": check.stages[0], "threshold": check.threshold, "image": ctx["name"],
                                "draws": len(check.settings["draws"][0])}
         sanity["gradcam"] = ctx["run"][key]
-    result = trust_summary(clf, x, maps, sanity=sanity, steps=int(s["steps"]), baseline=s["baseline"])
+    only = s.get("class_maps")
+    result = trust_summary(clf, x, maps, sanity=sanity, steps=int(s["steps"]), baseline=s["baseline"],
+                           class_maps=only)
     for tech, lines in result.findings.items():
         ctx["notes"].setdefault(tech, []).extend(lines)
+    skipped = [NAMES.get(t, t) for t in maps if only is not None and t not in only]
+    if skipped:
+        ctx["notes"].setdefault("trust", []).append(
+            f"Several images in this run: the class sensitivity of {', '.join(skipped)} is not computed (it needs "
+            f"a second map of each image) and the curves use {int(s['steps'])} steps; explain the image alone, or "
+            "the folder with --full (full=True), for the full check.")
     return result
 
 
@@ -348,6 +399,8 @@ def explain(
     out: str | os.PathLike[str] | RunWriter | None = None,
     force: bool = False,
     resume: bool = False,
+    batch_size: int | None = None,
+    full: bool = False,
 ) -> Report:
     """Explain each image with every technique in ``methods`` and gather the results.
 
@@ -366,8 +419,12 @@ def explain(
     ``out/shard-I-of-N/`` (:func:`shard_folder`); ``force`` replaces an earlier run there,
     ``resume`` keeps its images that match this run (same model, weights, settings and file
     content) and does the rest; ``on_image(report, image)`` is called as each image is done.
-    Errors (also NaN or infinite logits or maps) are recorded per image and technique, never
-    raised; bad arguments raise :class:`ExplainError`.
+    A run over several images overlays :data:`FOLDER` on the settings, unless ``full`` (every
+    image then gets the settings of an image alone).
+    ``batch_size``: images that go through activations, Grad-CAM and occlusion together (default:
+    8 on CUDA, 1 elsewhere, where a larger batch is not faster); the results are those of one image
+    at a time, to float rounding. Errors (also NaN or infinite logits or maps) are recorded per
+    image and technique, never raised; bad arguments raise :class:`ExplainError`.
 
     Example::
 
@@ -379,9 +436,8 @@ def explain(
     methods = tuple(m for m in METHODS if m in methods)
     if "trust" in methods and not {"gradcam", "occlusion"} & set(methods):
         raise ExplainError("the trust technique judges the gradcam and occlusion maps: add one of them")
-    conf = settings_for(fast, settings)
-    if layer is not None:
-        conf["gradcam"]["layer"] = layer
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ExplainError(f"batch_size must be a positive int, got {batch_size!r}")
     if image_or_images is None:
         from .images import sample_image_path
 
@@ -390,6 +446,9 @@ def explain(
         image_or_images = [image_or_images]
     planned, skipped = plan(image_or_images, shard)
     items, keys = [(n, s) for n, s, _ in planned], [k for _, _, k in planned]
+    conf = settings_for(fast, settings, folder=(len(planned) > 1 or shard is not None) and not full)
+    if layer is not None:
+        conf["gradcam"]["layer"] = layer
     run = out if isinstance(out, RunWriter) or out is None else run_writer(
         shard_folder(out, shard), [SimpleNamespace(key=k, path=s) for _, s, k in planned], force=force,
         resume=resume)  # checked before any work
@@ -440,30 +499,38 @@ def explain(
         quiet = logging_redirect_tqdm()  # warnings print above the bar, not through it
     cam_layers: dict[tuple[int, ...], tuple[str, str]] = {}
     run_cache: dict[Any, Any] = {}  # what is computed once per model and run (the sanity verdict)
+    if batch_size is None:
+        batch_size = 8 if clf.device.type == "cuda" else 1
     try:
         with quiet, run if run is not None else contextlib.nullcontext():
-            for (name, src), key in zip(items, keys):
-                if bar is not None:
-                    bar.set_postfix_str(printable(name)[:30])
-                earlier = _earlier(run, key, done.get(key))
-                if earlier is not None:  # --resume: finished by an earlier run with the same settings
-                    if isinstance(src, (str, os.PathLike)):  # the same content, maybe found elsewhere now
-                        earlier.source = printable(os.path.abspath(src))
-                        earlier.summary = {**(earlier.summary or {}), "source": earlier.source}
-                    report.images.append(earlier)
-                    report._files[key] = run.keep_image(key, src)  # type: ignore[union-attr]
-                else:
-                    report.images.append(
-                        _explain_one(clf, name, src, key, target, methods, conf, cam_layers, bar, run_cache, folder)
-                    )
-                    check_interrupt()
-                    if run is not None:
-                        report.save_image(run, report.images[-1])
-                        report.release(report.images[-1])
-                    if on_image is not None:
-                        on_image(report, report.images[-1])
-                if bar is not None:
-                    bar.update(1)
+            shared = None
+            if "filters" in methods and conf["filters"]["budget"] is not None:
+                shared = _shared_channels(clf, items, conf, cam_layers)
+                report.settings["filters"]["shared"] = len(shared)
+            for start in range(0, len(items), batch_size):
+                group = list(zip(items[start : start + batch_size], keys[start : start + batch_size]))
+                earlier = {key: _earlier(run, key, done.get(key)) for _, key in group}
+                fresh = _explain_group(
+                    clf, [(name, src, key) for (name, src), key in group if earlier[key] is None], target, methods,
+                    conf, cam_layers, bar, run_cache, folder, shared)
+                for (_, src), key in group:
+                    if earlier[key] is not None:  # --resume: finished by an earlier run with the same settings
+                        im = earlier[key]
+                        if isinstance(src, (str, os.PathLike)):  # the same content, maybe found elsewhere now
+                            im.source = printable(os.path.abspath(src))
+                            im.summary = {**(im.summary or {}), "source": im.source}
+                        report.images.append(im)
+                        report._files[key] = run.keep_image(key, src)  # type: ignore[union-attr]
+                    else:
+                        report.images.append(next(fresh))
+                        check_interrupt()
+                        if run is not None:
+                            report.save_image(run, report.images[-1])
+                            report.release(report.images[-1])
+                        if on_image is not None:
+                            on_image(report, report.images[-1])
+                    if bar is not None:
+                        bar.update(1)
             report.timings["total_s"] = time.perf_counter() - t_start
             if classifier is None:
                 report.timings["load_model_s"] = load_s
@@ -575,42 +642,167 @@ def _top(clf: Classifier, logits: Tensor, top: int) -> list[Prediction]:
     return [Prediction(clf.label(int(i)), int(i), float(p)) for p, i in zip(values[0].cpu(), indices[0].cpu())]
 
 
-def _explain_one(
+def _layers_for(clf: Classifier, x: Tensor, conf: dict[str, dict[str, Any]],
+                cam_layers: dict[tuple[int, ...], tuple[str, str]]) -> tuple[str, str]:
+    """The Grad-CAM layer and the feature visualisation's layer for inputs shaped like ``x``
+    (found once per input shape and remembered in ``cam_layers``)."""
+    shape = tuple(x.shape[1:])
+    if shape not in cam_layers:
+        from .layers import default_cam_layer, layer_table, resolve_layer
+
+        table = layer_table(clf.model, x)
+        cam = conf["gradcam"]["layer"]
+        cam = default_cam_layer(clf.model, x, table) if cam is None else resolve_layer(clf.model, cam)[0]
+        cam_layers[shape] = (cam, pre_activation_layer(table, cam))
+    return cam_layers[shape]
+
+
+def _load(clf: Classifier, src: ImageSource) -> tuple[Tensor, Any]:
+    """The model-ready (1, 3, H, W) input of ``src`` and the PIL image it came from (None for a tensor)."""
+    if isinstance(src, Tensor):
+        return clf.batch(src), None
+    from .images import load_image
+
+    pil = load_image(src)
+    return clf.preprocess(pil), pil
+
+
+def _shared_channels(clf: Classifier, items: Sequence[tuple[str, ImageSource]], conf: dict[str, dict[str, Any]],
+                     cam_layers: dict[tuple[int, ...], tuple[str, str]]) -> set[tuple[str, int]]:
+    """The channels a run with a feature-visualisation budget optimises: one forward per image
+    finds its top channels in the Grad-CAM layer (as :func:`_run_filters` does), and the
+    ``ceil(budget * images)`` channels in most images' top lists win (ties: the better summed rank,
+    then the lower index). Images that cannot be read are left out (their error comes later)."""
+    import math
+
+    s = conf["filters"]
+    k = int(s["channels"])
+    votes: dict[tuple[str, int], list[int]] = {}
+    n = 0
+    t0 = time.perf_counter()
+    for _, src in items:
+        try:
+            x, _ = _load(clf, src)
+            cam, fv = _layers_for(clf, x, conf, cam_layers)
+            _, act = _logits_and_layer(clf, x, cam)
+        except Exception as e:  # noqa: BLE001 -- the image's own pass records it
+            log.debug("feature-visualisation budget: %s left out (%s)", printable(src), e)
+            continue
+        if isinstance(act, Tensor) and act.dim() == 4:
+            n += 1
+            for rank, c in enumerate(_top_channels(act, k)):
+                votes.setdefault((fv, c), []).append(rank)
+        check_interrupt()
+    budget = math.ceil(float(s["budget"]) * n)
+    ranked = sorted(votes, key=lambda u: (-len(votes[u]), sum(votes[u]), u[1]))
+    log.info("feature visualisation: %d of %d different top channels of %d images optimised (budget %g per "
+             "image), %.1f s to choose", min(budget, len(ranked)), len(ranked), n, float(s["budget"]),
+             time.perf_counter() - t0)
+    return set(ranked[:budget])
+
+
+def _row(result: Any, i: int) -> Any:
+    """Image ``i`` of a batched Saliency or Activations result, as a call on that image alone gives it."""
+    from dataclasses import replace
+
+    if isinstance(result.maps, dict):  # Activations
+        return replace(result, maps={k: v[i : i + 1] for k, v in result.maps.items()}, images=result.images[i : i + 1])
+    settings = dict(result.settings)
+    if "image_index" in settings:
+        settings["image_index"] = [0]
+    return replace(result, maps=result.maps[i : i + 1], raw=result.raw[i : i + 1], target=result.target[i : i + 1],
+                   images=result.images[i : i + 1], labels=result.labels[i : i + 1], settings=settings)
+
+
+#: the techniques that take several images in one call
+BATCHED = ("activations", "gradcam", "occlusion")
+
+
+def _batch_techniques(clf: Classifier, prepared: list[tuple[ImageExplanation, Tensor, dict[str, Any]]],
+                      methods: tuple[str, ...], conf: dict[str, dict[str, Any]]) -> None:
+    """Run :data:`BATCHED` techniques once for each set of prepared images of the same input
+    shape and class-index targets, putting each image's row into its ``ctx["batched"]``; a batch
+    that fails leaves its images to their own calls (which record the error)."""
+    import torch
+
+    sets: dict[tuple[Any, ...], list[tuple[Tensor, dict[str, Any]]]] = {}
+    for _, x, ctx in prepared:
+        if isinstance(ctx["target"], int):
+            sets.setdefault((tuple(x.shape), ctx["cam_layer"]), []).append((x, ctx))
+    for group in sets.values():
+        if len(group) < 2:
+            continue
+        xb = torch.cat([x for x, _ in group])
+        # the runners themselves, on the stacked images with one target each
+        batch_ctx = {"target": [ctx["target"] for _, ctx in group], "cam_layer": group[0][1]["cam_layer"],
+                     "batched": {}, "layers": {}, "channels": {}}
+        for tech in (t for t in BATCHED if t in methods):
+            t0 = time.perf_counter()
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result = RUNNERS[tech](clf, xb, batch_ctx, conf[tech])
+                if caught:  # a warning names the batch, not the image: let each image's own call give it
+                    continue
+            except Exception as e:  # noqa: BLE001 -- each image then runs (and fails) alone
+                log.debug("batched %s failed (%s); one image at a time", tech, e)
+                continue
+            share = (time.perf_counter() - t0) / len(group)
+            for i, (_, ctx) in enumerate(group):
+                ctx["batched"][tech] = _row(result, i)
+                ctx["batched_s"][tech] = share
+
+
+def _explain_group(
     clf: Classifier,
-    name: str,
-    src: ImageSource,
-    key: str,
+    group: Sequence[tuple[str, ImageSource, str]],
     target: Any,
     methods: tuple[str, ...],
     conf: dict[str, dict[str, Any]],
     cam_layers: dict[tuple[int, ...], tuple[str, str]],
     bar: Any,
-    run_cache: dict[Any, Any] | None = None,
-    cache: Path | None = None,
-) -> ImageExplanation:
+    run_cache: dict[Any, Any],
+    cache: Path | None,
+    shared: set[tuple[str, int]] | None,
+) -> Iterator[ImageExplanation]:
+    """Explain the images of ``group`` in order, yielding each as it is done; with two or more,
+    :data:`BATCHED` techniques run once for all of them first."""
+    prepared = [_prepare(clf, name, src, key, target, conf, cam_layers, run_cache, cache, shared)
+                for name, src, key in group]
+    ready = [(im, x, ctx) for im, x, ctx in prepared if ctx is not None]
+    if len(ready) > 1:
+        _batch_techniques(clf, ready, methods, conf)  # type: ignore[arg-type]
+    for im, x, ctx in prepared:
+        if ctx is not None:
+            _run_techniques(clf, im, x, ctx, methods, conf, bar)  # type: ignore[arg-type]
+        yield im
+
+
+def _prepare(
+    clf: Classifier,
+    name: str,
+    src: ImageSource,
+    key: str,
+    target: Any,
+    conf: dict[str, dict[str, Any]],
+    cam_layers: dict[tuple[int, ...], tuple[str, str]],
+    run_cache: dict[Any, Any],
+    cache: Path | None,
+    shared: set[tuple[str, int]] | None,
+) -> tuple[ImageExplanation, Tensor | None, dict[str, Any] | None]:
+    """Load one image, predict, resolve its target: ``(im, x, ctx)``, or ``(im, None, None)``
+    with the error recorded when the image cannot be used."""
     is_path = isinstance(src, (str, os.PathLike))
     im = ImageExplanation(name=printable(name), source=printable(src) if is_path else None, key=key,
                           path=src if is_path else None)
     t0 = time.perf_counter()
     try:
-        from .images import load_image
-
-        if isinstance(src, Tensor):
-            x = clf.batch(src)
-        else:
-            pil = load_image(src)
-            x = clf.preprocess(pil)
+        x, pil = _load(clf, src)
+        if pil is not None:
             im.original_size = (pil.width, pil.height)
         im.rgb = clf.denormalise(x)[0].permute(1, 2, 0).float().cpu().numpy()
-        shape = tuple(x.shape[1:])
-        if shape not in cam_layers:
-            from .layers import default_cam_layer, layer_table, resolve_layer
-
-            table = layer_table(clf.model, x)
-            cam = conf["gradcam"]["layer"]
-            cam = default_cam_layer(clf.model, x, table) if cam is None else resolve_layer(clf.model, cam)[0]
-            cam_layers[shape] = (cam, pre_activation_layer(table, cam))
-        logits, cam_act = _logits_and_layer(clf, x, cam_layers[shape][0])
+        cam, fv = _layers_for(clf, x, conf, cam_layers)
+        logits, cam_act = _logits_and_layer(clf, x, cam)
         require_finite(logits, "the model's output")
         im.predictions = _top(clf, logits, int(conf["predictions"]["top"]))
         from .targets import resolve_target
@@ -620,17 +812,17 @@ def _explain_one(
     except (ImageError, NonFiniteError) as e:
         im.errors["image"] = printable(e)
         log.warning("%s: %s", im.name, im.errors["image"])
-        return im
+        return im, None, None
     except Exception as e:  # noqa: BLE001 -- one broken image never stops the others
         im.errors["image"] = printable(f"{type(e).__name__}: {e}")
         log.warning("%s: %s", im.name, im.errors["image"], exc_info=log.isEnabledFor(logging.DEBUG))
-        return im
+        return im, None, None
     finally:
         im.timings["prepare_s"] = time.perf_counter() - t0
     ctx: dict[str, Any] = {
         "target": im.target if im.target is not None and im.target >= 0 else target,
-        "cam_layer": cam_layers[shape][0],
-        "fv_layer": cam_layers[shape][1],
+        "cam_layer": cam,
+        "fv_layer": fv,
         "layers": im.layers,
         "channels": im.channels,
         "results": im.results,
@@ -639,7 +831,18 @@ def _explain_one(
         "run": {} if run_cache is None else run_cache,
         "cache": cache if cache is not None else False,
         "cam_act": cam_act,
+        "shared": shared,
+        "batched": {},  # technique -> this image's row of a call on several images
+        "batched_s": {},
+        "t0": t0,
     }
+    return im, x, ctx
+
+
+def _run_techniques(clf: Classifier, im: ImageExplanation, x: Tensor, ctx: dict[str, Any], methods: tuple[str, ...],
+                    conf: dict[str, dict[str, Any]], bar: Any) -> None:
+    """Every technique of ``methods`` on one prepared image; errors recorded per technique."""
+    name = ctx["name"]
     for tech in methods:
         if bar is not None:
             bar.set_postfix_str(f"{printable(name)[:24]}: {tech}")
@@ -647,17 +850,19 @@ def _explain_one(
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                im.results[tech] = _finite(RUNNERS[tech](clf, x, ctx, conf[tech]), tech)
+                result = _finite(RUNNERS[tech](clf, x, ctx, conf[tech]), tech)
+            if result is not None:  # None: nothing to show (said in the notes)
+                im.results[tech] = result
             notes = list(dict.fromkeys(printable(w.message) for w in caught))
             if notes:
-                im.notes[tech] = notes
+                im.notes.setdefault(tech, []).extend(notes)
         except NonFiniteError as e:
             im.errors[tech] = printable(e)
             log.warning("%s: %s failed: %s", im.name, tech, im.errors[tech])
         except Exception as e:  # noqa: BLE001 -- recorded, reported, and the run goes on
             im.errors[tech] = printable(f"{type(e).__name__}: {e}")
             log.warning("%s: %s failed: %s", im.name, tech, im.errors[tech], exc_info=log.isEnabledFor(logging.DEBUG))
-        im.timings[f"{tech}_s"] = time.perf_counter() - t1
+        im.timings[f"{tech}_s"] = time.perf_counter() - t1 + ctx["batched_s"].get(tech, 0.0)
         check_interrupt()
     if "gradcam" in im.results and "occlusion" in im.results:
         try:
@@ -666,12 +871,11 @@ def _explain_one(
             )
         except ValueError as e:  # maps of different sizes: nothing to compare
             log.warning("%s: cannot compare Grad-CAM and occlusion: %s", im.name, printable(e))
-    im.timings["total_s"] = time.perf_counter() - t0
-    return im
+    im.timings["total_s"] = time.perf_counter() - ctx["t0"]
 
 
 def _finite(result: Any, tech: str) -> Any:
-    """``result`` when every map or image in it is finite; else :class:`NonFiniteError`."""
+    """``result`` (may be None) when every map or image in it is finite; else :class:`NonFiniteError`."""
     tensors = result.maps if isinstance(getattr(result, "maps", None), dict) else {
         "": getattr(result, "maps", getattr(result, "images", None))}
     for name, t in tensors.items():

@@ -8,7 +8,13 @@ over :data:`MAX_KEY_BYTES` bytes) or that repeats an earlier key of the run (``a
 source's full path, so keys are unique within a run and the same for the same inputs.
 
 A run (:class:`RunWriter`) writes into ``<out>/.convlens-staging-XXXX/`` and renames each image's
-folder into place when it is complete; ``<out>/.convlens-manifest.json`` lists what is there. An
+folder into place when it is complete; ``<out>/.convlens-manifest.json`` lists what is there (each
+finished image is appended as one line to ``.convlens-manifest.journal`` and the manifest is
+rewritten whole only when the journal has grown as long as it, so a run of n images writes O(n)
+bytes of manifest, and a kill -9 loses at most the line being written; :func:`read_manifest`
+reads both). One process at a time writes into an ``<out>``: a run holds ``<out>/.convlens-lock``
+(an ``flock``, released by the kernel when the process dies, so never stale) and a second run on
+the same folder is refused at once with :class:`RunLockedError`. An
 ``--out`` that holds an earlier run, or any entry this run would write, is refused unless
 ``force``; with ``force`` the earlier run is replaced as a whole at the end (its entries are
 moved aside, the new ones moved in, then the old ones deleted, with Ctrl-C held back for those
@@ -43,16 +49,19 @@ from typing import IO, Any
 import numpy as np
 
 __all__ = [
-    "MANIFEST", "MAX_KEY_BYTES", "RunWriter", "atomic_path", "check_interrupt", "hold_interrupts", "image_keys",
-    "interruptible", "manifest_entries", "printable", "resolve_out", "safe_key", "save_files", "write_file",
+    "JOURNAL", "LOCK", "MANIFEST", "MAX_KEY_BYTES", "RunLockedError", "RunWriter", "atomic_path", "check_interrupt",
+    "hold_interrupts", "image_keys", "interruptible", "manifest_entries", "printable", "read_manifest",
+    "resolve_out", "safe_key", "save_files", "write_file",
 ]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = ".convlens-manifest.json"
+JOURNAL = ".convlens-manifest.journal"  # one JSON line per image finished since the manifest's last rewrite
+LOCK = ".convlens-lock"
 STAGING_PREFIX = ".convlens-staging-"
 #: top-level names no image key may take (compared case-insensitively)
-RESERVED = frozenset({"report.html", "summary.json", "summary.csv", MANIFEST})
+RESERVED = frozenset({"report.html", "summary.json", "summary.csv", MANIFEST, JOURNAL, LOCK})
 MAX_KEY_BYTES = 120
 _BAD_CHARS = set('/\\:*?"<>|')
 
@@ -324,7 +333,16 @@ def resolve_out(path: str | os.PathLike[str]) -> Path:
 
 
 # -- a run ----------------------------------------------------------------------------------
-def _read_manifest(out: Path) -> dict[str, Any] | None:
+def read_manifest(out: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of the run in ``out`` with its journal applied (the images finished since the
+    manifest was last rewritten, by key, in order; a torn last line, left by a kill, is skipped);
+    ``None`` when there is none, ``{"format": "damaged", ...}`` when it cannot be read.
+
+    Example::
+
+        read_manifest("out")["images"]   # one record per image folder of the run
+    """
+    out = Path(out)
     path = out / MANIFEST
     if not os.path.lexists(path):
         return None
@@ -334,9 +352,21 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or data.get("format") != "convlens-manifest":
             raise ValueError
-        return data
     except (OSError, ValueError):
         return {"format": "damaged", "files": [], "images": []}
+    journal = out / JOURNAL
+    if is_regular(journal) and not journal.is_symlink():
+        images = {rec.get("key"): rec for rec in data.get("images", []) if isinstance(rec, dict)}
+        with contextlib.suppress(OSError), open(journal, "rb") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    # a journal left by another run (a crash between rewrite and removal) is ignored
+                    if isinstance(entry, dict) and entry.get("run") == data.get("run") and isinstance(
+                            entry.get("image"), dict):
+                        images[entry["image"].get("key")] = entry["image"]
+        data["images"] = list(images.values())
+    return data
 
 
 def manifest_entries(manifest: dict[str, Any]) -> list[str]:
@@ -374,13 +404,74 @@ def _source_fields(source: Any) -> dict[str, Any]:
     return rec
 
 
+class RunLockedError(FileExistsError):
+    """Another process is writing a run into the same output folder right now."""
+
+
+class _FolderLock:
+    """An exclusive, non-blocking ``flock`` on ``folder/.convlens-lock``, held until :meth:`release`
+    or the process's end (the kernel drops it then, so a killed run leaves no stale lock). The
+    file is removed on release, while still held; a process that opened it before and locks it
+    after finds it unlinked (or replaced) and tries again on the new one. Where ``fcntl`` is
+    missing (Windows) there is no lock."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK
+        self.fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    pid = os.read(fd, 32).decode("ascii", "replace").strip()
+                finally:
+                    os.close(fd)
+                who = f"process {pid}" if pid.isdigit() else "another process"
+                raise RunLockedError(
+                    f"{printable(folder)} is being written by another convlens run ({who}, which holds {LOCK}); "
+                    "wait for it to finish or choose another output folder") from None
+            except OSError as e:  # a file system without flock (some network mounts): no lock, as on Windows
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                log.warning("%s: cannot lock the output folder (%s); a second run there would not be refused",
+                            printable(folder), e)
+                return
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self.fd = fd
+                return
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
+        raise RunLockedError(f"{printable(folder)}: cannot take {LOCK} (it keeps being replaced)")
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (may run twice)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
 @dataclass
 class RunWriter:
     """The outputs of one run in ``out``: check, stage, commit, manifest.
 
     ``keys``: the image folders the run may write; ``files``: its top-level files (``report.html``,
-    ``summary.json``); ``inputs``: the run's input paths, which are never replaced. The checks run
-    at construction, before any work; nothing is created until the first write.
+    ``summary.json``); ``inputs``: the run's input paths, which are never replaced. At construction,
+    before any work, the run takes ``out``'s lock (creating ``out`` if needed; another run there
+    raises :class:`RunLockedError`) and makes its checks; the lock is held until :meth:`finish`,
+    :meth:`abort` or the end of a ``with`` block.
 
     Example::
 
@@ -408,11 +499,24 @@ class RunWriter:
     _created: str = field(init=False, default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _done: bool = field(init=False, default=False)
     _old_top: list[str] = field(init=False, default_factory=list)
+    _lock: _FolderLock | None = field(init=False, default=None)
+    _journal_n: int = field(init=False, default=-1)  # lines in the journal; -1: no manifest written yet
 
     def __post_init__(self) -> None:
         self.root = resolve_out(self.out)
+        if not self.root.exists():
+            self.root.mkdir(parents=True)
+            self._created_out = True
+        try:
+            self._lock = _FolderLock(self.root)
+            self._check()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _check(self) -> None:
         names = [*self.files, *self.keys]
-        old = _read_manifest(self.root) if self.root.is_dir() else None
+        old = read_manifest(self.root) if self.root.is_dir() else None
         there = [n for n in names if os.path.lexists(self.root / n)]
         # an input of this run is never replaced or removed, --force or not
         for src in self.inputs:
@@ -442,7 +546,7 @@ class RunWriter:
         self._old = old
         self._replace = list(dict.fromkeys([*(manifest_entries(old) if old else []), *there]))
         if old is not None:
-            self._replace.append(MANIFEST)
+            self._replace += [n for n in (MANIFEST, JOURNAL) if os.path.lexists(self.root / n)]
 
     def _init_resume(self, old: dict[str, Any], there: list[str]) -> None:
         """``resume``: the earlier run stays; its images are kept (those this run recomputes are
@@ -526,9 +630,11 @@ class RunWriter:
 
     def _stage(self) -> Path:
         if self._staging is None:
-            if not self.root.exists():
-                self.root.mkdir(parents=True)
-                self._created_out = True
+            if self._lock is not None and self._lock.fd is not None:
+                # holding out's lock, no other run writes here: staging folders are a killed run's leftovers
+                for p in self.root.glob(STAGING_PREFIX + "*"):
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
             self._staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
         return self._staging
 
@@ -585,8 +691,24 @@ class RunWriter:
                     os.rename(self.root / key, aside)
                 if files:
                     os.rename(self._stage() / key, self.root / key)
-                self._write_manifest(complete=False)
+                self._record(rec)
         return files
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        """Add one image's record to the manifest: a line appended to the journal, or, once the
+        journal is as long as the manifest (at least 16 lines), the manifest rewritten whole
+        (the total written stays linear in the number of images)."""
+        if 0 <= self._journal_n < max(16, len(self._images) - self._journal_n):
+            line = json.dumps({"run": self._run_id, "image": rec}, ensure_ascii=False).encode("utf-8") + b"\n"
+            fd = os.open(self.root / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                         _umask_mode())
+            try:
+                os.write(fd, line)  # one write on an O_APPEND file: a kill leaves at most a torn last line
+            finally:
+                os.close(fd)
+            self._journal_n += 1
+        else:
+            self._write_manifest(complete=False)
 
     def _manifest(self, complete: bool) -> dict[str, Any]:
         from ._version import __version__
@@ -602,6 +724,9 @@ class RunWriter:
     def _write_manifest(self, complete: bool) -> None:
         data = json.dumps(self._manifest(complete), indent=1, ensure_ascii=False).encode("utf-8")
         write_file(self.root / MANIFEST, data)
+        with contextlib.suppress(FileNotFoundError):  # its lines are in the manifest now
+            os.unlink(self.root / JOURNAL)
+        self._journal_n = 0
 
     def finish(self) -> None:
         """Move everything still staged into place, replacing the earlier run as a whole, and
@@ -633,12 +758,18 @@ class RunWriter:
                 raise
             self._done = True
         self._cleanup()
+        self._unlock()
 
     def abort(self) -> None:
-        """Drop what is staged (the earlier run, if any, stays as it was)."""
+        """Drop what is staged (the earlier run, if any, stays as it was) and release the lock."""
         self._cleanup()
+        self._unlock()
         if self._created_out and self.root.is_dir() and not any(self.root.iterdir()):
             self.root.rmdir()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _cleanup(self) -> None:
         if self._staging is not None and self._staging.exists():
@@ -651,6 +782,14 @@ class RunWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and not self._done:
             with hold_interrupts():
+                self.abort()
+        self._unlock()
+
+    def __del__(self) -> None:  # a writer dropped unfinished (e.g. the work before its with block raised)
+        with contextlib.suppress(Exception):
+            if self._done:
+                self._unlock()
+            else:
                 self.abort()
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .outputs import MANIFEST, RunWriter, is_regular, printable, resolve_out
+from .outputs import MANIFEST, RunWriter, is_regular, printable, read_manifest, resolve_out
 
 __all__ = ["find_runs", "merge_runs"]
 
@@ -28,14 +28,10 @@ _SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / MANIFEST
-    if not is_regular(path) or path.is_symlink():
+    if not is_regular(folder / MANIFEST):
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == "convlens-manifest" else None
+    data = read_manifest(folder)  # with its journal: the images a running or killed run finished
+    return data if data is not None and data.get("format") == "convlens-manifest" else None
 
 
 def find_runs(folder: str | os.PathLike[str]) -> list[Path]:

@@ -36,6 +36,7 @@ from ..results import FeatureImages, Objective
 
 __all__ = [
     "FeatureImages",
+    "cached_channels",
     "feature_visualization",
     "standard_transforms",
     "pad",
@@ -481,6 +482,37 @@ def _to_input(clf: Classifier, param: str, img: Tensor) -> Tensor:
 def _display(param: str, img: Tensor) -> Tensor:
     """The image as shown, in [0, 1]: the Fourier image as it is, the pixel one min-max scaled per image."""
     return (_Fourier if param == "fourier" else _Pixel).display(img)
+
+
+def cached_channels(
+    classifier_or_model: Classifier | nn.Module,
+    layer: str | nn.Module,
+    channels: Sequence[int],
+    *,
+    cache: bool | str | os.PathLike[str] | None,
+    steps: int = 128,
+    size: int = 128,
+    lr: float = 0.05,
+    seed: int = 0,
+    param: Param = "fourier",
+    transforms: str | None = "standard",
+) -> list[bool]:
+    """Which of ``channels`` (objective ``"channel"``) a :func:`feature_visualization` call with
+    the same settings and ``cache`` would read back from the cache instead of optimising.
+
+    Example::
+
+        cached_channels(clf, "bn2", [3, 7], cache=True)   # [True, False]
+    """
+    clf = as_classifier(classifier_or_model)
+    name, _ = resolve_layer(clf.model, layer)
+    units = [int(c) for c in channels]
+    ks = [units[:i].count(u) for i, u in enumerate(units)]  # a repeated unit's k-th image, as there
+    opts = {"steps": steps, "size": size, "lr": lr, "seed": seed, "param": param, "diversity": 0.0}
+    store, keys = _cache_keys(clf, cache, "channel", name, units, ks, transforms, opts)
+    if store is None:
+        return [False] * len(units)
+    return [store.path(k).is_file() and _entry_ok(store.get(k), steps, size) is not None for k in keys]
 
 
 def _cache_keys(

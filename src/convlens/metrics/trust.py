@@ -5,7 +5,7 @@ map's class sensitivity, the model's sanity verdict, and what they mean in plain
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from torch import Tensor
@@ -51,12 +51,16 @@ def trust_summary(
     steps: int = 16,
     baseline: Any = "blur",
     seed: int = 0,
+    class_maps: Collection[str] | None = None,
 ) -> TrustSummary:
     """Judge the maps of one image: per map, the deletion and insertion curves (and a random
     map's, the same for every image), the class sensitivity (rank correlation with the map of the
     least likely class) and, from ``sanity`` (technique -> the model's verdict, see
     :func:`model_sanity`), whether the method passed; then a plain-words finding per technique
-    where a map should not be trusted. ``maps``: technique name -> its :class:`Saliency`.
+    where a map should not be trusted. ``maps``: technique name -> its :class:`Saliency`;
+    ``class_maps``: the techniques whose class sensitivity is computed (default: all; it remakes
+    the map for the other class, for occlusion a second occlusion of the image); the others get
+    ``class_rho`` None.
 
     Example::
 
@@ -73,7 +77,7 @@ def trust_summary(
     for tech, sal in maps.items():
         curves[tech] = (deletion(clf, x, sal, **args), insertion(clf, x, sal, **args))
         opts = _options(sal)
-        if opts is None:
+        if opts is None or (class_maps is not None and tech not in class_maps):
             class_rho[tech] = None
             continue
         cs = class_sensitivity(clf, x, sal.method, target=list(sal.target), layer=sal.layer, options=opts,
@@ -119,6 +123,7 @@ def trust_summary(
         target=target,
         labels=[label],
         settings={"steps": steps, "baseline": baseline if isinstance(baseline, (int, float, str)) else "tensor",
-                  "class_threshold": CLASS_THRESHOLD, "seed": seed},
+                  "class_threshold": CLASS_THRESHOLD, "seed": seed,
+                  "class_maps": None if class_maps is None else sorted(class_maps)},
     )
 
