@@ -68,13 +68,19 @@ def _spec_model(model: nn.Module) -> nn.Module:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _host(a: Tensor | np.ndarray) -> Tensor:
+    """A float32 CPU tensor of a peer's or our map (a CUDA tensor is copied to the host)."""
+    return a.detach().float().cpu() if isinstance(a, Tensor) else torch.as_tensor(np.asarray(a, dtype=np.float32))
+
+
 def _rel(theirs: Tensor | np.ndarray, ours: Tensor) -> float:
-    t = torch.as_tensor(np.asarray(theirs, dtype=np.float32)).reshape(ours.shape)
-    return float((t - ours).abs().max() / ours.abs().max().clamp(min=1e-12))
+    o = _host(ours)
+    t = _host(theirs).reshape(o.shape)
+    return float((t - o).abs().max() / o.abs().max().clamp(min=1e-12))
 
 
 def _corr(theirs: Tensor | np.ndarray, ours: Tensor) -> float:
-    t = torch.as_tensor(np.asarray(theirs, dtype=np.float32)).flatten().float()
+    t = _host(theirs).flatten()
     o = ours.detach().flatten().float().cpu()
     if t.numel() != o.numel():
         side = int(round(t.numel() ** 0.5))

@@ -134,7 +134,7 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
                 cases[f"captum ppe={ppe}" + (" (best at 40/20)" if best_ppe else "")] = keep(f"captum{ppe}", run_captum)
         except ImportError:
             pass
-    if peers:
+    if peers and device == "cpu":  # the frozen old path was written for the CPU only
         cases["exact, old crop path"] = keep("old", lambda: occlusion_v0.occlusion_map(model, x, target, patch, stride))
     cases["exact"] = keep("exact", lambda: occlusion(model, x, target=target, patch=patch, stride=stride))
     if _default_batch(model, x, n_ours, True) != WIDE:  # the default model on a CPU: 4

@@ -70,7 +70,13 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name()}; {args.n} photos; fast={args.fast}")
     print("largest difference, batched vs one at a time (relative to the map's max):",
           ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
-    ok = ok and all(v < 1e-4 for v in worst.values())
+    # cuDNN convolutions run in TF32 by default on Ampere and later, with kernels chosen per batch
+    # size: a map then differs by ~1e-3 of its max between batch sizes, occlusion's differences of
+    # probabilities more; in float32 proper the two agree to ~1e-6
+    tf32 = torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+    tol = 2e-2 if tf32 else 1e-4
+    print(f"tolerance {tol:g} ({'TF32 on' if tf32 else 'float32'})")
+    ok = ok and all(v < tol for v in worst.values())
     print(f"{'batch':>6} {'s/image':>8} " + " ".join(f"{t:>12}" for t in TECHS))
     for b, (report, wall) in runs.items():
         n = len(report.images)

@@ -8,7 +8,8 @@ TF32, so the fast path must not fall back on a modern GPU; ``fallback`` says why
 batch size, seconds of both paths and their ratio, and the largest drop difference against the
 plain path relative to the largest drop. Then the approximate path's path and work. Needs no
 network (random weights; the default model's weights ship with its package). Runs in ~1 minute
-on an H100; exits 1 when a model falls back to the plain path or differs by more than 1e-2.
+on an H100; exits 1 when a model falls back to the plain path or differs by more than 5e-2 with
+TF32 convolutions (cuDNN's default; 1e-4 without).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 0
+    if "--float32" in sys.argv:  # no TF32 anywhere: the two paths must then agree to float32 rounding
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     import torchvision
 
     import convlens
@@ -62,7 +66,8 @@ def main() -> int:
         approx = occlusion(model, x, patch=16, stride=8, mode="approximate", target=0)
         print(f"{name}: approximate path {approx.settings['path']}, mode {approx.settings['mode']}, "
               f"work {approx.settings['work']:.3f}")
-        bad += s["path"] != "crop" or diff > 1e-2
+        # TF32 convolutions (cuDNN's default) round each path differently: ~2e-2 of the largest drop
+        bad += s["path"] != "crop" or diff > (5e-2 if torch.backends.cudnn.allow_tf32 else 1e-4)
     return int(bad > 0)
 
 

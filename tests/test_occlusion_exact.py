@@ -97,7 +97,7 @@ def test_exact_mode_equals_full_forwards(arch, device):
     err_plain = float((plain.raw[0].cpu().double() - truth).abs().max())
     err_fast = float((fast.raw[0].cpu().double() - truth).abs().max())
     # a few times the float32 full forward's own error, or the device's rounding of the largest drop
-    floor = 0.1 * check_tolerance(x.device, x.dtype) * scale  # CPU: 1e-6 x scale; TF32 on a GPU: 5e-4
+    floor = 0.1 * check_tolerance(x.device, x.dtype) * scale  # CPU: 1e-6 x scale; TF32 on a GPU: 2e-3
     assert err_fast <= max(4 * err_plain, floor), (err_fast, err_plain, scale)
     if crops:
         assert fast.settings["path"] == "crop", fast.settings["fallback"]

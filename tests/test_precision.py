@@ -71,7 +71,10 @@ def test_small_net_every_technique_in_another_dtype(dtype, device):
         # a drop is a difference of two logits, each rounded to the model's precision: the
         # tolerance is relative to the logits, not to the (much smaller) drops
         err = float((o.maps - o32.maps).abs().max()) / float(c32.logits(x).abs().max())
-        assert err <= OCC_TOL[dtype], (fast, err)
+        # on CUDA the float32 reference itself runs its convolutions in TF32 (cuDNN's default):
+        # 3.6e-5 measured on an H200 against the float64 model
+        tf32 = device == "cuda" and torch.backends.cudnn.allow_tf32
+        assert err <= max(OCC_TOL[dtype], 1e-3 if tf32 else 0.0), (fast, err)
     kw = dict(steps=3, size=32, seed=1)
     f32 = feature_visualization(c32, "6", [0, 5], **kw)
     f = feature_visualization(c, "6", [0, 5], **kw)

@@ -463,7 +463,9 @@ class CropEvaluator:
 def check_tolerance(device: torch.device, dtype: torch.dtype) -> float:
     """Relative tolerance of the self-check: float32 rounding, or the coarser precision the device
     computes in (half types; TF32 matmuls and convolutions on CUDA, the PyTorch default for cuDNN
-    convolutions), where the crops' other summation order differs by more than float32 rounding."""
+    convolutions), where the crops' other summation order differs by more than float32 rounding:
+    measured on an H200 with TF32, ResNet-50 and EfficientNet-Lite0 crops differed from their full
+    forwards by up to ~1e-2 of the logits' size (1.98x the 5e-3 first chosen), hence 2e-2."""
     if dtype == torch.bfloat16:
         return 5e-2
     if dtype == torch.float16:
@@ -473,7 +475,7 @@ def check_tolerance(device: torch.device, dtype: torch.dtype) -> float:
         or torch.backends.cuda.matmul.allow_tf32
         or torch.get_float32_matmul_precision() != "highest"
     ):
-        return 5e-3
+        return 2e-2
     return 1e-5
 
 
