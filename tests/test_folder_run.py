@@ -149,27 +149,9 @@ def test_a_torn_journal_line_and_another_runs_journal_are_ignored(tmp_path: Path
     assert not (out / LOCK).exists()
 
 
-DRIVER = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, sys.argv.pop(1))
-    import convlens.cli as cli, convlens.outputs as outputs
-    from test_outputs import tiny
-    sys.modules["convlens.explain"].FAST = {"occlusion": {"patch": 16, "stride": 16}, "activations": {"channels": 2}}
-    clf = tiny()
-    cli.load_classifier = lambda args: clf
-    real = outputs.RunWriter.commit_image
-    def slow(self, *a, **k):  # time to be killed between images
-        files = real(self, *a, **k)
-        time.sleep(0.3)
-        return files
-    outputs.RunWriter.commit_image = slow
-    sys.exit(cli.main(sys.argv[1:]))
-""")
-
-
 def test_kill_9_then_resume_equals_one_run(tmp_path: Path) -> None:
     from test_outputs import tiny
-    from test_resume import SMALL, photos, same_images, summary
+    from test_resume import DRIVER, SMALL, photos, same_images, summary
 
     imgs = photos(tmp_path / "in", 8)
     out = tmp_path / "out"

@@ -34,8 +34,12 @@ def choose(
     picked = tuple(dict.fromkeys(names))
     bad = [n for n in picked if n not in allowed]
     if bad or not picked:
-        unknown = f"{what}s " + ", ".join(map(repr, bad)) if len(bad) > 1 else f"{what} {bad[0]!r}" if bad \
-            else f"{what}: none given"
+        if not bad:
+            unknown = f"{what}: none given"
+        elif len(bad) == 1:
+            unknown = f"{what} {bad[0]!r}"
+        else:
+            unknown = f"{what}s " + ", ".join(map(repr, bad))
         raise error(f"unknown {unknown}; choose from {', '.join(allowed)}")
     return picked
 

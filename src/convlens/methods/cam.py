@@ -354,9 +354,9 @@ def grad_cam(
         cam = grad_cam(load_model(), sample_image(), top=5)
         cam.plot(0)
     """
-    if not isinstance(method, str) or "," in method:
+    if not isinstance(method, str):
         raise ValueError(f"method must be one name, one of {', '.join(CAM_METHODS)}; got {method!r}")
-    (method,) = choose([method], CAM_METHODS, "method")
+    choose([method], CAM_METHODS, "method")
     clf = as_classifier(model_or_classifier)
     x = clf.batch(x)
     model = clf.model
