@@ -215,3 +215,53 @@ def test_models_with_tuple_or_dict_outputs_give_the_same_curves():
     named = convlens.as_classifier(TupleOut(), output=lambda out: out[0])  # the user's own output= adapter
     i = convlens.insertion(named, X, MAP, target=0, steps=4, baseline=0.0, score="logit")
     assert i.scores.tolist() == [[0.0, 2.0, 5.0, 9.0, 10.0]]
+
+
+def test_deletion_insertion_shares_the_clean_and_baseline_forwards_and_equals_one_by_one():
+    """Several maps in one call: every curve equal to its own deletion / insertion call (values,
+    AUCs, targets), with the clean images and the full baseline run once for all the curves."""
+    net = tiny_net().eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 12, 10, generator=g)
+    maps = {"a": torch.rand(2, 12, 10, generator=g), "b": torch.rand(2, 12, 10, generator=g)}
+    sal = convlens.Saliency(maps=maps["b"], raw=maps["b"], target=[1, 0], method="handmade", layer=None, images=x)
+    both = convlens.deletion_insertion(net, x, {"a": maps["a"], "b": sal}, steps=6, batch_size=5)
+    for name, saliency in (("a", maps["a"]), ("b", sal)):
+        d, i = both[name]
+        want_d = convlens.deletion(net, x, saliency, steps=6)
+        want_i = convlens.insertion(net, x, saliency, steps=6)
+        torch.testing.assert_close(d.scores, want_d.scores, atol=1e-6, rtol=0)
+        torch.testing.assert_close(i.scores, want_i.scores, atol=1e-6, rtol=0)
+        assert (d.kind, i.kind, d.target, i.target) == ("deletion", "insertion", want_d.target, want_i.target)
+    assert both["b"][0].target == [1, 0] and both["b"][0].method == "handmade"
+    # 2 images: clean + baseline once (4), then 2 maps x 2 kinds x 2 images x 5 inner steps (40)
+    assert both["a"][0].settings["forwards"] == 44 and want_d.settings["forwards"] == 14
+
+
+def test_curves_run_on_a_private_copy_only_when_it_computes_the_same():
+    """The forwards run on a private copy of the model (eval, folded batch norms, channels-last)
+    only after its output matched the model's; a forward hook of the caller that changes the
+    output (the copy has none) makes the curves use the model itself, hook included."""
+    from convlens._inference import fast_forward
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    net.eval()
+    x = torch.randn(1, 3, 8, 8)
+    clf = convlens.as_classifier(net)
+    assert fast_forward(clf, x) != clf.forward  # the copy passed its check
+    before = snapshot(net)
+    plain = convlens.deletion(net, x, torch.rand(1, 8, 8), target=2, steps=4, score="logit")
+    assert_unchanged(net, before)
+    handle = net[5].register_forward_hook(lambda m, a, out: out * 0 + torch.tensor([0.0, 0.0, 7.0]))
+    try:
+        assert fast_forward(clf, x) == clf.forward  # the user's hook changes the output: no copy
+        hooked = convlens.deletion(net, x, torch.rand(1, 8, 8), target=2, steps=4, score="logit")
+    finally:
+        handle.remove()
+    assert hooked.scores.tolist() == [[7.0] * 5]  # the hook's output, at every step
+    assert not torch.equal(plain.scores, hooked.scores)

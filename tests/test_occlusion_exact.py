@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from convlens._inference import check_tolerance
 from convlens.hooks import count_hooks
-from convlens.methods._occlusion_fast import check_tolerance
 from convlens.methods.occlusion import occlusion, window_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
@@ -124,7 +124,7 @@ class _Unsafe(nn.Module):
 
 
 def test_batch_norm_folding_only_where_it_is_the_same_function():
-    from convlens.methods._occlusion_fast import _fold_batch_norms
+    from convlens._inference import fold_batch_norms
 
     torch.manual_seed(0)
     model = _Unsafe().eval()
@@ -135,7 +135,7 @@ def test_batch_norm_folding_only_where_it_is_the_same_function():
         bn.bias.data.uniform_(-1, 1)
     folded = copy.deepcopy(model)
     x = torch.randn(2, 3, 12, 12)
-    _fold_batch_norms(folded, x[:1])
+    fold_batch_norms(folded, x[:1])
     assert isinstance(folded.bn1, nn.BatchNorm2d) and isinstance(folded.bn2, nn.BatchNorm2d)
     assert isinstance(folded.bn3, nn.Identity) and folded.conv3.bias is not None
     with torch.no_grad():
@@ -197,11 +197,11 @@ class _Flat(nn.Module):
 
 def test_crops_in_contiguous_memory_when_the_model_needs_it(caplog):
     torch.manual_seed(0)
-    caplog.set_level("INFO", logger="convlens.methods._occlusion_fast")
+    caplog.set_level("INFO", logger="convlens")
     model = _Flat().eval()
     x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(9))
     plain = occlusion(model, x, target=1, patch=8, stride=8, score="logit", fast=False)
     fast = occlusion(model, x, target=1, patch=8, stride=8, score="logit")
     assert fast.settings["path"] == "crop", fast.settings["fallback"]
-    assert "crops in contiguous memory (RuntimeError" in caplog.text
+    assert "private copy: contiguous memory (RuntimeError" in caplog.text
     torch.testing.assert_close(fast.raw, plain.raw, atol=1e-5 * float(plain.raw.abs().max()), rtol=1e-5)

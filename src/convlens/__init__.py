@@ -12,7 +12,7 @@ from .methods.cam import CAM_METHODS, grad_cam
 from .methods.featureviz import FeatureImages, feature_visualization
 from .methods.occlusion import occlusion
 from .metrics.compare import Comparison, compare
-from .metrics.faithfulness import deletion, insertion
+from .metrics.faithfulness import deletion, deletion_insertion, insertion
 from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
 from .metrics.sanity import class_sensitivity, sanity_check
 from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model, model_output
@@ -49,6 +49,7 @@ __all__ = [
     "occlusion",
     "deletion",
     "insertion",
+    "deletion_insertion",
     "PerturbationCurve",
     "SanityCheck",
     "ClassSensitivity",

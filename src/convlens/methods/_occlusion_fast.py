@@ -43,16 +43,16 @@ It is checked with exact regions on the same boundaries (what it computes that i
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .._inference import check_tolerance, private_copy
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ _POINTWISE = (
 )
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 MIN_GAIN = 0.1  # below this estimated saving the plain path is kept
-_FORMAT = torch.channels_last  # the private copy's memory layout where its forward allows it
 COPY_COST = 4.0  # cost units per element copied or touched by a pointwise op (vs 1 per multiply-add)
 
 
@@ -370,7 +369,7 @@ class CropEvaluator:
     def __init__(self, private: nn.Module, nodes: list[_Node], stages: list[tuple[_Stage, _Stage]],
                  starts: tuple[list[int], list[int]], patch: tuple[int, int], device: torch.device) -> None:
         self.model = private
-        self.layout = private.convlens_layout  # memory format of the crops (see _private_copy)
+        self.layout = private.convlens_layout  # memory format of the crops (see convlens._inference.private_copy)
         self.nodes = nodes  # the chosen boundaries, nodes[0] the input
         self.stages = stages  # stages[k]: from nodes[k] to nodes[k + 1]
         self.starts = starts
@@ -460,126 +459,20 @@ class CropEvaluator:
             self._jobs = None
 
 
-def check_tolerance(device: torch.device, dtype: torch.dtype) -> float:
-    """Relative tolerance of the self-check: float32 rounding, or the coarser precision the device
-    computes in (half types; TF32 matmuls and convolutions on CUDA, the PyTorch default for cuDNN
-    convolutions), where the crops' other summation order differs by more than float32 rounding:
-    measured on an H200 with TF32, ResNet-50 and EfficientNet-Lite0 crops differed from their full
-    forwards by up to ~1e-2 of the logits' size (1.98x the 5e-3 first chosen), hence 2e-2."""
-    if dtype == torch.bfloat16:
-        return 5e-2
-    if dtype == torch.float16:
-        return 1e-2
-    if device.type == "cuda" and (
-        torch.backends.cudnn.allow_tf32
-        or torch.backends.cuda.matmul.allow_tf32
-        or torch.get_float32_matmul_precision() != "highest"
-    ):
-        return 2e-2
-    return 1e-5
-
-
-def _private_copy(model: nn.Module, x: Tensor) -> nn.Module:
-    """A copy of ``model`` in eval mode, without the caller's hooks, in channels-last memory (the
-    layout the CPU and cuDNN convolutions run fastest in, on small crops most of all), with every
-    batch norm that directly follows a convolution folded into it (:func:`_fold_batch_norms`)."""
-    private = copy.deepcopy(model).eval()
-    for m in private.modules():  # the caller's hooks stay on the caller's model
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            d = getattr(m, attr, None)
-            if d:
-                d.clear()
-    _fold_batch_norms(private, x)
-    private.to(memory_format=_FORMAT)
-    try:  # a forward that needs contiguous memory (a .view() of an activation): keep that layout
-        with torch.no_grad():
-            private(x.contiguous(memory_format=_FORMAT))
-        private.convlens_layout = _FORMAT
-    except Exception as e:
-        log.info("occlusion: crops in contiguous memory (%s: %s)", type(e).__name__, e)
-        private.to(memory_format=torch.contiguous_format)
-        private.convlens_layout = torch.contiguous_format
-    return private
-
-
-def _foldable() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """The convolution and batch-norm classes whose pairs fold: exactly these (a subclass may
-    compute otherwise, e.g. a weight-standardised convolution); timm's where timm is imported (a
-    timm model imported it; importing it here would cost a torchvision user seconds)."""
-    convs: tuple[type, ...] = (nn.Conv2d,)
-    norms: tuple[type, ...] = (nn.BatchNorm2d,)
-    if "timm" not in sys.modules:
-        return convs, norms
-    try:  # TF-"same" convolution, batch norm + activation (EfficientNet-Lite, the default model)
-        from timm.layers import BatchNormAct2d, Conv2dSame
-    except ImportError:  # an older timm
-        return convs, norms
-    return convs + (Conv2dSame,), norms + (BatchNormAct2d,)
-
-
-def _fold_batch_norms(model: nn.Module, x: Tensor) -> None:
-    """Folds each eval-mode batch norm that reads the output of the module called just before it,
-    a convolution (each called once, the tensor not changed in place in between), into that
-    convolution's weight and bias, in place (on the private copy): ``conv(x) * g + h`` with
-    ``g = gamma / sqrt(var + eps)``, ``h = beta - mean * g``. A plain ``BatchNorm2d`` becomes
-    ``Identity``, timm's ``BatchNormAct2d`` its dropout and activation. The same function to float
-    rounding, one pass over each activation less. (Were the convolution's output also read
-    elsewhere, the check against the user's model would fail and the plain path run.)"""
-    convs, norms = _foldable()
-    # every module call in order: (module, "in" / "out", the tensor, its in-place version)
-    events: list[tuple[nn.Module, str, object, int]] = []
-    handles = []
-
-    def note(m: nn.Module, side: str, t: object) -> None:
-        events.append((m, side, t, t._version if isinstance(t, Tensor) else -1))
-
-    names = {m: name for name, m in model.named_modules()}
-    try:
-        for m in names:
-            handles.append(m.register_forward_pre_hook(lambda m, args: note(m, "in", args[0] if args else None)))
-            handles.append(m.register_forward_hook(lambda m, args, out: note(m, "out", out)))
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    calls: dict[nn.Module, int] = {}
-    for m, side, _, _ in events:
-        calls[m] = calls.get(m, 0) + (side == "in")
-    for (conv, side, out, version), (bn, side2, bn_in, version2) in zip(events, events[1:]):
-        if not (side == "out" and side2 == "in" and type(conv) in convs and type(bn) in norms
-                and isinstance(out, Tensor) and bn_in is out and version == version2
-                and calls[conv] == calls[bn] == 1 and not bn.training
-                and bn.running_mean is not None and bn.running_var is not None):
-            continue
-        with torch.no_grad():
-            g = (bn.weight.double() if bn.weight is not None else 1.0) / (bn.running_var.double() + bn.eps).sqrt()
-            h = (bn.bias.double() if bn.bias is not None else 0.0) - bn.running_mean.double() * g
-            if conv.bias is not None:
-                h = h + conv.bias.double() * g
-            conv.weight.copy_((conv.weight.double() * g.view(-1, 1, 1, 1)).to(conv.weight.dtype))
-            conv.bias = nn.Parameter(h.to(conv.weight.dtype), requires_grad=False)
-        parent_name, _, attr = names[bn].rpartition(".")
-        rest = nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act)
-        setattr(model.get_submodule(parent_name), attr, rest)
-
-
 def _structure(model: nn.Module, x: Tensor) -> tuple[nn.Module, list[_Node], float]:
-    """The private copy, its boundary nodes and the total cost for images shaped like ``x``: read
-    once per model, weights, input shape, dtype and device, and remembered (a folder of same-sized
-    images pays the copy and the analysis once; each call still checks its windows)."""
+    """The private copy (:func:`convlens._inference.private_copy`), its boundary nodes and the
+    total cost for images shaped like ``x``: read once per copy and input shape, and remembered (a
+    folder of same-sized images pays the copy and the analysis once; each call still checks its
+    windows)."""
     from ..layers import remembered
 
-    # the weights' in-place version counters and storage: a changed weight means a new copy, which
-    # replaces the old one (a training loop's changing weights must not pile up copies)
-    stamp = tuple((t._version, t.data_ptr()) for t in model.state_dict(keep_vars=True).values())
+    private = private_copy(model, x[:1])
     slot: dict[str, Any] = remembered(model, ("convlens.occlusion.crop-structure", tuple(x.shape[1:]), x.dtype,
                                               x.device), dict)
-    if slot.get("stamp") != stamp:
-        private = _private_copy(model, x[:1])
+    if slot.get("copy") is not private:  # a new copy (changed weights) means a new analysis
         nodes, total = _nodes(private, _record(private, x[:1]), tuple(x.shape[-2:]))
         slot.clear()
-        slot.update(stamp=stamp, structure=(private, nodes, total))
+        slot.update(copy=private, structure=(private, nodes, total))
     return slot["structure"]
 
 

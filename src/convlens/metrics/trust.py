@@ -14,7 +14,7 @@ from ..display import METHOD_TITLES
 from ..models import Classifier
 from ..results import Saliency
 from .compare import reference_map
-from .faithfulness import deletion, insertion
+from .faithfulness import deletion_insertion
 from .results import SanityCheck, TrustSummary
 from .sanity import CLASS_THRESHOLD, cascade_stages, class_sensitivity, sanity_check
 
@@ -71,11 +71,15 @@ def trust_summary(
         raise ValueError("no maps to judge: the trust section needs the gradcam or occlusion technique")
     n, _, h, w = x.shape
     args = {"steps": steps, "baseline": baseline}
-    curves: dict[str, tuple[Any, Any]] = {}
     class_rho: dict[str, float | None] = {}
     others: dict[str, str] = {}
+    target = list(next(iter(maps.values())).target)
+    rnd = reference_map("random map", n, h, w, seed=seed, device=x.device)
+    # the random map judged for the maps' class; one call, so the clean and the fully blurred
+    # images are shared by every curve
+    rnd_sal = Saliency(maps=rnd, raw=rnd, target=target, method="map", layer=None, images=x)
+    curves = deletion_insertion(clf, x, {**maps, "random map": rnd_sal}, **args)
     for tech, sal in maps.items():
-        curves[tech] = (deletion(clf, x, sal, **args), insertion(clf, x, sal, **args))
         opts = _options(sal)
         if opts is None or (class_maps is not None and tech not in class_maps):
             class_rho[tech] = None
@@ -84,9 +88,6 @@ def trust_summary(
                                original=sal)
         class_rho[tech] = float(cs.spearman[0])
         others[tech] = cs.other_labels[0]
-    target = list(next(iter(maps.values())).target)
-    rnd = reference_map("random map", n, h, w, seed=seed, device=x.device)
-    curves["random map"] = (deletion(clf, x, rnd, target=target, **args), insertion(clf, x, rnd, target=target, **args))
     rnd_diff = float(curves["random map"][1].auc[0] - curves["random map"][0].auc[0])
     findings: dict[str, list[str]] = {}
     label = next(iter(maps.values())).labels[0] if next(iter(maps.values())).labels else "the target"
