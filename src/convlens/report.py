@@ -322,7 +322,8 @@ def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> 
     try:
         fig = result.plot(**plot_args)
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        # zlib level 3, not 6: a third less time per figure, files 10-13% larger
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pil_kwargs={"compress_level": 3})
         return buf.getvalue()
     except Exception as e:  # a figure that cannot be drawn is an error of that technique, not of the run
         log.warning("%s: cannot draw %s: %s", im.name, technique, printable(e))
