@@ -278,7 +278,9 @@ def test_a_folder_draws_the_most_shared_channels_and_one_image_keeps_all(tmp_pat
     assert by["g1.png"].channels["filters_top"] == [4, 1] and "filters" not in by["g1.png"].results
     assert any("[4, 1]" in n and "not drawn" in n for n in by["g1.png"].notes["filters"])
     assert by["g1.png"].ok and "filters" not in by["g1.png"].errors
-    assert drawn == [[3, 0]] * 3  # g1 asked for nothing
+    # the shared channels are optimised first, together; the red images read them back; g1 asks for nothing
+    assert drawn == [[0, 3]] + [[3, 0]] * 3
+    assert all(by[f"r{i}.png"].channels["filters_cached"] == 2 for i in (1, 2, 3))
     # one image alone keeps all its top channels
     alone = convlens.explain(folder / "g1.png", clf, methods=["gradcam", "filters"], settings=settings, cache=cache)
     assert alone.images[0].channels["filters"] == [4, 1] and "budget" not in str(alone.images[0].notes)
