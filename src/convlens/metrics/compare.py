@@ -31,7 +31,7 @@ from ..display import rich_display
 from ..models import Classifier, as_classifier
 from ..targets import Target
 from ._common import MapMethod, make_map
-from .faithfulness import deletion, insertion
+from .faithfulness import deletion_insertion
 from .results import PerturbationCurve
 from .sanity import CLASS_THRESHOLD, SANITY_THRESHOLD, cascade_stages, class_sensitivity, sanity_check
 
@@ -467,7 +467,7 @@ def compare(
             key = maps.detach().cpu().numpy().tobytes()
             if key not in curves:
                 given = sal if sal is not None else maps
-                curves[key] = (deletion(clf, x, given, **curve_args), insertion(clf, x, given, **curve_args))
+                curves[key] = deletion_insertion(clf, x, {method: given}, **curve_args)[method]
             d, ins = (replace(c, method=method) for c in curves[key])
             rows.append(MethodScores(
                 method, False, d, ins, cs.spearman,
@@ -480,8 +480,8 @@ def compare(
         log.info("compare: %s done in %.1f s", method, time.perf_counter() - t0)
     for ref in references:
         m = reference_map(ref, n, h, w, seed=seed, device=x.device)
-        d = replace(deletion(clf, x, m, **curve_args), method=ref)
-        rows.append(MethodScores(ref, True, d, replace(insertion(clf, x, m, **curve_args), method=ref)))
+        d, ins = (replace(c, method=ref) for c in deletion_insertion(clf, x, {ref: m}, **curve_args)[ref])
+        rows.append(MethodScores(ref, True, d, ins))
     image_names = list(names) if names is not None else [f"image {i + 1}" for i in range(n)]
     return Comparison(
         rows=rows,
