@@ -143,7 +143,8 @@ def plot_saliency(
         ax.axis("off")
     where = f" at {result.layer}" if result.layer else ""
     fig.suptitle(f"{result.method}{where}: {label}")
-    fig.tight_layout()
+    # a fixed layout (saving trims the margins): tight_layout measured every text, 0.07 s a figure
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.86, wspace=0.25)
     return fig
 
 
@@ -439,5 +440,5 @@ def plot_trust(result: object) -> Figure:
         ax.set_ylabel("probability of " + (result.labels[0] if result.labels else "the target"))
         ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)", fontsize=10)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.14, top=0.92, wspace=0.2)  # as plot_saliency's
     return fig
