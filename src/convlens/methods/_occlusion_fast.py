@@ -231,17 +231,15 @@ def _nodes(model: nn.Module, calls: list[_Call], size: tuple[int, int]) -> tuple
     return nodes, total
 
 
-def _stage_reach(src: _Node, dst: _Node, ax: int) -> tuple[int, int, int]:
-    """(left, right) reach of the layers between two boundaries in ``src``'s cells, and the stride
-    ratio between their grids."""
-    l_rel = r_rel = 0
-    for cc, r in dst.leaves:
-        if src.call is not None and cc.start < src.call.end:
-            continue
+def _reach_sums(src: _Node, leaves: list[tuple[_Call, list[tuple[int, int, int]]]], ax: int) -> list[tuple[int, int]]:
+    """(left, right) reach in ``src``'s cells of the local layers after ``src`` up to each of
+    ``leaves`` (item ``m``: the first ``m`` layers after ``src``'s own; a node's ``leaves`` are a
+    prefix of a later node's)."""
+    sums = [(0, 0)]
+    for cc, r in leaves[len(src.leaves):]:
         s_in = src.size[ax] / _spatial(cc.in_shape)[ax]  # layer's input stride / stage's input stride
-        l_rel += math.ceil(s_in * r[ax][0])
-        r_rel += math.ceil(s_in * r[ax][1])
-    return l_rel, r_rel, dst.stride[ax] // src.stride[ax]
+        sums.append((sums[-1][0] + math.ceil(s_in * r[ax][0]), sums[-1][1] + math.ceil(s_in * r[ax][1])))
+    return sums
 
 
 def _exact_regions(node: _Node, ax: int, patch: int, starts: list[int]) -> list[tuple[int, int]]:
@@ -312,9 +310,13 @@ class _Stage:
         return sum(self.need) / len(self.need)
 
 
-def _stage_axis(src: _Node, dst: _Node, ax: int, regions: list[tuple[int, int]]) -> _Stage:
+def _stage_axis(src: _Node, dst: _Node, ax: int, regions: list[tuple[int, int]],
+                reach: tuple[int, int] | None = None) -> _Stage:
+    """The stage from ``src`` to ``dst`` recomputing ``regions`` of ``dst``; ``reach``: the
+    (left, right) reach of its layers in ``src``'s cells, when already known."""
     n_in = src.size[ax]
-    l_rel, r_rel, s_rel = _stage_reach(src, dst, ax)
+    l_rel, r_rel = reach or _reach_sums(src, dst.leaves, ax)[-1]
+    s_rel = dst.stride[ax] // src.stride[ax]
     lo, need = [], []
     for j0, j1 in regions:
         first = (max(0, s_rel * j0 - l_rel) // s_rel) * s_rel
@@ -353,9 +355,11 @@ def _plan(nodes: list[_Node], total: float, regions: list[tuple[list, list]]):
     n = len(nodes)
     stages: dict[tuple[int, int], tuple[_Stage, _Stage, float]] = {}
     for i in range(n):
+        sums = [_reach_sums(nodes[i], nodes[-1].leaves, ax) for ax in range(2)]
         for j in range(i + 1, n):
-            sy = _stage_axis(nodes[i], nodes[j], 0, regions[j][0])
-            sx = _stage_axis(nodes[i], nodes[j], 1, regions[j][1])
+            m = len(nodes[j].leaves) - len(nodes[i].leaves)
+            sy = _stage_axis(nodes[i], nodes[j], 0, regions[j][0], sums[0][m])
+            sx = _stage_axis(nodes[i], nodes[j], 1, regions[j][1], sums[1][m])
             stages[i, j] = (sy, sx, _stage_cost(nodes[i], nodes[j], sy.crop, sx.crop, i > 0))
     best: list[tuple[float, list[int]]] = [(0.0, [0])] + [(math.inf, [])] * (n - 1)
     for j in range(1, n):
