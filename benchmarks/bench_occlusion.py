@@ -27,6 +27,10 @@ row (not at 8/4) the largest difference of its drops from those of ``fast=False`
 forward per window, run untimed) over the largest drop: float32 rounding, not a choice.
 A second table: the approximate and refined maps' r against the exact map on the five natural
 photos, with their share of work and of windows and their speed-up over the exact map.
+
+Just the rows of issue 16's speed target (both models, brute force, exact, approximate, approximate +
+refine, one process; a few minutes): ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_occlusion.py
+[--patch 16 --stride 8 --repeats 1 --photos]`` (:func:`side_by_side`; prints the load average too).
 """
 
 from __future__ import annotations
@@ -300,7 +304,10 @@ def side_by_side(patch: int = 16, stride: int = 8, repeats: int = 1, photos: boo
 
 
 def _photo_r(device: str, patch: int, stride: int) -> list[Row]:
-    """The approximate + refine map's r vs the exact map on the five natural photos (default model)."""
+    """The approximate + refine map's r vs the exact map on the five natural photos (default
+    model); seconds: the approximate + refine call's (one run)."""
+    import time
+
     import convlens
     from convlens.methods.occlusion import occlusion
 
@@ -308,10 +315,15 @@ def _photo_r(device: str, patch: int, stride: int) -> list[Row]:
     rows = []
     for name, img in _photos().items():
         x = clf.preprocess(img)
+        t0 = time.perf_counter()
         exact = occlusion(clf, x, patch=patch, stride=stride)
+        t1 = time.perf_counter()
         res = occlusion(clf, x, patch=patch, stride=stride, target=exact.target, mode="approximate", refine=REFINE)
-        rows.append(Row(f"photo: {name}", "efficientnet_lite0 (default)", 1, 0.0, extra={
-            "r approximate + refine": compare_maps(res.maps, exact.maps)[1], "work": res.settings["work"]}))
+        t2 = time.perf_counter()
+        rows.append(Row(f"photo: {name}", "efficientnet_lite0 (default)", 1, t2 - t1, extra={
+            "r approximate + refine": compare_maps(res.maps, exact.maps)[1], "work": res.settings["work"],
+            "windows evaluated": res.settings["windows_evaluated"] / math.prod(res.settings["windows"]),
+            "x exact": (t1 - t0) / (t2 - t1)}))
     return rows
 
 
