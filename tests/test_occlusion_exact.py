@@ -214,6 +214,7 @@ def test_border_windows_run_on_shorter_crops(device):
     longest = [st.crop for stage in fast.stages for st in stage]
     assert all(c <= m for c, m in zip(lengths[0], longest)) and lengths[0] != longest  # shorter somewhere
     assert all(a <= b for a, b in zip(lengths[0], lengths[1])) and work[0] < work[1]
+    assert work[1] <= len(centre) * fast.estimate * (1 + 1e-9)  # the plan's bound: every crop at its longest
     assert count_hooks(model) == 0
 
 
