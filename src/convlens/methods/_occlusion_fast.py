@@ -35,7 +35,7 @@ keeps a GPU busy); the clean pass runs once per group of images. TF "same" paddi
 run time, e.g. timm's ``Conv2dSame``) is read from the sizes instead of bounded by the kernel. The
 crops of one batch share a length per stage, the longest its own windows need: windows whose
 regions the border cuts need shorter ones, and :meth:`CropEvaluator.order` batches windows that
-need alike lengths together (ResNet-50 at patch 16 / stride 8: 0.21 instead of 0.24 of the plain
+need alike lengths together (ResNet-50 at patch 16 / stride 8: 0.20 instead of 0.24 of the plain
 work in approximate mode, 0.51 instead of 0.535 in exact mode). The boundaries are still chosen
 with every window's crop at the longest length (:func:`_plan`).
 
