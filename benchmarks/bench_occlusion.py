@@ -27,6 +27,10 @@ row (not at 8/4) the largest difference of its drops from those of ``fast=False`
 forward per window, run untimed) over the largest drop: float32 rounding, not a choice.
 A second table: the approximate and refined maps' r against the exact map on the five natural
 photos, with their share of work and of windows and their speed-up over the exact map.
+
+Just the rows of issue 16's speed target (both models, brute force, exact, approximate, approximate +
+refine, one process; a few minutes): ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_occlusion.py
+[--patch 16 --stride 8 --repeats 1 --photos]`` (:func:`side_by_side`; prints the load average too).
 """
 
 from __future__ import annotations
@@ -187,25 +191,31 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
     return rows, best_ppe
 
 
-def _photo_table(device: str) -> list[Row]:
-    """Approximate and refined vs exact on the five natural photos, default model, patch 16 / stride 8."""
-    import time
-
+def _photos() -> dict:
+    """The five natural photos (PIL images): skimage's four and matplotlib's Grace Hopper."""
     from matplotlib import cbook
     from PIL import Image
     from skimage import data
+
+    photos = {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(),
+              "rocket": data.rocket()}
+    out = {name: Image.fromarray(arr) for name, arr in photos.items()}
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        out["grace_hopper"] = Image.open(f).convert("RGB")
+    return out
+
+
+def _photo_table(device: str) -> list[Row]:
+    """Approximate and refined vs exact on the five natural photos, default model, patch 16 / stride 8."""
+    import time
 
     import convlens
     from convlens.methods.occlusion import occlusion
 
     clf = convlens.load_model(device=device)
-    photos = {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut(),
-              "rocket": data.rocket()}
-    with cbook.get_sample_data("grace_hopper.jpg") as f:
-        photos["grace_hopper"] = np.asarray(Image.open(f).convert("RGB"))
     rows = []
-    for name, arr in photos.items():
-        x = clf.preprocess(Image.fromarray(arr))
+    for name, img in _photos().items():
+        x = clf.preprocess(img)
         t0 = time.perf_counter()
         exact = occlusion(clf, x, patch=16, stride=8)
         t_exact = time.perf_counter() - t0
@@ -236,3 +246,100 @@ def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:
         out.append((f"Occlusion, approximate and refined vs exact on five natural photos, patch 16 / stride 8, "
                     f"{device} (median s = the exact map's seconds)", _photo_table(device)))
     return out
+
+
+def side_by_side(patch: int = 16, stride: int = 8, repeats: int = 1, photos: bool = False,
+                 device: str = "cpu") -> list[tuple[str, list[Row]]]:
+    """The rows issue 16's speed target reads, for both models in one process, cases interleaved:
+    brute force, exact, approximate, approximate + refine at one patch / stride (and, with
+    ``photos``, the approximate + refine map's r vs the exact one on the five natural photos).
+    Much shorter than :func:`tables` (no peers, no plain-path reference run)."""
+    from convlens.methods.occlusion import occlusion, window_starts
+
+    models = _models(device)
+    results: dict[str, object] = {}
+    cases = {}
+    for name, model, x in models:
+        h, w = x.shape[-2:]
+        n_windows = len(window_starts(h, patch, stride)) * len(window_starts(w, patch, stride))
+        with torch.no_grad():
+            target = int(model(x).argmax(1))
+
+        def floor(model=model, x=x, n=n_windows):
+            with torch.no_grad():
+                for _ in range(n):
+                    model(x)
+
+        cases[f"{name}|brute force: {n_windows} single forwards"] = floor
+        for label, kw in (("exact", {}), ("approximate", {"mode": "approximate"}),
+                          ("approximate + refine", {"mode": "approximate", "refine": REFINE})):
+            def run(key=f"{name}|{label}", model=model, x=x, target=target, kw=kw):
+                results[key] = occlusion(model, x, target=target, patch=patch, stride=stride, **kw)
+
+            cases[f"{name}|{label}"] = run
+    times = measure(cases, repeats=repeats, warmup=0, device=device)
+    out = []
+    for name, _, _ in models:
+        keys = [k for k in times if k.startswith(name + "|")]
+        floor_s = times[keys[0]]
+        rows = []
+        for key in keys:
+            res = results.get(key)
+            exact = results[f"{name}|exact"]
+            extra = {
+                "x brute force": floor_s / times[key],
+                "work share": res.settings["work"] if res is not None else 1.0,
+                "windows evaluated": res.settings["windows_evaluated"] / math.prod(res.settings["windows"])
+                if res is not None else 1.0,
+                "r vs exact": compare_maps(res.maps[0], exact.maps[0])[1] if res is not None else None,
+                "last boundary": res.settings["boundaries"][-1] if res is not None and res.settings["boundaries"]
+                else None,
+            }
+            rows.append(Row(key.split("|", 1)[1], name, 1, times[key], times[key] / floor_s, extra=extra))
+        out.append((f"Occlusion, {name}, patch {patch} / stride {stride}, 224 px, {device}, side by side", rows))
+    if photos:
+        title = "Approximate + refine vs exact, five natural photos, default model"
+        out.append((title, _photo_r(device, patch, stride)))
+    return out
+
+
+def _photo_r(device: str, patch: int, stride: int) -> list[Row]:
+    """The approximate + refine map's r vs the exact map on the five natural photos (default
+    model); seconds: the approximate + refine call's (one run)."""
+    import time
+
+    import convlens
+    from convlens.methods.occlusion import occlusion
+
+    clf = convlens.load_model(device=device)
+    rows = []
+    for name, img in _photos().items():
+        x = clf.preprocess(img)
+        t0 = time.perf_counter()
+        exact = occlusion(clf, x, patch=patch, stride=stride)
+        t1 = time.perf_counter()
+        res = occlusion(clf, x, patch=patch, stride=stride, target=exact.target, mode="approximate", refine=REFINE)
+        t2 = time.perf_counter()
+        rows.append(Row(f"photo: {name}", "efficientnet_lite0 (default)", 1, t2 - t1, extra={
+            "r approximate + refine": compare_maps(res.maps, exact.maps)[1], "work": res.settings["work"],
+            "windows evaluated": res.settings["windows_evaluated"] / math.prod(res.settings["windows"]),
+            "x exact": (t1 - t0) / (t2 - t1)}))
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import os
+
+    from common import markdown_table  # type: ignore[no-redef]
+
+    parser = argparse.ArgumentParser(description=side_by_side.__doc__)
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--photos", action="store_true")
+    args = parser.parse_args()
+    print("load average before:", " ".join(f"{v:.2f}" for v in os.getloadavg()))
+    for title, rows in side_by_side(args.patch, args.stride, args.repeats, args.photos):
+        print(markdown_table(title, rows))
+    print("load average after:", " ".join(f"{v:.2f}" for v in os.getloadavg()))

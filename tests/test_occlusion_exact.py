@@ -180,6 +180,44 @@ def test_windows_of_several_images_share_a_batch(device):
     assert count_hooks(model) == 0
 
 
+def test_border_windows_run_on_shorter_crops(device):
+    """A batch's crops are as long as its own windows need: a batch of corner windows (whose
+    regions the border cuts) runs on shorter crops, and records less work, than one of central
+    windows, and both equal full forwards of the model; :meth:`order` only reorders the jobs."""
+    from convlens.methods._occlusion_fast import build_fast_evaluator
+    from convlens.methods.occlusion import _PlainEvaluator
+
+    model = _calibrated(ARCHS["resnet18"][0]).to(device)
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)).to(device)
+    base = torch.zeros_like(x)
+    starts = window_starts(SIZE, 16, 8)  # 11 x 11 windows
+    plain = _PlainEvaluator(model, (starts, starts), (16, 16))
+    fast = build_fast_evaluator(model, x, base, (16, 16), starts, starts, reference=plain)
+    assert fast is not None
+    n = len(starts)
+    corners = [(0, 0, 0), (0, 0, n - 1), (0, n - 1, 0), (0, n - 1, n - 1)]
+    centre = [(0, n // 2, n // 2), (0, n // 2 - 1, n // 2), (0, n // 2, n // 2 - 1), (0, n // 2 - 1, n // 2 - 1)]
+    tol = 2 * check_tolerance(x.device, x.dtype)
+    lengths, work = [], []
+    try:
+        for jobs in (corners, centre):
+            before = fast.work
+            with torch.no_grad():
+                got, want = fast(x, base, jobs), plain(x, base, jobs)
+            torch.testing.assert_close(got, want, rtol=0, atol=tol * float(want.abs().max()))
+            work.append(fast.work - before)
+            lengths.append([c for stage in fast._crops for c, _ in stage])
+        everything = [(0, i, j) for i in range(n) for j in range(n)]
+        assert sorted(fast.order(everything, 16)) == everything
+    finally:
+        fast.close()
+    longest = [st.crop for stage in fast.stages for st in stage]
+    assert all(c <= m for c, m in zip(lengths[0], longest)) and lengths[0] != longest  # shorter somewhere
+    assert all(a <= b for a, b in zip(lengths[0], lengths[1])) and work[0] < work[1]
+    assert work[1] <= len(centre) * fast.estimate * (1 + 1e-9)  # the plan's bound: every crop at its longest
+    assert count_hooks(model) == 0
+
+
 class _Flat(nn.Module):
     """Convolutions, then a ``.view`` of the activation, which channels-last memory cannot give:
     the crops run in contiguous memory instead, and still pay."""

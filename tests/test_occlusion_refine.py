@@ -65,7 +65,8 @@ def test_full_share_equals_the_plain_map(img, device):
     torch.testing.assert_close(ref.raw, full.raw, atol=atol, rtol=0)
     torch.testing.assert_close(ref.maps, full.maps, atol=atol, rtol=0)
     assert ref.settings["windows_evaluated"] == 2 * 13 * 13 == full.settings["windows_evaluated"]
-    assert ref.settings["work"] == pytest.approx(full.settings["work"])
+    # the same windows in other batches (a batch's crops are as long as its own windows need)
+    assert ref.settings["work"] == pytest.approx(full.settings["work"], rel=0.1)
 
 
 @pytest.mark.parametrize(

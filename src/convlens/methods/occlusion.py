@@ -122,15 +122,20 @@ class _PlainEvaluator:
     ``(image, row index, column index)`` into the window starts."""
 
     name = "plain"
-    estimate = 1.0
 
     def __init__(self, model: nn.Module, starts: tuple[list[int], list[int]], patch: tuple[int, int]) -> None:
         self.model, self.starts, self.patch = model, starts, patch
+        self.work = 0.0  # full forwards run
 
     def prepare(self, x: Tensor) -> None:
         pass
 
+    def order(self, jobs: list[tuple[int, int, int]], batch: int) -> list[tuple[int, int, int]]:
+        """The order to run ``jobs`` in, ``batch`` at a time: any order does."""
+        return jobs
+
     def __call__(self, x: Tensor, base: Tensor, jobs: list[tuple[int, int, int]]) -> Tensor:
+        self.work += len(jobs)
         ph, pw = self.patch
         batch = x[[j[0] for j in jobs]]
         for k, (img, iy, ix) in enumerate(jobs):
@@ -156,7 +161,9 @@ def _share(refine: Any) -> float | None:
 
 def _run_jobs(evaluator: Any, x: Tensor, base: Tensor, jobs: list[tuple[int, int, int]], bs: int,
               scorer: _Scorer, clean: Tensor, drops: Tensor, offset: int, bar: Any) -> None:
-    """drops[offset + image, iy, ix] = clean score - occluded score, ``bs`` windows at a time."""
+    """drops[offset + image, iy, ix] = clean score - occluded score, ``bs`` windows at a time (in
+    the evaluator's order)."""
+    jobs = evaluator.order(jobs, bs)
     for k in range(0, len(jobs), bs):
         chunk = jobs[k : k + bs]
         rows = [j[0] for j in chunk]
@@ -308,7 +315,8 @@ def occlusion(
     half the windows are evaluated (0.3), with Pearson r >= 0.95 to the exact map on natural photos.
     ``raw`` holds the drop per window on the (rows, cols) window grid (interpolated ones included);
     ``settings["work"]`` the estimated share of the multiply-adds of one full forward per window
-    that the call did (windows evaluated x the evaluator's share per window), and
+    that the call did (per batch of windows, the estimated cost of the crops it ran on, or 1 per
+    window for full forwards), and
     ``settings["windows_evaluated"]`` how many windows it evaluated.
     ``callback``, if given, is called as ``callback(windows_done, windows_total)`` after each batch
     of windows (an exception it raises stops the call, e.g. to cancel).
@@ -368,6 +376,7 @@ def occlusion(
         if callback is not None:
             bar = _Reporting(bar, callback)
         evaluated = 0
+        work = evaluator.work  # the fast path's check ran some windows already
         try:
             for g in range(0, n, group):
                 xg, bg = x[g : g + group], base[g : g + group]
@@ -380,6 +389,7 @@ def occlusion(
                     evaluated += len(jobs)
                 else:
                     evaluated += _refined(run, drops[g : g + group], refine, bar)
+            work = evaluator.work - work
         finally:
             bar.close()
             if hasattr(evaluator, "close"):
@@ -417,7 +427,7 @@ def occlusion(
             "refine": refine,
             "windows_evaluated": evaluated,
             # estimated share of the multiply-adds of one full forward per window
-            "work": float(evaluator.estimate) * evaluated / (n * n_windows),
+            "work": float(work) / (n * n_windows),
             "fallback": "; ".join(reasons) or None,
         },
     )
