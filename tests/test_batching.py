@@ -31,8 +31,8 @@ def test_occlusion_batches_by_kind_of_path():
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
     depthwise = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8))
     assert _default_batch(plain, x, 100, crop=False) == 1
-    assert _default_batch(plain, x, 100, crop=True) == 16
-    assert _default_batch(depthwise, x, 100, crop=True) == 16  # since the channels-last crop path
+    assert _default_batch(plain, x, 100, crop=True) == 32
+    assert _default_batch(depthwise, x, 100, crop=True) == 32  # since per-batch crop lengths
     assert _default_batch(depthwise, x, 3, crop=True) == 3
 
 
