@@ -47,7 +47,6 @@ except ImportError:  # run as a script from benchmarks/
     from common import Row, compare_maps, measure  # type: ignore[no-redef]
 
 REFINE = True  # the default share, convlens.methods.occlusion.DEFAULT_REFINE
-WIDE = 16  # a wider crop batch, shown where the default batch differs
 
 
 def spec_occlusion(model, img_tensor, target_class, patch=40, stride=20):
@@ -87,7 +86,7 @@ def _models(device: str):
 def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
     """One table; ``peers=False`` leaves out the spec loop, captum and the old crop path (they do
     not change with convlens; a shorter run for the refinement rows)."""
-    from convlens.methods.occlusion import _default_batch, occlusion, window_starts
+    from convlens.methods.occlusion import occlusion, window_starts
 
     try:
         from . import occlusion_v0
@@ -141,9 +140,6 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
     if peers and device == "cpu":  # the frozen old path was written for the CPU only
         cases["exact, old crop path"] = keep("old", lambda: occlusion_v0.occlusion_map(model, x, target, patch, stride))
     cases["exact"] = keep("exact", lambda: occlusion(model, x, target=target, patch=patch, stride=stride))
-    if _default_batch(model, x, n_ours, True) != WIDE:  # the default model on a CPU: 4
-        cases[f"exact, batch {WIDE}"] = keep("wide", lambda: occlusion(
-            model, x, target=target, patch=patch, stride=stride, batch_size=WIDE))
     cases["approximate"] = keep("approx", lambda: occlusion(model, x, target=target, patch=patch, stride=stride,
                                                             mode="approximate"))
     for mode in ("exact", "approximate"):
@@ -160,8 +156,7 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
     rows = []
     for key, t in times.items():
         short = {"spec loop": "spec", "exact, old crop path": "old", "exact": "exact", "approximate": "approx",
-                 "exact + refine": "exact refine", "approximate + refine": "approximate refine",
-                 f"exact, batch {WIDE}": "wide"}.get(key)
+                 "exact + refine": "exact refine", "approximate + refine": "approximate refine"}.get(key)
         if key.startswith("captum"):
             short = "captum" + key.split("=")[1].split()[0]
         res = results.get(short) if short else None

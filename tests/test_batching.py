@@ -8,7 +8,6 @@ from torch import nn
 
 from convlens import _batching
 from convlens._batching import default_batch
-from convlens.methods.occlusion import _default_batch
 
 
 def test_cpu_batch_is_the_constant_capped_by_items_and_memory(monkeypatch):
@@ -27,13 +26,30 @@ def test_cpu_batch_is_the_constant_capped_by_items_and_memory(monkeypatch):
 
 
 def test_occlusion_batches_by_kind_of_path():
-    x = torch.zeros(1, 3, 32, 32)
-    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
-    depthwise = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8))
-    assert _default_batch(plain, x, 100, crop=False) == 1
-    assert _default_batch(plain, x, 100, crop=True) == 32
-    assert _default_batch(depthwise, x, 100, crop=True) == 32  # since per-batch crop lengths
-    assert _default_batch(depthwise, x, 3, crop=True) == 3
+    """On a CPU: 32 windows per batch on the crop path, 4 full forwards through the private copy
+    where crops do not apply (here a layer that reads the whole image first), 1 through the user's
+    own model (``fast=False``); never more than there are windows; the maps agree."""
+    from convlens import occlusion
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 64, 64)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+    class Centre(nn.Module):  # not a local layer: every output pixel depends on the whole image
+        def forward(self, t):
+            return t - t.mean((2, 3), keepdim=True)
+
+    pooled = nn.Sequential(Centre(), *conv).eval()
+    crop = occlusion(conv, x, target=0, patch=8, stride=4)
+    assert (crop.settings["path"], crop.settings["batch_size"]) == ("crop", 32)
+    copy = occlusion(pooled, x, target=0, patch=8, stride=4)
+    assert (copy.settings["path"], copy.settings["batch_size"]) == ("plain", 4)
+    own = occlusion(pooled, x, target=0, patch=8, stride=4, fast=False)
+    assert (own.settings["path"], own.settings["batch_size"]) == ("plain", 1)
+    torch.testing.assert_close(copy.raw, own.raw, atol=1e-6, rtol=1e-5)
+    few = occlusion(conv, x, target=0, patch=32, stride=32)  # 4 windows
+    assert few.settings["batch_size"] == 4
 
 
 def test_scorecam_batch_follows_memory_mb():

@@ -286,11 +286,12 @@ def test_long_runs_are_streamed(img):
 def test_1024px_at_stride_4_is_streamed(net):
     """61,009 windows: the occluded images must be made a chunk at a time (all at once would be
     730 GB). Stopped after a few chunks by a target that raises."""
-    from convlens.methods.occlusion import _default_batch
+    from convlens._batching import default_batch
+    from convlens.methods.occlusion import COPY_BATCH, CROP_BATCH
 
     x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(5))
-    assert _default_batch(net, x, 61009, crop=False) == 1
-    assert 1 <= _default_batch(net, x, 61009, crop=True) <= 4
+    assert default_batch(net, x, 61009) == 1
+    assert 1 <= default_batch(net, x, 61009, cpu=max(CROP_BATCH, COPY_BATCH)) <= 4  # the memory cap
     calls = []
 
     def score(out):

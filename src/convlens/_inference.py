@@ -171,24 +171,26 @@ def private_copy(model: nn.Module, x: Tensor) -> nn.Module:
     return slot["copy"]
 
 
-def fast_forward(clf: Classifier, x: Tensor) -> Callable[[Tensor], Tensor]:
-    """``clf.forward`` for forwards without gradient of inputs like ``x``: through the private copy
-    (:func:`private_copy`) once its adapted output on ``x[:1]`` has matched the user's model's to
-    the device's rounding (checked once per weights, shape, dtype and device), else the user's
-    model itself (the reason is logged once). Call it and the result under ``torch.no_grad()``,
-    with the model in eval mode.
+def fast_model(clf: Classifier, x: Tensor) -> Callable[[Tensor], Any]:
+    """The model for forwards without gradient of inputs like ``x``: the private copy
+    (:func:`private_copy`, inputs put in its memory layout) once its adapted output on ``x[:1]``
+    has matched the user's model's to the device's rounding (checked once per weights, shape,
+    dtype and device), else ``clf.model`` itself (the reason is logged once). A forward hook added
+    to the model since the check means a new check (the copy runs without the caller's hooks).
+    Call it under ``torch.no_grad()``, with the model in eval mode.
 
     Args:
         clf: the classifier (its model is not changed).
         x: (N, C, H, W) model-ready input.
     Returns:
-        A function from an (B, C, H, W) input to the adapted output (usually (B, classes) logits).
+        A function from an (B, C, H, W) input to the raw model output (adapt it with
+        ``clf.adapt``); ``clf.model`` itself when there is no checked copy.
     """
     from .layers import remembered
 
     model = clf.model
     stamp = (_stamp(model), _hooks(model))
-    slot: dict[str, Any] = remembered(model, ("convlens.fast-forward", tuple(x.shape[1:]), x.dtype, x.device), dict)
+    slot: dict[str, Any] = remembered(model, ("convlens.fast-model", tuple(x.shape[1:]), x.dtype, x.device), dict)
     if slot.get("stamp") != stamp:
         slot.clear()
         slot["stamp"] = stamp
@@ -206,6 +208,6 @@ def fast_forward(clf: Classifier, x: Tensor) -> Callable[[Tensor], Tensor]:
             log.info("forwards through the model itself: no private copy (%s: %s)", type(e).__name__, e)
     private = slot.get("copy")
     if private is None:
-        return clf.forward
+        return model
     layout = private.convlens_layout
-    return lambda batch: clf.adapt(private(batch.contiguous(memory_format=layout)))
+    return lambda batch: private(batch.contiguous(memory_format=layout))

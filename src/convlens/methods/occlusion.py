@@ -90,14 +90,15 @@ def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int]) -> Tensor:
     return make_baseline(baseline, x, sigma=max(patch) / 4)
 
 
-def _default_batch(model: nn.Module, x: Tensor, n_windows: int, crop: bool) -> int:
-    """Windows per forward pass (:func:`convlens._batching.default_batch`). CPU: 1 for full
-    forwards, 32 for the crop path (its stages run on small crops and its last layers on the full
-    map, where a batch uses the cores far better: ResNet-50 at patch 16 / stride 8, 2 threads, 6.4x
-    single forwards at 16, 4.1x at 8, 3.0x at 4; since each batch's crops are as long as its own
-    windows need, 32 takes 9% less time than 16 on ResNet-50 approximate + refine, 14% approximate,
-    the same exact, and 19-22% less on the default model), fewer when memory would not hold them."""
-    return default_batch(model, x, n_windows, cpu=32 if crop else 1)
+#: Windows per forward on a CPU (:func:`convlens._batching.default_batch` caps them by memory; on
+#: CUDA the free memory decides). The crop path: its stages run on small crops and its last layers
+#: on the full map, where a batch uses the cores far better (ResNet-50 at patch 16 / stride 8, 2
+#: threads, 6.4x single forwards at 16, 4.1x at 8, 3.0x at 4; since each batch's crops are as long
+#: as its own windows need, 32 takes 9% less time than 16 on ResNet-50 approximate + refine, 14%
+#: approximate, the same exact, and 19-22% less on the default model). Full forwards through the
+#: private copy (channels-last, batch norms folded): 4 (ResNet-50 1.5x, EfficientNet-Lite0 2.6x
+#: the model's own forwards one at a time). The user's own model: 1.
+CROP_BATCH, COPY_BATCH = 32, 4
 
 
 class _Scorer:
@@ -299,7 +300,7 @@ def occlusion(
     image's channel means), ``"blur"`` (Gaussian blur, sigma = patch/4) or a tensor broadcastable
     to ``x``. ``target``: as in :func:`convlens.targets.resolve_target`, per image; with a callable
     the drop is in its value (it receives the logits). ``score``: ``"probability"`` (softmax) or
-    ``"logit"``. ``batch_size``: windows per forward (default per device, see ``_default_batch``).
+    ``"logit"``. ``batch_size``: windows per forward (default per device and path, see :data:`CROP_BATCH`).
     ``fast=False`` runs one full forward of the unmodified model per window (the reference).
     ``mode="exact"`` (default) equals one full forward per window to float rounding;
     ``mode="approximate"`` recomputes, at every boundary of the crop path, only the central cells
@@ -356,17 +357,25 @@ def occlusion(
         scorer = _Scorer(score, list(resolved.indices), resolved.fn, clf.adapt)
         clean = scorer(out, list(range(n)))
         evaluator: Any = _PlainEvaluator(model, (starts_y, starts_x), (ph, pw))
+        cpu_batch = 1  # full forwards of the user's model: 1 on a CPU (larger batches measured slower)
         if fast:
+            from .._inference import fast_model
             from ._occlusion_fast import build_fast_evaluator
 
-            evaluator = build_fast_evaluator(
+            crops = build_fast_evaluator(
                 model, x, base, (ph, pw), starts_y, starts_x,
                 reference=evaluator, tau=tau if mode == "approximate" else None, reasons=reasons,
                 output=clf.adapt,
-            ) or evaluator
+            )
+            if crops is not None:
+                evaluator, cpu_batch = crops, CROP_BATCH
+            else:  # full forwards, through the checked private copy where there is one
+                private = fast_model(clf, x)
+                if private is not model:
+                    evaluator, cpu_batch = _PlainEvaluator(private, (starts_y, starts_x), (ph, pw)), COPY_BATCH
         elif mode == "approximate":
             reasons.append("fast=False asks for full forwards")
-        bs = batch_size or _default_batch(model, x, n_windows, evaluator.name == "crop")
+        bs = batch_size or default_batch(model, x, n_windows, cpu=cpu_batch)
         # CPU: one image at a time (its clean activations); CUDA: windows of all images share batches
         group = n if x.device.type == "cuda" else 1
         log.info("occlusion: %d windows per image (%d x %d), batches of %d, %s path%s",

@@ -15,7 +15,7 @@ Definition (kept exact, so numbers compare between versions and with the literat
 Every step image goes through the model once ((steps+1) forwards per image and curve, in
 batches under a memory budget; :func:`deletion_insertion` runs the clean image and the full
 baseline once for all its curves), through a checked private copy of the model where one computes
-the same (:func:`convlens._inference.fast_forward`); the target, when not given, is resolved from
+the same (:func:`convlens._inference.fast_model`); the target, when not given, is resolved from
 the clean image's output, which is step 0 of deletion and the last step of insertion, so no extra
 forward is paid.
 """
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import default_batch
-from .._inference import fast_forward
+from .._inference import fast_model
 from ..baselines import Baseline, describe_baseline, make_baseline
 from ..hooks import model_guard
 from ..models import Classifier, as_classifier, require_logits
@@ -170,7 +170,7 @@ def _step_outputs(
     outputs: list[Tensor] = []
     with model_guard(model), torch.no_grad():
         bs = batch_size
-        forward = fast_forward(clf, x)
+        forward = fast_model(clf, x)
         if bs is None:
             # on a CPU 4 (the private copy's channels-last forwards: 2.6x faster than one at a
             # time through the model itself for EfficientNet-Lite0, 1.5x for ResNet-50, 2 cores),
@@ -178,7 +178,7 @@ def _step_outputs(
             bs = default_batch(model, x, len(jobs), cpu=4)
         for start in range(0, len(jobs), bs):
             batch = torch.stack([image(job) for job in jobs[start : start + bs]])
-            outputs.append(require_logits(forward(batch)).float())  # tuple/dict/.logits outputs too
+            outputs.append(require_logits(clf.adapt(forward(batch))).float())  # tuple/dict/.logits outputs too
     out = torch.cat(outputs)
     clean, full, inner = out[:n], out[n : 2 * n], out[2 * n :].view(len(specs), n, steps - 1, out.shape[-1])
     results = []
