@@ -213,9 +213,22 @@ def _curve(
     )
 
 
-def _settings(baseline: Baseline, sig: float, hw: int, steps: int, bs: int, forwards: int) -> dict[str, Any]:
-    return {"steps": steps, "baseline": describe_baseline(baseline), "blur_sigma": sig if baseline == "blur" else None,
-            "pixels_per_step": math.ceil(hw / steps), "batch_size": bs, "forwards": forwards}
+def _curves(
+    clf: Classifier, x: Tensor, specs: list[tuple[str, Tensor, Target, str]], *, steps: int, baseline: Baseline,
+    score: str, batch_size: int | None, sigma: float | None,
+) -> list[PerturbationCurve]:
+    """The curves of ``specs`` (kind, maps at the input size, target, method name), all of the
+    images ``x``, from one :func:`_step_outputs` call."""
+    sig = blur_sigma(*x.shape[-2:]) if sigma is None else float(sigma)
+    base = make_baseline(baseline, x, sigma=sig).expand_as(x)
+    outs, bs, forwards = _step_outputs(clf, x, [(kind, maps) for kind, maps, _, _ in specs], steps, base, batch_size)
+    log.info("%d curves: %d images x %d steps, %d forwards in batches of %d", len(specs), x.shape[0], steps + 1,
+             forwards, bs)
+    settings = {"steps": steps, "baseline": describe_baseline(baseline),
+                "blur_sigma": sig if baseline == "blur" else None,
+                "pixels_per_step": math.ceil(x.shape[-2] * x.shape[-1] / steps), "batch_size": bs, "forwards": forwards}
+    return [_curve(kind, clf, out, target, method, score, settings)
+            for (kind, _, target, method), out in zip(specs, outs)]
 
 
 def perturbation_curve(
@@ -247,12 +260,9 @@ def perturbation_curve(
     """
     clf, x = _prepare(kind, model_or_classifier, x, score, steps, batch_size)
     maps, x, target, method = _maps_and_target(saliency, x, target)
-    sig = blur_sigma(*x.shape[-2:]) if sigma is None else float(sigma)
-    base = make_baseline(baseline, x, sigma=sig).expand_as(x)
-    (out,), bs, forwards = _step_outputs(clf, x, [(kind, maps)], steps, base, batch_size)
-    log.info("%s: %d images x %d steps, batches of %d", kind, x.shape[0], steps + 1, bs)
-    return _curve(kind, clf, out, target, method, score,
-                  _settings(baseline, sig, x.shape[-2] * x.shape[-1], steps, bs, forwards))
+    (curve,) = _curves(clf, x, [(kind, maps, target, method)], steps=steps, baseline=baseline, score=score,
+                       batch_size=batch_size, sigma=sigma)
+    return curve
 
 
 def deletion_insertion(
@@ -296,16 +306,11 @@ def deletion_insertion(
         groups.setdefault(id(xs), []).append(name)
     out: dict[str, tuple[PerturbationCurve, PerturbationCurve]] = {}
     for names in groups.values():
-        xs = prepared[names[0]][1]
-        sig = blur_sigma(*xs.shape[-2:]) if sigma is None else float(sigma)
-        base = make_baseline(baseline, xs, sigma=sig).expand_as(xs)
-        specs = [(kind, prepared[name][0]) for name in names for kind in KINDS]
-        outs, bs, forwards = _step_outputs(clf, xs, specs, steps, base, batch_size)
-        settings = _settings(baseline, sig, xs.shape[-2] * xs.shape[-1], steps, bs, forwards)
+        specs = [(kind, prepared[name][0], prepared[name][2], prepared[name][3]) for name in names for kind in KINDS]
+        curves = _curves(clf, prepared[names[0]][1], specs, steps=steps, baseline=baseline, score=score,
+                         batch_size=batch_size, sigma=sigma)
         for m, name in enumerate(names):
-            _, _, tgt, method = prepared[name]
-            out[name] = tuple(_curve(kind, clf, outs[2 * m + d], tgt, method, score, settings)
-                              for d, kind in enumerate(KINDS))  # type: ignore[assignment]
+            out[name] = (curves[2 * m], curves[2 * m + 1])
     return {name: out[name] for name in maps}
 
 
