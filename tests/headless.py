@@ -3,9 +3,9 @@
 No dependencies beyond the standard library: Chromium reads JSON commands from file descriptor
 3 and writes replies and events to descriptor 4, each message ended by a NUL byte. Used by the
 report tests (console errors, network requests, image decoding, layout, screenshots) and to make
-``docs/report.png``::
+``docs/images/report.png``::
 
-    python tests/headless.py convlens-out/report.html docs/report.png --width 1280 --height 1500
+    python tests/headless.py convlens-out/report.html docs/images/report.png --width 1280 --height 1500
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ The kernel is this interpreter (``sys.executable -m ipykernel_launcher``) throug
 spec and IPython profile, so a ``python3`` kernel spec or a startup file elsewhere on the machine
 is never picked up; it imports the checkout's ``src`` (put first on ``PYTHONPATH``, the same code
 an editable install points at) and runs with ``OMP_NUM_THREADS=1``. Used by ``tests/test_notebook.py`` and to make
-``docs/notebook.png``::
+``docs/images/notebook.png``::
 
-    python tests/run_notebook.py docs/tour.ipynb --html tour.html --png docs/notebook.png
+    python tests/run_notebook.py docs/tour.ipynb --html tour.html --png docs/images/notebook.png
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The explorer in a real browser: headless Chromium from Debian's packages, driven by Selenium
 through Debian's chromium-driver (nothing is downloaded; `.ci/run` installs both).
 
-    CONVLENS_SCREENSHOT=docs/serve.png python -m pytest -q tests/test_serve_browser.py
+    CONVLENS_SCREENSHOT=docs/images/serve.png python -m pytest -q tests/test_serve_browser.py
 
 also writes the README's screenshot.
 """

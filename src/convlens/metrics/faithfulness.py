@@ -282,9 +282,10 @@ def deletion_insertion(
     images, the full baseline) run once: ``2 + 2 (steps - 1)`` forwards per image and map instead
     of ``2 (steps + 1)``.
 
+    The other arguments are as in :func:`deletion` (``target`` applies to every map; default each
+    map's own).
+
     Args:
-        model_or_classifier, x, target, steps, baseline, score, batch_size, sigma: as in
-            :func:`deletion` (``target`` applies to every map; default each map's own).
         maps: name -> a :class:`Saliency` or an (N, H, W) / (H, W) tensor, as ``saliency`` there.
     Returns:
         name -> ``(deletion curve, insertion curve)``; ``settings["forwards"]`` counts the forwards
