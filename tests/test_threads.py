@@ -122,6 +122,38 @@ def test_the_command_decides_before_torch_loads():
     assert out[0] == "None" and out[2] == "False"
 
 
+def test_convlens_threads_env_applies_the_policy_in_python():
+    """CONVLENS_THREADS in the environment of a plain Python process: `import convlens` decides
+    before torch loads, as the command does (a number: that many threads; a busy machine under
+    "auto": the wait policy too); a bad value is ignored with a warning."""
+    code = "import os, convlens, torch\nprint(os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads())\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    run = lambda value: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], env={**env, "CONVLENS_THREADS": value},
+        capture_output=True, text=True, timeout=300, check=True)
+    assert run("1").stdout.split() == ["1", "1"]
+    n = int(run("auto").stdout.split()[0])
+    assert 1 <= n <= _cpu.available_cpus()
+    bad = run("lots")
+    assert bad.stdout.split()[0] == "None" and "CONVLENS_THREADS" in bad.stderr
+
+
+def test_threads_in_a_running_python(monkeypatch, keep_threads):
+    monkeypatch.setattr(_cpu, "available_cpus", lambda: 2)
+    monkeypatch.setattr(_cpu, "_measure", lambda: (1.0, 1.0))  # one CPU busy with other work
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    got = _cpu.threads("auto")
+    assert got.count == 1 and torch.get_num_threads() == 1
+    assert got.wait_policy == "default" and "CONVLENS_THREADS=auto" in got.reason  # too late to change it
+    monkeypatch.setattr(_cpu, "_measure", lambda: (0.1, 0.0))  # idle now: every CPU
+    assert _cpu.threads("auto").count == 2 and torch.get_num_threads() == 2
+    assert _cpu.threads(1) == (1, "default", "as asked") and torch.get_num_threads() == 1
+    for bad in (0, "many"):
+        with pytest.raises(ValueError, match="threads"):
+            _cpu.threads(bad)
+
+
 def test_cli_threads_option(capsys, keep_threads):
     assert main(["predict", "--threads", "1", "-k", "1"]) == 0
     assert torch.get_num_threads() == 1 and "Egyptian cat" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 # first: in the `convlens` command it sets OMP_NUM_THREADS / OMP_WAIT_POLICY before torch loads
 from . import _cpu  # noqa: F401
+from ._cpu import Threads, threads
 from ._version import __version__
 from .explain import explain
 from .hooks import LayerCapture, model_guard
@@ -62,4 +63,6 @@ __all__ = [
     "sample_image",
     "sample_image_path",
     "serve",
+    "threads",
+    "Threads",
 ]

@@ -13,9 +13,11 @@ processes use (``/proc/stat`` over 0.1 s) and how many of them are runnable (``/
   at least one; but every CPU when the others keep twice as many processes runnable as there
   are CPUs (the scheduler shares a CPU per thread, so more passive threads get more of it).
 
-``--threads N`` or ``OMP_NUM_THREADS`` set by the user win. Library users choose the same way
-themselves: ``torch.set_num_threads(1)`` (or ``OMP_NUM_THREADS=1``) beside other CPU-bound
-work, and ``OMP_WAIT_POLICY=PASSIVE`` set before ``import torch`` (it is read once).
+``--threads N`` or ``OMP_NUM_THREADS`` set by the user win. In Python, :func:`threads` applies
+the same policy at any time: the thread count always; the wait policy only while PyTorch is not
+loaded yet (OpenMP reads ``OMP_WAIT_POLICY`` once, when PyTorch loads, and ``import convlens``
+loads PyTorch). So a notebook that wants the whole policy sets ``CONVLENS_THREADS=auto`` (or a
+number) in the environment before ``import convlens``; the import then decides as the command does.
 """
 
 from __future__ import annotations
@@ -25,8 +27,17 @@ import os
 import sys
 import time
 from collections.abc import MutableMapping, Sequence
+from typing import NamedTuple
 
-__all__ = ["available_cpus", "busy_cpus", "choose_threads", "configure_threads", "prepare_cli_environment"]
+__all__ = [
+    "Threads",
+    "available_cpus",
+    "busy_cpus",
+    "choose_threads",
+    "configure_threads",
+    "prepare_cli_environment",
+    "threads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -165,16 +176,84 @@ def _is_cli() -> bool:
     return "-m" in orig[:-1] and orig[orig.index("-m") + 1] == "convlens.cli"
 
 
+def _env_argv(value: str) -> list[str] | None:
+    """``CONVLENS_THREADS`` as the command line :func:`prepare_environment` reads: ``auto`` -> [],
+    a number N -> ``--threads N``; None for anything else (ignored, with a warning)."""
+    value = value.strip().lower()
+    if value == "auto":
+        return []
+    if value.isdigit():
+        return ["--threads", value]
+    log.warning("CONVLENS_THREADS=%r is neither 'auto' nor a number of threads; ignored", value)
+    return None
+
+
 def prepare_cli_environment() -> None:
-    """Called first thing by ``convlens/__init__``: in the ``convlens`` command only, and only
-    while torch is not loaded yet, decide threads and wait policy (:func:`prepare_environment`)."""
+    """Called first thing by ``convlens/__init__``, while torch is not loaded yet: in the
+    ``convlens`` command, or in any Python process whose environment has ``CONVLENS_THREADS``
+    (``auto`` or a number), decide threads and wait policy (:func:`prepare_environment`)."""
     global PREPARED
-    if "torch" in sys.modules or not _is_cli():
+    if "torch" in sys.modules:
+        return
+    if _is_cli():
+        argv: list[str] | None = sys.argv[1:]
+    elif os.environ.get("CONVLENS_THREADS"):
+        argv = _env_argv(os.environ["CONVLENS_THREADS"])
+    else:
+        return
+    if argv is None:
         return
     try:
-        PREPARED = prepare_environment(sys.argv[1:], os.environ)
+        PREPARED = prepare_environment(argv, os.environ)
     except Exception:  # noqa: BLE001 -- a measurement problem never stops the command
         PREPARED = None
+
+
+class Threads(NamedTuple):
+    """What :func:`threads` set: PyTorch's intra-op ``count``, the OpenMP ``wait_policy`` in
+    force (``"PASSIVE"``, ``"ACTIVE"`` or ``"default"``), and the ``reason`` in words."""
+
+    count: int
+    wait_policy: str
+    reason: str
+
+
+def threads(setting: int | str = "auto") -> Threads:
+    """Apply the ``convlens`` command's CPU policy in a running Python (a notebook, a script):
+    ``"auto"`` measures how busy this process's CPUs are now and sets PyTorch's thread count as
+    the command would (every CPU when idle; one per CPU left free when others keep them busy);
+    a number N sets N threads. The wait policy (``OMP_WAIT_POLICY=PASSIVE`` on a busy machine,
+    many times faster there) can only change before PyTorch loads, i.e. before ``import
+    convlens``: set ``CONVLENS_THREADS=auto`` in the environment first for that; here it is
+    reported, not changed. Call it again whenever the load changes.
+
+    Example::
+
+        convlens.threads("auto")   # Threads(count=1, wait_policy='PASSIVE', reason='...')
+    """
+    import torch
+
+    policy = os.environ.get("OMP_WAIT_POLICY", "").upper() or "default"
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        available = available_cpus()
+        busy, others = _measure()
+        count, passive = choose_threads(available, busy, others)
+        load = "unknown" if busy is None else f"{busy:.1f}"
+        reason = f"{available} CPUs, {load} busy with other work"
+        if passive and policy != "PASSIVE":
+            reason += ("; OMP_WAIT_POLICY=PASSIVE would help but PyTorch is already loaded: set "
+                       "CONVLENS_THREADS=auto before importing convlens")
+    else:
+        try:
+            count = int(setting)
+        except (TypeError, ValueError):
+            raise ValueError(f"threads() takes 'auto' or a number of threads, not {setting!r}") from None
+        if count < 1:
+            raise ValueError(f"threads() needs at least 1 thread, not {count}")
+        reason = "as asked"
+    torch.set_num_threads(count)
+    log.info("CPU threads: %d (%s)", count, reason)
+    return Threads(count, policy, reason)
 
 
 def configure_threads(threads: int | None = None) -> int | None:
