@@ -286,3 +286,26 @@ def test_cli_layers_shows_the_layout_column(tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.startswith("blocks.11.norm1 "))
     assert "tokens 2+14x14" in row and "<- Grad-CAM default" in row
     assert "class token" in out  # the reason for the automatic layer
+
+
+def test_explorer_reads_token_maps_as_grad_cam_does(photos):
+    from convlens.serve.explorer import Explorer
+
+    clf = token_clf("vit_tiny_patch16_224")
+    ex = Explorer(clf, [Image.fromarray(photos[1])])
+    try:
+        image_id = next(iter(ex._images))
+        layers, default = ex.layers()
+        assert default == "blocks.11.norm1"
+        row = {"name": "blocks.11.norm1", "type": "LayerNorm", "shape": [197, 192], "layout": "tokens 1+14x14"}
+        assert row in layers
+        got = ex.cam(image_id, 938, "layercam")  # from the cached pass: the layout applied to A and G
+        x = ex.image(image_id).x
+        want = grad_cam(clf, x, target=938, method="layercam")
+        torch.testing.assert_close(got["maps"], want.maps[0])
+        tiles = ex.channels(image_id, k=3)
+        acts = activations(clf, x, ["blocks.11.norm1"]).maps["blocks.11.norm1"][0]
+        assert tiles["maps"].shape == (3, 14, 14) and tiles["count"] == 192
+        np.testing.assert_allclose(tiles["maps"], acts[tiles["channels"]].numpy(), rtol=1e-5, atol=1e-6)
+    finally:
+        ex.close()

@@ -340,7 +340,7 @@ class Explorer:
             seed = torch.zeros_like(g.out)
             seed[0, cls] = 1.0
             (grad,) = torch.autograd.grad(g.out, g.t, grad_outputs=seed, retain_graph=True)
-            g.grads.put(cls, require_finite(g.lay.apply(grad), "the gradient at the layer"))
+            grad = g.grads.put(cls, require_finite(g.lay.apply(grad), "the gradient at the layer"))
         return grad
 
     def class_index(self, image_id: str, cls: int | str | None) -> int:
