@@ -309,3 +309,42 @@ def test_explorer_reads_token_maps_as_grad_cam_does(photos):
         np.testing.assert_allclose(tiles["maps"], acts[tiles["channels"]].numpy(), rtol=1e-5, atol=1e-6)
     finally:
         ex.close()
+
+
+def test_convnext_channels_last_norms_inside_an_nchw_model():
+    torch.manual_seed(0)
+    m = timm.create_model("convnext_atto", conv_mlp=False).eval()  # blocks permute to NHWC for norm + MLP
+    x = torch.randn(1, 3, 64, 64)
+    rows = {r.name: r for r in layer_table(m, x)}
+    assert rows["stages.3.blocks.1.norm"].shape == (1, 2, 2, 320) and rows["stages.3.blocks.1.norm"].layout == "nhwc"
+    assert rows["stages.3.blocks.1.conv_dw"].layout == "nchw" and rows["stages.3"].layout == "nchw"
+    seen = {}
+    h = m.stages[3].blocks[1].norm.register_forward_hook(lambda mod, i, o: seen.setdefault("t", o.detach().clone()))
+    try:
+        with torch.no_grad():
+            m(x)
+    finally:
+        h.remove()
+    got = activations(m, x, ["stages.3.blocks.1.norm"]).maps["stages.3.blocks.1.norm"]
+    torch.testing.assert_close(got, seen["t"].permute(0, 3, 1, 2))
+
+
+def test_dynamic_size_vit_on_a_non_square_input(photos):
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True).eval()
+    clf = convlens.Classifier(m, mean=(0.5,) * 3, std=(0.5,) * 3, size=(160, 128))
+    x = clf.preprocess(photos[1])
+    assert x.shape == (1, 3, 160, 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: some classes' maps are all zero after the ReLU
+        sal = grad_cam(clf, x, top=4)
+    assert sal.layer == "blocks.11.norm1" and sal.settings["grid"] == [10, 8] and sal.maps.shape == (4, 160, 128)
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        return t[:, 1:].reshape(len(t), 10, 8, -1).permute(0, 3, 1, 2)
+
+    ref = reference_cam(m, "blocks.11.norm1", x.expand(4, -1, -1, -1), sal.target, reshape)
+    live = [i for i in range(4) if float(sal.raw[i].std()) > 0]
+    assert len(live) >= 2
+    for i in live:
+        assert pearson(sal.maps[i], ref[i]) >= 0.99

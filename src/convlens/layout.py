@@ -195,10 +195,12 @@ def _tokens(model: nn.Module, shape: tuple[int, ...], input_hw: tuple[int, int],
 
 def _model_grid(model: nn.Module, input_hw: tuple[int, int]) -> tuple[int, int] | None:
     """The patch grid a timm-style model declares for this input: ``patch_embed.grid_size`` at its
-    own image size, the input over the patch size otherwise (``dynamic_img_size``)."""
+    own image size, the input over the patch size otherwise (``dynamic_img_size``; a Hugging Face
+    model's ``config.patch_size``)."""
     pe = getattr(model, "patch_embed", None)
-    if pe is None:
-        return None
+    if pe is None:  # a Hugging Face model says its patch size in its config
+        patch = getattr(getattr(model, "config", None), "patch_size", None)
+        return (input_hw[0] // patch, input_hw[1] // patch) if isinstance(patch, int) and patch > 0 else None
     img, grid, patch = (getattr(pe, a, None) for a in ("img_size", "grid_size", "patch_size"))
     if grid is not None and img is not None and tuple(img) == tuple(input_hw):
         return int(grid[0]), int(grid[1])
