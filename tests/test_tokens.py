@@ -348,3 +348,31 @@ def test_dynamic_size_vit_on_a_non_square_input(photos):
     assert len(live) >= 2
     for i in live:
         assert pearson(sal.maps[i], ref[i]) >= 0.99
+
+
+def test_hugging_face_vit_class_token_layer_and_grid(photos):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tf.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=64, patch_size=16, num_labels=5)
+    hf = tf.ViTForImageClassification(config).eval()
+    clf = convlens.Classifier(hf, mean=(0.5,) * 3, std=(0.5,) * 3, size=64)
+    x = clf.preprocess(photos[1])
+    sal = grad_cam(clf, x, target=[[0, 1, 2, 3, 4]])
+    # the class token reads the last block's input norm; config.patch_size gives the 4 x 4 grid
+    assert sal.layer == "vit.layers.1.layernorm_before"
+    assert (sal.settings["prefix_tokens"], sal.settings["grid"]) == (1, [4, 4])
+
+    class Logits(nn.Module):
+        def __init__(self, m: nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(x).logits
+
+    ref = reference_cam(Logits(hf), "m." + sal.layer, x.expand(5, -1, -1, -1), list(range(5)), recipe(1, 4))
+    live = [i for i in range(5) if float(sal.raw[i].std()) > 0]
+    assert len(live) >= 3
+    for i in live:
+        assert pearson(sal.maps[i], ref[i]) >= 0.99

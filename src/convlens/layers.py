@@ -306,11 +306,9 @@ def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | 
     table = layer_table(model, x) if table is None else table
     info = {r.name: r for r in table}
     name = None
-    blocks = getattr(model, "blocks", None)
-    if class_token_model(model) and isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks):
-        candidate = f"blocks.{len(blocks) - 1}.norm1"
-        if candidate in info and map_grid(info[candidate]) is not None:
-            name = candidate
+    if class_token_model(model):  # the last block's input norm (timm's norm1, Hugging Face's layernorm_before)
+        norms = [r for r in table if r.name.endswith(_BLOCK_INPUT_NORMS) and r.order >= 0 and map_grid(r) is not None]
+        name = max(norms, key=lambda r: r.order).name if norms else None
     declared = _declared_stages(model)
     if name is None and declared and declared[-1] in info and info[declared[-1]].layout not in (None, "?", "nchw"):
         name = declared[-1]
@@ -331,9 +329,12 @@ def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | 
     return name
 
 
+_BLOCK_INPUT_NORMS = (".norm1", ".layernorm_before")
+
+
 def cam_layer_reason(model: nn.Module, name: str) -> str | None:
     """Why :func:`default_cam_layer` chose ``name`` for a token model (None for a CNN's last map)."""
-    if class_token_model(model) and name.endswith(".norm1"):
+    if class_token_model(model) and name.endswith(_BLOCK_INPUT_NORMS):
         return (
             "a class-token model: the final block's patch tokens do not reach the class token, so their "
             "gradients are zero; the last block's input norm holds the tokens the class token attends to"

@@ -263,7 +263,13 @@ def required_input_size(model: nn.Module) -> tuple[int, int] | None:
 
 
 def class_token_model(model: nn.Module) -> bool:
-    """A model whose head reads prefix tokens only (timm ``global_pool="token"`` with a class token):
-    the final block's patch tokens never reach the output."""
+    """A model whose head reads prefix tokens only (timm ``global_pool="token"`` with a class token;
+    Hugging Face's ViT and DeiT classifiers): the final block's patch tokens never reach the output."""
     k = getattr(model, "num_prefix_tokens", 0)
-    return isinstance(k, int) and k >= 1 and getattr(model, "global_pool", None) == "token"
+    if isinstance(k, int) and k >= 1 and getattr(model, "global_pool", None) == "token":
+        return True
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    return kind in ("vit", "deit") and type(model).__name__.endswith(_HF_HEADS)
+
+
+_HF_HEADS = ("ForImageClassification", "ForImageClassificationWithTeacher")
