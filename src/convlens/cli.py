@@ -107,7 +107,7 @@ def _add_layers(p: argparse.ArgumentParser) -> None:
 def _run_layers(args: argparse.Namespace) -> int:
     import fnmatch
 
-    from .layers import default_cam_layer, layer_table
+    from .layers import cam_layer_reason, default_cam_layer, layer_table
 
     clf = load_classifier(args)
     x = clf.preprocess(_blank(clf))
@@ -117,12 +117,16 @@ def _run_layers(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"no layer matches {args.filter!r}")
     width = max(len(r.name) for r in rows)
-    print(f"{'name':<{width}}  {'type':<22} {'output shape':<22} {'params':>10} {'calls':>5}")
+    print(f"{'name':<{width}}  {'type':<22} {'output shape':<22} {'layout':<15} {'params':>10} {'calls':>5}")
     for r in rows:
         shape = "x".join(map(str, r.shape[1:])) if r.shape else "-"
         mark = "  <- Grad-CAM default" if r.name == auto else ""
-        print(f"{r.name:<{width}}  {r.type:<22} {shape:<22} {r.params:>10,} {r.calls:>5}{mark}")
-    print(f"\ninput {tuple(x.shape)}; automatic Grad-CAM layer: {auto}")
+        layout = r.layout or "-"
+        print(f"{r.name:<{width}}  {r.type:<22} {shape:<22} {layout:<15} {r.params:>10,} {r.calls:>5}{mark}")
+    why = cam_layer_reason(clf.model, auto)
+    print(f"\ninput {tuple(x.shape)}; automatic Grad-CAM layer: {auto}" + (f" ({why})" if why else ""))
+    if any(r.layout == "?" for r in rows):
+        print("layout ?: convlens cannot tell how that output lies on the image; give layout= or reshape= to use it")
     if any(r.calls > 1 for r in rows):
         print("a module that runs several times: its name means its last call (shape shown), NAME#k its k-th")
     return 0
@@ -131,8 +135,8 @@ def _run_layers(args: argparse.Namespace) -> int:
 def _blank(clf):
     from PIL import Image
 
-    side = clf.size or 224
-    return Image.new("RGB", (side, side), (128, 128, 128))
+    h, w = clf.target_size(224, 224)
+    return Image.new("RGB", (w, h), (128, 128, 128))
 
 
 # -- activations / gradcam ----------------------------------------------------------------

@@ -625,13 +625,21 @@ def _logits_and_layer(clf: Classifier, x: Tensor, layer: str) -> tuple[Tensor, T
 
     from .hooks import LayerCapture, model_guard
     from .layers import resolve_layer
+    from .layout import LayerError, layout_for
     from .models import require_logits
 
     name, module = resolve_layer(clf.model, layer)
+    x = clf.batch(x)
     with model_guard(clf.model), torch.no_grad(), LayerCapture({name: module}) as cap:
-        out = require_logits(clf.adapt(cap.run(clf.model, clf.batch(x))))  # tuple/dict/.logits outputs too
+        out = require_logits(clf.adapt(cap.run(clf.model, x)))  # tuple/dict/.logits outputs too
         act = cap.outputs.get(name)
-    return out, act.detach() if isinstance(act, Tensor) else None
+    if not isinstance(act, Tensor):
+        return out, None
+    try:  # the map as Grad-CAM reads it (a token layer on its grid)
+        act = layout_for(clf, name, module, tuple(act.shape), tuple(x.shape[-2:]), batch=len(x)).apply(act)
+    except LayerError:
+        return out, None
+    return out, act.detach()
 
 
 def _top(clf: Classifier, logits: Tensor, top: int) -> list[Prediction]:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .hooks import model_guard
+from .layout import LayerError, class_token_model, map_layout
 
 __all__ = [
     "LayerError",
@@ -28,7 +29,9 @@ __all__ = [
     "resolve_layers",
     "layer_table",
     "default_cam_layer",
+    "cam_layer_reason",
     "find_stages",
+    "map_grid",
     "remembered",
     "forget",
     "split_call",
@@ -41,10 +44,6 @@ log = logging.getLogger(__name__)
 LayerSpec = str | nn.Module
 
 
-class LayerError(ValueError):
-    """An unknown layer name or a module that is not part of the model."""
-
-
 @dataclass(frozen=True)
 class LayerInfo:
     """One row of the layer table: where a module sits and what it outputs."""
@@ -55,6 +54,7 @@ class LayerInfo:
     params: int
     order: int  # position in execution order (completion of its last call), -1 if it never ran
     calls: int = 0  # how many times the module ran in the traced pass
+    layout: str | None = None  # how the output lies on the image (nchw, nhwc, tokens k+hxw); "?" undecided
 
 
 def split_call(spec: str) -> tuple[str, int | None]:
@@ -207,6 +207,7 @@ def layer_table(model: nn.Module, x: Tensor) -> list[LayerInfo]:
             for h in handles:
                 h.remove()
     order = {name: i for i, name in enumerate(sorted(done, key=done.__getitem__))}
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
     _REMEMBERED.setdefault(model, {})[("calls", tuple(x.shape[1:]))] = dict(counts)
     return [
         LayerInfo(
@@ -216,9 +217,33 @@ def layer_table(model: nn.Module, x: Tensor) -> list[LayerInfo]:
             params=sum(p.numel() for p in m.parameters()),
             order=order.get(name, -1),
             calls=counts.get(name, 0),
+            layout=_layout_name(model, name, m, shapes.get(name), hw, int(x.shape[0])),
         )
         for name, m in named.items()
     ]
+
+
+def _layout_name(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...] | None,
+                 hw: tuple[int, int], batch: int) -> str | None:
+    """The table's layout column: None for no map (a vector, no tensor), "?" when undecided."""
+    if shape is None or len(shape) not in (3, 4):
+        return None
+    try:
+        return map_layout(model, name, module, shape, hw, batch=batch).describe()
+    except LayerError:
+        return "?"
+
+
+def map_grid(r: LayerInfo) -> tuple[int, int] | None:
+    """A :class:`LayerInfo` row's map grid (h, w) from its layout, None when it is no map of the image."""
+    if r.shape is None or r.layout is None or r.layout == "?":
+        return None
+    if r.layout == "nchw":
+        return r.shape[2], r.shape[3]
+    if r.layout == "nhwc":
+        return r.shape[1], r.shape[2]
+    h, _, w = r.layout.rpartition("+")[2].partition("x")
+    return int(h), int(w)
 
 
 def call_counts(model: nn.Module, x: Tensor) -> dict[str, int]:
@@ -253,11 +278,16 @@ def missing_layer(name: str, counts: dict[str, int]) -> LayerError:
 
 
 def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None = None) -> str:
-    """The automatic Grad-CAM layer: the last module (in execution order) whose output is a
-    4-D map with more than one spatial position, i.e. the last feature map before global pooling.
+    """The automatic Grad-CAM layer.
 
-    A stage and its last block share that map; the stage finishes last, so ``layer4`` is chosen
-    rather than ``layer4.2``. The choice is logged.
+    A CNN: the last module (in execution order) whose output is a map with more than one
+    position, i.e. the last feature map before global pooling (a stage and its last block share
+    that map; the stage finishes last, so ``layer4`` is chosen rather than ``layer4.2``). A
+    class-token model (timm ViT/DeiT with ``global_pool="token"``): the last block's input norm
+    ``blocks[-1].norm1``, since the final block's patch tokens never reach the class token (their
+    gradient is zero). A pooled-token or channels-last model (EVA-02 with average pooling, Swin):
+    its last declared stage (``blocks[-1]``, ``layers[-1]``). The choice and its reason
+    (:func:`cam_layer_reason`) are logged.
 
     Args:
         model: the model.
@@ -266,25 +296,54 @@ def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | 
     Returns:
         The layer's name.
     Raises:
-        LayerError: no layer outputs a spatial (N, C, h, w) map.
+        LayerError: no layer outputs a map of the image.
 
     Example::
 
         default_cam_layer(torchvision.models.resnet18(), torch.zeros(1, 3, 224, 224))   # "layer4"
+        default_cam_layer(timm.create_model("vit_tiny_patch16_224"), x)                 # "blocks.11.norm1"
     """
     table = layer_table(model, x) if table is None else table
-    spatial = [
-        r
-        for r in table
-        if r.shape is not None and len(r.shape) == 4 and r.shape[2] * r.shape[3] > 1
-        and not r.type.startswith("Adaptive")  # VGG's 7x7 adaptive pool only re-shapes the map
-    ]
-    if not spatial:
-        raise LayerError("the model has no layer with a spatial (N, C, H, W) output; pass layer= explicitly")
-    # containers finish after their children, so the latest finisher is the outermost name
-    name = max(spatial, key=lambda r: r.order).name
-    log.info("automatic target layer: %s", name)
+    info = {r.name: r for r in table}
+    name = None
+    if class_token_model(model):  # the last block's input norm (timm's norm1, Hugging Face's layernorm_before)
+        norms = [r for r in table if r.name.endswith(_BLOCK_INPUT_NORMS) and r.order >= 0 and map_grid(r) is not None]
+        name = max(norms, key=lambda r: r.order).name if norms else None
+    declared = _declared_stages(model)
+    if name is None and declared and declared[-1] in info and info[declared[-1]].layout not in (None, "?", "nchw"):
+        name = declared[-1]
+    if name is None:
+        spatial = [
+            r for r in table
+            if (g := map_grid(r)) is not None and g[0] * g[1] > 1
+            and not r.type.startswith("Adaptive")  # VGG's 7x7 adaptive pool only re-shapes the map
+        ]
+        if not spatial:
+            raise LayerError(
+                "the model has no layer with a spatial map of the image (N, C, h, w or tokens); pass layer= explicitly"
+            )
+        # containers finish after their children, so the latest finisher is the outermost name
+        name = max(spatial, key=lambda r: r.order).name
+    why = cam_layer_reason(model, name)
+    log.info("automatic target layer: %s%s", name, f" ({why})" if why else "")
     return name
+
+
+_BLOCK_INPUT_NORMS = (".norm1", ".layernorm_before")
+
+
+def cam_layer_reason(model: nn.Module, name: str) -> str | None:
+    """Why :func:`default_cam_layer` chose ``name`` for a token model (None for a CNN's last map)."""
+    if class_token_model(model) and name.endswith(_BLOCK_INPUT_NORMS):
+        return (
+            "a class-token model: the final block's patch tokens do not reach the class token, so their "
+            "gradients are zero; the last block's input norm holds the tokens the class token attends to"
+        )
+    if name in _declared_stages(model) and not class_token_model(model):
+        kind = "channels-last" if str(getattr(model, "output_fmt", "")).upper() == "NHWC" else "pooled-token"
+        if hasattr(model, "num_prefix_tokens") or kind == "channels-last":
+            return f"a {kind} model: the last stage's output, which the pooled head reads at every position"
+    return None
 
 
 def find_stages(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None = None) -> list[str]:
@@ -322,7 +381,7 @@ def find_stages(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None =
         return name in info and info[name].order >= 0
 
     declared = _declared_stages(model)
-    if declared and all(ran(n) and _hw(info[n].shape) is not None for n in declared):
+    if declared and all(ran(n) and map_grid(info[n]) is not None for n in declared):
         log.info("stage outputs (the model's feature_info): %s", ", ".join(declared))
         return declared
 

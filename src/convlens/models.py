@@ -137,9 +137,18 @@ class Classifier:
         weights: where the weights came from, for reports.
         resize: ``"square"`` or ``"shorter"`` (see above).
         output: ``raw_output -> tensor`` (default :func:`model_output`).
+        layout: how every layer's output lies on the image, when it cannot be inferred:
+            ``"nchw"``, ``"nhwc"`` or ``"tokens"`` (:mod:`convlens.layout`); a technique's own
+            ``layout=`` wins.
+        reshape: a callable ``tensor -> (N, C, h, w)`` for every layer's output (as
+            pytorch-grad-cam's ``reshape_transform``); wins over ``layout``.
+
+    ``size=(H, W)`` gives a fixed non-square input. One-channel models take ``mean=(m,)``,
+    ``std=(s,)``: images are converted to grayscale (results still show them as RGB).
+
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or ``output`` is not callable.
-        ValueError: bad ``mean``/``std``, ``interpolation``, ``resize`` or ``size``.
+        TypeError: ``model`` is not an ``nn.Module``, or ``output``/``reshape`` is not callable.
+        ValueError: bad ``mean``/``std``, ``interpolation``, ``resize``, ``size`` or ``layout``.
     """
 
     def __init__(
@@ -148,24 +157,34 @@ class Classifier:
         *,
         mean: Sequence[float],
         std: Sequence[float],
-        size: int | None = 224,
+        size: int | tuple[int, int] | None = 224,
         interpolation: Interpolation = "bilinear",
         labels: Sequence[str] | None = None,
         name: str | None = None,
         weights: str | None = None,
         resize: Resize = "square",
         output: OutputAdapter | None = None,
+        layout: str | None = None,
+        reshape: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Classifier wraps an nn.Module, not {type(model).__name__}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError("mean and std need three values each, std > 0")
+        if len(mean) not in (1, 3) or len(std) != len(mean) or any(s <= 0 for s in std):
+            raise ValueError("mean and std need three values each (RGB), or one each (grayscale), std > 0")
         if interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
         if resize not in ("square", "shorter"):
             raise ValueError("resize must be 'square' or 'shorter'")
-        if size is not None and size < 8:
+        if isinstance(size, (tuple, list)):
+            if len(size) != 2 or resize != "square":
+                raise ValueError("size=(H, W) takes two sides and resize='square'")
+            size = (int(size[0]), int(size[1]))
+        if size is not None and min(size if isinstance(size, tuple) else (size,)) < 8:
             raise ValueError("size must be at least 8 pixels")
+        if layout is not None and layout not in ("nchw", "nhwc", "tokens"):
+            raise ValueError(f"layout must be 'nchw', 'nhwc' or 'tokens', not {layout!r}")
+        if reshape is not None and not callable(reshape):
+            raise TypeError(f"reshape must be a callable tensor -> (N, C, h, w), not {type(reshape).__name__}")
         if output is not None and not callable(output):
             raise TypeError(f"output must be a callable raw_output -> tensor, not {type(output).__name__}")
         self.model = model
@@ -178,6 +197,8 @@ class Classifier:
         self.name = name or type(model).__name__
         self.weights = weights
         self.output = output
+        self.layout = layout
+        self.reshape = reshape
 
     def __repr__(self) -> str:
         return (
@@ -290,29 +311,38 @@ class Classifier:
         raise ValueError(f"a target is a class index or name, not {type(target).__name__}")
 
     # -- preprocessing -----------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        """The model's input channels: 3 (RGB) or 1 (grayscale), from ``mean``."""
+        return len(self.mean)
+
     def _normalise(self, x: Tensor) -> Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
 
     def denormalise(self, x: Tensor) -> Tensor:
-        """Undo the normalisation: model input -> RGB in [0, 1] (clamped).
+        """Undo the normalisation: model input -> RGB in [0, 1] (clamped; a grayscale input is
+        repeated over the three channels, for display).
 
         Args:
-            x: (N, 3, H, W) model input, any device and floating dtype.
+            x: (N, C, H, W) model input (C = 3, or 1 for a grayscale model), any device and
+                floating dtype.
         Returns:
             (N, 3, H, W) float32 on ``x``'s device.
         """
         x = x.float()
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return (x * std + mean).clamp(0, 1)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x * std + mean).clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """``(height, width)`` after resizing an image of ``height`` x ``width`` (the input size
         the model gets)."""
         if self.size is None:
             return height, width
+        if isinstance(self.size, tuple):
+            return self.size
         if self.resize == "square":
             return self.size, self.size
         scale = self.size / min(height, width)
@@ -344,11 +374,14 @@ class Classifier:
         size: tuple[int, int] | None = None
         for item in items:
             img = load_image(item)
+            if self.channels == 1:  # ITU-R 601 luma, as Pillow's "L" mode
+                img = img.convert("L")
             size = size or self.target_size(img.height, img.width)
             if (img.height, img.width) != size:
                 # Pillow's filters antialias when shrinking, as the models' own pipelines do
                 img = img.resize((size[1], size[0]), resample[self.interpolation])
-            batch.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+            arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+            batch.append(arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1))
         return self._normalise(torch.stack(batch).to(self.device)).to(self.dtype)
 
     def batch(self, x: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
@@ -694,13 +727,19 @@ def load_model(
         model,
         mean=cfg["mean"],
         std=cfg["std"],
-        size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+        size=_cfg_size(cfg.get("input_size", (3, 224, 224))),
         interpolation=interpolation,
         labels=labels,
         name=display,
         weights=source,
         output=output,
     )
+
+
+def _cfg_size(input_size: Sequence[int]) -> int | tuple[int, int]:
+    """A config's ``(C, H, W)`` as ``Classifier``'s size: the side when square, else ``(H, W)``."""
+    h, w = int(input_size[-2]), int(input_size[-1])
+    return h if h == w else (h, w)
 
 
 def _out_features(model: nn.Module) -> int | None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..checks import require_finite, warn_constant
 from ..hooks import LayerCapture, model_guard
 from ..layers import LayerError, LayerSpec, call_counts, find_stages, forget, missing_layer, remembered, resolve_layers
+from ..layout import LayoutName, Reshape, layout_for
 from ..models import Classifier, as_classifier
 from ..results import Activations
 
@@ -28,6 +29,9 @@ def activations(
     model_or_classifier: nn.Module | Classifier,
     x: Tensor | object,
     layers: Literal["stages"] | LayerSpec | Iterable[LayerSpec] = "stages",
+    *,
+    layout: LayoutName | None = None,
+    reshape: Reshape | None = None,
 ) -> Activations:
     """The outputs of ``layers`` for the batch ``x``, each (N, C, h, w), in execution order.
 
@@ -36,7 +40,10 @@ def activations(
     layer1..4``, EfficientNet's ``blocks.N``, VGG's maps before each pooling). A module that runs
     several times is captured at its last call, ``"name#k"`` at its k-th. ``x``: a tensor or
     image(s) preprocessed by the classifier (cast to the model's dtype). Maps are float32 on the
-    model's device. The model is left as it was.
+    model's device. The model is left as it was. Each output is read through its layout
+    (:mod:`convlens.layout`): a token layer (N, T, C) comes back as (N, C, gh, gw) on the patch
+    grid without its prefix tokens (``settings["layouts"]`` names them), a channels-last one
+    permuted; ``layout``/``reshape`` override the inference (default: the classifier's).
 
     Args:
         model_or_classifier: an ``nn.Module`` (its inputs taken as preprocessed) or a
@@ -44,12 +51,15 @@ def activations(
         x: (N, C, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts (path, PIL image, array, list of them).
         layers: ``"stages"``, or names, ``name#k`` calls, glob patterns or modules.
+        layout: ``"nchw"``, ``"nhwc"`` or ``"tokens"`` for every layer, overriding the inference.
+        reshape: a callable ``tensor -> (N, C, h, w)`` for every layer, overriding ``layout``.
     Returns:
         :class:`convlens.Activations`: ``maps`` name -> (N, C, h, w) float32 on the model's
         device, in execution order; ``images`` (N, 3, H, W) float32 RGB in [0, 1].
     Raises:
         LayerError: an unknown name, a pattern that matches nothing, no stages found, a layer
-            that did not run (or ran fewer times than ``#k``) or whose output is not a 4-D map.
+            that did not run (or ran fewer times than ``#k``) or whose output's layout cannot be
+            inferred.
         NonFiniteError: NaN or infinity in a captured map (a ``ValueError``).
         ValueError, ImageError: a bad ``x`` (see :meth:`Classifier.batch`).
 
@@ -77,17 +87,22 @@ def activations(
     missing = [n for n in chosen if n not in outputs]
     if missing:
         raise missing_layer(missing[0], cap.counts)
-    not_maps = {n: tuple(t.shape) for n, t in outputs.items() if t.dim() != 4}
-    if not_maps:
-        n, shape = next(iter(not_maps.items()))
-        raise LayerError(f"layer {n!r} outputs shape {shape}, not an (N, C, h, w) map")
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    lays = {n: layout_for(clf, n, chosen[n], tuple(t.shape), hw, layout=layout, reshape=reshape, batch=len(x))
+            for n, t in outputs.items()}
     # hooks fire in execution order: the dict keeps the order in which the network computed them
-    maps = {n: require_finite(t.detach().float(), f"the output of {n}") for n, t in outputs.items()}
+    maps = {n: require_finite(lays[n].apply(t.detach()).float().contiguous(), f"the output of {n}")
+            for n, t in outputs.items()}
     for n, t in maps.items():
         warn_constant(t, f"activations of {n}", "every channel holds one value")
     log.info("activations of %s", ", ".join(f"{n} {tuple(t.shape[1:])}" for n, t in maps.items()))
     return Activations(
         maps=maps,
         images=clf.denormalise(x.detach()),
-        settings={"layers": list(maps), "stages": isinstance(layers, str) and layers == "stages"},
+        settings={
+            "layers": list(maps),
+            "stages": isinstance(layers, str) and layers == "stages",
+            **({"layouts": {n: lay.settings() for n, lay in lays.items()}}
+               if any(lay.kind != "nchw" for lay in lays.values()) else {}),
+        },
     )

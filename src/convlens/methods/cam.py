@@ -58,8 +58,8 @@ from .._batching import default_batch
 from ..checks import choose, require_finite, warn_constant
 from ..hooks import LayerCapture, model_guard
 from ..layers import (
-    LayerError,
     LayerSpec,
+    cam_layer_reason,
     default_cam_layer,
     forget,
     missing_layer,
@@ -67,6 +67,7 @@ from ..layers import (
     resolve_layer,
     split_call,
 )
+from ..layout import LayoutName, Reshape, class_token_model, layout_for
 from ..models import Classifier, as_classifier, require_logits
 from ..results import Saliency
 from ..targets import ResolvedTarget, Target, resolve_target
@@ -293,6 +294,22 @@ def _one_row_per_image(rows: _Rows, method: str) -> _Rows:
     )
 
 
+def _zero_gradient(g: Tensor, model: nn.Module, name: str, settings: dict[str, object]) -> None:
+    """Warn, and say so in ``settings``, when a row's gradient is zero at every map position: its
+    map is then empty whatever the image shows."""
+    zero = (g.flatten(1).abs().amax(1) == 0).nonzero()[:, 0].tolist()
+    if not zero:
+        return
+    why = "the target does not depend on this layer's output at the map's positions"
+    if class_token_model(model):
+        why = ("in a class-token model the final block's patch tokens do not reach the class token; "
+               "use the last block's input norm (blocks[-1].norm1, the automatic layer)")
+    msg = f"the gradient of the target at {name} is zero everywhere for rows {zero}: {why}"
+    settings["zero_gradient"] = msg
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
 # -- the core -------------------------------------------------------------------------------
 def grad_cam(
     model_or_classifier: nn.Module | Classifier,
@@ -305,6 +322,8 @@ def grad_cam(
     batch_size: int | None = None,
     memory_mb: float = 1024.0,
     callback: Callable[[int, int], None] | None = None,
+    layout: LayoutName | None = None,
+    reshape: Reshape | None = None,
 ) -> Saliency:
     """Class activation maps of the Grad-CAM family for a batch.
 
@@ -320,7 +339,11 @@ def grad_cam(
     targets. ``batch_size``/``memory_mb``: Score-CAM's masked forwards per batch (default: as many
     as fit ``memory_mb``), run once per image for all its targets; ``callback``, if given, is called
     as ``callback(done, total)`` after each batch of them (an exception it raises stops the call,
-    e.g. to cancel). The model's output goes
+    e.g. to cancel). ``layout``/``reshape``: how the layer's output lies on the image
+    (:mod:`convlens.layout`: ``"nchw"``, ``"nhwc"``, ``"tokens"`` or a callable ``tensor -> (N, C,
+    h, w)`` as pytorch-grad-cam's ``reshape_transform``; default the classifier's, else inferred:
+    a ViT's tokens lose their prefix tokens and lie on the patch grid). A gradient that is zero at
+    every position of the map warns (and ``settings["zero_gradient"]`` says so). The model's output goes
     through the classifier's output adapter (tuple, dict, ``.logits``, ``output=``); a callable
     target receives the adapted output. ``maps`` (R, H, W) and ``raw`` (R, h, w) are float32 on
     the model's device: ``relu(...)`` upsampled bilinearly to the input size, never normalised.
@@ -337,16 +360,21 @@ def grad_cam(
         batch_size: Score-CAM's masked inputs per forward.
         memory_mb: Score-CAM's memory budget when ``batch_size`` is None.
         callback: Score-CAM's progress, ``callback(done, total)``.
+        layout: ``"nchw"``, ``"nhwc"`` or ``"tokens"``, overriding the inference.
+        reshape: a callable ``tensor -> (N, C, h, w)``, overriding ``layout``.
     Returns:
         :class:`convlens.Saliency` with R rows (one per image and target; one per image for
         EigenCAM): ``maps`` (R, H, W), ``raw`` (R, h, w) and ``images`` (R, 3, H, W) float32 on the
         model's device; ``target``, ``labels``, ``layer``, ``method`` and ``settings``
-        (``image_index``, ``layer_shape``, Score-CAM's ``batch_size``).
+        (``image_index``, ``layer_shape`` (the map's C, h, w), ``layout`` with a token layer's
+        ``prefix_tokens`` and ``grid``, ``layer_reason`` for an automatic token-model layer,
+        Score-CAM's ``batch_size``).
     Raises:
         ValueError: an unknown method, a bad ``target`` (unknown class, out of range, wrong count,
             a callable that does not give one score per image), ``top`` with ``target`` or not a
             positive int, NaN/inf in the output or the gradient (``NonFiniteError``).
-        LayerError: an unknown layer, one that does not run, or one whose output is not a 4-D map.
+        LayerError: an unknown layer, one that does not run, or one whose output's layout cannot
+            be inferred (give ``layout=`` or ``reshape=``).
         ModelError: the model's output is not (N, classes) logits (for a class target).
 
     Example::
@@ -360,6 +388,7 @@ def grad_cam(
     clf = as_classifier(model_or_classifier)
     x = clf.batch(x)
     model = clf.model
+    auto = layer is None
     if layer is None:
         key = ("cam_layer", tuple(x.shape[1:]))
         layer = remembered(model, key, lambda: default_cam_layer(model, x[:1]))
@@ -377,14 +406,19 @@ def grad_cam(
             out = clf.adapt(cap.run(model, x))
         if name not in cap.outputs:
             raise missing_layer(name, cap.counts)
-        a = cap[name]
-        if a.dim() != 4:
-            raise LayerError(f"layer {name!r} outputs shape {tuple(a.shape)}; CAMs need a (N, C, h, w) map")
+        lay = layout_for(clf, name, module, tuple(cap[name].shape), tuple(x.shape[-2:]), layout=layout,
+                         reshape=reshape, batch=len(x))
+        a = lay.apply(cap[name])
         if not callable(target) or isinstance(target, (str, int)):
             require_logits(out)
         require_finite(out, "the model's output")
         rows = _rows(clf, target, top, out)
         settings: dict[str, object] = {"layer_shape": tuple(a.shape[1:])}
+        if lay.kind != "nchw":
+            settings.update(lay.settings())
+        why = cam_layer_reason(model, name) if auto else None
+        if why:
+            settings["layer_reason"] = why
         if top is not None:
             settings["top"] = top
         if method == "eigencam":
@@ -393,7 +427,8 @@ def grad_cam(
         settings = {"image_index": rows.image, **settings}
         with torch.no_grad():
             if needs_grad:
-                g = require_finite(_gradients(out, a, rows), f"the gradient at {name}")
+                g = require_finite(lay.apply(_gradients(out, cap[name], rows)), f"the gradient at {name}")
+                _zero_gradient(g, model, name, settings)
                 raw, maps = cam_from_layer(method, a.detach()[rows.image], g, x.shape[-2:])
             elif method == "eigencam":
                 raw, maps = cam_from_layer(method, a.detach(), None, x.shape[-2:])
@@ -401,7 +436,8 @@ def grad_cam(
                 w, bs = _scorecam_weights(clf, x, a.detach(), rows, batch_size, memory_mb, callback)
                 raw, maps = _relu_upsampled((w[:, :, None, None] * a.detach()[rows.image].float()).sum(1), x.shape[-2:])
                 settings["batch_size"] = bs
-    warn_constant(raw, method, f"nothing at {name} supports the target")
+    if "zero_gradient" not in settings:
+        warn_constant(raw, method, f"nothing at {name} supports the target")
     images = clf.denormalise(x.detach())[rows.image]
     return Saliency(
         maps=maps.float(),

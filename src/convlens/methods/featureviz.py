@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .._scaling import minmax
 from ..hooks import LayerCapture, model_guard
 from ..layers import call_counts, missing_layer, resolve_layer
+from ..layout import LayoutName, Reshape, layout_for, required_input_size
 from ..models import Classifier, as_classifier
 from ..results import FeatureImages, Objective
 
@@ -184,23 +185,27 @@ class _Fourier:
     """rfft spectrum (N, 3, S, S//2+1) -> scaled by 1/max(f, 1/S) -> inverse FFT -> colour mixing
     -> sigmoid: an RGB image in [0, 1] whose initial noise has a natural 1/f spectrum."""
 
-    def __init__(self, gens: list[torch.Generator], size: int, device: torch.device) -> None:
-        fy = torch.fft.fftfreq(size)[:, None]
-        fx = torch.fft.rfftfreq(size)[None, :]
+    def __init__(
+        self, gens: list[torch.Generator], hw: tuple[int, int], device: torch.device, channels: int = 3
+    ) -> None:
+        h, w = hw
+        fy = torch.fft.fftfreq(h)[:, None]
+        fx = torch.fft.rfftfreq(w)[None, :]
         freq = torch.sqrt(fx * fx + fy * fy)
         # 1/f amplitude; the mean (f = 0) is treated as f = 1/S so it stays finite
-        self.scale = (1.0 / freq.clamp(min=1.0 / size)).to(device)
-        self.size = size
-        shape = (3, size, size // 2 + 1, 2)
+        self.scale = (1.0 / freq.clamp(min=1.0 / max(h, w))).to(device)
+        self.hw = hw
+        shape = (channels, h, w // 2 + 1, 2)
         self.param = torch.stack([torch.randn(shape, generator=g) * 0.01 for g in gens]).to(device)
         self.param.requires_grad_(True)
-        self.color = _COLOR.to(device)
+        self.color = _COLOR.to(device) if channels == 3 else None  # one channel: nothing to decorrelate
         self.opt: torch.optim.Optimizer | None = None
 
     def image(self) -> Tensor:
         spec = torch.view_as_complex(self.param) * self.scale
-        x = torch.fft.irfftn(spec, s=(self.size, self.size), norm="ortho") / 4
-        x = torch.einsum("dc,nchw->ndhw", self.color, x)
+        x = torch.fft.irfftn(spec, s=self.hw, norm="ortho") / 4
+        if self.color is not None:
+            x = torch.einsum("dc,nchw->ndhw", self.color, x)
         return torch.sigmoid(x)
 
     def step(self, grad: Tensor, lr: float) -> None:
@@ -220,8 +225,10 @@ class _Pixel:
     divided by its standard deviation (per image); shown min-max scaled to [0, 1]. (The tutorial
     adds the gradient of ``-activation``, so it lowers the activation; here the step ascends.)"""
 
-    def __init__(self, gens: list[torch.Generator], size: int, device: torch.device) -> None:
-        self.param = torch.stack([torch.randn((3, size, size), generator=g) * 0.1 for g in gens]).to(device)
+    def __init__(
+        self, gens: list[torch.Generator], hw: tuple[int, int], device: torch.device, channels: int = 3
+    ) -> None:
+        self.param = torch.stack([torch.randn((channels, *hw), generator=g) * 0.1 for g in gens]).to(device)
         self.param.requires_grad_(True)
 
     def image(self) -> Tensor:
@@ -323,6 +330,8 @@ def feature_visualization(
     progress: bool = False,
     callback: Callable[[int, int], None] | None = None,
     cache: bool | str | os.PathLike[str] | None = False,
+    layout: LayoutName | None = None,
+    reshape: Reshape | None = None,
 ) -> FeatureImages:
     """Images that maximise units of ``layer``, one per entry of ``channels``, optimised as one batch.
 
@@ -348,6 +357,10 @@ def feature_visualization(
     the model's dtype and the scores are computed in float32. Works inside ``torch.no_grad()`` and
     ``torch.inference_mode()``. ``callback``, if given, is called as ``callback(step, steps)`` after
     each optimisation step (an exception it raises stops the call, e.g. to cancel).
+    A token or channels-last layer is read through its layout (:mod:`convlens.layout`; ``layout``/
+    ``reshape`` override it): a channel of a ViT block is its mean over the patch grid. A model
+    that takes one input size only (timm ViT/DeiT/EVA/Swin: ``patch_embed.img_size``) is rendered
+    at that size whatever ``size`` says (``settings["size"]``); a grayscale model in one channel.
 
     Example::
 
@@ -359,7 +372,7 @@ def feature_visualization(
         return _feature_visualization(
             classifier_or_model, layer, channels, objective=objective, steps=steps, size=size, lr=lr, seed=seed,
             param=param, transforms=transforms, diversity=diversity, progress=progress, callback=callback,
-            cache=cache,
+            cache=cache, layout=layout, reshape=reshape,
         )
 
 
@@ -379,6 +392,8 @@ def _feature_visualization(
     progress: bool,
     callback: Callable[[int, int], None] | None,
     cache: bool | str | os.PathLike[str] | None,
+    layout: LayoutName | None = None,
+    reshape: Reshape | None = None,
 ) -> FeatureImages:
     clf = as_classifier(classifier_or_model)
     model = clf.model
@@ -402,7 +417,11 @@ def _feature_visualization(
             raise ValueError("give a layer (see `convlens layers`)")
         name, module = resolve_layer(model, layer)
     units = _units(clf, channels, kind)
-    tfs = _transforms(transforms, size)
+    need = required_input_size(model)
+    if need is not None and need != (size, size):
+        log.info("feature visualisation at %dx%d px: the model takes no other input size", *need)
+        size = need[0] if need[0] == need[1] else list(need)  # type: ignore[assignment]
+    tfs = _transforms(transforms, min(_hw(size)))
     n = len(units)
     device = clf.device
     seen: dict[int | None, int] = {}
@@ -411,9 +430,11 @@ def _feature_visualization(
         ks.append(seen.setdefault(u, -1) + 1)
         seen[u] = ks[-1]
     opts = {"steps": steps, "size": size, "lr": lr, "seed": seed, "param": param, "diversity": diversity}
+    if layout is not None or reshape is not None:
+        opts["layout"] = (layout, reshape)
 
     store, keys = _cache_keys(clf, cache, kind, name, units, ks, transforms, opts)
-    found = [_entry_ok(store.get(k), steps, size) for k in keys] if store is not None else [None] * n
+    found = [_entry_ok(store.get(k), steps, size, clf.channels) for k in keys] if store is not None else [None] * n
     todo = [i for i in range(n) if found[i] is None]
     if todo:
         run = _optimise(clf, name, module, kind, [units[i] for i in todo], [ks[i] for i in todo], tfs, opts, progress,
@@ -459,11 +480,17 @@ def _feature_visualization(
     )
 
 
-def _entry_ok(entry: dict[str, np.ndarray] | None, steps: int, size: int) -> dict[str, np.ndarray] | None:
+def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """The rendered image's (H, W): a side, or a fixed-size model's (H, W)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _entry_ok(entry: dict[str, np.ndarray] | None, steps: int, size: int | Sequence[int], channels: int = 3
+              ) -> dict[str, np.ndarray] | None:
     """A cache entry when it holds what this call needs, else None (recomputed and rewritten)."""
     if entry is None:
         return None
-    shapes = {"image": (3, size, size), "objective": (), "history": (steps,), "dead": ()}
+    shapes = {"image": (channels, *_hw(size)), "objective": (), "history": (steps,), "dead": ()}
     if any(k not in entry or entry[k].shape != s for k, s in shapes.items()):
         return None
     return entry
@@ -474,14 +501,15 @@ def _to_input(clf: Classifier, param: str, img: Tensor) -> Tensor:
     the pixel parameterisation is the input itself."""
     if param != "fourier":
         return img
-    mean = torch.tensor(clf.mean, device=img.device).view(1, 3, 1, 1)
-    std = torch.tensor(clf.std, device=img.device).view(1, 3, 1, 1)
+    mean = torch.tensor(clf.mean, device=img.device).view(1, -1, 1, 1)
+    std = torch.tensor(clf.std, device=img.device).view(1, -1, 1, 1)
     return (img - mean) / std
 
 
 def _display(param: str, img: Tensor) -> Tensor:
-    """The image as shown, in [0, 1]: the Fourier image as it is, the pixel one min-max scaled per image."""
-    return (_Fourier if param == "fourier" else _Pixel).display(img)
+    """The image as shown, in [0, 1]: the Fourier image as it is, the pixel one min-max scaled per
+    image; a grayscale model's one channel repeated as RGB."""
+    return (_Fourier if param == "fourier" else _Pixel).display(img).expand(-1, 3, -1, -1)
 
 
 def cached_channels(
@@ -512,7 +540,8 @@ def cached_channels(
     store, keys = _cache_keys(clf, cache, "channel", name, units, ks, transforms, opts)
     if store is None:
         return [False] * len(units)
-    return [store.path(k).is_file() and _entry_ok(store.get(k), steps, size) is not None for k in keys]
+    return [store.path(k).is_file() and _entry_ok(store.get(k), steps, size, clf.channels) is not None
+            for k in keys]
 
 
 def _cache_keys(
@@ -529,9 +558,13 @@ def _cache_keys(
     if store is None:
         return None, []
     std = transforms == "standard" if isinstance(transforms, str) else transforms is None or len(list(transforms)) == 0
-    if not isinstance(kind, str) or opts["diversity"] != 0 or not std:
-        log.info("feature visualisation not cached: a callable objective or transform, or diversity > 0")
+    layout, reshape = opts.get("layout") or (getattr(clf, "layout", None), getattr(clf, "reshape", None))
+    if not isinstance(kind, str) or opts["diversity"] != 0 or not std or reshape is not None:
+        log.info("feature visualisation not cached: a callable objective, transform or reshape, or diversity > 0")
         return None, []
+    opts = {k: v for k, v in opts.items() if k != "layout"}
+    if layout is not None:
+        opts["layout"] = layout
     from .._version import __version__
 
     common = {
@@ -563,7 +596,10 @@ def _optimise(
     # gets one generator for the batch
     tf_rng: Any = tf_gens if all(getattr(t, "per_image", False) for t in tfs) else \
         torch.Generator().manual_seed(_seed_for(seed, -2, 0))
-    image_param = (_Fourier if param == "fourier" else _Pixel)(gens, size, device)
+    hw = _hw(size)
+    image_param = (_Fourier if param == "fourier" else _Pixel)(gens, hw, device, clf.channels)
+    fixed = required_input_size(model) is not None  # transforms change the size: resized back
+    lay_opts = opts.get("layout") or (None, None)
     unit_t = torch.tensor([-1 if u is None else u for u in units], device=device)
     dtype = clf.dtype  # the image is float32; a half-precision model gets its own dtype (a differentiable cast)
 
@@ -576,7 +612,7 @@ def _optimise(
         counts = None
         if layers:  # how often each module runs, so the pass can stop at the layer's last (or k-th) call
             try:
-                counts = call_counts(model, torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+                counts = call_counts(model, torch.zeros(1, clf.channels, *hw, device=device, dtype=dtype))
             except RuntimeError:  # too small for the model: the first step says so clearly
                 counts = None
         cap = stack.enter_context(LayerCapture(layers, stop_early=True, calls=counts))
@@ -596,6 +632,9 @@ def _optimise(
             act = cap[name] if module is not None else clf.adapt(out)
             if not isinstance(act, Tensor) or act.dim() < 2:
                 raise ValueError(f"{name} does not give (N, C, ...) outputs; choose another layer")
+            if module is not None and act.dim() in (3, 4):  # a map, read through its layout
+                act = layout_for(clf, name, module, tuple(act.shape), tuple(x.shape[-2:]), layout=lay_opts[0],
+                                 reshape=lay_opts[1], batch=len(x)).apply(act)
             top = max((u for u in units if u is not None), default=-1)
             if isinstance(kind, str) and kind != "layer" and top >= act.shape[1]:
                 raise ValueError(f"{name} has {act.shape[1]} channels; asked for {top}")
@@ -607,6 +646,8 @@ def _optimise(
             x = img
             for t in tfs:
                 x = t(x, tf_rng)
+            if fixed and tuple(x.shape[-2:]) != hw:
+                x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
             act = forward(_to_input(clf, param, x).to(dtype), True)
             scores = _unit_scores(act, kind, unit_t)
             total = scores.sum()

@@ -30,7 +30,8 @@ from torch import Tensor
 from ..checks import choose, require_finite
 from ..hooks import LayerCapture, model_guard
 from ..images import ImageError, load_image
-from ..layers import LayerError, default_cam_layer, layer_table, resolve_layer
+from ..layers import LayerError, default_cam_layer, layer_table, map_grid, resolve_layer
+from ..layout import Layout, layout_for
 from ..methods.activations import activations
 from ..methods.cam import CAM_METHODS, cam_from_layer, grad_cam
 from ..methods.featureviz import feature_visualization
@@ -175,7 +176,9 @@ class _Graph:
     """One forward pass of one image, kept from the CAM layer to the logits."""
 
     out: Tensor  # (1, K) logits, attached to the graph
-    a: Tensor  # (1, C, h, w) layer output, the leaf the gradients are taken to
+    a: Tensor  # (1, C, h, w) layer output as a map (through its layout)
+    t: Tensor  # the captured output itself, the tensor the gradients are taken to
+    lay: Layout  # how t lies on the image: a = lay.apply(t)
     grads: LRU = field(default_factory=lambda: LRU(64))  # class -> d logit / d a, (1, C, h, w)
 
 
@@ -262,8 +265,8 @@ class Explorer:
             return first
         from PIL import Image
 
-        side = self.clf.size or 224
-        return self.clf.preprocess(Image.new("RGB", (side, side), (128, 128, 128)))
+        h, w = self.clf.target_size(224, 224)
+        return self.clf.preprocess(Image.new("RGB", (w, h), (128, 128, 128)))
 
     def layers(self) -> tuple[list[dict[str, Any]], str]:
         """The layers with a spatial (C, h, w) output, in execution order, and the default CAM layer."""
@@ -272,10 +275,11 @@ class Explorer:
                 x = self._probe()
                 table = layer_table(self.clf.model, x)
                 self._default_layer = default_cam_layer(self.clf.model, x, table)
-            rows = [r for r in table if r.shape is not None and len(r.shape) == 4 and r.order >= 0
-                    and r.shape[2] * r.shape[3] > 1 and r.type != "Identity"]
+            rows = [r for r in table if (g := map_grid(r)) is not None and r.order >= 0
+                    and g[0] * g[1] > 1 and r.type != "Identity"]
             rows.sort(key=lambda r: r.order)
-            self._layers = [{"name": r.name, "type": r.type, "shape": list(r.shape[1:])} for r in rows]
+            self._layers = [{"name": r.name, "type": r.type, "shape": list(r.shape[1:]), "layout": r.layout}
+                            for r in rows]
         return self._layers, str(self._default_layer)
 
     def labels(self) -> list[str]:
@@ -308,11 +312,11 @@ class Explorer:
                 out = self.clf.adapt(cap.run(model, x))  # tuple/dict/.logits outputs too
             if name not in cap.outputs:
                 raise LayerError(f"layer {name!r} did not run in the forward pass")
-            a = cap[name]
-        if a.dim() != 4:
-            raise LayerError(f"layer {name!r} outputs shape {tuple(a.shape)}; CAMs need a (N, C, h, w) map")
+            t = cap[name]
+            lay = layout_for(self.clf, name, module, tuple(t.shape), tuple(x.shape[-2:]), batch=len(x))
+            a = lay.apply(t)
         require_finite(require_logits(out), "the model's output")  # as grad_cam does
-        return self._graphs.put(key, _Graph(out, a))
+        return self._graphs.put(key, _Graph(out, a, t, lay))
 
     def logits(self, image_id: str) -> Tensor:
         """(1, K) logits of the image (from the cached pass at the default layer)."""
@@ -335,8 +339,8 @@ class Explorer:
         if grad is None:
             seed = torch.zeros_like(g.out)
             seed[0, cls] = 1.0
-            (grad,) = torch.autograd.grad(g.out, g.a, grad_outputs=seed, retain_graph=True)
-            g.grads.put(cls, require_finite(grad, "the gradient at the layer"))
+            (grad,) = torch.autograd.grad(g.out, g.t, grad_outputs=seed, retain_graph=True)
+            grad = g.grads.put(cls, require_finite(g.lay.apply(grad), "the gradient at the layer"))
         return grad
 
     def class_index(self, image_id: str, cls: int | str | None) -> int:
