@@ -9,7 +9,9 @@ Definition (kept exact, so numbers compare between versions and with the literat
 - step ``k = 0..steps`` affects the first ``min(ceil(H*W / steps) * k, H*W)`` pixels of that
   order, all channels at once. Deletion replaces them in the input by the baseline; insertion
   starts from the baseline and puts them back from the input;
-- the score is the target's softmax probability (or its logit, or a callable's value);
+- the score is the target's probability (:meth:`Classifier.probabilities`: softmax, or sigmoid
+  for a multi-label model; for a :class:`Region` its mean over the mask), or its logit, or a
+  callable's value;
 - ``AUC = (sum_k s_k - s_0 / 2 - s_steps / 2) / steps``, the trapezoid over ``k / steps``.
 
 Every step image goes through the model once ((steps+1) forwards per image and curve, in
@@ -35,7 +37,7 @@ from .._batching import default_batch
 from .._inference import fast_model
 from ..baselines import Baseline, describe_baseline, make_baseline
 from ..hooks import model_guard
-from ..models import Classifier, as_classifier, require_logits
+from ..models import Classifier, as_classifier
 from ..results import Saliency
 from ..targets import SCORES, Score, Target, resolve_target
 from .results import CurveKind, PerturbationCurve
@@ -178,9 +180,10 @@ def _step_outputs(
             bs = default_batch(model, x, len(jobs), cpu=4)
         for start in range(0, len(jobs), bs):
             batch = torch.stack([image(job) for job in jobs[start : start + bs]])
-            outputs.append(require_logits(clf.adapt(forward(batch))).float())  # tuple/dict/.logits outputs too
+            # tuple/dict/.logits outputs too; (N, classes) or dense: the target checks it
+            outputs.append(clf.adapt(forward(batch)).float())
     out = torch.cat(outputs)
-    clean, full, inner = out[:n], out[n : 2 * n], out[2 * n :].view(len(specs), n, steps - 1, out.shape[-1])
+    clean, full, inner = out[:n], out[n : 2 * n], out[2 * n :].view(len(specs), n, steps - 1, *out.shape[1:])
     results = []
     for s, (kind, _) in enumerate(specs):
         first, last = (clean, full) if kind == "deletion" else (full, clean)
@@ -195,12 +198,8 @@ def _curve(
     n, steps = out.shape[0], out.shape[1] - 1
     clean = out[:, 0] if kind == "deletion" else out[:, -1]
     resolved = resolve_target(clf, target, n, clean)
-    values = out.softmax(-1) if score == "probability" and resolved.fn is None else out
-    if resolved.fn is not None:
-        scores = torch.stack([resolved.score(values[:, k]) for k in range(steps + 1)], 1).float()
-    else:
-        idx = torch.as_tensor(resolved.indices, device=out.device)
-        scores = values.gather(2, idx.view(n, 1, 1).expand(n, steps + 1, 1))[..., 0]
+    probability = score == "probability"
+    scores = torch.stack([resolved.score(out[:, k], probability) for k in range(steps + 1)], 1).float()
     return PerturbationCurve(
         kind=kind,
         fractions=torch.arange(steps + 1, device=out.device, dtype=torch.float32) / steps,
@@ -345,7 +344,8 @@ def deletion(
         baseline: a number in the model's normalised space, ``"mean"``, ``"blur"`` (default,
             Gaussian with ``sigma`` px, default ``max(H, W) / 22.4``) or a tensor broadcastable
             to ``x``.
-        score: ``"probability"`` (softmax) or ``"logit"`` (a callable target scores the logits).
+        score: ``"probability"`` (softmax, or sigmoids for a multi-label model) or ``"logit"`` (a
+            callable target scores the logits).
         batch_size: step images per forward (default: by device and memory).
         sigma: the blur's standard deviation in pixels.
     Returns:
