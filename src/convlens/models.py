@@ -140,7 +140,7 @@ class Classifier:
         resize: ``"square"`` or ``"shorter"`` (see above).
         output: ``raw_output -> tensor`` (default :func:`model_output`).
         multi_label: the outputs are independent sigmoid logits (one yes/no per class), not one
-            softmax over the classes (see :meth:`probabilities`).
+            softmax over the classes (see :meth:`probabilities`); ``output`` still gives logits.
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``output`` is not callable.
         ValueError: bad ``mean``/``std``, ``interpolation``, ``resize`` or ``size``.
