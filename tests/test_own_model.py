@@ -317,6 +317,10 @@ def test_region_occlusion_deletion_and_compare(seg) -> None:
     assert float(occ_p.raw[0, 0, 0]) == pytest.approx(float(p - q), abs=1e-6)
     curve = convlens.deletion(clf, x, occ, target=region, steps=4, score="logit")
     assert float(curve.scores[0, 0]) == pytest.approx(float((clean[0, 1] * mask).sum()), rel=1e-5)
+    curve = convlens.deletion(clf, x, occ, target=region, steps=4, baseline=0.0)  # the mean probability
+    with torch.no_grad():
+        gone = clf.model(torch.zeros_like(x))["out"].softmax(1)[0, 1][mask].mean()
+    torch.testing.assert_close(curve.scores[0, [0, -1]], torch.stack([p, gone]), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="dense"):
         convlens.grad_cam(plain(tiny()), torch.rand(1, 3, 24, 24), target=convlens.Region(1))
     cmp = convlens.compare(clf, x, ["gradcam", "occlusion"], target=region, steps=4,

@@ -492,9 +492,11 @@ def require_logits(out: Tensor) -> Tensor:
     """
     if not isinstance(out, Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        dense = isinstance(out, Tensor) and out.dim() == 4
         raise ModelError(
-            f"the model's output is {shape}, not (N, classes) logits; pass output= to pick them "
-            "(or a callable target that scores the output)"
+            f"the model's output is {shape}, not (N, classes) logits; "
+            + ("for a dense output (a segmenter's) give target=convlens.Region(class, mask)"
+               if dense else "pass output= to pick them (or a callable target that scores the output)")
         )
     return out
 

@@ -497,6 +497,7 @@ def compare(
             "steps": steps,
             "baseline": baseline if isinstance(baseline, (int, float, str)) else "tensor",
             "score": "probability",
+            "probabilities": "sigmoid (multi-label)" if clf.multi_label else "softmax",
             "occlusion": occ,
             "sanity": {"stage": head, "threshold": SANITY_THRESHOLD, "seed": seed,
                        "draws": {m: SANITY_DRAWS.get(m, 10) for m in methods}} if sanity else None,
