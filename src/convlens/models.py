@@ -134,7 +134,8 @@ class Classifier:
         size: the side of the square input (``resize="square"``), the shorter side
             (``"shorter"``), or None for the image's own size; at least 8.
         interpolation: Pillow's resampling filter for resizing.
-        labels: the class names, index ``i`` naming class ``i``.
+        labels: the class names, index ``i`` naming class ``i``: one per output (a count that
+            differs from the model's outputs is a ``ValueError`` at the first forward).
         name: a display name (default: the model's class name).
         weights: where the weights came from, for reports.
         resize: ``"square"`` or ``"shorter"`` (see above).
