@@ -198,6 +198,24 @@ def test_multi_label_probabilities_are_sigmoids_everywhere(x) -> None:
     assert_unchanged(net, before)
 
 
+def test_explorer_shows_sigmoids_for_a_multi_label_model(x) -> None:
+    from PIL import Image
+
+    from convlens.serve.explorer import Explorer
+
+    clf = plain(tiny(4), multi_label=True)
+    clf.size = 24
+    img = Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    ex = Explorer(clf, [img])
+    try:
+        entry = ex.images()[0]
+        got = ex.predictions(entry.id, k=4)
+        sig = torch.sigmoid(clf.logits(entry.x).float())[0]
+        assert [p["probability"] for p in got] == pytest.approx(sig.sort(descending=True).values.tolist())
+    finally:
+        ex.close()
+
+
 def test_metrics_and_explain_on_a_multi_label_model(x, tmp_path: Path) -> None:
     clf = plain(tiny(4), multi_label=True)
     cmp = convlens.compare(clf, x, ["gradcam", "occlusion"], steps=4, occlusion={"patch": 12, "stride": 12})
