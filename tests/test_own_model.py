@@ -31,13 +31,17 @@ def tiny(classes: int = 5, seed: int = 0) -> nn.Sequential:
 class TwoHeads(nn.Module):
     """The README's two-head model: ``out["heads"]["species"]`` is ``net``'s output."""
 
-    def __init__(self, net: nn.Sequential) -> None:
+    def __init__(self, net: nn.Sequential, species_first: bool = False) -> None:
         super().__init__()
         self.body, self.species = net[:-1], net[-1]
         self.age = nn.Linear(8, 2)
+        self.species_first = species_first
 
     def forward(self, x: torch.Tensor) -> dict:
         f = self.body(x)
+        if self.species_first:  # the other head runs last
+            species = self.species(f)
+            return {"heads": {"species": species, "age": self.age(f)}, "features": f}
         return {"heads": {"age": self.age(f), "species": self.species(f)}, "features": f}
 
 
@@ -259,6 +263,24 @@ def test_metrics_on_the_readme_two_head_model_equal_the_plain_model(x, tmp_path:
     assert cmp.row("gradcam").error is None and cmp.row("gradcam").sanity_passed is not None
     report = convlens.explain(x[:1], adapted, methods=("gradcam", "trust"), settings={"trust": {"steps": 4}})
     assert not report.failed and report.images[0].results["trust"].sanity["gradcam"]["rho"] is not None
+    assert_unchanged(two, before)
+
+
+def test_the_sanity_check_randomises_the_explained_head(x) -> None:
+    """With output= picking one head of two, the classifier step is that head, also when the other
+    head runs last (randomising it would leave the maps as they were: a false "fails")."""
+    net = tiny()
+    two = TwoHeads(net, species_first=True)
+    for p in two.parameters():
+        p.requires_grad_(False)  # a frozen model: the trace must not need, or change, requires_grad
+    before = snapshot(two)
+    adapted = plain(two, output=lambda o: o["heads"]["species"])
+    assert convlens.metrics.sanity.cascade_stages(two, x, output=adapted.output)[0] == "species"
+    assert convlens.metrics.sanity.cascade_stages(two, x)[0] == "age"  # no adapter: nothing traced, the old rule
+    a = convlens.sanity_check(adapted, x, "gradcam", draws=2)
+    b = convlens.sanity_check(plain(net), x, "gradcam", draws=2)
+    assert a.stages[0] == "species" and b.stages[0] == "6"
+    torch.testing.assert_close(a.spearman[:, 0], b.spearman[:, 0])
     assert_unchanged(two, before)
 
 

@@ -449,7 +449,7 @@ def compare(
     fixed, resolved, out = fixed_target(clf, x, target)
     indices = list(resolved.indices)
     others = per_image_classes(target, resolved.per_class(out).argmin(1).tolist())  # the least likely class
-    head = cascade_stages(clf.model, x)[0] if sanity else None
+    head = cascade_stages(clf.model, x, output=clf.output)[0] if sanity else None
     curve_args = {"target": fixed, "steps": steps, "baseline": baseline}
     rows: list[MethodScores] = []
     curves: dict[bytes, tuple[PerturbationCurve, PerturbationCurve]] = {}

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..hooks import model_guard
 from ..layers import find_stages, layer_table, remembered, resolve_layer
-from ..models import Classifier, as_classifier
+from ..models import Classifier, OutputAdapter, as_classifier, model_output
 from ..results import Saliency
 from ..targets import Region, ResolvedTarget, Target, resolve_target
 from ._common import MethodSpec, make_map, method_name, spearman, ssim
@@ -51,13 +51,16 @@ def _with_params(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def cascade_stages(model: nn.Module, x: Tensor) -> list[str]:
+def cascade_stages(model: nn.Module, x: Tensor, *, output: OutputAdapter | None = None) -> list[str]:
     """The default randomisation steps, from the output down: the last module with parameters to
-    run (the classifier), then each stage of :func:`convlens.layers.find_stages` from the top.
+    run whose parameters the explained output depends on (the classifier: with ``output=`` picking
+    one head of several, that head, not the one that happens to run last), then each stage of
+    :func:`convlens.layers.find_stages` from the top.
 
     Args:
         model: the model (one traced pass, remembered per input shape; left as it was).
         x: (N, C, H, W) model-ready input on the model's device (its first image is traced).
+        output: the classifier's output adapter (``clf.output``; default :func:`model_output`).
     Returns:
         Module names, the classifier first.
     Raises:
@@ -68,15 +71,36 @@ def cascade_stages(model: nn.Module, x: Tensor) -> list[str]:
 
         cascade_stages(clf.model, x)   # ['classifier', 'blocks.6', 'blocks.4', 'blocks.2', 'blocks.1', 'blocks.0']
     """
-    return list(remembered(model, ("cascade_stages", tuple(x.shape[1:])), lambda: _cascade_stages(model, x)))
+    key = ("cascade_stages", tuple(x.shape[1:]), output)
+    return list(remembered(model, key, lambda: _cascade_stages(model, x, output or model_output)))
 
 
-def _cascade_stages(model: nn.Module, x: Tensor) -> list[str]:
+def _reaching(model: nn.Module, x: Tensor, names: list[str], output: OutputAdapter) -> set[str] | None:
+    """The modules of ``names`` whose own parameters the output depends on: autograd reaches them
+    from ``output(model(x[:1]))`` (gradients asked of autograd, never stored in ``.grad``; the
+    parameters' ``requires_grad`` restored by the guard). None when that cannot be traced."""
+    params = {n: next(model.get_submodule(n).parameters(recurse=False)) for n in names}
+    try:
+        with torch.inference_mode(False), model_guard(model), torch.enable_grad():
+            for p in params.values():
+                p.requires_grad_(True)
+            out = output(model(x[:1]))
+            grads = torch.autograd.grad(out.float().sum(), list(params.values()), allow_unused=True)
+    except Exception as e:  # noqa: BLE001 -- the order of the modules still gives a default
+        log.info("cascade stages: the output's dependencies cannot be traced (%s: %s)", type(e).__name__, e)
+        return None
+    return {n for n, g in zip(params, grads) if g is not None}
+
+
+def _cascade_stages(model: nn.Module, x: Tensor, output: OutputAdapter) -> list[str]:
     table = layer_table(model, x)
     own = _with_params(model)
     ran = [r for r in table if r.order >= 0 and r.name in own and any(True for _ in own[r.name].parameters(False))]
     if not ran:
         raise ValueError("the model has no parameters to randomise")
+    reaching = _reaching(model, x, [r.name for r in ran], output)
+    if reaching:  # another head that runs later does not explain this output
+        ran = [r for r in ran if r.name in reaching]
     head = max(ran, key=lambda r: r.order).name
     stages = [s for s in reversed(find_stages(model, x, table)) if s != head]
     return [head, *stages]
@@ -226,7 +250,8 @@ def sanity_check(
     indices, labels = list(resolved.indices), list(resolved.labels)
     original, sal = _given_or_made(clf, x, method, fixed, indices, layer, options, original)
     used_layer = layer if layer is not None else (sal.layer if sal is not None else None)
-    stages = cascade_stages(clf.model, x) if stages is None else [resolve_layer(clf.model, s)[0] for s in stages]
+    stages = (cascade_stages(clf.model, x, output=clf.output) if stages is None
+              else [resolve_layer(clf.model, s)[0] for s in stages])
     if not stages:
         raise ValueError("stages is empty; give at least one module to randomise")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
