@@ -363,9 +363,12 @@ def test_region_occlusion_deletion_and_compare(seg) -> None:
     torch.testing.assert_close(curve.scores[0, [0, -1]], torch.stack([p, gone]), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="dense"):
         convlens.grad_cam(plain(tiny()), torch.rand(1, 3, 24, 24), target=convlens.Region(1))
-    cmp = convlens.compare(clf, x, ["gradcam", "occlusion"], target=region, steps=4,
+    cmp = convlens.compare(clf, x, ["gradcam", "occlusion"], target=region, layer="backbone.16", steps=4,
                            occlusion={"patch": 48, "stride": 48})
     assert not [r.error for r in cmp.rows if r.error] and cmp.labels == ["cat"]
+    cam = convlens.grad_cam(clf, x, target=region, layer="backbone.16")
+    want = convlens.deletion(clf, x, cam, target=region, steps=4)
+    torch.testing.assert_close(cmp.row("gradcam").deletion.scores, want.scores)
     region_sums = (clean * mask).sum((2, 3))[0]
     assert int(region_sums.argmin()) != 1  # the least likely class over the region is the "other"
     cs = convlens.class_sensitivity(clf, x, "gradcam", target=region)

@@ -393,6 +393,7 @@ def compare(
     methods: str | Sequence[MapMethod] = DEFAULT_METHODS,
     *,
     target: Target = None,
+    layer: str | None = None,
     steps: int = 16,
     baseline: Baseline = "blur",
     references: Sequence[Reference] = REFERENCES,
@@ -418,6 +419,8 @@ def compare(
         methods: names from ``ALL_METHODS`` (a list, or one comma-separated string; ``"all"``).
         target: one class per image (index or name), default the top-1 class, or a
             :class:`convlens.Region` of a dense output (a segmenter's); not a callable.
+        layer: the CAM methods' layer (default: each method's automatic choice; a segmenter's
+            backbone, e.g. ``"backbone.layer4"``, rather than its dense head).
         steps: deletion / insertion steps.
         baseline: the deletion / insertion baseline (see :func:`convlens.deletion`).
         references: reference rows, from ``REFERENCES``.
@@ -457,7 +460,7 @@ def compare(
         options = occ if method == "occlusion" else {}
         t0 = time.perf_counter()
         try:
-            maps, sal = make_map(clf, x, method, fixed, options=options)
+            maps, sal = make_map(clf, x, method, fixed, layer=layer, options=options)
             seconds = (time.perf_counter() - t0) / n
             layer = sal.layer if sal is not None else None
             cs = class_sensitivity(clf, x, method, target=fixed, other=others, layer=layer, options=options,
@@ -498,6 +501,7 @@ def compare(
             "baseline": baseline if isinstance(baseline, (int, float, str)) else "tensor",
             "score": "probability",
             "probabilities": "sigmoid (multi-label)" if clf.multi_label else "softmax",
+            "layer": layer,
             "occlusion": occ,
             "sanity": {"stage": head, "threshold": SANITY_THRESHOLD, "seed": seed,
                        "draws": {m: SANITY_DRAWS.get(m, 10) for m in methods}} if sanity else None,
