@@ -53,7 +53,8 @@ def token_clf(name: str) -> convlens.Classifier:
         m = timm.create_model(name, pretrained=False).eval()
         cfg = m.pretrained_cfg
         _MODELS[name] = convlens.Classifier(m, mean=cfg["mean"], std=cfg["std"], size=224,
-                                            labels=convlens.imagenet_labels(), name=name)
+                                            labels=convlens.imagenet_labels() if m.num_classes == 1000 else None,
+                                            name=name)
     return _MODELS[name]
 
 

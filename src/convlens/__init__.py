@@ -16,10 +16,20 @@ from .metrics.compare import Comparison, compare
 from .metrics.faithfulness import deletion, deletion_insertion, insertion
 from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
 from .metrics.sanity import class_sensitivity, sanity_check
-from .models import Classifier, ModelError, Prediction, as_classifier, imagenet_labels, load_model, model_output
+from .models import (
+    Classifier,
+    ModelError,
+    Prediction,
+    as_classifier,
+    imagenet_labels,
+    load_model,
+    model_output,
+    read_labels,
+)
 from .report import ImageExplanation, Report
 from .results import Activations, Saliency
 from .serve import serve  # the function; needs the extra convlens[serve] only when called
+from .targets import Region
 
 __all__ = [
     "__version__",
@@ -47,6 +57,8 @@ __all__ = [
     "load_model",
     "model_guard",
     "model_output",
+    "read_labels",
+    "Region",
     "occlusion",
     "deletion",
     "insertion",

@@ -40,14 +40,22 @@ def _version() -> str:
 
 # -- shared options -----------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --weights and --device, shared by every command that loads a model."""
+    """--model, --weights, --labels, --num-classes, --multi-label and --device, shared by every
+    command that loads a model."""
     g = p.add_argument_group("model")
     g.add_argument(
         "--model", "-m", default=None, metavar="NAME",
         help="torchvision name (resnet50, vgg16, ...) or timm:NAME; default: the bundled "
         "EfficientNet-Lite0 with ImageNet weights (offline)",
     )
-    g.add_argument("--weights", "-w", default=None, metavar="FILE", help="local .pth/.pt/.safetensors state dict")
+    g.add_argument("--weights", "-w", default=None, metavar="FILE",
+                   help="local .pth/.pt/.safetensors state dict; a fine-tuned head is built at the checkpoint's size")
+    g.add_argument("--labels", default=None, metavar="FILE",
+                   help="class names: one per line, or a JSON list (as many as the model has outputs)")
+    g.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="the head size of the --weights checkpoint (default: read from it)")
+    g.add_argument("--multi-label", action="store_true",
+                   help="the outputs are independent sigmoids (one yes/no per class), not one softmax")
     g.add_argument("--device", default="auto", type=_device_arg, metavar="D",
                    help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument(
@@ -66,10 +74,21 @@ def _device_arg(text: str) -> str:
 
 
 def load_classifier(args: argparse.Namespace):
-    """The classifier named by the shared model options."""
+    """The classifier named by the shared model options. With ``--labels`` one forward of a blank
+    image checks that they name every output, and a ``--target`` is checked against the names:
+    a mismatch is a usage error before any image is done."""
     from .models import load_model
 
-    return load_model(args.model, weights=args.weights, device=args.device)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError("--num-classes must be at least 1")
+    clf = load_model(args.model, weights=args.weights, device=args.device, labels=args.labels,
+                     num_classes=args.num_classes, multi_label=args.multi_label)
+    if args.labels is not None:
+        clf.outputs(clf.preprocess(_blank(clf)))  # raises: N outputs but M labels
+    targets = getattr(args, "target", None)
+    for t in [targets] if isinstance(targets, str) else targets or []:
+        clf.class_index(t)
+    return clf
 
 
 def image_list(images: Sequence[str]) -> list[str | Path]:
@@ -92,7 +111,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     clf = load_classifier(args)
     for path in image_list(args.images):
         preds = clf.predict(clf.preprocess(path), top=args.top)[0]
-        print(f"{printable(Path(path).name)}  ({clf.name})")
+        kind = ", multi-label: independent sigmoids" if clf.multi_label else ""
+        print(f"{printable(Path(path).name)}  ({clf.name}{kind})")
         for rank, p in enumerate(preds, 1):
             print(f"  {rank}. {printable(p.label):<32} {p.probability:7.2%}  [{p.index}]")
     return 0
@@ -323,13 +343,11 @@ def _run_gradcam(args: argparse.Namespace) -> int:
     target = None if not args.target else [args.target]
     stem = args.method.replace("+", "p")
 
-    def prepare(clf):  # an unknown layer or class is a usage error before any image is done
+    def prepare(clf):  # an unknown layer is a usage error before any image is done (a class: load_classifier)
         if args.layer is not None:
             from .layers import resolve_layer
 
             resolve_layer(clf.model, args.layer)
-        for t in args.target or []:
-            clf.class_index(int(t) if t.isdigit() else t)
 
     def compute(clf, path):
         return grad_cam(clf, clf.preprocess(path), target=target, layer=args.layer, method=args.method, top=args.top)
@@ -421,10 +439,6 @@ def _run_occlusion(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
 
-    def prepare(clf):
-        if args.target is not None:
-            clf.class_index(int(args.target) if args.target.isdigit() else args.target)
-
     def compute(clf, path):
         return occlusion(
             clf, clf.preprocess(path), target=args.target, patch=args.patch, stride=args.stride,
@@ -440,7 +454,7 @@ def _run_occlusion(args: argparse.Namespace) -> int:
         for w in written:
             print(f"  wrote {printable(w)}")
 
-    return _per_image(args, "occlusion", compute, lambda r: saliency_files(r, "occlusion"), show, prepare=prepare)
+    return _per_image(args, "occlusion", compute, lambda r: saliency_files(r, "occlusion"), show)
 
 
 # -- filters (feature visualisation) --------------------------------------------------------

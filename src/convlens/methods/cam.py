@@ -70,7 +70,7 @@ from ..layers import (
 from ..layout import LayoutName, Reshape, class_token_model, layout_for
 from ..models import Classifier, as_classifier, require_logits
 from ..results import Saliency
-from ..targets import ResolvedTarget, Target, resolve_target
+from ..targets import Region, ResolvedTarget, Target, resolve_target
 
 __all__ = ["grad_cam", "cam_from_layer", "CAM_METHODS", "CamMethod"]
 
@@ -174,7 +174,7 @@ class _Rows:
     index: list[int]  # class index (-1: callable)
     labels: list[str]
     rounds: list[list[int]]  # row numbers differentiated together (at most one per image)
-    custom: ResolvedTarget | None = None  # a callable target: one row per image
+    custom: ResolvedTarget | None = None  # a callable or Region target: one row per image
 
 
 def _rows(clf: Classifier, target: Target, top: int | None, out: Tensor) -> _Rows:
@@ -199,7 +199,7 @@ def _rows(clf: Classifier, target: Target, top: int | None, out: Tensor) -> _Row
             per_image.append(resolve_target(clf, items, len(items), logits=out[:1].expand(len(items), -1)).indices)
     else:
         rt = resolve_target(clf, target, n, logits=out.detach())
-        return _Rows(list(range(n)), rt.indices, rt.labels, [list(range(n))], rt if rt.fn is not None else None)
+        return _Rows(list(range(n)), rt.indices, rt.labels, [list(range(n))], rt if rt.scored else None)
     image, index, rounds = [], [], []
     for i, classes in enumerate(per_image):
         for j, c in enumerate(classes):
@@ -258,8 +258,8 @@ def _scorecam_weights(
             hi = up.flatten(1).max(1).values[:, None, None]
             masks = ((up - lo) / (hi - lo + 1e-8))[:, None].to(x.dtype)
             o = clf.forward(x[i : i + 1] * masks)
-            if rows.custom is not None:
-                scores.append(rows.custom.score(o)[:, None].float())
+            if rows.custom is not None:  # the masked copies are all image i's
+                scores.append(rows.custom.select([i] * o.shape[0]).score(o)[:, None].float())
             else:
                 scores.append(require_logits(o)[:, [rows.index[r] for r in members]].float())
             if callback is not None:
@@ -409,7 +409,7 @@ def grad_cam(
         lay = layout_for(clf, name, module, tuple(cap[name].shape), tuple(x.shape[-2:]), layout=layout,
                          reshape=reshape, batch=len(x))
         a = lay.apply(cap[name])
-        if not callable(target) or isinstance(target, (str, int)):
+        if not isinstance(target, Region) and (not callable(target) or isinstance(target, (str, int))):
             require_logits(out)
         require_finite(out, "the model's output")
         rows = _rows(clf, target, top, out)

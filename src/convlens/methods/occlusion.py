@@ -1,7 +1,8 @@
 """Occlusion sensitivity: hide one window of the image at a time and record how much the score drops.
 
-For a window ``w`` and target score ``s`` (softmax probability or logit of the target class, or a
-custom callable), ``drop[w] = s(x) - s(x with w replaced by the baseline)``. The map at a pixel is
+For a window ``w`` and target score ``s`` (probability or logit of the target class, summed over a
+:class:`convlens.Region` of a dense output, or a custom callable),
+``drop[w] = s(x) - s(x with w replaced by the baseline)``. The map at a pixel is
 the mean of ``drop[w]`` over the windows ``w`` that cover it. Windows start at ``0, stride,
 2*stride, ...`` along each axis and, when ``(size - patch) % stride != 0``, one more window sits
 flush with the far edge, so every pixel is covered (the tutorial's loop leaves the last rows and
@@ -33,7 +34,7 @@ from ..baselines import BASELINES, MAX_BASELINE, make_baseline  # noqa: F401 -- 
 from ..baselines import gaussian_blur as _gaussian_blur  # noqa: F401 -- the old name
 from ..checks import require_finite, warn_constant
 from ..hooks import model_guard
-from ..models import Classifier, as_classifier, require_logits
+from ..models import Classifier, as_classifier
 from ..results import Saliency
 from ..targets import ResolvedTarget, Target, resolve_target
 
@@ -103,19 +104,15 @@ CROP_BATCH, COPY_BATCH = 32, 4
 
 class _Scorer:
     """The (B,) scores of a model output whose rows belong to the images ``rows`` (the chosen
-    class's probability or logit, or the callable's value), through :meth:`ResolvedTarget.score`."""
+    class's probability or logit, over a Region too, or the callable's value), through
+    :meth:`ResolvedTarget.score`."""
 
-    def __init__(self, score: str, indices: list[int], fn: Any, adapt: Callable[[Any], Tensor]) -> None:
-        self.score, self.indices, self.fn, self.adapt = score, indices, fn, adapt
+    def __init__(self, score: str, resolved: ResolvedTarget, adapt: Callable[[Any], Tensor]) -> None:
+        self.probability, self.resolved, self.adapt = score == "probability", resolved, adapt
 
     def __call__(self, out: Any, rows: list[int]) -> Tensor:
         out = self.adapt(out)  # the raw model output -> the tensor to explain (tuple, dict, .logits, output=)
-        if self.fn is None:
-            require_logits(out)
-        if self.fn is None and self.score == "probability":
-            out = torch.softmax(out.float(), dim=1)
-        idx = [self.indices[r] for r in rows]
-        return ResolvedTarget(idx, [""] * len(rows), self.fn).score(out).float()
+        return self.resolved.select(rows).score(out, self.probability).float()
 
 
 class _PlainEvaluator:
@@ -299,8 +296,10 @@ def occlusion(
     ``baseline``: a number in the model's normalised space (0 is the mean colour), ``"mean"`` (each
     image's channel means), ``"blur"`` (Gaussian blur, sigma = patch/4) or a tensor broadcastable
     to ``x``. ``target``: as in :func:`convlens.targets.resolve_target`, per image; with a callable
-    the drop is in its value (it receives the logits). ``score``: ``"probability"`` (softmax) or
-    ``"logit"``. ``batch_size``: windows per forward (default per device and path, see :data:`CROP_BATCH`).
+    the drop is in its value (it receives the logits); a :class:`convlens.Region` scores a class over
+    a region of a dense output. ``score``: ``"probability"`` (:meth:`Classifier.probabilities`:
+    softmax, or sigmoids for a multi-label model; a Region's mean over its mask) or ``"logit"``.
+    ``batch_size``: windows per forward (default per device and path, see :data:`CROP_BATCH`).
     ``fast=False`` runs one full forward of the unmodified model per window (the reference).
     ``mode="exact"`` (default) equals one full forward per window to float rounding;
     ``mode="approximate"`` recomputes, at every boundary of the crop path, only the central cells
@@ -352,9 +351,9 @@ def occlusion(
     reasons: list[str] = []
     with model_guard(model), torch.no_grad():
         out = model(x)  # the raw output: the scorer adapts it, as it does the evaluators' outputs
-        logits = require_finite(require_logits(clf.adapt(out)), "the model's output")
-        resolved = resolve_target(clf, target, n, logits)
-        scorer = _Scorer(score, list(resolved.indices), resolved.fn, clf.adapt)
+        logits = require_finite(clf.adapt(out), "the model's output")
+        resolved = resolve_target(clf, target, n, logits)  # checks that a class target has (N, classes) logits
+        scorer = _Scorer(score, resolved, clf.adapt)
         clean = scorer(out, list(range(n)))
         evaluator: Any = _PlainEvaluator(model, (starts_y, starts_x), (ph, pw))
         cpu_batch = 1  # full forwards of the user's model: 1 on a CPU (larger batches measured slower)

@@ -33,7 +33,15 @@ from ..targets import Target
 from ._common import MapMethod, make_map
 from .faithfulness import deletion_insertion
 from .results import PerturbationCurve
-from .sanity import CLASS_THRESHOLD, SANITY_THRESHOLD, cascade_stages, class_sensitivity, sanity_check
+from .sanity import (
+    CLASS_THRESHOLD,
+    SANITY_THRESHOLD,
+    cascade_stages,
+    class_sensitivity,
+    fixed_target,
+    per_image_classes,
+    sanity_check,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -385,6 +393,7 @@ def compare(
     methods: str | Sequence[MapMethod] = DEFAULT_METHODS,
     *,
     target: Target = None,
+    layer: str | None = None,
     steps: int = 16,
     baseline: Baseline = "blur",
     references: Sequence[Reference] = REFERENCES,
@@ -408,7 +417,10 @@ def compare(
         x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts.
         methods: names from ``ALL_METHODS`` (a list, or one comma-separated string; ``"all"``).
-        target: one class per image (index or name), default the top-1 class; not a callable.
+        target: one class per image (index or name), default the top-1 class, or a
+            :class:`convlens.Region` of a dense output (a segmenter's); not a callable.
+        layer: the CAM methods' layer (default: each method's automatic choice; a segmenter's
+            backbone, e.g. ``"backbone.layer4"``, rather than its dense head).
         steps: deletion / insertion steps.
         baseline: the deletion / insertion baseline (see :func:`convlens.deletion`).
         references: reference rows, from ``REFERENCES``.
@@ -422,7 +434,7 @@ def compare(
     Raises:
         ValueError: an unknown method or reference, a callable or bad target, bad ``steps`` or
             ``baseline``.
-        ModelError: the model's output is not (N, classes) logits.
+        ModelError: the model's output is not (N, classes) logits (nor dense, for a Region).
 
     Example::
 
@@ -437,30 +449,25 @@ def compare(
     if bad_refs:
         raise ValueError(f"unknown reference(s) {bad_refs}; choose from {REFERENCES}")
     occ = {**OCCLUSION, **(occlusion or {})}
-    logits = clf.logits(x)
-    from ..targets import resolve_target
-
-    resolved = resolve_target(clf, target, n, logits)
-    if resolved.fn is not None:
-        raise ValueError("compare needs class targets (an index or name), not a callable")
+    fixed, resolved, out = fixed_target(clf, x, target)
     indices = list(resolved.indices)
-    others = logits.argmin(1).tolist()
-    head = cascade_stages(clf.model, x)[0] if sanity else None
-    curve_args = {"target": indices, "steps": steps, "baseline": baseline}
+    others = per_image_classes(target, resolved.per_class(out).argmin(1).tolist())  # the least likely class
+    head = cascade_stages(clf.model, x, output=clf.output)[0] if sanity else None
+    curve_args = {"target": fixed, "steps": steps, "baseline": baseline}
     rows: list[MethodScores] = []
     curves: dict[bytes, tuple[PerturbationCurve, PerturbationCurve]] = {}
     for method in dict.fromkeys(methods):
         options = occ if method == "occlusion" else {}
         t0 = time.perf_counter()
         try:
-            maps, sal = make_map(clf, x, method, indices, options=options)
+            maps, sal = make_map(clf, x, method, fixed, layer=layer, options=options)
             seconds = (time.perf_counter() - t0) / n
             layer = sal.layer if sal is not None else None
-            cs = class_sensitivity(clf, x, method, target=indices, other=others, layer=layer, options=options,
+            cs = class_sensitivity(clf, x, method, target=fixed, other=others, layer=layer, options=options,
                                    original=maps)
             check = None
             if sanity:
-                check = sanity_check(clf, x, method, target=indices, layer=layer, stages=[head], seed=seed,
+                check = sanity_check(clf, x, method, target=fixed, layer=layer, stages=[head], seed=seed,
                                      draws=SANITY_DRAWS.get(method, 10), options=options, original=maps)
             # the same map gives the same curves (Grad-CAM and XGrad-CAM agree exactly at a layer
             # right before global pooling): computed once
@@ -493,6 +500,8 @@ def compare(
             "steps": steps,
             "baseline": baseline if isinstance(baseline, (int, float, str)) else "tensor",
             "score": "probability",
+            "probabilities": "sigmoid (multi-label)" if clf.multi_label else "softmax",
+            "layer": layer,
             "occlusion": occ,
             "sanity": {"stage": head, "threshold": SANITY_THRESHOLD, "seed": seed,
                        "draws": {m: SANITY_DRAWS.get(m, 10) for m in methods}} if sanity else None,

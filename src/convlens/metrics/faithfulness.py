@@ -9,7 +9,9 @@ Definition (kept exact, so numbers compare between versions and with the literat
 - step ``k = 0..steps`` affects the first ``min(ceil(H*W / steps) * k, H*W)`` pixels of that
   order, all channels at once. Deletion replaces them in the input by the baseline; insertion
   starts from the baseline and puts them back from the input;
-- the score is the target's softmax probability (or its logit, or a callable's value);
+- the score is the target's probability (:meth:`Classifier.probabilities`: softmax, or sigmoid
+  for a multi-label model; for a :class:`Region` its mean over the mask), or its logit, or a
+  callable's value;
 - ``AUC = (sum_k s_k - s_0 / 2 - s_steps / 2) / steps``, the trapezoid over ``k / steps``.
 
 Every step image goes through the model once ((steps+1) forwards per image and curve, in
@@ -35,9 +37,9 @@ from .._batching import default_batch
 from .._inference import fast_model
 from ..baselines import Baseline, describe_baseline, make_baseline
 from ..hooks import model_guard
-from ..models import Classifier, as_classifier, require_logits
+from ..models import Classifier, as_classifier
 from ..results import Saliency
-from ..targets import SCORES, Score, Target, resolve_target
+from ..targets import SCORES, Region, ResolvedTarget, Score, Target, resolve_target
 from .results import CurveKind, PerturbationCurve
 
 __all__ = ["deletion", "insertion", "deletion_insertion", "perturbation_curve", "auc", "pixel_order", "blur_sigma"]
@@ -138,12 +140,29 @@ def _prepare(
     return clf, clf.batch(x)
 
 
+class _RegionScores:
+    """Per batch, a dense output reduced to the (B, classes) scores of every class over a
+    :class:`Region` (:meth:`ResolvedTarget.per_class`), so the curves hold N x (steps+1) x classes
+    numbers, not as many segmentation maps (a 520 px, 21-class segmenter's compare: gigabytes)."""
+
+    def __init__(self, clf: Classifier, region: Region, n: int, probability: bool) -> None:
+        self.clf, self.region, self.n, self.probability = clf, region, n, probability
+        self.resolved: ResolvedTarget | None = None
+
+    def __call__(self, out: Tensor, images: list[int]) -> Tensor:
+        if self.resolved is None:  # the mask is checked against the first output's size
+            self.resolved = resolve_target(self.clf, self.region, self.n, out[:1].expand(self.n, *out.shape[1:]))
+        return self.resolved.select(images).per_class(out, self.probability)
+
+
 def _step_outputs(
-    clf: Classifier, x: Tensor, specs: list[tuple[str, Tensor]], steps: int, base: Tensor, batch_size: int | None
+    clf: Classifier, x: Tensor, specs: list[tuple[str, Tensor]], steps: int, base: Tensor, batch_size: int | None,
+    reduce: _RegionScores | None = None,
 ) -> tuple[list[Tensor], int, int]:
     """The model's outputs (N, steps+1, K) for each ``(kind, maps)`` in ``specs`` (maps (N, H, W) at
-    the input size), the batch size and the number of forwards. The clean images and the full
-    baseline are the same for every curve of ``x``: they run once."""
+    the input size; each batch's outputs through ``reduce`` when given), the batch size and the
+    number of forwards. The clean images and the full baseline are the same for every curve of
+    ``x``: they run once."""
     n, _, h, w = x.shape
     hw = h * w
     per_step = math.ceil(hw / steps)
@@ -177,10 +196,12 @@ def _step_outputs(
             # on a GPU what half the free memory holds, from a probe forward's peak
             bs = default_batch(model, x, len(jobs), cpu=4)
         for start in range(0, len(jobs), bs):
-            batch = torch.stack([image(job) for job in jobs[start : start + bs]])
-            outputs.append(require_logits(clf.adapt(forward(batch))).float())  # tuple/dict/.logits outputs too
+            chunk = jobs[start : start + bs]
+            # tuple/dict/.logits outputs too; (N, classes) or dense: the target checks it
+            o = clf.adapt(forward(torch.stack([image(job) for job in chunk]))).float()
+            outputs.append(o if reduce is None else reduce(o, [i for _, i, _ in chunk]))
     out = torch.cat(outputs)
-    clean, full, inner = out[:n], out[n : 2 * n], out[2 * n :].view(len(specs), n, steps - 1, out.shape[-1])
+    clean, full, inner = out[:n], out[n : 2 * n], out[2 * n :].view(len(specs), n, steps - 1, *out.shape[1:])
     results = []
     for s, (kind, _) in enumerate(specs):
         first, last = (clean, full) if kind == "deletion" else (full, clean)
@@ -189,18 +210,20 @@ def _step_outputs(
 
 
 def _curve(
-    kind: str, clf: Classifier, out: Tensor, target: Target, method: str, score: str, settings: dict[str, Any]
+    kind: str, clf: Classifier, out: Tensor, target: Target, method: str, score: str, settings: dict[str, Any],
+    resolved: ResolvedTarget | None = None,
 ) -> PerturbationCurve:
-    """The curve from the outputs (N, steps+1, K) of its step images."""
+    """The curve from the outputs (N, steps+1, K) of its step images (with ``resolved``: a Region's
+    per-class scores already, :class:`_RegionScores`)."""
     n, steps = out.shape[0], out.shape[1] - 1
-    clean = out[:, 0] if kind == "deletion" else out[:, -1]
-    resolved = resolve_target(clf, target, n, clean)
-    values = out.softmax(-1) if score == "probability" and resolved.fn is None else out
-    if resolved.fn is not None:
-        scores = torch.stack([resolved.score(values[:, k]) for k in range(steps + 1)], 1).float()
+    if resolved is None:
+        clean = out[:, 0] if kind == "deletion" else out[:, -1]
+        resolved = resolve_target(clf, target, n, clean)
+        probability = score == "probability"
+        scores = torch.stack([resolved.score(out[:, k], probability) for k in range(steps + 1)], 1).float()
     else:
         idx = torch.as_tensor(resolved.indices, device=out.device)
-        scores = values.gather(2, idx.view(n, 1, 1).expand(n, steps + 1, 1))[..., 0]
+        scores = out.gather(2, idx.view(n, 1, 1).expand(n, steps + 1, 1))[..., 0].float()
     return PerturbationCurve(
         kind=kind,
         fractions=torch.arange(steps + 1, device=out.device, dtype=torch.float32) / steps,
@@ -221,13 +244,19 @@ def _curves(
     images ``x``, from one :func:`_step_outputs` call."""
     sig = blur_sigma(*x.shape[-2:]) if sigma is None else float(sigma)
     base = make_baseline(baseline, x, sigma=sig).expand_as(x)
-    outs, bs, forwards = _step_outputs(clf, x, [(kind, maps) for kind, maps, _, _ in specs], steps, base, batch_size)
+    region = specs[0][2]
+    reduce = None
+    if isinstance(region, Region) and all(t is region for _, _, t, _ in specs):
+        reduce = _RegionScores(clf, region, x.shape[0], score == "probability")
+    outs, bs, forwards = _step_outputs(clf, x, [(kind, maps) for kind, maps, _, _ in specs], steps, base, batch_size,
+                                       reduce)
     log.info("%d curves: %d images x %d steps, %d forwards in batches of %d", len(specs), x.shape[0], steps + 1,
              forwards, bs)
     settings = {"steps": steps, "baseline": describe_baseline(baseline),
                 "blur_sigma": sig if baseline == "blur" else None,
                 "pixels_per_step": math.ceil(x.shape[-2] * x.shape[-1] / steps), "batch_size": bs, "forwards": forwards}
-    return [_curve(kind, clf, out, target, method, score, settings)
+    resolved = None if reduce is None else reduce.resolved
+    return [_curve(kind, clf, out, target, method, score, settings, resolved)
             for (kind, _, target, method), out in zip(specs, outs)]
 
 
@@ -346,7 +375,8 @@ def deletion(
         baseline: a number in the model's normalised space, ``"mean"``, ``"blur"`` (default,
             Gaussian with ``sigma`` px, default ``max(H, W) / 22.4``) or a tensor broadcastable
             to ``x``.
-        score: ``"probability"`` (softmax) or ``"logit"`` (a callable target scores the logits).
+        score: ``"probability"`` (softmax, or sigmoids for a multi-label model) or ``"logit"`` (a
+            callable target scores the logits).
         batch_size: step images per forward (default: by device and memory).
         sigma: the blur's standard deviation in pixels.
     Returns:

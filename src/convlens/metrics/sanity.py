@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from ..hooks import model_guard
 from ..layers import find_stages, layer_table, remembered, resolve_layer
-from ..models import Classifier, as_classifier
+from ..models import Classifier, OutputAdapter, as_classifier, model_output
 from ..results import Saliency
-from ..targets import Target, resolve_target
+from ..targets import Region, ResolvedTarget, Target, resolve_target
 from ._common import MethodSpec, make_map, method_name, spearman, ssim
 from .results import ClassSensitivity, SanityCheck
 
@@ -51,13 +51,16 @@ def _with_params(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def cascade_stages(model: nn.Module, x: Tensor) -> list[str]:
+def cascade_stages(model: nn.Module, x: Tensor, *, output: OutputAdapter | None = None) -> list[str]:
     """The default randomisation steps, from the output down: the last module with parameters to
-    run (the classifier), then each stage of :func:`convlens.layers.find_stages` from the top.
+    run whose parameters the explained output depends on (the classifier: with ``output=`` picking
+    one head of several, that head, not the one that happens to run last), then each stage of
+    :func:`convlens.layers.find_stages` from the top.
 
     Args:
         model: the model (one traced pass, remembered per input shape; left as it was).
         x: (N, C, H, W) model-ready input on the model's device (its first image is traced).
+        output: the classifier's output adapter (``clf.output``; default :func:`model_output`).
     Returns:
         Module names, the classifier first.
     Raises:
@@ -68,15 +71,36 @@ def cascade_stages(model: nn.Module, x: Tensor) -> list[str]:
 
         cascade_stages(clf.model, x)   # ['classifier', 'blocks.6', 'blocks.4', 'blocks.2', 'blocks.1', 'blocks.0']
     """
-    return list(remembered(model, ("cascade_stages", tuple(x.shape[1:])), lambda: _cascade_stages(model, x)))
+    key = ("cascade_stages", tuple(x.shape[1:]), output)
+    return list(remembered(model, key, lambda: _cascade_stages(model, x, output or model_output)))
 
 
-def _cascade_stages(model: nn.Module, x: Tensor) -> list[str]:
+def _reaching(model: nn.Module, x: Tensor, names: list[str], output: OutputAdapter) -> set[str] | None:
+    """The modules of ``names`` whose own parameters the output depends on: autograd reaches them
+    from ``output(model(x[:1]))`` (gradients asked of autograd, never stored in ``.grad``; the
+    parameters' ``requires_grad`` restored by the guard). None when that cannot be traced."""
+    params = {n: next(model.get_submodule(n).parameters(recurse=False)) for n in names}
+    try:
+        with torch.inference_mode(False), model_guard(model), torch.enable_grad():
+            for p in params.values():
+                p.requires_grad_(True)
+            out = output(model(x[:1]))
+            grads = torch.autograd.grad(out.float().sum(), list(params.values()), allow_unused=True)
+    except Exception as e:  # noqa: BLE001 -- the order of the modules still gives a default
+        log.info("cascade stages: the output's dependencies cannot be traced (%s: %s)", type(e).__name__, e)
+        return None
+    return {n for n, g in zip(params, grads) if g is not None}
+
+
+def _cascade_stages(model: nn.Module, x: Tensor, output: OutputAdapter) -> list[str]:
     table = layer_table(model, x)
     own = _with_params(model)
     ran = [r for r in table if r.order >= 0 and r.name in own and any(True for _ in own[r.name].parameters(False))]
     if not ran:
         raise ValueError("the model has no parameters to randomise")
+    reaching = _reaching(model, x, [r.name for r in ran], output)
+    if reaching:  # another head that runs later does not explain this output
+        ran = [r for r in ran if r.name in reaching]
     head = max(ran, key=lambda r: r.order).name
     stages = [s for s in reversed(find_stages(model, x, table)) if s != head]
     return [head, *stages]
@@ -116,25 +140,38 @@ def _reinit(module: nn.Module) -> None:
 
 
 def _private_copy(clf: Classifier) -> Classifier:
-    model = copy.deepcopy(clf.model)
-    return Classifier(model, mean=clf.mean, std=clf.std, size=clf.size, interpolation=clf.interpolation,
-                      labels=clf.labels, name=f"{clf.name} (randomised copy)", resize=clf.resize)
+    """A classifier around a deep copy of the model, keeping every other attribute (the output
+    adapter, multi-label, the layout: :meth:`Classifier.with_model`)."""
+    return clf.with_model(copy.deepcopy(clf.model), name=f"{clf.name} (randomised copy)")
 
 
-def _fixed_target(clf: Classifier, x: Tensor, target: Target) -> tuple[list[int], list[str], Tensor]:
-    logits = clf.logits(x)
-    resolved = resolve_target(clf, target, x.shape[0], logits)
+def per_image_classes(target: Target, classes: list[int]) -> Target:
+    """``classes`` (one per image) as a target of the same kind as ``target``: a :class:`Region`
+    with the same mask for a Region, else the list."""
+    return Region(list(classes), target.mask) if isinstance(target, Region) else list(classes)
+
+
+def fixed_target(clf: Classifier, x: Tensor, target: Target) -> tuple[Target, ResolvedTarget, Tensor]:
+    """``target`` resolved once on the user's model and fixed per image (a class per image, or a
+    Region with a class per image), so every map of a metric explains the same classes; with the
+    resolved target and the model's output.
+
+    Raises:
+        ValueError: a callable target, or one :func:`resolve_target` refuses.
+    """
+    out = clf.outputs(x)
+    resolved = resolve_target(clf, target, x.shape[0], out)
     if resolved.fn is not None:
-        raise ValueError("the metrics need class targets (an index or name per image), not a callable")
-    return list(resolved.indices), list(resolved.labels), logits
+        raise ValueError("the metrics need class targets (an index or name per image, or a Region), not a callable")
+    return per_image_classes(target, resolved.indices), resolved, out
 
 
 def _given_or_made(
-    clf: Classifier, x: Tensor, method: MethodSpec, indices: list[int], layer: str | None,
+    clf: Classifier, x: Tensor, method: MethodSpec, target: Target, indices: list[int], layer: str | None,
     options: dict[str, Any] | None, original: Saliency | Tensor | None,
 ) -> tuple[Tensor, Saliency | None]:
     if original is None:
-        return make_map(clf, x, method, indices, layer=layer, options=options)
+        return make_map(clf, x, method, target, layer=layer, options=options)
     if isinstance(original, Saliency):
         if list(original.target) != indices:
             raise ValueError(f"the given map explains classes {original.target}, not the targets {indices}")
@@ -184,7 +221,8 @@ def sanity_check(
         x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts.
         method: a CAM method name, ``"occlusion"`` or ``f(clf, x, target) -> Saliency | tensor``.
-        target: one class per image (index or name) or None (top-1); not a callable.
+        target: one class per image (index or name), a :class:`convlens.Region` of a dense
+            output, or None (top-1); not a callable.
         layer: the CAM layer (default: the one the method chooses on the user's model).
         stages: module names to re-initialise, from the output down.
         seed: the first draw's seed.
@@ -208,10 +246,12 @@ def sanity_check(
     """
     clf = as_classifier(model_or_classifier)
     x = clf.batch(x)
-    indices, labels, _ = _fixed_target(clf, x, target)
-    original, sal = _given_or_made(clf, x, method, indices, layer, options, original)
+    fixed, resolved, _ = fixed_target(clf, x, target)
+    indices, labels = list(resolved.indices), list(resolved.labels)
+    original, sal = _given_or_made(clf, x, method, fixed, indices, layer, options, original)
     used_layer = layer if layer is not None else (sal.layer if sal is not None else None)
-    stages = cascade_stages(clf.model, x) if stages is None else [resolve_layer(clf.model, s)[0] for s in stages]
+    stages = (cascade_stages(clf.model, x, output=clf.output) if stages is None
+              else [resolve_layer(clf.model, s)[0] for s in stages])
     if not stages:
         raise ValueError("stages is empty; give at least one module to randomise")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
@@ -225,7 +265,7 @@ def sanity_check(
         with model_guard(private.model), torch.no_grad():
             for name in names:
                 _reinit(named[name])
-        return make_map(private, x, method, indices, layer=used_layer, options=options, quiet=True)[0]
+        return make_map(private, x, method, fixed, layer=used_layer, options=options, quiet=True)[0]
 
     # the first step's modules are put back between the verdict's draws (cheaper than a new copy)
     saved = {n: {k: v.clone() for k, v in named[n].state_dict().items()} for n in steps[0]}
@@ -289,8 +329,10 @@ def class_sensitivity(
         x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts.
         method: a CAM method name, ``"occlusion"`` or ``f(clf, x, target) -> Saliency | tensor``.
-        other: the other class per image (index or name; default: the least likely).
-        target: the explained class per image (default: top-1); not a callable.
+        other: the other class per image (index or name; over the same region for a Region
+            target; default: the least likely).
+        target: the explained class per image (default: top-1), or a :class:`convlens.Region`;
+            not a callable.
         layer: the CAM layer (default: the method's automatic choice).
         threshold: the rank-correlation threshold.
         options: passed to the method.
@@ -309,15 +351,20 @@ def class_sensitivity(
     """
     clf = as_classifier(model_or_classifier)
     x = clf.batch(x)
-    indices, labels, logits = _fixed_target(clf, x, target)
+    fixed, resolved, out = fixed_target(clf, x, target)
+    indices, labels = list(resolved.indices), list(resolved.labels)
     if other is None:
-        others = logits.argmin(1).tolist()
-        other_labels = [clf.label(i) for i in others]
+        others = resolved.per_class(out).argmin(1).tolist()  # the least likely class (over the Region)
+        other_target = per_image_classes(target, others)
     else:
-        others, other_labels, _ = _fixed_target(clf, x, other)
-    a, sal = _given_or_made(clf, x, method, indices, layer, options, original)
+        if isinstance(target, Region) and not isinstance(other, Region):
+            other = Region(other, target.mask)  # the other class over the same region
+        other_target, resolved_other, _ = fixed_target(clf, x, other)
+        others = list(resolved_other.indices)
+    other_labels = [clf.label(i) for i in others]
+    a, sal = _given_or_made(clf, x, method, fixed, indices, layer, options, original)
     used_layer = layer if layer is not None else (sal.layer if sal is not None else None)
-    b, _ = make_map(clf, x, method, others, layer=used_layer, options=options, quiet=True)
+    b, _ = make_map(clf, x, method, other_target, layer=used_layer, options=options, quiet=True)
     rho = spearman(a, b)
     return ClassSensitivity(
         method=method_name(method),

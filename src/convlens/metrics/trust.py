@@ -36,7 +36,7 @@ def _options(sal: Saliency) -> dict[str, Any] | None:
 def model_sanity(clf: Classifier, x: Tensor, sal: Saliency, *, seed: int = 0) -> SanityCheck:
     """The sanity check of ``sal``'s method on ``x`` with the classifier step only (the verdict):
     :func:`sanity_check` with the same layer and target; meant to run once per model and run."""
-    head = cascade_stages(clf.model, x)[0]
+    head = cascade_stages(clf.model, x, output=clf.output)[0]
     return sanity_check(clf, x, sal.method, target=list(sal.target), layer=sal.layer, stages=[head], seed=seed,
                         draws=1 if sal.method in ("occlusion", "scorecam") else 10, options=_options(sal) or {},
                         original=sal)

@@ -328,8 +328,9 @@ class Explorer:
         return graph.out.detach()
 
     def predictions(self, image_id: str, k: int = 5) -> list[dict[str, Any]]:
-        """The top-``k`` classes with their softmax probabilities."""
-        probs = self.logits(image_id)[0].float().softmax(0)
+        """The top-``k`` classes with their probabilities (softmax, or sigmoids for a multi-label
+        model: :meth:`Classifier.probabilities`)."""
+        probs = self.clf.probabilities(self.logits(image_id))[0]
         values, indices = probs.topk(max(1, min(k, probs.numel())))
         return [{"index": int(i), "label": self.clf.label(int(i)), "probability": float(p)}
                 for p, i in zip(values.cpu(), indices.cpu())]
