@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -873,6 +874,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except (ValueError, OSError, TypeError) as e:
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # not bad input: exit 1, naming the path
+            print(f"convlens: error: {printable(e.filename or '')}: no space left on the device", file=sys.stderr)
+            return 1
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"convlens: error: {printable(msg)}", file=sys.stderr)
         return EXIT_USAGE
