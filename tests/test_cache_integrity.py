@@ -11,7 +11,7 @@ import pytest
 from tests.test_cache import OPTS, _same, _tiny
 
 from convlens import feature_visualization
-from convlens.cache import MARKER, FeatureCache, _digest
+from convlens.cache import FeatureCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,6 +44,8 @@ def _forge(path: Path, change) -> None:
         arrays = {n: z[n] for n in z.files}
     meta = json.loads(str(arrays.pop("__convlens__")))
     change(arrays)
+    from convlens.cache import _digest
+
     meta["digest"] = _digest(arrays)
     np.savez(path.with_suffix(".tmp.npz"), **arrays, __convlens__=np.array(json.dumps(meta)))
     path.with_suffix(".tmp.npz").replace(path)
@@ -77,6 +79,8 @@ def test_an_entry_of_the_right_shape_but_wrong_values_is_dropped(tmp_path, damag
 def test_pruning_never_touches_a_folder_without_the_marker(tmp_path, monkeypatch):
     """Case 7: the cache's featureviz folder is a symlink to a user's folder: a tiny size limit
     prunes nothing there (the user's experiment0..2.npz stay), and no marker is written into it."""
+    from convlens.cache import MARKER
+
     user = tmp_path / "experiments"
     user.mkdir()
     for i in range(3):
@@ -98,6 +102,8 @@ def test_pruning_never_touches_a_folder_without_the_marker(tmp_path, monkeypatch
 def test_pruning_in_the_cache_removes_only_its_own_entries(tmp_path):
     """In a marked folder, a file named like an entry whose contents are not one (a user's .npz
     renamed into it) is not removed; the cache's own entries are."""
+    from convlens.cache import MARKER
+
     fc = FeatureCache(tmp_path, max_bytes=1)
     k1, k2 = fc.key({"unit": 1}), fc.key({"unit": 2})
     fc.put(k1, {"x": np.zeros(100, np.float32)})

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from convlens.outputs import JOURNAL, MANIFEST, RunWriter, read_manifest
-from convlens.runfolder import RunFolderError, read_bytes, read_summary
 from convlens.runs import merge_runs
 
 FILES = ["report.html", "summary.json", "summary.csv"]
@@ -117,6 +116,8 @@ def test_report_over_a_fifo_and_dev_zero_finishes(tmp_path):
 
 
 def test_reader_refuses_big_files_without_reading_them(tmp_path):
+    from convlens.runfolder import RunFolderError, read_bytes
+
     (tmp_path / "summary.json").write_bytes(b" " * 2048)
     with pytest.raises(RunFolderError, match="over the limit of 1024"):
         read_bytes(tmp_path, "summary.json", 1024)
@@ -171,13 +172,15 @@ def test_wrong_types_in_a_summary_are_named_and_listed_as_damaged(tmp_path, fiel
     else:
         e["predictions"][0]["probability"] = value
     (run / "a.jpg" / "summary.json").write_text(json.dumps(e))
-    with pytest.raises(RunFolderError, match=r"a\.jpg/summary\.json: field predictions"):
-        read_summary(run, "a.jpg")
     summary = merged(run, tmp_path)
     a = by_name(summary)["a.jpg"]
     assert a["ok"] is False and "summary.json: field predictions" in a["errors"]["image"]
     assert by_name(summary)["b.jpg"]["ok"] is True
     assert "a.jpg" in (tmp_path / "merged" / "report.html").read_text()
+    from convlens.runfolder import RunFolderError, read_summary
+
+    with pytest.raises(RunFolderError, match=r"a\.jpg/summary\.json: field predictions"):
+        read_summary(run, "a.jpg")
 
 
 # -- case 11: manifest file entries outside the run ------------------------------------------------

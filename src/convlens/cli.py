@@ -716,6 +716,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", metavar="H",
         help="address to listen on (default 127.0.0.1: this machine only; anything else warns)",
     )
+    p.add_argument(
+        "--allow-host", action="append", default=[], metavar="NAME",
+        help="also answer requests whose Host header is NAME (a reverse proxy's name; repeatable)",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -743,7 +747,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"convlens serve: {e.name}: {e.error}", file=sys.stderr)
     if len(bad) == len(explorer.images()):
         raise ValueError("none of the images could be read")
-    server = Server(explorer, args.host, args.port)
+    server = Server(explorer, args.host, args.port, allow_hosts=args.allow_host)
     n = len(explorer.images())
     print(f"convlens explorer: {server.url}  ({n} image{'' if n == 1 else 's'}, {explorer.clf.name}; Ctrl-C stops)",
           flush=True)
