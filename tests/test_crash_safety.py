@@ -158,6 +158,52 @@ def test_resume_after_a_kill_keeps_the_finished_run(runs, tmp_path, exchange):
         run.abort()
 
 
+def resume_run(out: Path) -> None:
+    """A --resume run that redoes image b (its folder swapped in as it completes, its record
+    journalled) and rewrites the top-level files at the end."""
+    with RunWriter(out, "explain", keys=["a", "b", "c"], files=FILES, resume=True) as run:
+        run.write("b", "gradcam.png", b"redo-b-png")
+        run.write("b", "summary.json", json.dumps({"name": "b", "tag": "redo"}).encode())
+        run.commit_image("b", name="b")
+        for f in FILES:
+            run.write(None, f, f"redo-{f}".encode())
+        run.finish()
+
+
+def test_kill_before_every_rename_of_a_resume_keeps_each_image_whole(runs, tmp_path, exchange):
+    """The move of each finished image and the manifest/journal update: killed before any rename
+    of a --resume, every image folder is there whole (the old b or the redone one, never none or
+    a mix), the manifest lists all three, and the top-level files are all old or all new."""
+    base = tmp_path / "base"
+    write_run(base, "old", ["a", "b", "c"])
+    probe = tmp_path / "probe"
+    shutil.copytree(base, probe)
+    before = outputs._RENAMES[0]
+    resume_run(probe)
+    total = outputs._RENAMES[0] - before
+    done = snapshot(probe)
+    assert done["b/gradcam.png"] == b"redo-b-png" and done["a/gradcam.png"] == b"old-a-png"
+    for k in range(1, total + 1):
+        out = tmp_path / f"resume-{k}"
+        shutil.copytree(base, out)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.environ[FAULT_ENV] = f"rename:{k}:kill"
+            outputs._RENAMES[0] = 0
+            resume_run(out)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status), k
+        outputs.recover(out)
+        seen = snapshot(out)
+        assert seen["b/gradcam.png"] in (b"old-b-png", b"redo-b-png"), k
+        tag = json.loads(seen["b/summary.json"])["tag"]
+        assert seen["b/gradcam.png"] == (b"old-b-png" if tag == "old" else b"redo-b-png"), k
+        assert seen["a/gradcam.png"] == b"old-a-png" and seen["c/gradcam.png"] == b"old-c-png", k
+        assert len({seen[f][:3] for f in FILES}) == 1, (k, [seen[f] for f in FILES])
+        assert sorted(im["key"] for im in outputs.read_manifest(out)["images"]) == ["a", "b", "c"], k
+
+
 def test_sigterm_before_every_rename_ends_clean(runs, tmp_path, exchange):
     """SIGTERM before rename k: the run stops (143) with the old run (before the swap) or the new
     one (the swap completes first), and its staging folder is removed, also after the swap."""

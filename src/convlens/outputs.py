@@ -878,18 +878,14 @@ class RunWriter:
         self._images[key] = rec
         if not self.deferred and (files or earlier):
             with hold_interrupts():
-                aside = self._stage() / OLD / key
-                aside.parent.mkdir(exist_ok=True)
                 if files and os.path.lexists(self.root / key):  # an earlier run's folder, redone: swapped
-                    if _rename(self._stage() / key, self.root / key, exchange=True):
-                        _rename(self._stage() / key, aside)
-                    else:
-                        _rename(self.root / key, aside)
-                        _rename(self._stage() / key, self.root / key)
+                    self._swap([key], [])
+                    if os.path.lexists(self._stage() / key):  # the earlier folder, exchanged out
+                        _rename(self._stage() / key, _aside(self._stage() / OLD, key))
                 elif files:
                     _rename(self._stage() / key, self.root / key)
                 elif os.path.lexists(self.root / key):
-                    _rename(self.root / key, aside)
+                    self._swap([], [key])
                 self._record(rec)
         return files
 
@@ -945,26 +941,33 @@ class RunWriter:
         old = [n for n in dict.fromkeys([*self._replace, JOURNAL]) if n not in new and os.path.lexists(self.root / n)]
         try:
             with hold_interrupts():
-                (staging / OLD).mkdir(exist_ok=True)
-                intent = {"format": "convlens-intent", "staging": staging.name, "old": old,
-                          "new": {n: _inode(staging / n) for n in new}}
-                write_file(self.root / INTENT, json.dumps(intent).encode("utf-8"))
-                _fsync_dir(self.root)
-                try:
-                    _settle(self.root, intent, forward=True)
-                except BaseException as e:
-                    _settle(self.root, intent, forward=False)  # raises (the record stays) if it cannot
-                    _unlink(self.root / INTENT)
-                    if isinstance(e, OSError):
-                        raise _disk_full(e, e.filename or self.root) from e
-                    raise
-                _unlink(self.root / INTENT)
+                self._swap(new, old)
                 self._journal_n = 0
                 self._done = True
         finally:
             if self._done:  # also when a SIGTERM held back during the swap is raised now
                 self._cleanup()
                 self._unlock()
+
+    def _swap(self, new: list[str], old: list[str]) -> None:
+        """Swap the staged entries ``new`` into ``out`` and move ``old`` aside, as one step for
+        any reader that comes after a crash: the intent record first, then the renames (see
+        :func:`_settle`), then the record removed; a failure undoes them."""
+        staging = self._stage()
+        (staging / OLD).mkdir(exist_ok=True)
+        intent = {"format": "convlens-intent", "staging": staging.name, "old": old,
+                  "new": {n: _inode(staging / n) for n in new}}
+        write_file(self.root / INTENT, json.dumps(intent).encode("utf-8"))
+        _fsync_dir(self.root)
+        try:
+            _settle(self.root, intent, forward=True)
+        except BaseException as e:
+            _settle(self.root, intent, forward=False)  # raises (the record stays) if it cannot
+            _unlink(self.root / INTENT)
+            if isinstance(e, OSError):
+                raise _disk_full(e, e.filename or self.root) from e
+            raise
+        _unlink(self.root / INTENT)
 
     def abort(self) -> None:
         """Drop what is staged (the earlier run, if any, stays as it was) and release the lock."""

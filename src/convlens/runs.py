@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .outputs import MANIFEST, RunWriter, printable, read_manifest, recover, resolve_out
+from .outputs import INTENT, MANIFEST, RunWriter, printable, read_manifest, recover, resolve_out
 from .runfolder import RunFolderError, read_run_summary, read_summary, read_thumbnail
 
 __all__ = ["find_runs", "merge_runs"]
@@ -29,6 +29,9 @@ _SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
 
 def _manifest(folder: Path) -> dict[str, Any] | None:
     recover(folder)  # a replacement a kill left half done is completed before the run is read
+    if os.path.lexists(folder / INTENT):  # it could not be (read-only, or its record is damaged)
+        log.warning("%s: a replacement of this run was interrupted and is not completed; it may be a mix of two "
+                    "runs (a convlens command with write access to it completes it)", printable(folder))
     data = read_manifest(folder)  # with its journal: the images a running or killed run finished
     if data is not None and data.get("format") == "damaged":
         log.warning("%s", data.get("error"))
