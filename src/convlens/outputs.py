@@ -50,6 +50,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from ._names import INTENT, JOURNAL, LOCK, MANIFEST, STAGING_PREFIX, printable
+
 __all__ = [
     "INTENT", "JOURNAL", "LOCK", "MANIFEST", "MAX_KEY_BYTES", "DiskFullError", "RunLockedError", "RunWriter",
     "atomic_path", "check_interrupt", "hold_interrupts", "image_keys", "interruptible", "manifest_entries", "printable",
@@ -58,11 +60,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANIFEST = ".convlens-manifest.json"
-JOURNAL = ".convlens-manifest.journal"  # one JSON line per image finished since the manifest's last rewrite
-LOCK = ".convlens-lock"
-INTENT = ".convlens-intent.json"  # written before the first rename of a swap: what the next command completes
-STAGING_PREFIX = ".convlens-staging-"
 OLD = ".old"  # inside a staging folder: the entries a swap moved aside
 FAULT_ENV = "CONVLENS_FAULT"  # tests: "rename:K:kill|term|enospc" acts before the K-th rename of the process
 #: top-level names no image key may take (compared case-insensitively)
@@ -74,27 +71,6 @@ Writer = Callable[[IO[bytes]], None]
 
 
 # -- names ----------------------------------------------------------------------------------
-def printable(text: Any) -> str:
-    """``text`` safe to print, log, or put in JSON and HTML: undecodable bytes (surrogate escapes
-    from ``os.fsdecode``) become ``\\xNN``, control and format characters (terminal escapes, bidi
-    overrides, newlines) become ``\\xNN``/``\\uNNNN``; everything else is kept.
-
-    Example::
-
-        printable("a\\x1b[31mb.jpg")  # 'a\\\\x1b[31mb.jpg'
-    """
-    out = []
-    for ch in str(text):
-        o = ord(ch)
-        if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8
-            out.append(f"\\x{o - 0xDC00:02x}")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
 def _digest(source: Any) -> str:
     raw = os.fsencode(os.path.abspath(source)) if isinstance(source, (str, os.PathLike)) else str(source).encode(
         "utf-8", "surrogateescape")

@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .outputs import INTENT, JOURNAL, MANIFEST, STAGING_PREFIX, printable
+from ._names import INTENT, JOURNAL, MANIFEST, STAGING_PREFIX, printable
 
 __all__ = ["LIMITS", "MAX_DEPTH", "RunFolderError", "is_dir", "is_file", "read_bytes", "read_intent", "read_json",
            "read_manifest_file", "read_summary", "read_thumbnail", "validate_record"]
