@@ -249,3 +249,31 @@ def test_cli_full_disk_message_and_exit_1(tmp_path, monkeypatch, capsys):
     rc = cli.main(["layers"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err == f"convlens: error: {tmp_path / 'out' / 'x.png'}: no space left on the device"
+
+
+@pytest.mark.parametrize("case", ["symlinked-staging", "missing-staging", "not-json"])
+def test_a_hostile_or_damaged_intent_never_blocks_force_nor_reaches_outside(tmp_path, case):
+    """An intent record is read as untrusted input too: one whose staging folder is a symlink to a
+    folder outside, or is gone, or that is not JSON, moves nothing out of --out and --force works."""
+    out = tmp_path / "out"
+    write_run(out, "old", ["a", "b", "c"])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    if case == "symlinked-staging":
+        (out / f"{STAGING_PREFIX}evil").symlink_to(outside)
+        (outside / ".old").mkdir()
+        intent = {"format": "convlens-intent", "staging": f"{STAGING_PREFIX}evil", "old": ["a", "summary.json"],
+                  "new": {}}
+        (out / INTENT).write_text(json.dumps(intent))
+    elif case == "missing-staging":
+        intent = {"format": "convlens-intent", "staging": f"{STAGING_PREFIX}gone", "old": ["a"],
+                  "new": {"report.html": [0, 0]}}
+        (out / INTENT).write_text(json.dumps(intent))
+    else:
+        (out / INTENT).write_text("{not json")
+    write_run(out, "new", ["b", "c", "d"], force=True)
+    seen = snapshot(out)
+    assert seen["d/gradcam.png"] == b"new-d-png" and "a/gradcam.png" not in seen
+    expected = [".old", "keep.txt"] if case == "symlinked-staging" else ["keep.txt"]  # nothing moved in
+    assert sorted(p.relative_to(outside).as_posix() for p in outside.rglob("*")) == expected

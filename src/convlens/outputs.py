@@ -558,15 +558,28 @@ def recover(root: str | os.PathLike[str], *, locked: bool = False) -> bool:
         return False
     try:
         intent = read_intent(root)
+        staging = root / intent["staging"]
+        if any(p.is_symlink() or (p.exists() and not p.is_dir()) for p in (staging, staging / OLD)):
+            raise RunFolderError(f"{printable(staging)}: not a staging folder (a symlink or a file)")
     except RunFolderError as e:
         log.warning("%s; the staging folders in %s are kept (check them and remove them by hand)", e,
                     printable(root))
         return False
     with hold_interrupts():
-        _settle(root, intent, forward=True)
+        try:
+            _settle(root, intent, forward=True)
+            done = "completed the replacement of a run that was interrupted (kill -9 or a crash)"
+        except OSError as e:  # the new run cannot be completed (its staging was edited): the old one comes back
+            try:
+                _settle(root, intent, forward=False)
+            except OSError as again:
+                log.warning("%s: an interrupted replacement can be neither completed nor undone (%s; %s); its "
+                            "staging folder is kept", printable(root), e, again)
+                return False
+            done = f"undid the replacement of a run that was interrupted ({printable(str(e))})"
         _unlink(root / INTENT)
-    log.warning("%s: completed the replacement of a run that was interrupted (kill -9 or a crash)", printable(root))
-    shutil.rmtree(root / intent["staging"], ignore_errors=True)
+    log.warning("%s: %s", printable(root), done)
+    shutil.rmtree(staging, ignore_errors=True)
     return True
 
 
