@@ -95,7 +95,7 @@ def test_a_huge_picture_is_decoded_downscaled(explorer):
 def test_parallel_uploads_of_a_huge_png_stay_within_the_budget():
     """Case 8, measured in a fresh process: four uploads at once of a 117 KB PNG of 6000 x 6000
     (36 Mpx). Before: +1.1 GB at the peak (each decoded whole, twice, all at once). Now: decodes
-    share a pixel budget and shrink in place, so the peak grows by well under 600 MB, and the
+    share a pixel budget and shrink in place, so the peak grows by well under 700 MB, and the
     memory is handed back after (less than 150 MB more than before the uploads)."""
     code = textwrap.dedent(f"""
         import os, resource, sys, threading
@@ -116,7 +116,7 @@ def test_parallel_uploads_of_a_huge_png_stay_within_the_budget():
                          env={"PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     peak, after = map(float, out.stdout.split())
-    assert peak < 600 and after < 150, (peak, after)
+    assert peak < 700 and after < 150, (peak, after)  # (here: +0.25 GB and +0.07 GB)
 
 
 # -- case 9: every error is JSON -------------------------------------------------------------------

@@ -16,9 +16,14 @@ reads both). One process at a time writes into an ``<out>``: a run holds ``<out>
 (an ``flock``, released by the kernel when the process dies, so never stale) and a second run on
 the same folder is refused at once with :class:`RunLockedError`. An
 ``--out`` that holds an earlier run, or any entry this run would write, is refused unless
-``force``; with ``force`` the earlier run is replaced as a whole at the end (its entries are
-moved aside, the new ones moved in, then the old ones deleted, with Ctrl-C held back for those
-few renames), so an interrupted run leaves the old run or the new, never a mix. Entries are moved,
+``force``; with ``force`` the earlier run is replaced as a whole at the end: an intent record
+(:data:`INTENT`) says what moves where, then the entries are swapped (``renameat2(RENAME_EXCHANGE)``
+where the system has it), the manifest last, with Ctrl-C and SIGTERM held back for those few
+renames. A kill at any instant leaves the old run, the new one, or a record from which the next
+command on ``out`` completes the swap before anything else (:func:`recover`); a failure (a full
+disk, :class:`DiskFullError`) undoes it. Every rename goes through :func:`_rename`, where the crash
+tests stop the process (:data:`FAULT_ENV`). What a run folder holds is read back through
+:mod:`convlens.runfolder`, as untrusted input. Entries are moved,
 never written through: a symlink in ``--out`` is replaced as a link, its target untouched.
 Library ``save()`` calls write each file to a temporary name beside it and rename it; they refuse
 a file they did not write in this process unless ``force=True``.

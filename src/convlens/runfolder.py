@@ -58,11 +58,18 @@ def _parts(rel: str) -> list[str]:
 def _open(root: Path, rel: str, *, directory: bool) -> int:
     """A descriptor of ``root/rel`` opened without following any symlink below ``root``."""
     parts = _parts(rel)
+    if os.open not in os.supports_dir_fd:  # (Windows) each component checked, then opened
+        path = root
+        for part in parts:
+            path = path / part
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                raise RunFolderError(f"{printable(root / rel)}: a symlink (a run's files are never followed out of it)")
+        return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
             if not last or directory:
                 flags |= getattr(os, "O_DIRECTORY", 0)
             try:
@@ -122,6 +129,13 @@ def is_file(root: str | os.PathLike[str], rel: str) -> bool:
 def is_dir(root: str | os.PathLike[str], rel: str) -> bool:
     """True when ``root/rel`` is a folder reached without a symlink."""
     try:
+        if os.open not in os.supports_dir_fd:  # (Windows: a folder cannot be opened) each component checked
+            path = Path(root)
+            for part in _parts(rel):
+                path = path / part
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    return False
+            return stat.S_ISDIR(os.lstat(path).st_mode)
         os.close(_open(Path(root), rel, directory=True))
         return True
     except (OSError, RunFolderError):

@@ -93,10 +93,11 @@ def decode(source: Any, max_side: int = MAX_SIDE) -> Image.Image:
             img = load_image(_shrink(probe, max_side))  # RGB and the checks, on the small image
         else:
             img = _shrink(load_image(probe), max_side)
-    if img is not probe:
-        probe.close()  # (Pillow closes a file it opened itself once the image is loaded)
-    if w * h > _TRIM_PX:
-        _trim()
+        if img is not probe:
+            probe.close()  # the full-size pixels go now (Pillow closes a file it opened itself once loaded)
+        del probe
+        if w * h > _TRIM_PX:
+            _trim()  # before the next decode starts, or its pixels would come on top of these
     return img
 
 
