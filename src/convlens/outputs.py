@@ -951,7 +951,8 @@ class RunWriter:
         (staging / OLD).mkdir(exist_ok=True)
         intent = {"format": "convlens-intent", "staging": staging.name, "old": old,
                   "new": {n: _inode(staging / n) for n in new}}
-        write_file(self.root / INTENT, json.dumps(intent).encode("utf-8"))
+        data = json.dumps(intent).encode("utf-8")
+        write_file(self.root / INTENT, lambda f: (f.write(data), f.flush(), os.fsync(f.fileno())))  # on disk first
         _fsync_dir(self.root)
         try:
             _settle(self.root, intent, forward=True)
