@@ -182,14 +182,15 @@ def test_damaged_entry_is_a_miss_and_is_rewritten(tmp_path):
 
 # -- the size bound ---------------------------------------------------------------------------
 def test_size_bound_removes_least_recently_used_first(tmp_path):
-    fc = FeatureCache(tmp_path, max_bytes=3 * 4096 + 3 * 400)  # room for three entries of 4 KiB
+    fc = FeatureCache(tmp_path, max_bytes=3 * 4096 + 3 * 1400)  # room for three entries of 4 KiB (+ their proof)
     a = np.arange(1024, dtype=np.float32)
-    for i, key in enumerate("abcd"):
-        fc.put(key, {"x": a + i})
-        os.utime(fc.path(key), (1000 + i, 1000 + i))  # a written before b before c before d
-    assert fc.get("a")["x"][0] == 0  # a hit makes "a" the most recently used
+    key = {c: fc.key({"unit": c}) for c in "abcd"}  # entries are named by their keys (64 hex digits)
+    for i, c in enumerate("abcd"):
+        fc.put(key[c], {"x": a + i})
+        os.utime(fc.path(key[c]), (1000 + i, 1000 + i))  # a written before b before c before d
+    assert fc.get(key["a"])["x"][0] == 0  # a hit makes "a" the most recently used
     assert fc.prune() == 1
-    assert fc.get("b") is None and all(fc.get(k) is not None for k in "acd")
+    assert fc.get(key["b"]) is None and all(fc.get(key[c]) is not None for c in "acd")
     assert fc.size() <= fc.max_bytes
 
 

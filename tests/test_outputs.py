@@ -267,13 +267,13 @@ def test_a_full_disk_during_force_leaves_the_old_run(tmp_path: Path, tiny_cli, m
 
     def full(path, data):
         calls.append(path)
-        if len(calls) == 4:
-            raise OSError(28, "No space left on device")
+        if len(calls) == 4:  # the write itself fails, as on a full disk
+            data = lambda f: (_ for _ in ()).throw(OSError(28, "No space left on device"))  # noqa: E731
         return real(path, data)
 
     monkeypatch.setattr(outputs, "write_file", full)
-    assert main([*args, "--force", "--target", "1"]) == 2
-    assert "No space left" in capsys.readouterr().err and tree(out) == old
+    assert main([*args, "--force", "--target", "1"]) == 1  # issue 24: not a usage error; the path is named
+    assert f"{calls[3]}: no space left on the device" in capsys.readouterr().err and tree(out) == old
 
 
 def test_force_never_removes_an_input_inside_the_earlier_run(tmp_path: Path, tiny_cli, capsys) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -733,6 +734,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", metavar="H",
         help="address to listen on (default 127.0.0.1: this machine only; anything else warns)",
     )
+    p.add_argument(
+        "--allow-host", action="append", default=[], metavar="NAME",
+        help="also answer requests whose Host header is NAME (a reverse proxy's name; repeatable)",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -760,7 +765,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"convlens serve: {e.name}: {e.error}", file=sys.stderr)
     if len(bad) == len(explorer.images()):
         raise ValueError("none of the images could be read")
-    server = Server(explorer, args.host, args.port)
+    server = Server(explorer, args.host, args.port, allow_hosts=args.allow_host)
     n = len(explorer.images())
     print(f"convlens explorer: {server.url}  ({n} image{'' if n == 1 else 's'}, {explorer.clf.name}; Ctrl-C stops)",
           flush=True)
@@ -891,6 +896,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except (ValueError, OSError, TypeError) as e:
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # not bad input: exit 1, naming the path
+            print(f"convlens: error: {printable(e.filename or '')}: no space left on the device", file=sys.stderr)
+            return 1
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"convlens: error: {printable(msg)}", file=sys.stderr)
         return EXIT_USAGE

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -599,21 +600,22 @@ def _earlier(run: RunWriter | None, key: str, rec: dict[str, Any] | None) -> Ima
     """An image an earlier run finished, from its own ``summary.json`` (None when unreadable)."""
     if run is None or rec is None:
         return None
+    from .runfolder import RunFolderError, read_summary, read_thumbnail
+
     try:
-        entry = json.loads((run.root / key / "summary.json").read_text(encoding="utf-8"))
-        thumb = run.root / key / "thumbnail.jpg"
+        entry = read_summary(run.root, key)  # untrusted input: checked types, no symlink, bounded size
         return ImageExplanation(
             name=entry["name"], source=entry.get("source"), key=key,
             original_size=tuple(entry["original_size"]) if entry.get("original_size") else None,
-            predictions=[Prediction(p["label"], int(p["index"]), float(p["probability"]))
+            predictions=[Prediction(p["label"], p["index"], math.nan if p["probability"] is None else p["probability"])
                          for p in entry.get("predictions") or []],
             target=(entry.get("target") or {}).get("index"), target_label=(entry.get("target") or {}).get("label"),
             layers=entry.get("layers") or {}, channels=entry.get("channels") or {},
             errors=entry.get("errors") or {}, notes=entry.get("notes") or {}, timings=entry.get("timings") or {},
             agreement=entry.get("agreement") or {}, summary=entry, reused=True,
-            thumb=thumb.read_bytes() if is_regular(thumb) else None,
+            thumb=read_thumbnail(run.root, key),
         )
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, RunFolderError) as e:
         log.warning("%s: the earlier run's summary cannot be read (%s); explaining it again", printable(key), e)
         return None
 

@@ -16,9 +16,14 @@ reads both). One process at a time writes into an ``<out>``: a run holds ``<out>
 (an ``flock``, released by the kernel when the process dies, so never stale) and a second run on
 the same folder is refused at once with :class:`RunLockedError`. An
 ``--out`` that holds an earlier run, or any entry this run would write, is refused unless
-``force``; with ``force`` the earlier run is replaced as a whole at the end (its entries are
-moved aside, the new ones moved in, then the old ones deleted, with Ctrl-C held back for those
-few renames), so an interrupted run leaves the old run or the new, never a mix. Entries are moved,
+``force``; with ``force`` the earlier run is replaced as a whole at the end: an intent record
+(:data:`INTENT`) says what moves where, then the entries are swapped (``renameat2(RENAME_EXCHANGE)``
+where the system has it), the manifest last, with Ctrl-C and SIGTERM held back for those few
+renames. A kill at any instant leaves the old run, the new one, or a record from which the next
+command on ``out`` completes the swap before anything else (:func:`recover`); a failure (a full
+disk, :class:`DiskFullError`) undoes it. Every rename goes through :func:`_rename`, where the crash
+tests stop the process (:data:`FAULT_ENV`). What a run folder holds is read back through
+:mod:`convlens.runfolder`, as untrusted input. Entries are moved,
 never written through: a symlink in ``--out`` is replaced as a link, its target untouched.
 Library ``save()`` calls write each file to a temporary name beside it and rename it; they refuse
 a file they did not write in this process unless ``force=True``.
@@ -27,11 +32,13 @@ a file they did not write in this process unless ``force=True``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -48,20 +55,20 @@ from typing import IO, Any
 
 import numpy as np
 
+from ._names import INTENT, JOURNAL, LOCK, MANIFEST, STAGING_PREFIX, printable
+
 __all__ = [
-    "JOURNAL", "LOCK", "MANIFEST", "MAX_KEY_BYTES", "RunLockedError", "RunWriter", "atomic_path", "check_interrupt",
-    "hold_interrupts", "image_keys", "interruptible", "manifest_entries", "printable", "read_manifest",
-    "resolve_out", "safe_key", "save_files", "write_file",
+    "INTENT", "JOURNAL", "LOCK", "MANIFEST", "MAX_KEY_BYTES", "DiskFullError", "RunLockedError", "RunWriter",
+    "atomic_path", "check_interrupt", "hold_interrupts", "image_keys", "interruptible", "manifest_entries", "printable",
+    "read_manifest", "recover", "resolve_out", "safe_key", "save_files", "write_file",
 ]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = ".convlens-manifest.json"
-JOURNAL = ".convlens-manifest.journal"  # one JSON line per image finished since the manifest's last rewrite
-LOCK = ".convlens-lock"
-STAGING_PREFIX = ".convlens-staging-"
+OLD = ".old"  # inside a staging folder: the entries a swap moved aside
+FAULT_ENV = "CONVLENS_FAULT"  # tests: "rename:K:kill|term|enospc" acts before the K-th rename of the process
 #: top-level names no image key may take (compared case-insensitively)
-RESERVED = frozenset({"report.html", "summary.json", "summary.csv", MANIFEST, JOURNAL, LOCK})
+RESERVED = frozenset({"report.html", "summary.json", "summary.csv", MANIFEST, JOURNAL, LOCK, INTENT})
 MAX_KEY_BYTES = 120
 _BAD_CHARS = set('/\\:*?"<>|')
 
@@ -69,27 +76,6 @@ Writer = Callable[[IO[bytes]], None]
 
 
 # -- names ----------------------------------------------------------------------------------
-def printable(text: Any) -> str:
-    """``text`` safe to print, log, or put in JSON and HTML: undecodable bytes (surrogate escapes
-    from ``os.fsdecode``) become ``\\xNN``, control and format characters (terminal escapes, bidi
-    overrides, newlines) become ``\\xNN``/``\\uNNNN``; everything else is kept.
-
-    Example::
-
-        printable("a\\x1b[31mb.jpg")  # 'a\\\\x1b[31mb.jpg'
-    """
-    out = []
-    for ch in str(text):
-        o = ord(ch)
-        if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8
-            out.append(f"\\x{o - 0xDC00:02x}")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
 def _digest(source: Any) -> str:
     raw = os.fsencode(os.path.abspath(source)) if isinstance(source, (str, os.PathLike)) else str(source).encode(
         "utf-8", "surrogateescape")
@@ -213,6 +199,92 @@ def hold_interrupts() -> Iterator[None]:
         check_interrupt()
 
 
+# -- renames: every rename of a run goes through _rename (the fault-injection point) -----------
+_RENAMES = [0]  # renames this process made (the count CONVLENS_FAULT's K refers to)
+
+
+class DiskFullError(OSError):
+    """The device holding ``path`` is full; nothing of the earlier run was replaced."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(errno.ENOSPC, "no space left on the device", os.fspath(path))
+
+    def __str__(self) -> str:
+        return f"{printable(self.filename)}: no space left on the device; free some space and run again"
+
+
+_PARTIAL_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile on a full disk (no errno)
+
+
+def _disk_full(e: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``e`` as a :class:`DiskFullError` naming ``path`` when it says the disk is full."""
+    if isinstance(e, DiskFullError) or not (e.errno in (errno.ENOSPC, errno.EDQUOT) or _PARTIAL_WRITE.search(str(e))):
+        return e
+    return DiskFullError(path)
+
+
+def _fault(dst: str | os.PathLike[str]) -> None:
+    """The test hook: ``CONVLENS_FAULT="rename:K:ACTION"`` kills the process (``kill``), sends it
+    SIGTERM (``term``) or fails with a full disk (``enospc``) just before its K-th rename."""
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if len(spec) != 3 or spec[0] != "rename" or spec[1] != str(_RENAMES[0]):
+        return
+    if spec[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif spec[2] == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif spec[2] == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(dst))
+
+
+def _renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_EXCHANGE: list[Any] = []
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot (the caller then moves one aside and the other in)."""
+    if not _EXCHANGE:
+        _EXCHANGE.append(_renameat2())
+    fn = _EXCHANGE[0]
+    if fn is None:
+        return False
+    import ctypes
+
+    if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def _rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, exchange: bool = False) -> bool:
+    """Rename ``src`` to ``dst`` (replacing it), or with ``exchange`` swap the two when the system
+    can; returns False only when an exchange was asked for, ``dst`` exists and the system cannot
+    swap (nothing was done then). Every rename and replace of a run goes through here, so the
+    crash tests can stop the process before each one (:data:`FAULT_ENV`)."""
+    _RENAMES[0] += 1
+    _fault(dst)
+    if exchange and os.path.lexists(dst):
+        return _exchange(Path(src), Path(dst))
+    os.replace(src, dst)
+    return True
+
+
 # -- single files -----------------------------------------------------------------------------
 _WRITTEN: set[str] = set()  # resolved paths this process wrote: a library save() may replace them
 
@@ -241,8 +313,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=".convlens-", suffix=".tmp", dir=path.parent)
         os.close(fd)
         os.chmod(tmp, _umask_mode())  # mkstemp makes the file private (0600)
-        yield Path(tmp)
-        os.replace(tmp, path)
+        try:
+            yield Path(tmp)
+            _rename(tmp, path)
+        except OSError as e:
+            raise _disk_full(e, path) from e
         _WRITTEN.add(os.path.realpath(path))
     finally:
         if tmp:
@@ -336,43 +411,30 @@ def resolve_out(path: str | os.PathLike[str]) -> Path:
 def read_manifest(out: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The manifest of the run in ``out`` with its journal applied (the images finished since the
     manifest was last rewritten, by key, in order; a torn last line, left by a kill, is skipped);
-    ``None`` when there is none, ``{"format": "damaged", ...}`` when it cannot be read.
+    ``None`` when there is none, ``{"format": "damaged", "error": ...}`` when it cannot be used
+    (see :mod:`convlens.runfolder`: it is read as untrusted input). Records that do not validate
+    are left out of ``images`` and listed under ``damaged``.
 
     Example::
 
         read_manifest("out")["images"]   # one record per image folder of the run
     """
-    out = Path(out)
-    path = out / MANIFEST
-    if not os.path.lexists(path):
+    from .runfolder import RunFolderError, read_manifest_file
+
+    if not os.path.lexists(Path(out) / MANIFEST):
         return None
     try:
-        if path.is_symlink() or not path.is_file():
-            raise ValueError
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("format") != "convlens-manifest":
-            raise ValueError
-    except (OSError, ValueError):
-        return {"format": "damaged", "files": [], "images": []}
-    journal = out / JOURNAL
-    if is_regular(journal) and not journal.is_symlink():
-        images = {rec.get("key"): rec for rec in data.get("images", []) if isinstance(rec, dict)}
-        with contextlib.suppress(OSError), open(journal, "rb") as f:
-            for line in f:
-                with contextlib.suppress(ValueError):
-                    entry = json.loads(line)
-                    # a journal left by another run (a crash between rewrite and removal) is ignored
-                    if isinstance(entry, dict) and entry.get("run") == data.get("run") and isinstance(
-                            entry.get("image"), dict):
-                        images[entry["image"].get("key")] = entry["image"]
-        data["images"] = list(images.values())
-    return data
+        return read_manifest_file(out)
+    except (OSError, RunFolderError) as e:
+        log.debug("%s", e)
+        return {"format": "damaged", "error": printable(str(e)), "files": [], "images": [], "damaged": []}
 
 
 def manifest_entries(manifest: dict[str, Any]) -> list[str]:
     """The top-level names a manifest's run owns: its files and one folder per image. Only plain
     names count: a manifest that was edited to say ``../elsewhere`` never reaches outside ``out``."""
-    names = [*manifest.get("files", []), *(im.get("key") for im in manifest.get("images", []) if im.get("files"))]
+    names = [*manifest.get("files", []), *(im.get("key") for im in manifest.get("images", []) if im.get("files")),
+             *(d.get("key") for d in manifest.get("damaged", []))]  # damaged records' folders go aside with --force
     return [n for n in names if isinstance(n, str) and n not in ("", ".", "..", MANIFEST)
             and not set(n) & {"/", "\\", "\0"} and not n.startswith(STAGING_PREFIX)]
 
@@ -402,6 +464,128 @@ def _source_fields(source: Any) -> dict[str, Any]:
         if os.path.isfile(real):
             rec["sha256"] = _sha256(Path(real))
     return rec
+
+
+def _inode(path: Path) -> list[int]:
+    st = os.lstat(path)
+    return [st.st_dev, st.st_ino]
+
+
+def _is(path: Path, inode: Any) -> bool:
+    try:
+        return _inode(path) == list(inode)
+    except OSError:
+        return False
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _aside(old_dir: Path, name: str) -> Path:
+    path, n = old_dir / name, 1
+    while os.path.lexists(path):
+        n += 1
+        path = old_dir / f"{name}~{n}"
+    return path
+
+
+def _settle(root: Path, intent: dict[str, Any], *, forward: bool) -> None:
+    """Bring a swap described by ``intent`` to its end (``forward``: the new run in ``root``) or
+    back to its start (the old run). Which entry is the new one is known by its inode, so this
+    works from any point a kill left, and may run again after a kill of its own."""
+    staging = root / intent["staging"]
+    old_dir = staging / OLD
+    new: dict[str, Any] = intent["new"]
+    if forward:
+        for n in intent["old"]:
+            if os.path.lexists(root / n) and n != JOURNAL:
+                _rename(root / n, _aside(old_dir, n))
+        for n, inode in new.items():
+            if _is(root / n, inode):
+                continue
+            if not _is(staging / n, inode):
+                raise FileNotFoundError(f"{printable(staging / n)}: an entry of the new run is missing")
+            if not _rename(staging / n, root / n, exchange=True):  # no exchange here: aside, then in
+                _rename(root / n, _aside(old_dir, n))
+                _rename(staging / n, root / n)
+        if JOURNAL in intent["old"] and os.path.lexists(root / JOURNAL):  # its lines are in the new manifest
+            _rename(root / JOURNAL, _aside(old_dir, JOURNAL))
+        return
+    for n, inode in reversed(new.items()):
+        if _is(root / n, inode) and not _rename(root / n, staging / n, exchange=True):
+            _rename(root / n, _aside(staging, n))
+        if not os.path.lexists(root / n) and os.path.lexists(old_dir / n):
+            _rename(old_dir / n, root / n)
+    for n in intent["old"]:
+        if not os.path.lexists(root / n) and os.path.lexists(old_dir / n):
+            _rename(old_dir / n, root / n)
+
+
+def recover(root: str | os.PathLike[str], *, locked: bool = False) -> bool:
+    """Complete a swap that a killed run left half done in ``root`` (its :data:`INTENT` record),
+    then remove that run's staging folder (the earlier run it held). Every command that opens a
+    run folder calls it first; without ``locked`` it takes the folder's lock and does nothing
+    while another run holds it or when it cannot write there. Returns whether it completed one.
+
+    Example::
+
+        recover("out")   # True when a killed --force swap was completed
+    """
+    root = Path(root)
+    temps = [p for p in root.glob(".convlens-*.tmp") if p.is_file() and not p.is_symlink()]
+    if not os.path.lexists(root / INTENT) and not temps:
+        return False
+    if not locked:
+        try:
+            lock = _FolderLock(root)
+        except OSError:  # another run holds it (it recovers itself), or the folder is read-only
+            return False
+        try:
+            return recover(root, locked=True)
+        finally:
+            lock.release()
+    from .runfolder import RunFolderError, read_intent
+
+    for p in temps:  # a write a kill cut short (atomic_path's temporary file); nobody else writes here now
+        _unlink(p)
+    if not os.path.lexists(root / INTENT):
+        return False
+    try:
+        intent = read_intent(root)
+        staging = root / intent["staging"]
+        if any(p.is_symlink() or (p.exists() and not p.is_dir()) for p in (staging, staging / OLD)):
+            raise RunFolderError(f"{printable(staging)}: not a staging folder (a symlink or a file)")
+    except RunFolderError as e:
+        log.warning("%s; the staging folders in %s are kept (check them and remove them by hand)", e,
+                    printable(root))
+        return False
+    with hold_interrupts():
+        try:
+            _settle(root, intent, forward=True)
+            done = "completed the replacement of a run that was interrupted (kill -9 or a crash)"
+        except OSError as e:  # the new run cannot be completed (its staging was edited): the old one comes back
+            try:
+                _settle(root, intent, forward=False)
+            except OSError as again:
+                log.warning("%s: an interrupted replacement can be neither completed nor undone (%s; %s); its "
+                            "staging folder is kept", printable(root), e, again)
+                return False
+            done = f"undid the replacement of a run that was interrupted ({printable(str(e))})"
+        _unlink(root / INTENT)
+    log.warning("%s: %s", printable(root), done)
+    shutil.rmtree(staging, ignore_errors=True)
+    return True
 
 
 class RunLockedError(FileExistsError):
@@ -509,6 +693,7 @@ class RunWriter:
             self._created_out = True
         try:
             self._lock = _FolderLock(self.root)
+            recover(self.root, locked=True)  # a swap a killed run left half done is completed first
             self._check()
         except BaseException:
             self.abort()
@@ -581,6 +766,8 @@ class RunWriter:
 
             done = run.reusable({"model": "m", "weights_digest": "..."}, {"cat.jpg": "photos/cat.jpg"})
         """
+        from .runfolder import is_dir, is_file
+
         self.settings["fingerprint"] = settings
         if not self.resume or self._old is None:
             return {}
@@ -602,9 +789,8 @@ class RunWriter:
                 src = os.fspath(sources[key]) if isinstance(sources.get(key), (str, os.PathLike)) else None
             if not isinstance(src, str) or not os.path.isfile(src):
                 continue
-            if os.path.islink(self.root / key) or not all(
-                    is_regular(self.root / f) and not os.path.islink(self.root / f) for f in rec["files"]):
-                continue
+            if not is_dir(self.root, key) or not all(is_file(self.root, f) for f in rec["files"]):
+                continue  # only real files inside the run count (runfolder: no symlink, FIFO or device)
             if _sha256(Path(src)) == rec["sha256"]:
                 keep[key] = rec
         return keep
@@ -630,8 +816,9 @@ class RunWriter:
 
     def _stage(self) -> Path:
         if self._staging is None:
-            if self._lock is not None and self._lock.fd is not None:
-                # holding out's lock, no other run writes here: staging folders are a killed run's leftovers
+            if self._lock is not None and self._lock.fd is not None and not os.path.lexists(self.root / INTENT):
+                # holding out's lock, no other run writes here, no swap pending (recover() ran): staging
+                # folders are a killed run's uncommitted leftovers (the run in out is whole)
                 for p in self.root.glob(STAGING_PREFIX + "*"):
                     if p.is_dir() and not p.is_symlink():
                         shutil.rmtree(p, ignore_errors=True)
@@ -685,12 +872,14 @@ class RunWriter:
         self._images[key] = rec
         if not self.deferred and (files or earlier):
             with hold_interrupts():
-                if earlier is not None and os.path.lexists(self.root / key):  # an earlier run's folder, redone
-                    aside = self._stage() / ".old" / key
-                    aside.parent.mkdir(exist_ok=True)
-                    os.rename(self.root / key, aside)
-                if files:
-                    os.rename(self._stage() / key, self.root / key)
+                if files and os.path.lexists(self.root / key):  # an earlier run's folder, redone: swapped
+                    self._swap([key], [])
+                    if os.path.lexists(self._stage() / key):  # the earlier folder, exchanged out
+                        _rename(self._stage() / key, _aside(self._stage() / OLD, key))
+                elif files:
+                    _rename(self._stage() / key, self.root / key)
+                elif os.path.lexists(self.root / key):
+                    self._swap([], [key])
                 self._record(rec)
         return files
 
@@ -730,35 +919,50 @@ class RunWriter:
 
     def finish(self) -> None:
         """Move everything still staged into place, replacing the earlier run as a whole, and
-        write the manifest; then remove the staging folder."""
+        write the manifest; then remove the staging folder.
+
+        The new manifest is staged with the rest, then an intent record (:data:`INTENT`: each new
+        entry's inode, the old entries) is written before the first rename; entries are swapped
+        (``renameat2(RENAME_EXCHANGE)`` where the system has it), the manifest last, and the
+        record removed. A kill at any point leaves the record, and the next command on ``out``
+        completes the swap (:func:`recover`) before anything else; a failure here (a full disk)
+        undoes it, so the earlier run stays."""
         check_interrupt()
         staging = self._stage()
+        write_file(staging / MANIFEST, json.dumps(self._manifest(True), indent=1, ensure_ascii=False).encode("utf-8"))
         new = [k for k in self._images if self._images[k]["files"] and (staging / k).exists()] + list(self._top)
-        old_dir = staging / ".old"
-        moved_old: list[str] = []
-        moved_new: list[str] = []
-        with hold_interrupts():
-            try:
-                old_dir.mkdir(exist_ok=True)
-                for n in self._replace:
-                    if os.path.lexists(self.root / n):  # moved, not followed: a symlink goes as a link
-                        os.rename(self.root / n, old_dir / n)
-                        moved_old.append(n)
-                for n in new:
-                    os.rename(staging / n, self.root / n)
-                    moved_new.append(n)
-                self._write_manifest(complete=True)
-            except BaseException:
-                for n in reversed(moved_new):
-                    with contextlib.suppress(OSError):
-                        os.rename(self.root / n, staging / n)
-                for n in reversed(moved_old):
-                    with contextlib.suppress(OSError):
-                        os.rename(old_dir / n, self.root / n)
-                raise
-            self._done = True
-        self._cleanup()
-        self._unlock()
+        new = [*dict.fromkeys(new), MANIFEST]
+        old = [n for n in dict.fromkeys([*self._replace, JOURNAL]) if n not in new and os.path.lexists(self.root / n)]
+        try:
+            with hold_interrupts():
+                self._swap(new, old)
+                self._journal_n = 0
+                self._done = True
+        finally:
+            if self._done:  # also when a SIGTERM held back during the swap is raised now
+                self._cleanup()
+                self._unlock()
+
+    def _swap(self, new: list[str], old: list[str]) -> None:
+        """Swap the staged entries ``new`` into ``out`` and move ``old`` aside, as one step for
+        any reader that comes after a crash: the intent record first, then the renames (see
+        :func:`_settle`), then the record removed; a failure undoes them."""
+        staging = self._stage()
+        (staging / OLD).mkdir(exist_ok=True)
+        intent = {"format": "convlens-intent", "staging": staging.name, "old": old,
+                  "new": {n: _inode(staging / n) for n in new}}
+        data = json.dumps(intent).encode("utf-8")
+        write_file(self.root / INTENT, lambda f: (f.write(data), f.flush(), os.fsync(f.fileno())))  # on disk first
+        _fsync_dir(self.root)
+        try:
+            _settle(self.root, intent, forward=True)
+        except BaseException as e:
+            _settle(self.root, intent, forward=False)  # raises (the record stays) if it cannot
+            _unlink(self.root / INTENT)
+            if isinstance(e, OSError):
+                raise _disk_full(e, e.filename or self.root) from e
+            raise
+        _unlink(self.root / INTENT)
 
     def abort(self) -> None:
         """Drop what is staged (the earlier run, if any, stays as it was) and release the lock."""
@@ -772,7 +976,8 @@ class RunWriter:
             self._lock.release()
 
     def _cleanup(self) -> None:
-        if self._staging is not None and self._staging.exists():
+        # a staging folder that a swap's intent record still names holds a run: the next command completes it
+        if self._staging is not None and self._staging.exists() and not os.path.lexists(self.root / INTENT):
             shutil.rmtree(self._staging, ignore_errors=True)  # never follows symlinks
         self._staging = None
 

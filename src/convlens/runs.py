@@ -9,7 +9,6 @@ images. :func:`merge_runs` reads those, never a model: N shards (``--shard I/N``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .outputs import MANIFEST, RunWriter, is_regular, printable, read_manifest, resolve_out
+from .outputs import INTENT, MANIFEST, RunWriter, printable, read_manifest, recover, resolve_out
+from .runfolder import RunFolderError, read_run_summary, read_summary, read_thumbnail
 
 __all__ = ["find_runs", "merge_runs"]
 
@@ -28,9 +28,13 @@ _SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:
-    if not is_regular(folder / MANIFEST):
-        return None
+    recover(folder)  # a replacement a kill left half done is completed before the run is read
+    if os.path.lexists(folder / INTENT):  # it could not be (read-only, or its record is damaged)
+        log.warning("%s: a replacement of this run was interrupted and is not completed; it may be a mix of two "
+                    "runs (a convlens command with write access to it completes it)", printable(folder))
     data = read_manifest(folder)  # with its journal: the images a running or killed run finished
+    if data is not None and data.get("format") == "damaged":
+        log.warning("%s", data.get("error"))
     return data if data is not None and data.get("format") == "convlens-manifest" else None
 
 
@@ -56,23 +60,24 @@ def find_runs(folder: str | os.PathLike[str]) -> list[Path]:
     return runs
 
 
-def _entry(root: Path, rec: dict[str, Any]) -> dict[str, Any] | None:
-    key = rec.get("key")
-    if not isinstance(key, str) or "/" in key or key in ("", ".", ".."):
-        return None
-    if rec.get("files"):
-        try:
-            entry = json.loads((root / key / "summary.json").read_text(encoding="utf-8"))
-            if isinstance(entry, dict):
-                return entry
-        except (OSError, ValueError):
-            pass
-        log.warning("%s: %s/summary.json cannot be read; listed as not explained", printable(root), printable(key))
+def _damaged(rec: dict[str, Any], key: str, why: str) -> dict[str, Any]:
+    return {"name": printable(rec.get("name") or key), "source": rec.get("source"), "folder": key, "ok": False,
+            "predictions": [], "target": None, "errors": {"image": why}, "files": [], "damaged": True}
+
+
+def _entry(root: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    """The summary entry of one image of a run: its own ``summary.json`` read as untrusted input,
+    or an entry that says why it is damaged or was not explained."""
+    key = rec["key"]
+    if not rec.get("files"):
         return {"name": rec.get("name", key), "source": rec.get("source"), "folder": key, "ok": False,
-                "predictions": [], "target": None, "errors": {"image": "its summary.json cannot be read"},
+                "predictions": [], "target": None, "errors": rec.get("errors") or {"image": "not explained"},
                 "files": []}
-    return {"name": rec.get("name", key), "source": rec.get("source"), "folder": key, "ok": False,
-            "predictions": [], "target": None, "errors": rec.get("errors") or {"image": "not explained"}, "files": []}
+    try:
+        return read_summary(root, key)
+    except (OSError, RunFolderError) as e:
+        log.warning("%s; listed as damaged", printable(str(e)))
+        return _damaged(rec, key, f"damaged: {printable(str(e))}")
 
 
 def merge_runs(
@@ -120,35 +125,30 @@ def merge_runs(
             diff = sorted(k for k in set(fp or {}) | set(base[1] or {}) if (fp or {}).get(k) != (base[1] or {}).get(k))
             raise ValueError(f"{printable(root)} was made with other settings than {printable(base[0])} (differs in: "
                              f"{', '.join(diff) or 'all'}); merge runs of one model and one set of settings")
-        top = root / "summary.json"
-        if not head and is_regular(top):
-            try:
-                head = json.loads(top.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                head = {}
-        if is_regular(top):
-            try:
-                skipped += [s for s in json.loads(top.read_text(encoding="utf-8")).get("skipped", [])
-                            if s not in skipped]
-            except (OSError, ValueError):
-                pass
-        for rec in m.get("images", []):
-            entry = _entry(root, rec) if isinstance(rec, dict) else None
-            if entry is None:
-                continue
+        try:
+            top = read_run_summary(root)
+        except (OSError, RunFolderError) as e:
+            log.warning("%s; its run-level fields are not used", printable(str(e)))
+            top = {}
+        head = head or top
+        skipped += [s for s in top.get("skipped", []) if s not in skipped]
+        records = [(rec, _entry(root, rec)) for rec in m.get("images", [])]
+        records += [({"key": d["key"]}, _damaged({}, d["key"], f"damaged: {d['error']}"))
+                    for d in m.get("damaged", []) if d.get("key")]
+        for rec, entry in records:
             source = str(entry.get("source") or "")
             if source and source in seen:
                 skipped.append({"path": source, "reason": f"also in {printable(seen[source])}; listed once"})
                 continue
             seen[source] = root
             key = rec["key"]
-            folder = Path(os.path.relpath(os.path.realpath(root / key), target)).as_posix()
+            folder = Path(os.path.relpath(Path(os.path.realpath(root)) / key, target)).as_posix()  # key: never followed
             entry["folder"] = folder
-            entry["files"] = [Path(os.path.relpath(os.path.realpath(root / f), target)).as_posix()
-                              for f in entry.get("files", []) if isinstance(f, str)]
-            thumb = root / key / "thumbnail.jpg"
-            if entry["files"] and is_regular(thumb):
-                thumbs[folder] = thumb.read_bytes()
+            # the reader checked each file name lies in the image's folder, which is no symlink
+            entry["files"] = [f"{folder}/{f.split('/', 1)[1]}" for f in entry.get("files", [])]
+            thumb = read_thumbnail(root, key) if entry["files"] else None
+            if thumb is not None:
+                thumbs[folder] = thumb
             entries.append(entry)
     entries.sort(key=lambda e: (str(e.get("name", "")), str(e.get("source", ""))))
     fp = base[1] if base is not None and isinstance(base[1], dict) else {}

@@ -552,7 +552,7 @@ def _cache_keys(
 
     Cacheable: a named objective, no diversity (it couples the images of a call), and the standard
     or no transforms (a custom callable cannot be named in a key)."""
-    from ..cache import entry_key, model_digest, open_cache
+    from ..cache import model_digest, open_cache
 
     store = open_cache(cache)
     if store is None:
@@ -572,7 +572,7 @@ def _cache_keys(
         "model": model_digest(clf.model), "mean": list(clf.mean), "std": list(clf.std), "layer": name,
         "objective": kind, "transforms": transforms if isinstance(transforms, str) else "none", **opts,
     }
-    return store, [entry_key({**common, "unit": u, "k": k}) for u, k in zip(units, ks)]
+    return store, [store.key({**common, "unit": u, "k": k}) for u, k in zip(units, ks)]  # an entry keeps its fields
 
 
 def _optimise(

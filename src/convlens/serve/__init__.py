@@ -7,6 +7,7 @@ API, and a page whose every asset ships in this package. The state and caches li
 
 from __future__ import annotations
 
+import contextlib
 import html
 import ipaddress
 import logging
@@ -15,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["serve", "Server", "MissingExtra", "require_extra", "allowed_hosts", "is_loopback"]
+__all__ = ["serve", "Server", "MissingExtra", "require_extra", "allowed_hosts", "interface_addresses", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def allowed_hosts(host: str) -> set[str]:
+def allowed_hosts(host: str, allow: Sequence[str] = ()) -> set[str]:
     """The names a request's Host header may carry for a server bound to ``host``: the loopback
-    names, ``host`` itself, and for a wildcard address this machine's name and addresses.
+    names, ``host`` itself, ``allow`` (``--allow-host``: a reverse proxy's name), and for a
+    wildcard address this machine's names and the addresses of its network interfaces.
 
     Args:
         host: the address the server binds to (``"127.0.0.1"``, ``"0.0.0.0"``, ``"::"``, a name).
+        allow: more names to accept (lower-cased; a port is ignored).
     Returns:
         The allowed host names and addresses (without ports).
+
+    Example::
+
+        "192.168.1.20" in allowed_hosts("0.0.0.0")   # True on a machine with that address
     """
     names = {"127.0.0.1", "localhost", "::1", host.strip("[]")}
+    names.update(a.strip().lower() for a in allow)
     if host in ("0.0.0.0", "::", ""):
         for name in {socket.gethostname(), socket.getfqdn()}:
             names.add(name)
@@ -67,7 +75,32 @@ def allowed_hosts(host: str) -> set[str]:
                 names.update(str(info[4][0]) for info in socket.getaddrinfo(name, None))
             except OSError:
                 pass
-    return {n for n in names if n}
+        names.update(interface_addresses())
+    return {n.split("%", 1)[0].lower() for n in names if n}
+
+
+def interface_addresses() -> set[str]:
+    """The addresses of this machine's network interfaces, from the standard library only: IPv4
+    by ``SIOCGIFADDR`` per interface (Linux), IPv6 from ``/proc/net/if_inet6``, and the address
+    the machine would use to reach another (a UDP socket's local address; nothing is sent)."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError, ImportError, AttributeError):
+        import fcntl
+        import struct
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                with contextlib.suppress(OSError):
+                    raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                    found.add(socket.inet_ntoa(raw[20:24]))
+    with contextlib.suppress(OSError, ValueError), open("/proc/net/if_inet6", encoding="ascii") as f:
+        for line in f:
+            found.add(str(ipaddress.IPv6Address(bytes.fromhex(line.split()[0]))))
+    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((probe, 9))  # picks the outgoing interface; a UDP connect sends nothing
+            found.add(s.getsockname()[0])
+    return found
 
 
 def _in_notebook() -> bool:
@@ -112,7 +145,8 @@ class Server:
         OSError: the address cannot be bound (the message suggests another port).
     """
 
-    def __init__(self, explorer: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
+    def __init__(self, explorer: Any, host: str = "127.0.0.1", port: int = 8000, *,
+                 allow_hosts: Sequence[str] = ()) -> None:
         require_extra()
         import uvicorn
 
@@ -120,7 +154,7 @@ class Server:
 
         self.explorer = explorer
         self.host = host
-        self.app = create_app(explorer, allowed_hosts(host))
+        self.app = create_app(explorer, allowed_hosts(host, allow_hosts))
         self._sock = _bind(host, port)
         self.port = self._sock.getsockname()[1]
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("localhost" if host == "::" else host)
@@ -175,6 +209,7 @@ def serve(
     port: int | None = None,
     block: bool | None = None,
     on_ready: Callable[[Server], None] | None = None,
+    allow_hosts: Sequence[str] = (),
 ) -> Server:
     """Explore ``classifier`` on ``images`` in the browser: top-k, any class's Grad-CAM family
     map, layers and their channels, feature visualisation, occlusion.
@@ -196,6 +231,7 @@ def serve(
         block: serve in this thread until Ctrl-C (True) or in a background thread (False).
         on_ready: called with the :class:`Server` once it is bound, before serving (the CLI
             prints the URL there).
+        allow_hosts: more names the Host header may carry (a reverse proxy's; ``--allow-host``).
     Returns:
         The :class:`Server` (after it stopped, when blocking; running, in the background).
     Raises:
@@ -225,7 +261,7 @@ def serve(
         log.warning("listening on %s: anyone who can reach this machine on that network can use the "
                     "explorer and run your model", host)
     explorer = Explorer(clf, list(images))
-    server = Server(explorer, host, (8000 if block else 0) if port is None else port)
+    server = Server(explorer, host, (8000 if block else 0) if port is None else port, allow_hosts=allow_hosts)
     if on_ready is not None:
         on_ready(server)
     elif block:

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -37,6 +38,7 @@ __all__ = ["create_app", "STATIC"]
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
+MAX_JSON_BYTES = 1 << 20  # a JSON request body (uploads: MAX_UPLOAD_BYTES)
 SECURITY_HEADERS = [
     # everything comes from this server: no CDN, font or script from the network can load
     (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
@@ -243,13 +245,7 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
         ]}
 
     async def read_json(request: Request) -> dict[str, Any]:
-        try:
-            data = await request.json()
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise ValueError("the request body must be a JSON object")
-        return data
+        return _json_object(await _body(request, MAX_JSON_BYTES, "the JSON body is larger than the {} limit"))
 
     def features(data: dict[str, Any]) -> Response | dict[str, Any]:
         layer, channel = data.get("layer") or None, _int(str(data.get("channel", "")), "channel")
@@ -284,6 +280,8 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
         async def endpoint(request: Request) -> Response:
             try:
                 data = await read_json(request)
+            except TooLarge as e:
+                return _error(str(e), 413)
             except ValueError as e:
                 return _error(str(e), 400)
             return await handler(lambda _r: fn(data))(request)
@@ -297,20 +295,15 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
         return ex.cancel(request.path_params["job_id"]).public()
 
     async def upload(request: Request) -> Response:
-        size = request.headers.get("content-length")
-        limit = f"{MAX_UPLOAD_BYTES / 2**20:.0f} MB"
-        if size and size.isdigit() and int(size) > MAX_UPLOAD_BYTES:
-            return _error(f"the file is larger than the {limit} upload limit", 413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_UPLOAD_BYTES:
-                return _error(f"the file is larger than the {limit} upload limit", 413)
+        try:
+            body = await _body(request, MAX_UPLOAD_BYTES, "the file is larger than the {} upload limit")
+        except TooLarge as e:
+            return _error(str(e), 413)
         name = Path(unquote(request.headers.get("x-filename", "") or "upload")).name[:200] or "upload"
 
         def add(_r: Request) -> dict[str, Any]:
             try:
-                entry = ex.add_image(bytes(body), name, uploaded=True)
+                entry = ex.add_image(body, name, uploaded=True)
             except ImageError as e:
                 raise ImageError(f"{name}: {_first_line(e).removeprefix('image data: ')}") from None
             return image_entry(entry)
@@ -355,7 +348,48 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
         Route("/api/metrics", handler(metrics)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     return LocalOnly(app, allowed)
+
+
+class TooLarge(ValueError):
+    """A request body over its limit (413)."""
+
+
+async def _body(request: Request, limit: int, message: str) -> bytes:
+    """The request body, read only up to ``limit`` bytes (a larger one is refused, not buffered)."""
+    too_large = TooLarge(message.format(f"{limit / 2**20:.0f} MB"))
+    size = request.headers.get("content-length")
+    if size and size.isdigit() and int(size) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """A JSON object from ``body``, nested at most :data:`MAX_JSON_DEPTH` deep (ValueError if not)."""
+    from ..runfolder import parse_json
+
+    try:
+        data = parse_json(body, "the request body")
+    except ValueError as e:
+        raise ValueError(str(e).replace("JSON nested", "nested")) from None
+    if not isinstance(data, dict):
+        raise ValueError("the request body must be a JSON object")
+    return data
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    return _error(str(getattr(exc, "detail", "")) or "error", status)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error: %s: %s", type(exc).__name__, _first_line(exc))
+    return _error(f"internal error: {type(exc).__name__}: {_first_line(exc)}", 500)
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..checks import choose, require_finite
 from ..hooks import LayerCapture, model_guard
-from ..images import ImageError, load_image
+from ..images import ImageError
 from ..layers import LayerError, default_cam_layer, layer_table, map_grid, resolve_layer
 from ..layout import Layout, layout_for
 from ..methods.activations import activations
@@ -38,6 +38,7 @@ from ..methods.featureviz import feature_visualization
 from ..methods.occlusion import occlusion
 from ..metrics.faithfulness import deletion, insertion
 from ..models import Classifier, require_logits
+from .decode import decode
 
 __all__ = ["Explorer", "ModelLock", "Job", "Cancelled", "MAX_UPLOAD_BYTES", "INSTANT_METHODS"]
 
@@ -235,7 +236,7 @@ class Explorer:
             if isinstance(source, Tensor):
                 x = self.clf.batch(source)[:1]
             else:
-                x = self.clf.preprocess(load_image(source))
+                x = self.clf.preprocess(decode(source))  # within the memory budget; large photos downscaled
             rgb = self.clf.denormalise(x.detach())[0].permute(1, 2, 0).float().cpu().numpy()
             entry = ImageEntry(image_id, str(name), x, rgb, uploaded=uploaded)
         except (ImageError, ValueError, OSError) as e:
