@@ -129,6 +129,12 @@ def test_folder_run_files_summary_and_exit_code(run: dict, folder: Path) -> None
     assert s["model"]["name"] == "efficientnet_lite0" and s["model"]["input"]["size"] == 224
     assert s["versions"]["torch"] == torch.__version__ and s["timings"]["total_s"] > 0
     assert s["methods"] == list(TECHS)
+    # a lighter run says so: its tier in the summary, at the top of the index and of every image's page
+    assert s["settings"]["tier"]["name"] == "folder" and s["settings"]["tier"]["command"].endswith("--full")
+    good = _image(s, "good.jpg")
+    for page in (run["html"], (out / good["folder"] / "report.html").read_text()):
+        head = page[: page.index("</header>")]
+        assert "class=tier" in head and "the folder settings (a run over 2 or more images" in head and "--full" in head
     # no temporary files left behind by the atomic writes, and the usual permissions (not mkstemp's 0600)
     assert [p.name for p in out.rglob(".*")] == [".convlens-manifest.json"]
     umask = os.umask(0)

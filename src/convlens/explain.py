@@ -99,15 +99,16 @@ def settings_tier(images: int, *, fast: bool = False, full: bool = False, shard:
     folder = (images >= FOLDER_FROM or shard is not None) and not full
     parts = []
     if folder:
-        parts.append(f"the folder settings ({images} images; from {FOLDER_FROM} on): feature visualisation draws "
-                     "only the channels most shared among the images (about 0.4 per image), the trust check uses 8 "
-                     "deletion / insertion steps and skips occlusion's class check")
+        parts.append(f"the folder settings (a run over {FOLDER_FROM} or more images, or a shard): feature "
+                     "visualisation draws only the channels most shared among the images (about 0.4 per image), the "
+                     "trust check uses 8 deletion / insertion steps and skips occlusion's class check")
     if fast:
         parts.append("--fast: coarser occlusion, fewer and smaller feature images, 8 trust steps")
     said = ("This run used " + " and ".join(parts) + ".") if parts else "This run used the full settings."
     command = "convlens explain IMAGES" + (" --full" if folder else "")
-    return {"name": "folder" if folder else ("fast" if fast else "full"), "fast": fast, "images": images,
-            "folder_from": FOLDER_FROM, "said": said, "command": command}
+    # the same for every shard of a run (the shards' settings must match to merge)
+    return {"name": "folder" if folder else ("fast" if fast else "full"), "fast": fast, "folder_from": FOLDER_FROM,
+            "said": said, "command": command}
 
 
 class ExplainError(ValueError):

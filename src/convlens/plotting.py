@@ -433,7 +433,9 @@ def plot_comparison(comparison: object) -> Figure:
     fig = ResultFigure(figsize=(11, 4.2 + top))
     grid = fig.add_gridspec(2, 1, height_ratios=[max(top, 0.01), 4.2]) if k else None
     if k:
-        sub = grid[0].subgridspec(len(methods) + 1, k + 1, width_ratios=[2.2] + [1] * k, hspace=0.08, wspace=0.04)
+        slots = max(k, 5)  # one image's thumbnails sit beside their labels, not across the whole width
+        sub = grid[0].subgridspec(len(methods) + 1, slots + 1, width_ratios=[1.6] + [1] * slots, hspace=0.08,
+                                  wspace=0.04)
         for j, name in enumerate(["image", *methods]):
             label = fig.add_subplot(sub[j, 0])
             label.axis("off")

@@ -730,7 +730,6 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
 
         Path("compare.html").write_text(comparison_html(convlens.compare(clf, x)))
     """
-    from .metrics.compare import COLUMNS
     from .plotting import map_thumbnail
 
     summary = comparison.summary()
@@ -765,7 +764,7 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
         )
     head = ("<tr><th>method</th><th>verdict</th><th>deletion</th><th>insertion</th><th>ins-del</th>"
             "<th>vs random</th><th>vs centre</th><th>class rho</th><th>sanity</th><th>rank</th></tr>")
-    columns = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in COLUMNS.items() if k != "map s")
+    columns = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in comparison.columns().items() if k != "map s")
     thumbs = getattr(comparison, "thumbnails", {}) or {}
     strip = []
     if "image" in thumbs:
@@ -797,8 +796,12 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
         f"{_e(refs.get('random map', ''))}. Margin on one image: {_e(refs.get('margin', ''))}; intervals over "
         f"images: {_e(refs.get('bootstrap', ''))}. Occlusion: <code>{_e(s.get('occlusion'))}</code>."
     )
-    one = ("<p class=note>One image cannot rank methods closer than the noise margin: the differences below "
-           "are real only where they exceed it. Compare a folder of photos for intervals.</p>") if n == 1 else ""
+    from .metrics.evidence import MIN_IMAGES
+
+    few = "One image" if n == 1 else f"{n} images"
+    one = "" if n >= MIN_IMAGES else (
+        f"<p class=note>{few} cannot rank methods closer than the noise margin: the differences below are real only "
+        f"where they exceed it. Compare {MIN_IMAGES} or more photos for intervals.</p>")
     body = (
         f"<header><h1>Which map to believe</h1><p class=meta>model <strong>{_e(comparison.model)}</strong> · "
         f"{n} image{'s' if n != 1 else ''}</p></header>"

@@ -37,6 +37,7 @@ from ._common import MapMethod, make_map
 from .evidence import (
     LEVELS,
     MARGIN_SD,
+    MIN_IMAGES,
     REFERENCE_DRAWS,
     RESAMPLES,
     grid_name,
@@ -199,6 +200,10 @@ class Comparison:
     def _repr_lines(self) -> list[str]:
         return [f"Comparison({len(self.rows)} rows, {len(self.images)} images, ranking={self.ranking()})"]
 
+    def columns(self) -> dict[str, str]:
+        """What each column of the tables means, in words."""
+        return dict(COLUMNS)
+
     def row(self, method: str) -> MethodScores:
         """The row of ``method``."""
         for r in self.rows:
@@ -239,17 +244,24 @@ class Comparison:
         return {"deletion_auc": d, "insertion_auc": i, "difference": i - d}
 
     def _margin(self, method: str) -> float:
-        """The noise margin of one image: from the random draws at the method's grid (any random
-        row when it has none)."""
+        """The noise margin: from the random draws at the method's grid (any random row when it has
+        none), :func:`noise_margin` per image, mean over the images."""
         r = self.row(method)
         rows = [x for x in self.rows if x.draws is not None and not x.error]
         ref = next((x for x in rows if x.method == r.random), rows[0] if rows else None)
-        return 0.0 if ref is None else noise_margin(ref.draws[:, 0])
+        if ref is None:
+            return 0.0
+        return float(np.mean([noise_margin(ref.draws[:, i]) for i in range(ref.draws.shape[1])]))
 
     def _versus(self, method: str, other: str) -> dict[str, Any]:
+        """The difference in insertion - deletion, with a bootstrap interval from ``MIN_IMAGES``
+        images on; with fewer, the noise margin decides (a bootstrap of 2 to 4 images is too narrow)."""
         a, b = self._scores(method)["difference"], self._scores(other)["difference"]
         seed = int(self.settings.get("seed", 0) or 0)
-        return interval(*paired_bootstrap(a, b, seed=seed), self._margin(method))
+        d, lo, hi = paired_bootstrap(a, b, seed=seed)
+        if len(a) < MIN_IMAGES:
+            lo = hi = math.nan
+        return interval(d, lo, hi, self._margin(method))
 
     def summary(self) -> list[dict[str, Any]]:
         """Per row: mean and standard deviation over the images of every number, the share of
@@ -279,7 +291,7 @@ class Comparison:
             if r.draws is not None:
                 s["draws"] = int(r.draws.shape[0])
                 s["draw_spread"] = _stat([x["draw_spread"] for x in mine])[0]
-            if not r.error and len(self.images) > 1:
+            if not r.error and len(self.images) >= MIN_IMAGES:
                 s["intervals"] = {k: list(paired_bootstrap(v, seed=seed)[1:])
                                   for k, v in self._scores(r.method).items()}
             if not r.error and not r.reference:

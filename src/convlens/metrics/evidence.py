@@ -23,9 +23,9 @@ from torch import Tensor
 
 from ..results import Saliency
 
-__all__ = ["Level", "LEVELS", "REFERENCE_DRAWS", "RESAMPLES", "grid_of", "grid_name", "random_like", "upsample",
-           "paired_bootstrap", "noise_margin", "common_grid", "agreement", "interval", "verdict", "LOW_AGREEMENT",
-           "CHANCE_AGREEMENT"]
+__all__ = ["Level", "LEVELS", "REFERENCE_DRAWS", "RESAMPLES", "MIN_IMAGES", "grid_of", "grid_name", "random_like",
+           "upsample", "paired_bootstrap", "noise_margin", "common_grid", "agreement", "interval", "verdict",
+           "LOW_AGREEMENT", "CHANCE_AGREEMENT"]
 
 Level = Literal["trust", "weak", "do not trust"]
 LEVELS: tuple[Level, ...] = ("trust", "weak", "do not trust")
@@ -36,6 +36,9 @@ REFERENCE_DRAWS = 8
 RESAMPLES = 2000
 #: the margin on one image: this many standard deviations of the random draws' insertion - deletion
 MARGIN_SD = 2.0
+#: intervals over images from this many on (a bootstrap of 2 to 4 images is too narrow to trust);
+#: with fewer, the noise margin decides
+MIN_IMAGES = 5
 #: Grad-CAM and occlusion at their common grid with a Spearman correlation below this are marked
 #: "disagree": the median correlation of the two maps of *different* photos (pairs that share
 #: nothing but photo framing and a centre bias), measured on 12 natural photos with the default model
@@ -212,7 +215,8 @@ def verdict(*, images: int, versus: dict[str, dict[str, Any]], sanity_passed: fl
         lead = f"It {' and '.join(checks)}, and beats" if checks else "It beats"
         out = {"level": "trust", "reasons": [f"{lead} every reference in insertion - deletion (" + "; ".join(good)
                                              + ")."] + notes}
-    if images == 1:
-        out["reasons"].append(f"One image cannot rank methods closer than the noise margin ({margin:.3f}): compare "
-                              "a folder of photos for intervals.")
+    if images < MIN_IMAGES:
+        few = "One image" if images == 1 else f"{images} images"
+        out["reasons"].append(f"{few} cannot rank methods closer than the noise margin ({margin:.3f}): compare "
+                              f"{MIN_IMAGES} or more photos for intervals.")
     return out
