@@ -106,3 +106,22 @@ def test_agreement_at_the_common_grid(small):
     flat = convlens.grad_cam(net, x)
     object.__setattr__(flat, "maps", torch.zeros_like(flat.maps))
     assert agreement(flat, occ)[0] is None
+
+
+def test_the_settings_tier_is_printed_and_named(tmp_path, capsys):
+    from convlens.cli import main
+    from convlens.explain import FOLDER_FROM, settings_tier
+
+    assert FOLDER_FROM == 2
+    assert settings_tier(1)["name"] == "full" and settings_tier(1, fast=True)["name"] == "fast"
+    assert settings_tier(2)["name"] == "folder" and settings_tier(9, full=True)["name"] == "full"
+    assert settings_tier(1, shard=(1, 2))["name"] == "folder"
+    assert settings_tier(3)["command"] == "convlens explain IMAGES --full"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    convlens.sample_image().save(folder / "a.png")
+    convlens.sample_image().transpose(0).save(folder / "b.png")
+    assert main(["explain", str(folder), "--methods", "gradcam", "--out", str(tmp_path / "out")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("settings: folder. This run used the folder settings (a run over 2 or more images")
+    assert first.endswith("Full settings: convlens explain IMAGES --full")

@@ -163,9 +163,9 @@ COLUMNS = {
                  "Higher is better.",
     "ins-del": "insertion AUC - deletion AUC, the ranking score (higher is better).",
     "vs random": "ins-del minus that of random maps drawn at the method's own grid and resized like its map "
-                 "(the mean of several draws), with a 95% paired bootstrap interval over the images, or on one image "
-                 f"the noise margin ({MARGIN_SD:g} standard deviations of the random draws). Positive and real: "
-                 "the map orders pixels better than chance.",
+                 f"(the mean of several draws), with a 95% paired bootstrap interval over {MIN_IMAGES} or more images, "
+                 f"or on fewer the noise margin (±, {MARGIN_SD:g} standard deviations of the random draws). Positive "
+                 "and real: the map orders pixels better than chance.",
     "vs centre": "ins-del minus that of a centred Gaussian (a map that only says 'the object is in the middle').",
     "class rho": "rank correlation of the map for the target and for the least likely class (below "
                  f"{CLASS_THRESHOLD:g}: the map changes with the class, as an explanation must).",
@@ -316,14 +316,19 @@ class Comparison:
     def ranking_text(self) -> str:
         """The ranking with the real differences: ``a > b`` where b is really below a (the interval
         of their difference in insertion - deletion excludes 0, or on one image it exceeds the
-        noise margin), ``a ≈ b`` where it is not."""
+        noise margin), ``a ≈ b`` where it is not; the methods that fail the sanity or class check
+        come after the others (``; then, failing a check: ...``)."""
+        summ = {s["method"]: s for s in self.summary()}
         order = self.ranking()
         if not order:
             return ""
         parts = [order[0]]
         for prev, cur in zip(order, order[1:]):
-            parts.append((">" if self._versus(prev, cur)["real"] else "≈") + " " + cur)
-        return " ".join(parts)
+            if trusted(summ[prev]) != trusted(summ[cur]):
+                parts.append(f"; then, failing a check: {cur}")
+                continue
+            parts.append((" > " if self._versus(prev, cur)["real"] else " ≈ ") + cur)
+        return "".join(parts)
 
     def discriminative(self) -> list[str]:
         """The methods whose mean class sensitivity is below the threshold."""
@@ -387,9 +392,16 @@ class Comparison:
                  " ".join("-" * w for w in widths)]
         lines += [" ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.append("")
-        keys = ("deletion", "insertion", "ins-del", "vs random", "class rho", "sanity", "rank") + (
-            ("map s",) if verbose else ())
-        lines += [_wrap(f"{k}: {COLUMNS[k]}") for k in keys]
+        if verbose:
+            keys = ("deletion", "insertion", "ins-del", "vs random", "class rho", "sanity", "rank", "map s")
+            lines += [_wrap(f"{k}: {COLUMNS[k]}") for k in keys]
+        else:
+            lines.append(_wrap(
+                "deletion (lower is better) / insertion (higher is better): the class's probability, averaged, as the "
+                "map's top pixels are blurred / revealed first; ins-del: their difference; vs random: ins-del minus "
+                f"that of random maps at the method's grid, with its noise (± margin, or [95% interval] over "
+                f"{MIN_IMAGES}+ images); class rho and sanity: a map must change with the class and when the "
+                f"classifier is re-initialised (rho below 0.5). --verbose explains each column."))
         if verbose:
             lines += ["", "per image:"]
             for rec in self.per_image():
