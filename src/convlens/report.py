@@ -422,7 +422,8 @@ def _caption(im: ImageExplanation, tech: str, settings: dict[str, Any]) -> str:
         names = ", ".join(f"<code>{_e(n)}</code>" for n in layers)
         k = settings["activations"]["channels"]
         return (f"Outputs of the model's stages ({names}); each row shows a stage's {_e(k)} most active "
-                "channels on this image. Early stages answer to edges and colours, later ones to parts and textures.")
+                "channels on this image (“ch 12 (0.34)”: channel 12, its mean activation 0.34). Early stages answer "
+                "to edges and colours, later ones to parts and textures.")
     if tech == "gradcam":
         return (f"Grad-CAM ({_e(settings['gradcam']['method'])}) at <code>{_e(im.layers.get('gradcam', ''))}</code> "
                 f"for {label}: where the features that raise this class's score lie.")
@@ -815,6 +816,7 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
         "</section>"
         f'<section class="image"><details><summary>Per image</summary><div class=scroll><table><tr>'
         + "".join(f"<th>{_e(k)}</th>" for k in keys) + f"</tr>{prow}</table></div></details></section>"
+        f"<footer>{glossary_html()}</footer>"
     )
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
