@@ -186,8 +186,8 @@ class TrustSummary:
     target: list[int]
     labels: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-    verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
-    spread: dict[str, float] = field(default_factory=dict)
+    verdicts: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    spread: dict[str, float] = field(default_factory=dict, repr=False)
 
     def auc(self) -> dict[str, dict[str, float]]:
         """technique -> {"deletion": AUC, "insertion": AUC} (first image)."""
