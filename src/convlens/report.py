@@ -752,19 +752,25 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
         def vs(v: dict[str, Any] | None) -> str:
             if v is None:
                 return "<td class=num>–</td>"
-            extra = f" [{v['low']:+.3f}, {v['high']:+.3f}]" if "low" in v else f" ± {v['margin']:.3f}"
+            extra = f" [{v['low']:+.2f}, {v['high']:+.2f}]" if "low" in v else f" ± {v['margin']:.3f}"
             return f"<td class=num>{v['difference']:+.3f}<br><span class=muted>{_e(extra.strip())}</span></td>"
+
+        def auc(key: str, s: dict[str, Any] = s) -> str:  # the mean, and its 95% interval over 5+ images
+            ci = (s.get("intervals") or {}).get(key)
+            extra = f"<br><span class=muted>[{ci[0]:.2f}, {ci[1]:.2f}]</span>" if ci else ""
+            return f"<td class=num>{_num(s.get(key))}{extra}</td>"
 
         level = "<span class=muted>reference</span>" if s["reference"] else level_badge(
             verdicts.get(s["method"], {}).get("level", ""))
+        best = (s.get("vs") or {}).get("best")
         rows.append(
-            f"<tr><td>{name}</td><td>{level}</td><td class=num>{_num(s.get('deletion_auc'))}</td>"
-            f"<td class=num>{_num(s.get('insertion_auc'))}</td><td class=num>{_num(s.get('difference'))}</td>"
-            f"{vs(vr)}{vs(vc)}<td class=num>{_num(s.get('class_sensitivity'), 2)}</td><td{cls}>{_e(sanity)}</td>"
+            f"<tr><td>{name}</td><td>{level}</td>{auc('deletion_auc')}{auc('insertion_auc')}{auc('difference')}"
+            f"{vs(vr)}{vs(vc)}{vs(best) if not s['reference'] and s.get('rank', 0) > 1 else '<td class=num>–</td>'}"
+            f"<td class=num>{_num(s.get('class_sensitivity'), 2)}</td><td{cls}>{_e(sanity)}</td>"
             f"<td class=num>{_e(s.get('rank', ''))}</td></tr>"
         )
     head = ("<tr><th>method</th><th>verdict</th><th>deletion</th><th>insertion</th><th>ins-del</th>"
-            "<th>vs random</th><th>vs centre</th><th>class rho</th><th>sanity</th><th>rank</th></tr>")
+            "<th>vs random</th><th>vs centre</th><th>vs best</th><th>class rho</th><th>sanity</th><th>rank</th></tr>")
     columns = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in comparison.columns().items() if k != "map s")
     thumbs = getattr(comparison, "thumbnails", {}) or {}
     strip = []

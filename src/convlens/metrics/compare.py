@@ -167,6 +167,8 @@ COLUMNS = {
                  f"or on fewer the noise margin (±, {MARGIN_SD:g} standard deviations of the random draws). Positive "
                  "and real: the map orders pixels better than chance.",
     "vs centre": "ins-del minus that of a centred Gaussian (a map that only says 'the object is in the middle').",
+    "vs best": "ins-del minus that of the first-ranked method, with the same interval or margin: where it is not "
+               "real, the two methods cannot be told apart on these images.",
     "class rho": "rank correlation of the map for the target and for the least likely class (below "
                  f"{CLASS_THRESHOLD:g}: the map changes with the class, as an explanation must).",
     "sanity": "the sanity check: the map's rank correlation with the map after the classifier is re-initialised "
