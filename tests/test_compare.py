@@ -138,7 +138,7 @@ def test_cli_compare_on_the_sample_photo(tmp_path, capsys, clf):
     # the verdicts come first, then a row of map thumbnails per method, then the table with its columns explained
     assert html.index("<h2>Verdicts</h2>") < html.index("The maps it ranks") < html.index("<h2>Summary</h2>")
     assert html.count('<div class=thumbs>') == 3  # the image, gradcam, eigencam
-    assert "<dt>vs random</dt>" in html and "<dt>class rho</dt>" in html
+    assert "<dt>vs random</dt>" in html and "<dt>class rho</dt>" in html and "<th>vs best</th>" in html
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     # an earlier run is kept; bad input is a one-line error
     assert main(["compare", "--methods", "gradcam", "--out", str(out)]) == 2

@@ -125,3 +125,26 @@ def test_the_settings_tier_is_printed_and_named(tmp_path, capsys):
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("settings: folder. This run used the folder settings (a run over 2 or more images")
     assert first.endswith("Full settings: convlens explain IMAGES --full")
+
+
+def test_the_image_page_says_what_the_agreement_means(small):
+    from convlens.report import ImageExplanation, _agreement_html
+
+    net, x = small
+    cam = convlens.grad_cam(net, x[:1])
+    occ = convlens.occlusion(net, x[:1], patch=16, stride=8)
+    rgb = cam.rgb(0)
+
+    def page(rho):
+        im = ImageExplanation(name="a.png", source=None, key="a.png", rgb=rgb,
+                              results={"gradcam": cam, "occlusion": occ},
+                              agreement={"gradcam_occlusion_spearman": rho})
+        return _agreement_html(im)
+
+    low = page(-0.3)  # below the calibrated mark: said, with both maps side by side
+    assert "<strong>disagree</strong>" in low and "ρ -0.30" in low and "common 7×7 grid" in low
+    assert low.count('alt="side by side: ') == 2
+    mid, high = page(0.2), page(0.6)
+    assert "neither agree nor disagree" in mid and "side by side" not in mid
+    assert "Grad-CAM and occlusion agree on this image" in high and "side by side" not in high
+    assert _agreement_html(ImageExplanation(name="b", source=None, key="b")) == ""
