@@ -82,6 +82,7 @@ def test_every_map_comes_with_its_evidence(capsys, tmp_path, clf, sample_x):
     assert shown and float(shown[1]) == pytest.approx(float(d.auc[0]), abs=6e-4)
     assert float(shown[2]) == pytest.approx(float(i.auc[0]), abs=6e-4)
     assert "warning: gradcam++ is not class-discriminative here" in out
+    assert "verdict: do not trust. It fails the sanity check" in out and "random 7x7 map" in out
     assert main(["gradcam", "--out", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "evidence [Egyptian cat]" in out and "not class-discriminative" not in out  # Grad-CAM is

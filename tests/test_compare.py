@@ -34,8 +34,11 @@ OCC = {"patch": 16, "stride": 8}
 def test_rows_equal_the_metrics_one_by_one(small):
     net, x = small
     before = snapshot(net)
-    cmp = convlens.compare(net, x, ("gradcam", "occlusion"), steps=8, occlusion=OCC)
-    assert [r.method for r in cmp.rows] == ["gradcam", "occlusion", "random map", "centred Gaussian"]
+    cmp = convlens.compare(net, x, ("gradcam", "occlusion"), steps=8, occlusion=OCC, draws=3)
+    # one random reference per grid: Grad-CAM's 8 x 8 layer, occlusion's 7 x 7 windows (16 / 8 on 64 px)
+    assert [r.method for r in cmp.rows] == ["gradcam", "occlusion", "random 8x8 map", "random 7x7 windows",
+                                            "centred Gaussian"]
+    assert cmp.row("gradcam").random == "random 8x8 map" and cmp.row("occlusion").random == "random 7x7 windows"
     cam = convlens.grad_cam(net, x)
     assert cmp.target == cam.target
     row = cmp.row("gradcam")
@@ -45,9 +48,16 @@ def test_rows_equal_the_metrics_one_by_one(small):
     torch.testing.assert_close(row.class_rho, cs.spearman)
     occ = convlens.occlusion(net, x, **OCC)
     torch.testing.assert_close(cmp.row("occlusion").deletion.scores, convlens.deletion(net, x, occ, steps=8).scores)
-    rnd = reference_map("random map", 2, 64, 64)
-    torch.testing.assert_close(cmp.row("random map").insertion.scores, convlens.insertion(net, x, rnd, steps=8).scores)
-    assert cmp.row("random map").class_rho is None
+    # the random reference: 3 seeded draws of 8 x 8 uniform noise, upsampled bilinearly as Grad-CAM's map is
+    # (the same draws for every image), judged for the methods' targets; its curves are the draws' mean
+    raw = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    up = torch.nn.functional.interpolate(raw[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    ins = [convlens.insertion(net, x, up[k].expand(2, -1, -1), target=cam.target, steps=8) for k in range(3)]
+    dels = [convlens.deletion(net, x, up[k].expand(2, -1, -1), target=cam.target, steps=8) for k in range(3)]
+    ref = cmp.row("random 8x8 map")
+    torch.testing.assert_close(ref.insertion.scores, torch.stack([c.scores for c in ins]).mean(0))
+    torch.testing.assert_close(ref.draws, torch.stack([i.auc - d.auc for i, d in zip(ins, dels)]))
+    assert ref.class_rho is None and ref.reference
     assert_unchanged(net, before)
 
 
@@ -79,7 +89,7 @@ def test_summary_aggregates_and_ranks(small):
     # trustworthy methods first (here: class-discriminative, as sanity was not run), then by difference
     keys = {m: (summ[m]["class_discriminative"] is False, -summ[m]["difference"]) for m in ("gradcam", "eigencam")}
     assert cmp.ranking() == sorted(keys, key=keys.get)
-    assert "rank" not in summ["random map"]
+    assert "rank" not in summ["random 8x8 map"] and summ["random 8x8 map"]["draws"] == 8
     assert summ["gradcam"]["sanity_passed"] is None
     # two one-image comparisons merged give the two-image one
     parts = [convlens.compare(net, x[i : i + 1], ("gradcam", "eigencam"), steps=4, sanity=False, names=[f"i{i}"])
@@ -99,7 +109,8 @@ def test_a_failing_method_gets_a_row_and_the_others_go_on(small):
                            occlusion={"patch": 200, "stride": 8})
     assert "larger than the image" in cmp.row("occlusion").error
     assert cmp.row("gradcam").error is None
-    assert any("occlusion: failed" in v for v in cmp.verdicts())
+    v = cmp.verdicts()["occlusion"]
+    assert v["level"] == "do not trust" and "larger than the image" in v["reasons"][0]
     with pytest.raises(ValueError, match="unknown method"):
         convlens.compare(net, x, ("gradcam", "nope"))
 
@@ -110,16 +121,24 @@ def test_cli_compare_on_the_sample_photo(tmp_path, capsys, clf):
     code = main(["compare", "--methods", "gradcam,eigencam", "--steps", "4", "--out", str(out)])
     text = capsys.readouterr().out
     assert code == 0
-    assert "class-discriminative for efficientnet_lite0: gradcam" in text
-    assert "eigencam: not class-discriminative" in text and "eigencam: fails the sanity check" in text
+    assert max(len(line) for line in text.splitlines() if not line.startswith("wrote ")) <= 100  # table: 100 columns
+    assert "eigencam: DO NOT TRUST. It fails the sanity check" in text and "not class-discriminative" in text
     rows = list(csv.DictReader((out / "compare.csv").open()))
-    assert [r["method"] for r in rows] == ["gradcam", "eigencam", "random map", "centred Gaussian"]
+    assert [r["method"] for r in rows] == ["gradcam", "eigencam", "random 7x7 map", "centred Gaussian"]
     data = json.loads((out / "compare.json").read_text())
     assert data["class_discriminative"] == ["gradcam"]
+    assert data["verdicts"]["eigencam"]["level"] == "do not trust" and len(data["verdicts"]["eigencam"]["reasons"]) == 2
+    assert data["verdicts"]["gradcam"]["level"] in ("trust", "weak")
+    # one image: the page says it cannot rank methods closer than the noise margin
+    assert "One image cannot rank methods closer than the noise margin" in data["verdicts"]["gradcam"]["reasons"][-1]
     assert data["per_image"][0]["sanity_passed"] is True and data["per_image"][1]["sanity_passed"] is False
     assert float(rows[0]["deletion_auc"]) == pytest.approx(data["summary"][0]["deletion_auc"])
     html = (out / "compare.html").read_text()
     assert "<script" not in html and "Content-Security-Policy" in html and "data:image/png;base64," in html
+    # the verdicts come first, then a row of map thumbnails per method, then the table with its columns explained
+    assert html.index("<h2>Verdicts</h2>") < html.index("The maps it ranks") < html.index("<h2>Summary</h2>")
+    assert html.count('<div class=thumbs>') == 3  # the image, gradcam, eigencam
+    assert "<dt>vs random</dt>" in html and "<dt>class rho</dt>" in html and "<th>vs best</th>" in html
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     # an earlier run is kept; bad input is a one-line error
     assert main(["compare", "--methods", "gradcam", "--out", str(out)]) == 2
@@ -139,9 +158,16 @@ def test_cli_compare_over_a_folder_aggregates_and_skips_a_broken_file(tmp_path, 
     code = main(["compare", str(folder), "--methods", "gradcam", "--steps", "2", "--no-sanity", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 1 and "broken.jpg: skipped" in captured.err
-    assert "2 images" in captured.out and " ± " in captured.out  # mean ± spread over the two photos
+    assert "2 images" in captured.out
+    # two images: too few for a bootstrap interval, the noise margin decides and the verdict says so
+    import re
+
+    assert re.search(r"gradcam .* [+-]\d\.\d\d\d ±\d\.\d\d\d", captured.out)
+    assert "2 images cannot rank methods closer than the noise margin" in captured.out
     data = json.loads((out / "compare.json").read_text())
     assert data["images"] == ["a.png", "b.png"]
     per = [r for r in data["per_image"] if r["method"] == "gradcam"]
     mean = sum(r["deletion_auc"] for r in per) / 2
     assert data["summary"][0]["deletion_auc"] == pytest.approx(mean)
+    vs = data["summary"][0]["vs"]["random 7x7 map"]
+    assert "low" not in vs and vs["margin"] > 0 and vs["real"] == (abs(vs["difference"]) > vs["margin"])

@@ -129,6 +129,12 @@ def test_folder_run_files_summary_and_exit_code(run: dict, folder: Path) -> None
     assert s["model"]["name"] == "efficientnet_lite0" and s["model"]["input"]["size"] == 224
     assert s["versions"]["torch"] == torch.__version__ and s["timings"]["total_s"] > 0
     assert s["methods"] == list(TECHS)
+    # a lighter run says so: its tier in the summary, at the top of the index and of every image's page
+    assert s["settings"]["tier"]["name"] == "folder" and s["settings"]["tier"]["command"].endswith("--full")
+    good = _image(s, "good.jpg")
+    for page in (run["html"], (out / good["folder"] / "report.html").read_text()):
+        head = page[: page.index("</header>")]
+        assert "class=tier" in head and "the folder settings (a run over 2 or more images" in head and "--full" in head
     # no temporary files left behind by the atomic writes, and the usual permissions (not mkstemp's 0600)
     assert [p.name for p in out.rglob(".*")] == [".convlens-manifest.json"]
     umask = os.umask(0)
@@ -161,7 +167,8 @@ def test_report_embeds_the_written_pngs(run: dict) -> None:
         if not im["files"]:
             continue
         page = (out / im["folder"] / "report.html").read_text()
-        srcs = [a["src"] for tag, a in _tags(page) if tag == "img"]
+        # (the small Grad-CAM / occlusion pair shown where the two disagree is not a file)
+        srcs = [a["src"] for tag, a in _tags(page) if tag == "img" and not a.get("alt", "").startswith("side by")]
         assert srcs and all(src.startswith("data:image/png;base64,") for src in srcs)
         for src in srcs:
             with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as pic:
@@ -363,19 +370,22 @@ def test_trust_section_numbers_once_per_run_sanity_and_plain_words(tmp_path: Pat
     t = first.results["trust"]
     cam = first.results["gradcam"]
     assert t.auc()["gradcam"]["deletion"] == pytest.approx(float(convlens.deletion(clf, x, cam, steps=4).auc[0]))
-    assert set(t.curves) == {"gradcam", "random map"}
+    # the references: random maps at Grad-CAM's 7 x 7 grid (resized as its map is) and a centred Gaussian
+    assert set(t.curves) == {"gradcam", "random 7x7 map", "centred Gaussian"}
+    assert t.verdicts["gradcam"]["level"] == "do not trust"
     # once per run: both images carry the verdict computed on the first
     v = t.sanity["gradcam"]
     assert v is second.results["trust"].sanity["gradcam"] and v["image"] == first.name
     assert v["method"] == "gradcam++" and v["passed"] is False and v["rho"] > 0.8
     # Grad-CAM++ is neither sane nor class-discriminative on this model: said where its map is shown
     notes = " ".join(first.notes["gradcam"])
-    assert "hardly changes when the classifier is replaced by a random one" in notes
-    assert "does not tell the classes apart" in notes
+    assert "hardly changes when the classifier is re-initialised" in notes
+    assert "not class-discriminative" in notes
     report.save(tmp_path)
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["images"][0]["trust"]["auc"]["gradcam"]["deletion"] == pytest.approx(t.auc()["gradcam"]["deletion"])
     assert s["images"][0]["trust"]["sanity"]["gradcam"]["passed"] is False
+    assert s["images"][0]["trust"]["verdicts"]["gradcam"]["level"] == "do not trust"
     html = (tmp_path / first.key / "report.html").read_text()
     assert "How far to trust these maps" in html and "hardly changes" in html
     assert_unchanged(clf.model, before)

@@ -34,7 +34,7 @@ SUMMARY = {
         _im("dog.jpg", "dog.jpg", [("dog", 2, 0.1), ("cat", 1, 0.05)], rho=0.5),
         _im("cat-sure.jpg", "cat-sure.jpg", [("cat", 1, 0.9)], rho=0.6),
         _im("broken.jpg", "broken.jpg", [], errors={"image": "cannot identify image file"}),
-        _im("<script>alert(1)</script>.png", "script_alert_1_script_.png", [("cat", 1, 0.5)], rho=0.1),
+        _im("<script>alert(1)</script>.png", "script_alert_1_script_.png", [("cat", 1, 0.5)], rho=-0.2),
         _im("=HYPERLINK(1).jpg", "HYPERLINK_1_.jpg", [("ant", 7, 0.95)], rho=None,
             errors={"occlusion": "RuntimeError: boom"}),
     ],
@@ -93,7 +93,7 @@ def test_index_order_links_marks_and_escaping():
     assert [int(o["name"]) for o in orders] == [3, 0, 1, 4, 2]  # '<' < '=' < 'b' < 'c' < 'd'
     assert [c["class"].split()[1:] for c in p.cards] == [[], ["flag"], ["bad"], ["flag"], ["bad"]]
     assert "cat|90.0%|cat-sure.jpg|" == p.cards[0]["text"]
-    assert "disagree" in p.cards[1]["text"] and "Spearman 0.10" in p.cards[1]["title"]
+    assert "disagree" in p.cards[1]["text"] and "Spearman -0.20" in p.cards[1]["title"]
     assert "low confidence" in p.cards[3]["text"] and "not explained" in p.cards[4]["text"]
     assert "cannot identify image file" in p.cards[4]["title"]
     assert base64.b64decode(p.cards[0]["img"].split(",", 1)[1]) == jpeg and p.cards[1]["img"] == ""

@@ -221,6 +221,9 @@ def test_metrics_pass_the_served_map_to_convlens_deletion_and_insertion(client, 
     assert j["deletion"] == {"x": [0.0, 0.5, 1.0], "y": pytest.approx([0.9, 0.5, 0.1]), "auc": 0.5}
     assert j["insertion"]["auc"] == pytest.approx(0.6)
     assert [c[0] for c in calls] == ["deletion", "insertion"]  # once: the second answer is cached
+    # the verdict in words beside the curves: LayerCAM's map hardly changes with the class on this model
+    assert j["verdict"]["level"] == "do not trust" and "not class-discriminative" in j["verdict"]["reasons"][0]
+    assert set(j["references"]) == {"random 7x7 map", "centred Gaussian"} and j["class_rho"] > 0.5
     lib = convlens.grad_cam(clf, sample_x, target=281, method="layercam").maps
     for _, model, x, saliency, target in calls:
         assert model is clf and torch.equal(x, sample_x) and target == 281

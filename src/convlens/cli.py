@@ -175,7 +175,8 @@ def _add_out(p: argparse.ArgumentParser) -> None:
 
 def run_settings(args: argparse.Namespace) -> dict:
     """The command's options as the manifest records them (inputs, --out and --force aside)."""
-    return {k: v for k, v in vars(args).items() if k not in ("run", "images", "out", "force", "debug", "verbose")}
+    skip = ("run", "images", "out", "force", "debug", "verbose", "details")
+    return {k: v for k, v in vars(args).items() if k not in skip}
 
 
 def _per_image(
@@ -230,34 +231,43 @@ def _add_evidence(p: argparse.ArgumentParser) -> None:
 
 
 def _evidence(clf, x, result) -> list[str]:
-    """What a map is worth, in a line or two: its deletion and insertion AUC (the report's and
+    """What a map is worth, in a few lines: its deletion and insertion AUC (the report's and
     ``convlens compare``'s definitions: 16 steps, blurred baseline, the target's probability)
-    beside a random map's, and for a Grad-CAM-family method whether its map for the image's
-    top-1 class changes when the least likely class is asked for instead."""
-    from .metrics.compare import reference_map
-    from .metrics.faithfulness import deletion, insertion
-    from .metrics.sanity import class_sensitivity
+    beside random maps at the map's own grid and a centred Gaussian, and its verdict in words
+    (:func:`convlens.metrics.trust.trust_summary`); for a Grad-CAM-family method also whether its
+    map changes with the class and the sanity check (the classifier re-initialised)."""
+    from dataclasses import replace
+
+    from .metrics.trust import model_sanity, trust_summary
 
     rows = list(result.settings.get("image_index", range(result.maps.shape[0])))
-    ref = reference_map("random map", len(rows), *x.shape[-2:], device=x.device)
-    d, i = deletion(clf, x, result), insertion(clf, x, result)
-    rd = deletion(clf, x[rows], ref, target=list(result.target))
-    ri = insertion(clf, x[rows], ref, target=list(result.target))
-    lines = [
-        f"evidence [{printable(label)}]: deletion AUC {float(d.auc[r]):.3f}, insertion AUC {float(i.auc[r]):.3f} "
-        f"(a random map: {float(rd.auc[r]):.3f}, {float(ri.auc[r]):.3f}; lower deletion, higher insertion is better)"
-        for r, label in enumerate(result.labels)
-    ]
-    if result.method != "occlusion":
-        cs = class_sensitivity(clf, x, result.method, layer=result.layer)
-        for n, (rho, ok) in enumerate(zip(cs.spearman.tolist(), cs.discriminative)):
-            if not ok:
-                lines.append(
-                    f"warning: {result.method} is not class-discriminative here: its map for "
-                    f"{printable(cs.labels[n])!r} and for {printable(cs.other_labels[n])!r} have rank correlation "
-                    f"{rho:.2f}; it shows where the layer is active, not why the class was chosen "
-                    "(`convlens compare` checks every method)"
-                )
+    cam = result.method != "occlusion"
+    lines = []
+    for r, label in enumerate(result.labels):
+        one = replace(result, maps=result.maps[r : r + 1], raw=result.raw[r : r + 1], target=[result.target[r]],
+                      images=result.images[r : r + 1], labels=[label], settings={
+                          k: v for k, v in result.settings.items() if k != "image_index"})
+        xr = x[rows[r] : rows[r] + 1]
+        sanity = None
+        if cam:
+            check = model_sanity(clf, xr, one)
+            sanity = {"x": {"passed": check.passed[0], "rho": float(check.spearman[0, 0]), "stage": check.stages[0]}}
+        t = trust_summary(clf, xr, {"x": one}, sanity=sanity, class_maps=["x"] if cam else [])
+        auc = t.auc()
+        refs = ", ".join(f"{k} {v['deletion']:.3f} / {v['insertion']:.3f}" for k, v in auc.items() if k != "x")
+        lines.append(f"evidence [{printable(label)}]: deletion AUC {auc['x']['deletion']:.3f}, insertion AUC "
+                     f"{auc['x']['insertion']:.3f} (lower deletion, higher insertion is better; {refs})")
+        v = t.verdicts["x"]
+        lines.append(f"verdict: {v['level']}. " + " ".join(printable(why) for why in v["reasons"]))
+        rho = t.class_rho.get("x")
+        if cam and rho is not None and rho >= t.settings["class_threshold"]:
+            lines.append(
+                f"warning: {result.method} is not class-discriminative here: its map for {printable(label)!r} and "
+                f"for {printable(t.other['x'])!r} have rank correlation {rho:.2f}; it shows where the layer is "
+                "active, not why the class was chosen (`convlens compare` checks every method)"
+            )
+    if not cam:
+        lines.append("(occlusion's class and sanity checks: `convlens compare`)")
     return lines
 
 
@@ -587,7 +597,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
     from .checks import choose
-    from .explain import METHODS, ExplainError, explain, plan, run_writer, shard_folder
+    from .explain import METHODS, ExplainError, explain, plan, run_writer, settings_tier, shard_folder
 
     methods = choose(args.methods, METHODS, "technique")
     if args.resume and args.force:
@@ -609,6 +619,9 @@ def _run_explain(args: argparse.Namespace) -> int:
     )
     import time
 
+    tier = settings_tier(len(planned), fast=args.fast, full=args.full, shard=args.shard)
+    print(f"settings: {tier['name']}. {tier['said']}" + (
+        "" if tier["name"] == "full" else f" Full settings: {tier['command']}"), flush=True)
     t0 = time.perf_counter()
     clf = load_classifier(args)
     load_s = time.perf_counter() - t0
@@ -665,6 +678,8 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
         help="what replaces removed pixels: blur (default), mean, or a number in normalised space",
     )
     p.add_argument("--no-sanity", action="store_true", help="skip the sanity check (model randomisation)")
+    p.add_argument("--verbose", "-v", dest="details", action="store_true",
+                   help="a wider table: the spread over the images, the sanity rho, seconds per map, each image's AUCs")
     p.add_argument(
         "--out", "-o", default="convlens-compare", metavar="DIR",
         help="folder for compare.csv/.json/.png/.html (default ./convlens-compare); kept unless --force",
@@ -716,7 +731,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         run.finish()
     print(f"{clf.name}: {len(parts)} image{'s' if len(parts) != 1 else ''}, target "
           f"{', '.join(dict.fromkeys(result.labels))}\n")
-    print(result.format_table())
+    print(result.format_table(verbose=args.details or args.verbose))
     print(f"\nwrote {', '.join(printable(p) for p in written)} ({time.perf_counter() - t0:.1f} s)")
     errors = any(r.error for r in result.rows)
     return 1 if failed or errors else 0

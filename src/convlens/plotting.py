@@ -220,10 +220,10 @@ def plot_activations(
                 continue
             ch = chans[col]
             ax.imshow(m[ch], cmap=cmap)
-            ax.set_title(f"ch {ch} ({m[ch].mean():.2g})", fontsize=7)
+            ax.set_title(f"ch {ch} ({m[ch].mean():.2g})", fontsize=9)
             if col == 0:
                 c, h, w = m.shape
-                ax.set_ylabel(f"{name}\n{c}x{h}x{w}", fontsize=8)
+                ax.set_ylabel(f"{name}\n{c}x{h}x{w}", fontsize=10)
     fig.suptitle(f"Intermediate activations: {how} per layer")
     fig.tight_layout()
     return fig
@@ -248,10 +248,10 @@ def _activation_rows(
         for col, ch in enumerate(chans):
             x0 = col * (w + gap)
             strip[:, x0 : x0 + w] = colormap(normalize_map(m[ch]))[..., :3]
-            ax.text(x0 + w / 2, 1.02, f"ch {ch} ({m[ch].mean():.2g})", ha="center", va="bottom", fontsize=7,
+            ax.text(x0 + w / 2, 1.02, f"ch {ch} ({m[ch].mean():.2g})", ha="center", va="bottom", fontsize=9,
                     transform=ax.get_xaxis_transform())  # x in pixels of the strip, y above the axes
         ax.imshow(strip, interpolation="nearest" if w < 32 else "antialiased")
-        ax.set_ylabel(f"{name}\n{c}x{h}x{w}", fontsize=8)
+        ax.set_ylabel(f"{name}\n{c}x{h}x{w}", fontsize=10)
 
 
 def plot_feature_images(result: Any, *, ncols: int | None = None) -> Figure:
@@ -383,42 +383,105 @@ def plot_class_sensitivity(result: object, index: int = 0) -> Figure:
     return fig
 
 
+#: the PNG text key that carries a figure's smallest font in pixels at its saved size: a page shows the
+#: figure at least as wide as makes that text :data:`MIN_TEXT_PX` (report.py, ``_img``)
+FONT_KEY = "convlens-min-font-px"
+MIN_TEXT_PX = 10.0
+
+
+def min_font_px(fig: Figure, dpi: float) -> float:
+    """The smallest visible text of ``fig`` in pixels when saved at ``dpi``: points x dpi / 72."""
+    from matplotlib.text import Text
+
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return (min(sizes) if sizes else 10.0) * dpi / 72
+
+
+def figure_bytes(fig: Figure, dpi: float, **kwargs: Any) -> bytes:
+    """``fig`` as PNG bytes (``bbox_inches="tight"``) with its smallest font size in pixels in the
+    PNG's text (:data:`FONT_KEY`), so a page can keep that text readable."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={FONT_KEY: f"{min_font_px(fig, dpi):.2f}"},
+                **kwargs)
+    return buf.getvalue()
+
+
+def map_thumbnail(image: Any, heat: Any) -> np.ndarray:
+    """A small overlay for tables: ``heat`` (h, w) normalised per image, coloured ``jet`` over the
+    RGB ``image`` (3, h, w) in [0, 1]; (h, w, 3) uint8."""
+    rgb = np.asarray(image.detach().float().cpu() if hasattr(image, "detach") else image).transpose(1, 2, 0)
+    m = np.asarray(heat.detach().float().cpu() if hasattr(heat, "detach") else heat)
+    return (np.clip(overlay(np.clip(rgb, 0, 1), normalize_map(m)), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def plot_comparison(comparison: object) -> Figure:
-    """Deletion (left) and insertion (right) curves of every row of a
-    :class:`convlens.metrics.compare.Comparison`, averaged over its images; reference rows dashed
+    """A row of map thumbnails per method (the first images of a
+    :class:`convlens.metrics.compare.Comparison`, each method's verdict beside it), then its
+    deletion (left) and insertion (right) curves averaged over the images; reference rows dashed
     grey, the AUC (mean over images) in each legend entry.
 
     Returns:
         A :class:`ResultFigure`.
     """
-    fig = ResultFigure(figsize=(11, 4.2))
-    axes = fig.subplots(1, 2)
+    thumbs = getattr(comparison, "thumbnails", {}) or {}
+    methods = [r.method for r in comparison.rows if not r.reference and r.method in thumbs]
+    k = 0 if "image" not in thumbs else int(thumbs["image"].shape[0])
+    levels = {m: v["level"] for m, v in comparison.verdicts().items()} if methods else {}
+    top = 1.15 * (len(methods) + 1) if k else 0.0
+    fig = ResultFigure(figsize=(11, 4.2 + top))
+    grid = fig.add_gridspec(2, 1, height_ratios=[max(top, 0.01), 4.2]) if k else None
+    if k:
+        slots = max(k, 5)  # one image's thumbnails sit beside their labels, not across the whole width
+        sub = grid[0].subgridspec(len(methods) + 1, slots + 1, width_ratios=[1.6] + [1] * slots, hspace=0.08,
+                                  wspace=0.04)
+        for j, name in enumerate(["image", *methods]):
+            label = fig.add_subplot(sub[j, 0])
+            label.axis("off")
+            text = name if name == "image" else f"{name}\n{levels.get(name, '')}"
+            label.text(1, 0.5, text, ha="right", va="center", fontsize=10,
+                       color="#b42318" if levels.get(name) == "do not trust" else "black")
+            for i in range(k):
+                ax = fig.add_subplot(sub[j, i + 1])
+                ax.axis("off")
+                img = thumbs["image"][i]
+                shown = img.permute(1, 2, 0).clamp(0, 1).numpy() if name == "image" else map_thumbnail(
+                    img, thumbs[name][i])
+                ax.imshow(shown)
+                if j == 0 and i < len(comparison.images):
+                    ax.set_title(str(comparison.images[i])[:18], fontsize=9)
+        curves = grid[1].subgridspec(1, 2)
+        axes = [fig.add_subplot(curves[0, 0]), fig.add_subplot(curves[0, 1])]
+    else:
+        axes = fig.subplots(1, 2)
     rows = [r for r in comparison.rows if not r.error]
     for ax, kind in zip(axes, ("deletion", "insertion")):
         for r in rows:
             c = getattr(r, kind)
             f = c.fractions.detach().float().cpu().numpy()
             s = c.scores.detach().float().mean(0).cpu().numpy()
-            style = {"ls": "--", "color": "0.45" if r.method == "random map" else "0.7"} if r.reference else {}
+            style = {"ls": "--", "color": "0.45" if r.method.startswith("random") else "0.7"} if r.reference else {}
             ax.plot(f, s, lw=1.5, label=f"{r.method}  {float(c.auc.mean()):.3f}", **style)
         ax.set_xlim(0, 1)
         ax.grid(alpha=0.3)
         what = "removed" if kind == "deletion" else "revealed"
-        ax.set_xlabel(f"fraction of pixels {what}, most salient first")
-        ax.set_ylabel("probability of the target class")
+        ax.set_xlabel(f"fraction of pixels {what}, most salient first", fontsize=10)
+        ax.set_ylabel("probability of the target class", fontsize=10)
         better = "lower" if kind == "deletion" else "higher"
-        ax.set_title(f"{kind} (AUC, {better} is better)", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.set_title(f"{kind} (AUC, {better} is better)", fontsize=11)
+        ax.legend(fontsize=9)
     n = len(comparison.images)
     fig.suptitle(f"{comparison.model}: {n} image{'s' if n != 1 else ''}" + (" (mean curves)" if n > 1 else ""),
-                 fontsize=10)
+                 fontsize=11)
     fig.tight_layout()
     return fig
 
 
 def plot_trust(result: object) -> Figure:
     """The report's trust figure: deletion (left) and insertion (right) curves of each map of a
-    :class:`convlens.metrics.results.TrustSummary` beside the random map's (dashed).
+    :class:`convlens.metrics.results.TrustSummary` beside the references' (dashed: random maps at
+    each map's grid, the centred Gaussian).
 
     Returns:
         A :class:`ResultFigure`.
@@ -430,7 +493,8 @@ def plot_trust(result: object) -> Figure:
         for name, c in zip(result.curves, curves):
             f = c.fractions.detach().float().cpu().numpy()
             s = c.scores[0].detach().float().cpu().numpy()
-            style = {"ls": "--", "color": "0.45"} if name == "random map" else {}
+            ref = name.startswith("random") or name == "centred Gaussian"
+            style = {"ls": "--", "color": "0.45" if name.startswith("random") else "0.7"} if ref else {}
             ax.plot(f, s, lw=1.6, label=f"{name}  AUC {float(c.auc[0]):.3f}", **style)
         kind = curves[0].kind
         ax.set_xlim(0, 1)

@@ -25,6 +25,7 @@ import numpy as np
 from torch import Tensor
 
 from .display import METHOD_TITLES, rich_display, short
+from .metrics.evidence import LOW_AGREEMENT as _LOW_AGREEMENT
 from .models import Prediction
 from .outputs import RunWriter, npy_writer, printable, safe_key
 
@@ -80,12 +81,53 @@ CSS = """
 .convlens-report details{margin-top:.6em}
 .convlens-report summary{cursor:pointer;color:var(--accent)}
 .convlens-report footer{margin-top:24px}
+.convlens-report td,.convlens-report th,.convlens-report h1,.convlens-report h2,.convlens-report h3,
+.convlens-report .level{overflow-wrap:normal;word-break:normal;hyphens:none}
+.convlens-report .scroll,.convlens-report .fig{overflow-x:auto;max-width:100%}
+.convlens-report .fig img{height:auto}
+.convlens-report .tier{background:#fff4d6;color:#7a4b00;border:1px solid #e8c66a;border-radius:6px;
+ padding:.5em .8em;margin:.6em 0}
+.convlens-report .pair{display:flex;flex-wrap:wrap;gap:8px}
+.convlens-report .pair figure{margin:0;padding:0;border:0}
+.convlens-report .pair img{width:160px}
+.convlens-report dl.glossary dt{font-weight:600;margin-top:.4em}
+.convlens-report dl.glossary dd{margin:0 0 0 1em}
 @media (max-width:640px){
  .convlens-report{padding:8px;font-size:14px}
  .convlens-report .head{grid-template-columns:minmax(0,1fr)}
  .convlens-report section.image{padding:10px}
+ .convlens-report table{display:block;overflow-x:auto;max-width:100%}
 }
 """
+
+#: the report's glossary (end of every page): the words its numbers use
+GLOSSARY = {
+    "Grad-CAM": "a map of where the features that raise the class's score lie, from the gradient at one layer "
+                "(coarse: one value per cell of that layer's grid, 7 x 7 on the default model).",
+    "occlusion": "a map of how much the class's probability drops when a patch of the photo is greyed out.",
+    "deletion AUC": "blur the pixels a map ranks highest first and follow the class's probability: the area under "
+                    "that curve. Lower is better: the map found what the model uses.",
+    "insertion AUC": "start from the blurred photo and reveal the top pixels first: the area under the curve. "
+                     "Higher is better.",
+    "random map": "random values on the same grid as the map, enlarged the same way: what a map that knows nothing "
+                  "scores. Several draws; their spread is the noise of the numbers on one photo.",
+    "centred Gaussian": "a blob in the middle of the photo: what a map that only says 'the object is in the middle' "
+                        "scores.",
+    "rho (ρ)": "Spearman rank correlation: 1 when two maps order the pixels the same way, 0 when unrelated.",
+    "class rho": "rho between the map for the class and for the least likely class: high means the map does not "
+                 "depend on the class.",
+    "sanity check": "the map again after the classifier's weights are replaced by random ones: a real explanation "
+                    "changes (rho below 0.5).",
+    "verdict": "trust: passes both checks and beats the references; weak: no better than a reference by more than "
+               "the noise; do not trust: fails the sanity check or does not depend on the class.",
+}
+
+
+def glossary_html() -> str:
+    """The glossary as a folded definition list."""
+    items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in GLOSSARY.items())
+    return f"<details class=glossary-box><summary>Glossary</summary><dl class=glossary>{items}</dl></details>"
+
 
 #: For the notebook fragment only: notebook front-ends style every table in an output (JupyterLab
 #: right-aligns cells with a two-class selector and stripes rows); the doubled class outranks that.
@@ -321,11 +363,10 @@ def _render(im: ImageExplanation, technique: str, plot_args: dict[str, Any]) -> 
     if result is None:
         return None
     try:
-        fig = result.plot(**plot_args)
-        buf = io.BytesIO()
+        from .plotting import figure_bytes
+
         # zlib level 3, not 6: a third less time per figure, files 10-13% larger
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pil_kwargs={"compress_level": 3})
-        return buf.getvalue()
+        return figure_bytes(result.plot(**plot_args), 100, pil_kwargs={"compress_level": 3})
     except Exception as e:  # a figure that cannot be drawn is an error of that technique, not of the run
         log.warning("%s: cannot draw %s: %s", im.name, technique, printable(e))
         im.errors[technique] = printable(f"drawing failed: {type(e).__name__}: {e}")
@@ -353,10 +394,26 @@ def _e(value: Any) -> str:
 
 
 def _img(png: bytes | None, alt: str) -> str:
+    """An embedded PNG. A figure that says its smallest text size (``plotting.FONT_KEY``) is shown
+    at least as wide as keeps that text ``MIN_TEXT_PX`` tall, in a box that scrolls sideways on a
+    narrow screen (a phone) instead of shrinking the text to nothing."""
     if not png:
         return ""
+    from PIL import Image
+
+    from .plotting import FONT_KEY, MIN_TEXT_PX
+
     data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}" loading="eager">'
+    try:
+        with Image.open(io.BytesIO(png)) as im:
+            width, font = im.size[0], float(getattr(im, "text", {}).get(FONT_KEY, 0))
+    except (OSError, ValueError):
+        width, font = 0, 0.0
+    if font <= 0:
+        return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}" loading="eager">'
+    least = math.ceil(width * MIN_TEXT_PX / font)
+    return (f'<div class=fig><img src="data:image/png;base64,{data}" alt="{_e(alt)}" loading="eager" '
+            f'style="min-width:{least}px" data-font-px="{font:.2f}" width="{width}"></div>')
 
 
 def _caption(im: ImageExplanation, tech: str, settings: dict[str, Any]) -> str:
@@ -366,7 +423,8 @@ def _caption(im: ImageExplanation, tech: str, settings: dict[str, Any]) -> str:
         names = ", ".join(f"<code>{_e(n)}</code>" for n in layers)
         k = settings["activations"]["channels"]
         return (f"Outputs of the model's stages ({names}); each row shows a stage's {_e(k)} most active "
-                "channels on this image. Early stages answer to edges and colours, later ones to parts and textures.")
+                "channels on this image (“ch 12 (0.34)”: channel 12, its mean activation 0.34). Early stages answer "
+                "to edges and colours, later ones to parts and textures.")
     if tech == "gradcam":
         return (f"Grad-CAM ({_e(settings['gradcam']['method'])}) at <code>{_e(im.layers.get('gradcam', ''))}</code> "
                 f"for {label}: where the features that raise this class's score lie.")
@@ -440,9 +498,63 @@ def _image_section(report: Report, im: ImageExplanation) -> str:
             parts.append(_img(png, f"{TITLES[tech]}: {im.name}"))
             parts.append(f"<figcaption>{_caption(im, tech, report.settings)}</figcaption>")
         parts.append("</figure>")
+    parts.append(_agreement_html(im))
     times = ", ".join(f"{_e(k.removesuffix('_s'))} {v:.1f} s" for k, v in im.timings.items())
     parts.append(f"<p class=meta>time: {times}</p></section>")
     return "".join(parts)
+
+
+def _agreement_html(im: ImageExplanation) -> str:
+    """Whether Grad-CAM and occlusion agree on this image: the value, what it means, and both maps
+    side by side where they disagree."""
+    from .metrics.evidence import CHANCE_AGREEMENT, LOW_AGREEMENT
+
+    rho = (im.agreement or {}).get("gradcam_occlusion_spearman")
+    if rho is None:
+        return ""
+    cam, occ = im.results.get("gradcam"), im.results.get("occlusion")
+    grid = ""
+    if cam is not None and occ is not None:
+        from .metrics.evidence import common_grid
+
+        g = common_grid(cam, occ)
+        grid = f" {g[0]}×{g[1]}"
+    agree = rho >= LOW_AGREEMENT
+    if rho >= CHANCE_AGREEMENT:
+        word = "agree"
+        meaning = "more than the maps of two different photos do in 95% of cases: each supports the other"
+    elif agree:
+        word = "neither agree nor disagree"
+        meaning = ("no more than the maps of two different photos often do (up to "
+                   f"{CHANCE_AGREEMENT:g}): neither map confirms the other")
+    else:
+        word = "<strong>disagree</strong>"
+        meaning = (f"less than the maps of two different photos usually do (their median is {LOW_AGREEMENT:g}): "
+                   "they point at different evidence, marked “disagree”; read neither alone")
+    text = (f"<p>Grad-CAM and occlusion {word} on this image: rank correlation ρ {rho:.2f} between the two maps "
+            f"at their common{grid} grid (the coarser of the two), {meaning}.</p>")
+    if agree or cam is None or occ is None or im.rgb is None:
+        return f"<figure><h3>Do the maps agree?</h3>{text}</figure>"
+    import torch
+
+    from .plotting import map_thumbnail
+
+    rgb = torch.as_tensor(np.asarray(im.rgb, dtype=np.float32)).permute(2, 0, 1)
+    pair = "".join(
+        f"<figure>{_img(_thumb_png(map_thumbnail(rgb, r.maps[0])), 'side by side: ' + name)}"
+        f"<figcaption>{_e(name)}</figcaption></figure>"
+        for name, r in (("Grad-CAM", cam), ("occlusion", occ)))
+    return f"<figure><h3>Do the maps agree?</h3>{text}<div class=pair>{pair}</div></figure>"
+
+
+def _tier_html(settings: dict[str, Any]) -> str:
+    """The banner at the top of every page of a run with lighter settings, with the command for the
+    full ones."""
+    tier = settings.get("tier") or {}
+    if tier.get("name", "full") == "full":
+        return ""
+    return (f"<div class=tier>{_e(tier.get('said', ''))} For the full settings: "
+            f"<code>{_e(tier.get('command', ''))}</code></div>")
 
 
 def _settings_table(report: Report) -> str:
@@ -474,6 +586,7 @@ def _body(report: Report) -> str:
         f"<p class=meta>model <strong>{_e(report.model)}</strong>{weights}{_multi_label(report)}"
         f" · device {_e(report.device)}"
         f" · {_e(report.created)}</p><p>{status}.</p>",
+        _tier_html(report.settings),
     ]
     if n > 1:
         links = "".join(
@@ -486,7 +599,8 @@ def _body(report: Report) -> str:
     if report.skipped:
         items = "".join(f"<li><code>{_e(s['path'])}</code>: {_e(s['reason'])}</li>" for s in report.skipped)
         out.append(f'<section class="skipped"><h2>Skipped</h2><ul>{items}</ul></section>')
-    out.append(f"<footer><details><summary>Settings and versions</summary>{_settings_table(report)}</details></footer>")
+    out.append(f"<footer>{glossary_html()}<details><summary>Settings and versions</summary>"
+               f"<div class=scroll>{_settings_table(report)}</div></details></footer>")
     return "".join(out)
 
 
@@ -499,12 +613,12 @@ def render_html(report: Report, *, standalone: bool = True) -> str:
     """
     body = f'<div class="convlens-report">{_body(report)}</div>'
     if not standalone:
-        return f"<style>{CSS}{NOTEBOOK_CSS}</style>{body}"
+        return f"<style>{CSS}{LEVEL_CSS}{NOTEBOOK_CSS}</style>{body}"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>convlens report: {_e(report.model)}</title><style>{CSS}"
+        f"<title>convlens report: {_e(report.model)}</title><style>{CSS}{LEVEL_CSS}"
         "body{margin:0;background:#f4f6f9}</style></head>\n"
         f"<body>{body}</body></html>\n"
     )
@@ -578,44 +692,109 @@ def _num(v: Any, digits: int = 3) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
+LEVEL_CSS = """
+.convlens-report .level{display:inline-block;padding:0 .45em;border-radius:4px;font-weight:600;white-space:nowrap}
+.convlens-report .level.trust{background:#dcfae6;color:#085d3a}
+.convlens-report .level.weak{background:#fff4d6;color:#7a4b00}
+.convlens-report .level.do-not-trust{background:var(--badbg);color:var(--bad)}
+.convlens-report ul.verdicts{list-style:none;padding:0}
+.convlens-report ul.verdicts li{margin:.5em 0}
+.convlens-report .thumbs{display:flex;flex-wrap:wrap;gap:4px;align-items:center;margin:.3em 0 .8em}
+.convlens-report .thumbs img{width:96px;height:auto}
+.convlens-report dl.columns dt{font-weight:600;margin-top:.4em}
+.convlens-report dl.columns dd{margin:0 0 0 1em}
+"""
+
+
+def level_badge(level: str) -> str:
+    """A verdict level as a coloured label (``trust`` green, ``weak`` amber, ``do not trust`` red)."""
+    return f'<span class="level {_e(level.replace(" ", "-"))}">{_e(level)}</span>'
+
+
+def verdict_list(verdicts: dict[str, dict[str, Any]], names: dict[str, str] | None = None) -> str:
+    """The verdicts as an HTML list: method, level, reasons."""
+    items = "".join(
+        f"<li><strong>{_e((names or {}).get(m, m))}</strong> {level_badge(v['level'])} "
+        f"{' '.join(_e(r) for r in v['reasons'])}</li>"
+        for m, v in verdicts.items()
+    )
+    return f"<ul class=verdicts>{items}</ul>"
+
+
+def _thumb_png(a: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def comparison_html(comparison: Any, png: bytes | None = None) -> str:
-    """The self-contained HTML page of a :class:`convlens.metrics.compare.Comparison`: the summary
-    table (mean ± spread over the images), the ranking, the verdicts in words, the curves, and the
-    per-image numbers, in the report's style (same CSS, no script, no network).
+    """The self-contained HTML page of a :class:`convlens.metrics.compare.Comparison`: the verdicts
+    in words first, a row of map thumbnails per method, the summary table (mean over the images,
+    the difference to the random maps with its interval) with every column explained under it,
+    the ranking, the curves, and the per-image numbers, in the report's style (same CSS, no
+    script, no network).
 
     Example::
 
         Path("compare.html").write_text(comparison_html(convlens.compare(clf, x)))
     """
+    from .plotting import map_thumbnail
+
     summary = comparison.summary()
+    verdicts = comparison.verdicts()
     n = len(comparison.images)
-
-    def cell(s: dict[str, Any], key: str, digits: int = 3) -> str:
-        v, sd = s.get(key), s.get(key + "_std")
-        text = _num(v, digits) + (f" ± {_num(sd, digits)}" if n > 1 and v is not None else "")
-        return f"<td class=num>{_e(text)}</td>"
-
     rows = []
     for s in summary:
-        name = _e(s["method"]) + (" <span class=muted>(reference)</span>" if s["reference"] else "")
+        name = _e(s["method"])
         if s.get("error"):
-            rows.append(f"<tr><td>{name}</td><td colspan=8 class=error>{_e(s['error'])}</td></tr>")
+            rows.append(f"<tr><td>{name}</td><td>{level_badge('do not trust')}</td>"
+                        f"<td colspan=7 class=error>{_e(s['error'])}</td></tr>")
             continue
         passed = s.get("sanity_passed")
         sanity = "–" if passed is None else (("pass" if passed == 1 else "FAIL") if n == 1 else f"{passed:.0%} pass")
         cls = ' class="bad"' if passed is not None and passed < 1 else ""
-        disc = s.get("class_discriminative")
+        vr = (s.get("vs") or {}).get(s.get("random") or "")
+        vc = (s.get("vs") or {}).get("centred Gaussian")
+
+        def vs(v: dict[str, Any] | None) -> str:
+            if v is None:
+                return "<td class=num>–</td>"
+            extra = f" [{v['low']:+.2f}, {v['high']:+.2f}]" if "low" in v else f" ± {v['margin']:.3f}"
+            return f"<td class=num>{v['difference']:+.3f}<br><span class=muted>{_e(extra.strip())}</span></td>"
+
+        def auc(key: str, s: dict[str, Any] = s) -> str:  # the mean, and its 95% interval over 5+ images
+            ci = (s.get("intervals") or {}).get(key)
+            extra = f"<br><span class=muted>[{ci[0]:.2f}, {ci[1]:.2f}]</span>" if ci else ""
+            return f"<td class=num>{_num(s.get(key))}{extra}</td>"
+
+        level = "<span class=muted>reference</span>" if s["reference"] else level_badge(
+            verdicts.get(s["method"], {}).get("level", ""))
+        best = (s.get("vs") or {}).get("best")
         rows.append(
-            f"<tr><td>{name}</td>{cell(s, 'deletion_auc')}{cell(s, 'insertion_auc')}{cell(s, 'difference')}"
-            f"{cell(s, 'class_sensitivity', 2)}<td>{'–' if disc is None else ('yes' if disc else 'no')}</td>"
-            f"{cell(s, 'sanity_rho', 2)}<td{cls}>{_e(sanity)}</td>{cell(s, 'seconds', 2)}"
+            f"<tr><td>{name}</td><td>{level}</td>{auc('deletion_auc')}{auc('insertion_auc')}{auc('difference')}"
+            f"{vs(vr)}{vs(vc)}{vs(best) if not s['reference'] and s.get('rank', 0) > 1 else '<td class=num>–</td>'}"
+            f"<td class=num>{_num(s.get('class_sensitivity'), 2)}</td><td{cls}>{_e(sanity)}</td>"
             f"<td class=num>{_e(s.get('rank', ''))}</td></tr>"
         )
-    head = ("<tr><th>method</th><th>deletion AUC ↓</th><th>insertion AUC ↑</th><th>ins − del ↑</th>"
-            "<th>class ρ ↓</th><th>class-discriminative</th><th>sanity ρ ↓</th><th>sanity</th><th>map s</th>"
-            "<th>rank</th></tr>")
-    verdicts = "".join(f"<li>{_e(v)}</li>" for v in comparison.verdicts()) or "<li>No method failed a check.</li>"
-    disc = ", ".join(comparison.discriminative()) or "none"
+    head = ("<tr><th>method</th><th>verdict</th><th>deletion</th><th>insertion</th><th>ins-del</th>"
+            "<th>vs random</th><th>vs centre</th><th>vs best</th><th>class rho</th><th>sanity</th><th>rank</th></tr>")
+    columns = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in comparison.columns().items() if k != "map s")
+    thumbs = getattr(comparison, "thumbnails", {}) or {}
+    strip = []
+    if "image" in thumbs:
+        imgs = thumbs["image"]
+        for key in ["image"] + [r.method for r in comparison.rows if not r.reference and r.method in thumbs]:
+            cells = "".join(
+                _img(_thumb_png((imgs[i].permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+                                if key == "image" else map_thumbnail(imgs[i], thumbs[key][i])),
+                     f"{key}: {comparison.images[i] if i < n else i}")
+                for i in range(imgs.shape[0]))
+            label = "the images" if key == "image" else key
+            badge = "" if key == "image" else " " + level_badge(verdicts.get(key, {}).get("level", ""))
+            strip.append(f"<h3>{_e(label)}{badge}</h3><div class=thumbs>{cells}</div>")
+    shown = min(n, int(thumbs["image"].shape[0])) if "image" in thumbs else 0
     per = comparison.per_image()
     keys = ["image", "method", "deletion_auc", "insertion_auc", "class_sensitivity", "sanity_rho", "seconds"]
 
@@ -626,33 +805,40 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
 
     prow = "".join("<tr>" + "".join(pcell(r.get(k)) for k in keys) + "</tr>" for r in per)
     s = comparison.settings
+    refs = s.get("references") or {}
     how = (
         f"Deletion / insertion: {s.get('steps')} steps, baseline <code>{_e(s.get('baseline'))}</code>, score = "
-        "probability of the target class, AUC = trapezoid over the fraction of pixels. Class ρ: Spearman rank "
-        "correlation between a method's map for the target and for the least likely class (below "
-        f"{s.get('class_sensitivity', {}).get('threshold', '')}: class-discriminative). Sanity ρ: Spearman rank "
-        "correlation between the map and the map after the classifier is re-initialised (Adebayo et al. 2018); "
-        f"below {(s.get('sanity') or {}).get('threshold', '')} passes. Occlusion: "
-        f"<code>{_e(s.get('occlusion'))}</code>. Ranking: {_e(s.get('ranking', ''))}."
+        "probability of the target class, AUC = trapezoid over the fraction of pixels. Random references: "
+        f"{_e(refs.get('random map', ''))}. Margin on one image: {_e(refs.get('margin', ''))}; intervals over "
+        f"images: {_e(refs.get('bootstrap', ''))}. Occlusion: <code>{_e(s.get('occlusion'))}</code>."
     )
+    from .metrics.evidence import MIN_IMAGES
+
+    few = "One image" if n == 1 else f"{n} images"
+    one = "" if n >= MIN_IMAGES else (
+        f"<p class=note>{few} cannot rank methods closer than the noise margin: the differences below are real only "
+        f"where they exceed it. Compare {MIN_IMAGES} or more photos for intervals.</p>")
     body = (
         f"<header><h1>Which map to believe</h1><p class=meta>model <strong>{_e(comparison.model)}</strong> · "
         f"{n} image{'s' if n != 1 else ''}</p></header>"
-        f'<section class="image"><h2>Summary</h2><div class=scroll><table>{head}{"".join(rows)}</table></div>'
-        f"<p>Class-discriminative for this model: <strong>{_e(disc)}</strong>. Ranking: "
-        f"{_e(' > '.join(comparison.ranking()))}.</p><ul>{verdicts}</ul>"
-        f"<p class=meta>{how}</p></section>"
-        f'<section class="image"><h2>Curves</h2>{_img(png, "deletion and insertion curves")}</section>'
+        f'<section class="image"><h2>Verdicts</h2>{verdict_list(verdicts)}{one}'
+        f"<p>Ranking (&gt; a real difference, ≈ within the noise): {_e(comparison.ranking_text())}.</p></section>"
+        + (f'<section class="image"><h2>The maps it ranks</h2><p class=meta>the first {shown} image'
+           f"{'s' if shown != 1 else ''}; red where the map is highest</p>{''.join(strip)}</section>" if strip else "")
+        + f'<section class="image"><h2>Summary</h2><div class=scroll><table>{head}{"".join(rows)}</table></div>'
+        f"<dl class=columns>{columns}</dl><p class=meta>{how}</p></section>"
+        f'<section class="image"><h2>Curves</h2>{_img(png, "map thumbnails and deletion and insertion curves")}'
+        "</section>"
         f'<section class="image"><details><summary>Per image</summary><div class=scroll><table><tr>'
         + "".join(f"<th>{_e(k)}</th>" for k in keys) + f"</tr>{prow}</table></div></details></section>"
+        f"<footer>{glossary_html()}</footer>"
     )
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>convlens compare: {_e(comparison.model)}</title><style>{CSS}"
+        f"<title>convlens compare: {_e(comparison.model)}</title><style>{CSS}{LEVEL_CSS}"
         ".convlens-report td.bad{color:var(--bad);font-weight:600}"
-        ".convlens-report th{overflow-wrap:normal}.convlens-report .scroll{overflow-x:auto}"
         "body{margin:0;background:#f4f6f9}</style></head>\n"
         f'<body><div class="convlens-report">{body}</div></body></html>\n'
     )
@@ -660,16 +846,18 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
 
 # -- the trust section (convlens explain) ---------------------------------------------------
 def trust_caption(trust: Any, label: str) -> str:
-    """The caption of the report's "How far to trust these maps" figure: a table of each map's
-    deletion and insertion AUC (beside the random map's), class sensitivity and sanity verdict,
-    and a line saying how to read them."""
+    """The caption of the report's "How far to trust these maps" figure: the verdict per map in
+    words first, then how to read the curves, then a table of each map's deletion and insertion
+    AUC beside the references' (random maps at the map's own grid, a centred Gaussian), class
+    sensitivity and sanity verdict."""
     if trust is None:
         return ""
 
     auc = trust.auc()
     rows = []
     for tech, a in auc.items():
-        name = "random map" if tech == "random map" else METHOD_TITLES.get(tech, tech)
+        ref = tech not in trust.class_rho
+        name = tech if ref else METHOD_TITLES.get(tech, tech)
         rho = trust.class_rho.get(tech)
         other = trust.other.get(tech)
         cls = "–" if rho is None or not math.isfinite(rho) else (
@@ -677,26 +865,38 @@ def trust_caption(trust: Any, label: str) -> str:
         v = trust.sanity.get(tech)
         sanity = "–" if v is None else (
             f"{'passes' if v['passed'] else '<strong>fails</strong>'} (ρ {v['rho']:.2f} after re-initialising "
-            f"<code>{_e(v['stage'])}</code>; checked once on {_e(v['image'])})")
-        rows.append(f"<tr><td>{_e(name)}</td><td class=num>{a['deletion']:.3f}</td>"
-                    f"<td class=num>{a['insertion']:.3f}</td><td>{cls}</td><td>{sanity}</td></tr>")
-    head = ("<tr><th>map</th><th>deletion AUC ↓</th><th>insertion AUC ↑</th><th>class ρ (vs least likely)</th>"
+            f"<code>{_e(v['stage'])}</code>; checked once per run, on {_e(v['image'])})")
+        spread = getattr(trust, "spread", {}).get(tech)
+        extra = f" <span class=muted>(draws ± {spread:.3f})</span>" if spread is not None else ""
+        level = (getattr(trust, "verdicts", {}).get(tech) or {}).get("level")
+        rows.append(f"<tr><td>{_e(name)}{extra}</td><td>{level_badge(level) if level else 'reference'}</td>"
+                    f"<td class=num>{a['deletion']:.3f}</td><td class=num>{a['insertion']:.3f}</td>"
+                    f"<td class=num>{a['insertion'] - a['deletion']:.3f}</td><td>{cls}</td><td>{sanity}</td></tr>")
+    head = ("<tr><th>map</th><th>verdict</th><th>deletion AUC (lower is better)</th>"
+            "<th>insertion AUC (higher is better)</th><th>ins − del</th><th>class ρ (vs least likely)</th>"
             "<th>sanity check (model randomisation)</th></tr>")
     steps, base = trust.settings.get("steps"), trust.settings.get("baseline")
+    names = {t: METHOD_TITLES.get(t, t) for t in getattr(trust, "verdicts", {})}
+    verdicts = verdict_list(trust.verdicts, names) if getattr(trust, "verdicts", None) else ""
     return (
-        f"Hiding the pixels a map ranks highest first (deletion, {_e(steps)} steps, replaced by a "
-        f"<code>{_e(base)}</code> copy) should make the probability of {label} fall faster than for a random "
-        "map; revealing them first (insertion) should make it rise faster. A map whose ρ with the least likely "
-        "class is high does not tell classes apart; one that passes the sanity check changes when the classifier "
-        f"is random, as an explanation of the decision must.<table>{head}{''.join(rows)}</table>"
+        f"{verdicts}Deletion: the pixels a map ranks highest are replaced first by a <code>{_e(base)}</code> copy "
+        f"({_e(steps)} steps); if the map found what the model uses, the probability of {label} falls fast, so "
+        "a lower area under the curve (AUC) is better. Insertion: start from the blurred photo and reveal the top "
+        "pixels first; the probability should rise fast, so a higher AUC is better. The references give the scale: "
+        "random maps drawn on each map's own grid and enlarged the same way (dashed; their spread is the noise on "
+        "one photo) and a centred Gaussian (a map that only says 'the object is in the middle'). Class ρ: how alike "
+        "the maps for this class and for the least likely class are (high: the map ignores the class). The sanity "
+        "check re-initialises the classifier: a map that explains the decision must change (ρ below 0.5)."
+        f"<div class=scroll><table>{head}{''.join(rows)}</table></div>"
     )
 
 
 # -- many images: the index page and summary.csv -----------------------------------------------
 #: An image whose top-1 probability is below this is marked "low confidence" on the index.
 LOW_CONFIDENCE = 0.25
-#: An image whose Grad-CAM and occlusion maps have a Spearman correlation below this is marked.
-LOW_AGREEMENT = 0.2
+#: An image whose Grad-CAM and occlusion maps (at their common grid) have a Spearman correlation below
+#: this is marked "disagree" (calibrated: :data:`convlens.metrics.evidence.LOW_AGREEMENT`)
+LOW_AGREEMENT = _LOW_AGREEMENT
 
 INDEX_CSS = """
 .convlens-index .views{display:flex;flex-wrap:wrap;gap:.4em;align-items:center;margin:.6em 0}
@@ -879,7 +1079,8 @@ def render_index(
     )
     body = (
         f"<header><h1>convlens report</h1><p class=meta>model <strong>{_e(model.get('name', ''))}</strong>"
-        f" · device {_e(model.get('device', ''))} · {_e(summary.get('created', ''))}</p><p>{status}.</p></header>"
+        f" · device {_e(model.get('device', ''))} · {_e(summary.get('created', ''))}</p><p>{status}.</p>"
+        f"{_tier_html(summary.get('settings') or {})}</header>"
         f'{views}<div class="grid">{"".join(cards)}</div>'
     )
     if skipped:

@@ -173,7 +173,9 @@ class TrustSummary:
     ``curves``: technique (and ``"random map"``) -> (deletion, insertion) curves; ``class_rho``:
     technique -> rank correlation with the least likely class's map (``other``: that class);
     ``sanity``: technique -> the model's verdict (``passed``, ``rho``, ``image``, ``stage``, ...);
-    ``findings``: technique -> plain-words statements where a map should not be trusted.
+    ``findings``: technique -> plain-words statements where a map should not be trusted;
+    ``verdicts``: technique -> ``{"level": "trust" | "weak" | "do not trust", "reasons": [...]}``;
+    ``spread``: random reference -> standard deviation of its draws' insertion - deletion AUC.
     """
 
     curves: dict[str, tuple[PerturbationCurve, PerturbationCurve]] = field(repr=False)
@@ -184,6 +186,8 @@ class TrustSummary:
     target: list[int]
     labels: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    verdicts: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    spread: dict[str, float] = field(default_factory=dict, repr=False)
 
     def auc(self) -> dict[str, dict[str, float]]:
         """technique -> {"deletion": AUC, "insertion": AUC} (first image)."""
@@ -195,7 +199,7 @@ class TrustSummary:
         return np.stack(rows)[None].astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready numbers: AUCs, class sensitivity, sanity verdicts, findings, settings."""
+        """JSON-ready numbers: AUCs, class sensitivity, sanity verdicts, verdicts, findings, settings."""
         first = next(iter(self.curves.values()))[0]
         return {
             "auc": self.auc(),
@@ -204,7 +208,9 @@ class TrustSummary:
                        for k, (d, i) in self.curves.items()},
             "class_sensitivity": {k: {"rho": v, "other": self.other.get(k)} for k, v in self.class_rho.items()},
             "sanity": self.sanity,
+            "verdicts": self.verdicts,
             "findings": self.findings,
+            "spread": self.spread,
             "settings": self.settings,
         }
 

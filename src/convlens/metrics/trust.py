@@ -1,24 +1,28 @@
 """The numbers behind the report's "How far to trust these maps": for one image, the deletion and
-insertion curves of the maps already made (Grad-CAM, occlusion) beside a random map's, each
-map's class sensitivity, the model's sanity verdict, and what they mean in plain words."""
+insertion curves of the maps already made (Grad-CAM, occlusion) beside random maps at each map's
+own grid and a centred Gaussian, each map's class sensitivity, the model's sanity verdict, and a
+verdict per map in plain words."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..display import METHOD_TITLES
 from ..models import Classifier
 from ..results import Saliency
 from .compare import reference_map
+from .evidence import grid_name, grid_of, interval, noise_margin, random_like, verdict
 from .faithfulness import deletion_insertion
 from .results import SanityCheck, TrustSummary
 from .sanity import CLASS_THRESHOLD, cascade_stages, class_sensitivity, sanity_check
 
-__all__ = ["trust_summary", "model_sanity", "NAMES"]
+__all__ = ["trust_summary", "model_sanity", "NAMES", "TRUST_DRAWS"]
 
 NAMES = METHOD_TITLES  # the method names as people read them (kept under this name for callers)
 
@@ -42,6 +46,11 @@ def model_sanity(clf: Classifier, x: Tensor, sal: Saliency, *, seed: int = 0) ->
                         original=sal)
 
 
+#: random draws per grid in the report's trust section (compare uses REFERENCE_DRAWS): each costs
+#: 2 (steps - 1) forwards per image and grid
+TRUST_DRAWS = 4
+
+
 def trust_summary(
     clf: Classifier,
     x: Tensor,
@@ -52,33 +61,53 @@ def trust_summary(
     baseline: Any = "blur",
     seed: int = 0,
     class_maps: Collection[str] | None = None,
+    draws: int = TRUST_DRAWS,
 ) -> TrustSummary:
-    """Judge the maps of one image: per map, the deletion and insertion curves (and a random
-    map's, the same for every image), the class sensitivity (rank correlation with the map of the
-    least likely class) and, from ``sanity`` (technique -> the model's verdict, see
-    :func:`model_sanity`), whether the method passed; then a plain-words finding per technique
-    where a map should not be trusted. ``maps``: technique name -> its :class:`Saliency`;
-    ``class_maps``: the techniques whose class sensitivity is computed (default: all; it remakes
-    the map for the other class, for occlusion a second occlusion of the image); the others get
-    ``class_rho`` None.
+    """Judge the maps of one image: per map, the deletion and insertion curves beside the
+    references' (per grid of the maps, ``draws`` random maps at that grid resized as the map is,
+    the same for every image, and a centred Gaussian), the class sensitivity (rank correlation
+    with the map of the least likely class) and, from ``sanity`` (technique -> the model's
+    verdict, see :func:`model_sanity`), whether the method passed; then a verdict per technique
+    (:func:`convlens.metrics.evidence.verdict`) and its reasons as findings where it is not
+    "trust". ``maps``: technique name -> its :class:`Saliency`; ``class_maps``: the techniques
+    whose class sensitivity is computed (default: all; it remakes the map for the other class, for
+    occlusion a second occlusion of the image); the others get ``class_rho`` None.
 
     Example::
 
         t = trust_summary(clf, x, {"gradcam": cam, "occlusion": occ})
-        t.findings, t.plot()
+        t.verdicts["gradcam"]["level"], t.plot()
     """
     if not maps:
         raise ValueError("no maps to judge: the trust section needs the gradcam or occlusion technique")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
+        raise ValueError(f"draws must be an int of at least 2, got {draws!r}")
     n, _, h, w = x.shape
     args = {"steps": steps, "baseline": baseline}
     class_rho: dict[str, float | None] = {}
     others: dict[str, str] = {}
     target = list(next(iter(maps.values())).target)
-    rnd = reference_map("random map", n, h, w, seed=seed, device=x.device)
-    # the random map judged for the maps' class; one call, so the clean and the fully blurred
-    # images are shared by every curve
-    rnd_sal = Saliency(maps=rnd, raw=rnd, target=target, method="map", layer=None, images=x)
-    curves = deletion_insertion(clf, x, {**maps, "random map": rnd_sal}, **args)
+    grids = {}
+    for sal in maps.values():
+        kind, grid, opts = grid_of(sal, (h, w))
+        grids.setdefault(grid_name(kind, grid), (kind, grid, opts))
+    given: dict[str, Any] = dict(maps)
+    for ref, (kind, grid, opts) in grids.items():
+        rnd = random_like(kind, grid, (h, w), opts, draws=draws, seed=seed).to(x.device)
+        for k in range(draws):
+            given[f"{ref}#{k}"] = rnd[k].expand(n, -1, -1)
+    given["centred Gaussian"] = reference_map("centred Gaussian", n, h, w, device=x.device)
+    # one call, so the clean and the fully blurred images are shared by every curve; the
+    # references are judged for the maps' class
+    raw = deletion_insertion(clf, x, given, target=target, **args)
+    curves = {t: raw[t] for t in maps}
+    spread: dict[str, Tensor] = {}
+    for ref in grids:
+        ds = [raw[f"{ref}#{k}"] for k in range(draws)]
+        curves[ref] = tuple(replace(ds[0][j], method=ref, scores=torch.stack([p[j].scores for p in ds]).mean(0),
+                                    auc=torch.stack([p[j].auc for p in ds]).mean(0)) for j in (0, 1))
+        spread[ref] = torch.stack([p[1].auc - p[0].auc for p in ds])[:, 0]
+    curves["centred Gaussian"] = tuple(replace(c, method="centred Gaussian") for c in raw["centred Gaussian"])
     for tech, sal in maps.items():
         opts = _options(sal)
         if opts is None or (class_maps is not None and tech not in class_maps):
@@ -88,33 +117,26 @@ def trust_summary(
                                original=sal)
         class_rho[tech] = float(cs.spearman[0])
         others[tech] = cs.other_labels[0]
-    rnd_diff = float(curves["random map"][1].auc[0] - curves["random map"][0].auc[0])
+
+    def score(name: str) -> float:
+        return float(curves[name][1].auc[0] - curves[name][0].auc[0])
+
+    verdicts: dict[str, dict[str, Any]] = {}
     findings: dict[str, list[str]] = {}
     label = next(iter(maps.values())).labels[0] if next(iter(maps.values())).labels else "the target"
     for tech, sal in maps.items():
-        name = NAMES.get(sal.method, sal.method)
-        lines = []
-        verdict = (sanity or {}).get(tech)
-        if verdict is not None and not verdict["passed"]:
-            lines.append(
-                f"For this model, {name}'s map hardly changes when the classifier is replaced by a random one "
-                f"(rank correlation {verdict['rho']:.2f}): it shows where the layer is active, not why the model "
-                f"chose “{label}”. Do not read it as an explanation."
-            )
-        rho = class_rho.get(tech)
-        if rho is not None and math.isfinite(rho) and rho >= CLASS_THRESHOLD:
-            lines.append(
-                f"{name}'s map for “{label}” is nearly the same as for the least likely class “{others[tech]}” "
-                f"(rank correlation {rho:.2f}): on this image it does not tell the classes apart."
-            )
-        diff = float(curves[tech][1].auc[0] - curves[tech][0].auc[0])
-        if diff <= rnd_diff:
-            lines.append(
-                f"Removing the pixels {name}'s map ranks highest hurts the prediction no more than removing random "
-                f"pixels (insertion − deletion AUC {diff:.3f}, random map {rnd_diff:.3f})."
-            )
-        if lines:
-            findings[tech] = lines
+        ref = grid_name(*grid_of(sal, (h, w))[:2])
+        margin = noise_margin(spread[ref])
+        versus = {name: interval(score(tech) - score(name), math.nan, math.nan, margin)
+                  for name in (ref, "centred Gaussian")}
+        v = (sanity or {}).get(tech)
+        verdicts[tech] = verdict(images=1, versus=versus, margin=margin, class_rho=class_rho.get(tech),
+                                 sanity_passed=None if v is None else float(v["passed"]),
+                                 sanity_rho=None if v is None else v["rho"], class_threshold=CLASS_THRESHOLD)
+        if verdicts[tech]["level"] != "trust":
+            name = NAMES.get(sal.method, sal.method)
+            findings[tech] = [f"{name} on this image: {verdicts[tech]['level']}. " + " ".join(
+                r for r in verdicts[tech]["reasons"] if not r.startswith("One image"))]
     return TrustSummary(
         curves=curves,
         class_rho=class_rho,
@@ -124,7 +146,8 @@ def trust_summary(
         target=target,
         labels=[label],
         settings={"steps": steps, "baseline": baseline if isinstance(baseline, (int, float, str)) else "tensor",
-                  "class_threshold": CLASS_THRESHOLD, "seed": seed,
+                  "class_threshold": CLASS_THRESHOLD, "seed": seed, "draws": draws,
                   "class_maps": None if class_maps is None else sorted(class_maps)},
+        verdicts=verdicts,
+        spread={k: float(v.double().std()) for k, v in spread.items()},
     )
-

@@ -326,7 +326,7 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
         def curve(c: Any) -> dict[str, Any]:  # PerturbationCurve: fractions, scores (1, steps+1), auc (1,)
             return {"x": c.fractions.tolist(), "y": c.scores[0].tolist(), "auc": float(c.auc[0])}
 
-        return {"deletion": curve(found[0]), "insertion": curve(found[1])}
+        return {"deletion": curve(found[0]), "insertion": curve(found[1]), **(found[2] if len(found) > 2 else {})}
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html")

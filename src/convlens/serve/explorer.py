@@ -550,17 +550,61 @@ class Explorer:
         res = self.cam(image_id, cls, method, layer)
         key = (image_id, res["layer"], res["target"], method)
         x, maps, target = self.image(image_id).x, res["maps"][None], res["target"]
+        other = int(self.logits(image_id)[0].argmin())
+        other_map = self.cam(image_id, other, method, layer)["maps"][None]
 
         def run(progress: Callable[[int, int], None]) -> None:
-            progress(0, 2)
+            progress(0, 3)
             removed = deletion(self.clf, x, maps, target=target)
-            progress(1, 2)
+            progress(1, 3)
             restored = insertion(self.clf, x, maps, target=target)
-            progress(2, 2)
-            self._curves.put(key, (removed, restored))
+            progress(2, 3)
+            judged = _judge(self.clf, x, target, res["raw"], removed, restored, maps, other_map)
+            progress(3, 3)
+            self._curves.put(key, (removed, restored, judged))
 
         return self.submit("curves", ("curves", *key), run, lambda: key in self._curves)
 
     def curves_result(self, image_id: str, cls: int | str | None, method: str, layer: str | None) -> Any:
-        """The cached ``(deletion, insertion)`` curves of a map, or None."""
+        """The cached ``(deletion, insertion, judged)`` curves of a map (``judged``: its verdict and
+        the references' AUCs, see :func:`_judge`), or None."""
         return self._curves.get((image_id, self._layer(layer), self.class_index(image_id, cls), method))
+
+
+#: random maps drawn at the map's grid for the explorer's verdict (each costs 2 x 16 forwards)
+JUDGE_DRAWS = 4
+
+
+def _judge(clf: Classifier, x: Tensor, target: int, raw: Tensor, removed: Any, restored: Any, maps: Tensor,
+           other_map: Tensor) -> dict[str, Any]:
+    """The verdict on one explorer map (:func:`convlens.metrics.evidence.verdict`, one image): its
+    insertion - deletion AUC against random maps at its own grid (resized bilinearly, as CAMs are)
+    and a centred Gaussian, and its rank correlation with the least likely class's map. The
+    sanity check is left to ``convlens compare`` (it randomises a copy of the model)."""
+    from ..metrics._common import spearman
+    from ..metrics.compare import reference_map
+    from ..metrics.evidence import grid_name, interval, noise_margin, random_like, verdict
+    from ..metrics.faithfulness import deletion_insertion
+    from ..metrics.sanity import CLASS_THRESHOLD
+
+    size = tuple(x.shape[-2:])
+    grid = tuple(int(v) for v in raw.shape[-2:])
+    name = grid_name("bilinear", grid)
+    given = {f"#{k}": m[None] for k, m in enumerate(random_like("bilinear", grid, size, {}, draws=JUDGE_DRAWS)
+                                                          .to(x.device))}
+    given["centred Gaussian"] = reference_map("centred Gaussian", 1, *size, device=x.device)
+    curves = deletion_insertion(clf, x, given, target=[target])
+    diffs = torch.stack([curves[f"#{k}"][1].auc - curves[f"#{k}"][0].auc for k in range(JUDGE_DRAWS)])[:, 0]
+    mine = float(restored.auc[0] - removed.auc[0])
+    margin = noise_margin(diffs)
+    gauss = float(curves["centred Gaussian"][1].auc[0] - curves["centred Gaussian"][0].auc[0])
+    versus = {name: interval(mine - float(diffs.mean()), float("nan"), float("nan"), margin),
+              "centred Gaussian": interval(mine - gauss, float("nan"), float("nan"), margin)}
+    rho = float(spearman(maps.float().cpu(), other_map.float().cpu())[0])
+    out = verdict(images=1, versus=versus, margin=margin, class_rho=rho, class_threshold=CLASS_THRESHOLD)
+    out["reasons"].append("The sanity check (the classifier re-initialised) is in `convlens compare`.")
+    return {"verdict": out, "references": {
+        name: {"deletion": float(torch.stack([curves[f"#{k}"][0].auc for k in range(JUDGE_DRAWS)]).mean()),
+               "insertion": float(torch.stack([curves[f"#{k}"][1].auc for k in range(JUDGE_DRAWS)]).mean())},
+        "centred Gaussian": {"deletion": float(curves["centred Gaussian"][0].auc[0]),
+                             "insertion": float(curves["centred Gaussian"][1].auc[0])}}, "class_rho": rho}

@@ -348,6 +348,12 @@ function drawCurves(box, data) {
     caption.append(span);
   });
   box.replaceChildren(svg, caption);
+  if (data.verdict) {  // the verdict in words: trust / weak / do not trust, and why
+    const v = el("p", { className: "verdict" });
+    v.append(el("span", { className: `level ${data.verdict.level.replace(/ /g, "-")}`, text: data.verdict.level }),
+      " " + data.verdict.reasons.join(" "));
+    box.append(v);
+  }
 }
 
 // ---- upload ---------------------------------------------------------------------------------------
