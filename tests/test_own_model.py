@@ -257,7 +257,7 @@ def test_metrics_on_the_readme_two_head_model_equal_the_plain_model(x, tmp_path:
     cmp_a = convlens.compare(adapted, x, ["gradcam", "occlusion"], **kw)
     cmp_b = convlens.compare(ref, x, ["gradcam", "occlusion"], **kw)
     assert not [r.error for r in cmp_a.rows if r.error]
-    for m in ("gradcam", "occlusion", "random map"):
+    for m in ("gradcam", "occlusion", "centred Gaussian"):
         torch.testing.assert_close(cmp_a.row(m).insertion.auc, cmp_b.row(m).insertion.auc)
     cmp = convlens.compare(adapted, x, ["gradcam"], steps=4)  # with the sanity check: its private copy
     assert cmp.row("gradcam").error is None and cmp.row("gradcam").sanity_passed is not None
