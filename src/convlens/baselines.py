@@ -81,6 +81,8 @@ def make_baseline(baseline: Baseline, x: Tensor, *, sigma: float) -> Tensor:
         if baseline == "mean":
             return x.mean(dim=(2, 3), keepdim=True)
         if baseline == "blur":
+            if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
+                raise ValueError(f"blur_sigma must be a positive number of pixels, not {sigma!r}")
             return gaussian_blur(x, sigma)
         raise ValueError(f"baseline must be a number, one of {BASELINES} or a tensor, not {baseline!r}")
     if isinstance(baseline, Tensor):

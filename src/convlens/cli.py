@@ -626,7 +626,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     clf = load_classifier(args)
     load_s = time.perf_counter() - t0
     report = explain(
-        sources, clf, target=args.target, methods=methods, fast=args.fast, progress=True, layer=args.layer,
+        sources, clf, target=args.target, techniques=methods, fast=args.fast, progress=True, layer=args.layer,
         cache=not args.no_cache, shard=args.shard, out=run, full=args.full,  # each image lands as soon as it is done
     )
     report.timings["load_model_s"] = load_s

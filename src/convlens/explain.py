@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from ._compat import IMAGES, MODEL, renamed
 from .checks import NonFiniteError, choose, require_finite
 from .images import IMAGE_SUFFIXES, ImageError, ImageSource
 from .models import Classifier, Prediction, as_classifier, load_model
@@ -418,16 +419,17 @@ def _versions() -> dict[str, str]:
 
 
 # -- the driver ---------------------------------------------------------------------------
+@renamed(image_or_images=IMAGES, classifier=MODEL, methods="techniques", settings="options")
 def explain(
-    image_or_images: ImageSource | Sequence[ImageSource] | None = None,
-    classifier: Any = None,
+    images: ImageSource | Sequence[ImageSource] | None = None,
+    model: Any = None,
     *,
     target: int | str | None = None,
-    methods: Sequence[str] = METHODS,
+    techniques: Sequence[str] = METHODS,
     fast: bool = False,
     progress: bool = False,
     layer: str | None = None,
-    settings: dict[str, dict[str, Any]] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
     on_image: Callable[[Report, ImageExplanation], None] | None = None,
     cache: bool | str | os.PathLike[str] | None = True,
     shard: str | tuple[int, int] | None = None,
@@ -437,23 +439,24 @@ def explain(
     batch_size: int | None = None,
     full: bool = False,
 ) -> Report:
-    """Explain each image with every technique in ``methods`` and gather the results.
+    """Explain each image with every technique in ``techniques`` and gather the results.
 
-    ``image_or_images``: a path, folder, PIL image, array, bytes, or a list of them (default: the
-    bundled sample photo); ``classifier``: a :class:`Classifier` or ``nn.Module`` (default: the
-    bundled EfficientNet-Lite0); ``target``: a class index or name for every image (default: each
-    image's top-1); ``layer``: the Grad-CAM layer (default: automatic); ``settings``: per-technique
-    overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``); ``cache``: where finished
-    feature visualisations are kept and reused across images and runs (True: the user cache folder,
-    ``$CONVLENS_CACHE`` overrides; a folder; False: off; see :mod:`convlens.cache`); ``shard``:
-    ``"I/N"`` explains only part I of N of the images (:func:`select_shard`); ``out``: a folder
-    each image's files go into as soon as it is done, after which its maps and figures are
-    dropped from memory (the report keeps predictions, errors, timings, file names and a
-    thumbnail), so memory stays flat over any number of images; ends with ``summary.json``,
-    ``summary.csv`` and ``report.html`` (:meth:`Report.finish`); a shard writes into
-    ``out/shard-I-of-N/`` (:func:`shard_folder`); ``force`` replaces an earlier run there,
-    ``resume`` keeps its images that match this run (same model, weights, settings and file
-    content) and does the rest; ``on_image(report, image)`` is called as each image is done.
+    ``images``: a path, folder, PIL image, array, bytes, or a list of them (default: the bundled
+    sample photo); ``model``: a :class:`Classifier` or ``nn.Module`` (default: the bundled
+    EfficientNet-Lite0); ``techniques``: any of ``activations``, ``gradcam``, ``occlusion``,
+    ``trust``, ``filters`` (default: all); ``target``: a class index or name for every image
+    (default: each image's top-1); ``layer``: the Grad-CAM layer (default: automatic); ``options``:
+    per-technique overrides of :data:`DEFAULTS` (``{"occlusion": {"stride": 8}}``); ``cache``: where
+    finished feature visualisations are kept and reused across images and runs (True: the user cache
+    folder, ``$CONVLENS_CACHE`` overrides; a folder; False: off; see :mod:`convlens.cache`);
+    ``shard``: ``"I/N"`` explains only part I of N of the images (:func:`select_shard`); ``out``: a
+    folder each image's files go into as soon as it is done, after which its maps and figures are
+    dropped from memory (the report keeps predictions, errors, timings, file names and a thumbnail),
+    so memory stays flat over any number of images; ends with ``summary.json``, ``summary.csv`` and
+    ``report.html`` (:meth:`Report.finish`); a shard writes into ``out/shard-I-of-N/``
+    (:func:`shard_folder`); ``force`` replaces an earlier run there, ``resume`` keeps its images
+    that match this run (same model, weights, settings and file content) and does the rest;
+    ``on_image(report, image)`` is called as each image is done.
     A run over several images overlays :data:`FOLDER` on the settings, unless ``full`` (every
     image then gets the settings of an image alone).
     ``batch_size``: images that go through activations, Grad-CAM and occlusion together (default:
@@ -467,7 +470,8 @@ def explain(
         report.save("out")       # out/report.html, out/summary.json, PNGs and .npy per technique
     """
     t_start = time.perf_counter()
-    methods = choose(methods, METHODS, "technique", error=ExplainError)
+    image_or_images, classifier, settings = images, model, options  # the body's names
+    methods = choose(techniques, METHODS, "technique", error=ExplainError)
     methods = tuple(m for m in METHODS if m in methods)
     if "trust" in methods and not {"gradcam", "occlusion"} & set(methods):
         raise ExplainError("the trust technique judges the gradcam and occlusion maps: add one of them")

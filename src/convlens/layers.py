@@ -14,13 +14,17 @@ import logging
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from ._compat import IMAGES, renamed
 from .hooks import model_guard
 from .layout import LayerError, class_token_model, map_layout
+
+if TYPE_CHECKING:
+    from .models import Classifier
 
 __all__ = [
     "LayerError",
@@ -79,12 +83,31 @@ def _named(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if name}
 
 
-def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
+def module_and_batch(model: Any, images: Any) -> tuple[nn.Module, Tensor]:
+    """The ``nn.Module`` of ``model`` (a module or a Classifier) and ``images`` as its batch, through
+    the one resolver :meth:`convlens.Classifier.batch` (a tensor, a path, a PIL image or a list of them)."""
+    from .models import as_classifier
+
+    if isinstance(model, nn.Module) and isinstance(images, Tensor):
+        return model, images  # the internal calls: a module and its model-ready batch, as given
+    clf = as_classifier(model)
+    return clf.model, clf.batch(images)
+
+
+def _module(model: Any) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    from .models import as_classifier
+
+    return as_classifier(model).model
+
+
+def resolve_layer(model: nn.Module | Classifier, layer: LayerSpec) -> tuple[str, nn.Module]:
     """Return ``(name, module)`` for a dotted ``named_modules`` name, a ``name#k`` call (the name
     is returned with its ``#k``) or a module of ``model``.
 
     Args:
-        model: the model.
+        model: an ``nn.Module`` or a :class:`convlens.Classifier` (its module).
         layer: a name, ``name#k`` or one of the model's modules.
     Returns:
         The layer's name and its module.
@@ -97,6 +120,7 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
         name, module = resolve_layer(model, "layer4.2")
         name, module = resolve_layer(model, "layer4.2.relu#1")   # ("layer4.2.relu#1", model.layer4[2].relu)
     """
+    model = _module(model)
     if isinstance(layer, str) and "#" in layer:
         base, k = split_call(layer)
         return f"{resolve_layer(model, base)[0]}#{k}", resolve_layer(model, base)[1]
@@ -120,7 +144,7 @@ def resolve_layer(model: nn.Module, layer: LayerSpec) -> tuple[str, nn.Module]:
     raise LayerError(f"no layer named {layer!r} in the model{hint} (`convlens layers` lists them)")
 
 
-def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) -> dict[str, nn.Module]:
+def resolve_layers(model: nn.Module | Classifier, layers: LayerSpec | Iterable[LayerSpec]) -> dict[str, nn.Module]:
     """Resolve names, modules and glob patterns (``layer*``, ``blocks.?``) into ``{name: module}``.
 
     A pattern matches dotted names with :func:`fnmatch.fnmatchcase` and must match at least one
@@ -128,7 +152,7 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) ->
     order within a pattern; duplicates are dropped.
 
     Args:
-        model: the model.
+        model: an ``nn.Module`` or a :class:`convlens.Classifier` (its module).
         layers: one name, pattern or module, or an iterable of them.
     Returns:
         ``{name: module}`` in that order.
@@ -140,6 +164,7 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) ->
 
         resolve_layers(resnet, ["layer?", "fc"])   # {"layer1": ..., ..., "layer4": ..., "fc": ...}
     """
+    model = _module(model)
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
     named = _named(model)
@@ -160,8 +185,9 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Iterable[LayerSpec]) ->
     return out
 
 
-def layer_table(model: nn.Module, x: Tensor) -> list[LayerInfo]:
-    """Run ``model`` once on ``x`` and list every named module with its output shape.
+@renamed(x=IMAGES)
+def layer_table(model: nn.Module | Classifier, images: Tensor | Any) -> list[LayerInfo]:
+    """Run ``model`` once on ``images`` and list every named module with its output shape.
 
     Rows come in ``named_modules`` order. A module that runs several times is described by its
     last call (shape, ``order``), as a layer name means the last call; ``calls`` says how often it
@@ -170,17 +196,19 @@ def layer_table(model: nn.Module, x: Tensor) -> list[LayerInfo]:
     :func:`call_counts`.
 
     Args:
-        model: the model.
-        x: (N, C, H, W) model-ready input on the model's device, in its dtype (one image is enough).
+        model: an ``nn.Module`` or a :class:`convlens.Classifier` (its module runs).
+        images: (N, C, H, W) model-ready input on the model's device, in its dtype (one image is
+            enough), or image(s) that :meth:`Classifier.batch` accepts (path, PIL image, list of them).
     Returns:
         One :class:`LayerInfo` per named module (``shape`` None for a module that never ran or
-        returns no tensor). An error of the model's forward on ``x`` propagates.
+        returns no tensor). An error of the model's forward on ``images`` propagates.
 
     Example::
 
         rows = layer_table(torchvision.models.resnet50(), torch.zeros(1, 3, 224, 224))
         [r.calls for r in rows if r.name == "layer4.2.relu"]   # [3]
     """
+    model, x = module_and_batch(model, images)
     named = _named(model)
     shapes: dict[str, tuple[int, ...] | None] = {}
     done: dict[str, int] = {}
@@ -277,7 +305,10 @@ def missing_layer(name: str, counts: dict[str, int]) -> LayerError:
     return LayerError(f"layer {name!r} did not run in the forward pass")
 
 
-def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | None = None) -> str:
+@renamed(x=IMAGES)
+def default_cam_layer(
+    model: nn.Module | Classifier, images: Tensor | Any, table: Sequence[LayerInfo] | None = None
+) -> str:
     """The automatic Grad-CAM layer.
 
     A CNN: the last module (in execution order) whose output is a map with more than one
@@ -290,8 +321,9 @@ def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | 
     (:func:`cam_layer_reason`) are logged.
 
     Args:
-        model: the model.
-        x: (N, C, H, W) model-ready input on the model's device (one image is enough).
+        model: an ``nn.Module`` or a :class:`convlens.Classifier` (its module).
+        images: (N, C, H, W) model-ready input on the model's device (one image is enough), or
+            image(s) that :meth:`Classifier.batch` accepts.
         table: the model's :func:`layer_table` for ``x``, when the caller has it.
     Returns:
         The layer's name.
@@ -303,6 +335,7 @@ def default_cam_layer(model: nn.Module, x: Tensor, table: Sequence[LayerInfo] | 
         default_cam_layer(torchvision.models.resnet18(), torch.zeros(1, 3, 224, 224))   # "layer4"
         default_cam_layer(timm.create_model("vit_tiny_patch16_224"), x)                 # "blocks.11.norm1"
     """
+    model, x = module_and_batch(model, images)
     table = layer_table(model, x) if table is None else table
     info = {r.name: r for r in table}
     name = None

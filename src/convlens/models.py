@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ._compat import IMAGES, renamed
 from .hooks import model_guard
 from .images import ImageSource, load_image
 
@@ -447,19 +448,21 @@ class Classifier:
             batch.append(arr[None] if arr.dim() == 2 else arr.permute(2, 0, 1))
         return self._normalise(torch.stack(batch).to(self.device)).to(self.dtype)
 
-    def batch(self, x: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
+    @renamed(x=IMAGES)
+    def batch(self, images: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
         """A model-ready batch: tensors pass through (a 3-D tensor gains the batch axis), images
         are preprocessed.
 
         Args:
-            x: an (N, C, H, W) or (C, H, W) tensor, already normalised, on any device; or what
-                :meth:`preprocess` takes.
+            images: an (N, C, H, W) or (C, H, W) tensor, already normalised, on any device; or
+                what :meth:`preprocess` takes. This is the one resolver every technique uses.
         Returns:
             (N, C, H, W) tensor on the model's device, in its dtype.
         Raises:
             ValueError: a tensor of another rank, or an empty list.
             ImageError: an image that cannot be read.
         """
+        x = images
         if isinstance(x, Tensor):
             if x.dim() == 3:
                 x = x[None]
@@ -469,47 +472,50 @@ class Classifier:
         return self.preprocess(x)
 
     # -- prediction --------------------------------------------------------------------
-    def logits(self, x: Tensor) -> Tensor:
+    @renamed(x=IMAGES)
+    def logits(self, images: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
         """Logits for a batch, without gradients, in eval mode, through the output adapter; the
         model is left as it was.
 
         Args:
-            x: what :meth:`batch` takes.
+            images: what :meth:`batch` takes.
         Returns:
             (N, classes) tensor on the model's device, in its dtype.
         Raises:
             ModelError: the adapted output is not (N, classes).
             ValueError, ImageError: as :meth:`batch`.
         """
-        return require_logits(self.outputs(x))
+        return require_logits(self.outputs(images))
 
-    def outputs(self, x: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
+    @renamed(x=IMAGES)
+    def outputs(self, images: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
         """The adapted output for a batch as :meth:`logits` gives it, without the (N, classes)
         check: dense outputs such as a segmenter's (N, classes, H, W) too.
 
         Args:
-            x: what :meth:`batch` takes.
+            images: what :meth:`batch` takes.
         Returns:
             The adapted output on the model's device, in its dtype.
         Raises:
             ModelError, ValueError, ImageError: as :meth:`adapt` and :meth:`batch`.
         """
         with model_guard(self.model), torch.no_grad():
-            return self.forward(self.batch(x))
+            return self.forward(self.batch(images))
 
-    def predict(self, x: Tensor | ImageSource | Sequence[ImageSource], top: int = 5) -> list[list[Prediction]]:
+    @renamed(x=IMAGES)
+    def predict(self, images: Tensor | ImageSource | Sequence[ImageSource], top: int = 5) -> list[list[Prediction]]:
         """Top-``top`` predictions per image, most probable first (:meth:`probabilities`: softmax of
         the logits, or independent sigmoids for a ``multi_label`` model; float32).
 
         Args:
-            x: what :meth:`batch` takes.
+            images: what :meth:`batch` takes.
             top: how many classes per image (clamped to 1 .. the number of classes).
         Returns:
             One list of :class:`Prediction` per image.
         Raises:
             ModelError, ValueError, ImageError: as :meth:`logits`.
         """
-        probs = self.probabilities(self.logits(x))
+        probs = self.probabilities(self.logits(images))
         k = max(1, min(int(top), probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
         return [

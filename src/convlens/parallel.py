@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._compat import IMAGES, renamed
+
 __all__ = ["explain_on_ray"]
 
 
@@ -29,22 +31,23 @@ def _shard_task(sources: Sequence[Any], out: str, shard: tuple[int, int], make_c
     return {"images": len(report.images), "failed": len(report.failed)}
 
 
+@renamed(sources=IMAGES, make_classifier="make_model")
 def explain_on_ray(
-    sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     shards: int,
     *,
-    make_classifier: Callable[[], Any] | None = None,
+    make_model: Callable[[], Any] | None = None,
     num_cpus: float = 1,
     resume: bool = False,
     force_merge: bool = True,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Explain ``sources`` (files or folders) in ``shards`` Ray tasks into ``out`` and merge them.
+    """Explain ``images`` (files or folders) in ``shards`` Ray tasks into ``out`` and merge them.
 
-    ``make_classifier``: a picklable function that builds the classifier inside each task (default:
+    ``make_model``: a picklable function that builds the model (a Classifier or nn.Module) inside each task (default:
     the bundled model); ``num_cpus``: Ray CPUs per task; ``resume``: keep what earlier tasks
-    finished; other keyword arguments go to :func:`convlens.explain` (``methods``, ``fast``, ...).
+    finished; other keyword arguments go to :func:`convlens.explain` (``techniques``, ``fast``, ...).
     Ray must be initialised (``ray.init()``) by the caller. The merged report replaces an earlier
     merge in ``out`` (``force_merge``). Returns the merged summary (see :func:`merge_runs`).
 
@@ -59,6 +62,7 @@ def explain_on_ray(
         raise ImportError("explain_on_ray needs Ray: pip install 'convlens[ray]'") from e
     from .runs import merge_runs
 
+    sources, make_classifier = images, make_model  # the body's names
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     paths = [os.fspath(s) for s in sources]

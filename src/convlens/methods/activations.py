@@ -13,6 +13,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from .._compat import MODEL_AND_IMAGES, renamed
 from ..checks import require_finite, warn_constant
 from ..hooks import LayerCapture, model_guard
 from ..layers import LayerError, LayerSpec, call_counts, find_stages, forget, missing_layer, remembered, resolve_layers
@@ -25,9 +26,10 @@ __all__ = ["activations"]
 log = logging.getLogger(__name__)
 
 
+@renamed(**MODEL_AND_IMAGES)
 def activations(
-    model_or_classifier: nn.Module | Classifier,
-    x: Tensor | object,
+    model: nn.Module | Classifier,
+    images: Tensor | object,
     layers: Literal["stages"] | LayerSpec | Iterable[LayerSpec] = "stages",
     *,
     layout: LayoutName | None = None,
@@ -46,9 +48,9 @@ def activations(
     permuted; ``layout``/``reshape`` override the inference (default: the classifier's).
 
     Args:
-        model_or_classifier: an ``nn.Module`` (its inputs taken as preprocessed) or a
+        model: an ``nn.Module`` (its inputs taken as preprocessed) or a
             :class:`convlens.Classifier`.
-        x: (N, C, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+        images: (N, C, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts (path, PIL image, array, list of them).
         layers: ``"stages"``, or names, ``name#k`` calls, glob patterns or modules.
         layout: ``"nchw"``, ``"nhwc"`` or ``"tokens"`` for every layer, overriding the inference.
@@ -68,8 +70,8 @@ def activations(
         acts = activations(load_model(), sample_image(), "stages")
         acts.plot().savefig("activations.png")
     """
-    clf = as_classifier(model_or_classifier)
-    x = clf.batch(x)
+    clf = as_classifier(model)
+    x = clf.batch(images)
     model = clf.model
     if isinstance(layers, str) and layers == "stages":
         key = ("stages", tuple(x.shape[1:]))

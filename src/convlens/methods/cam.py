@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import default_batch
+from .._compat import MODEL_AND_IMAGES, renamed
 from ..checks import choose, require_finite, warn_constant
 from ..hooks import LayerCapture, model_guard
 from ..layers import (
@@ -311,9 +312,10 @@ def _zero_gradient(g: Tensor, model: nn.Module, name: str, settings: dict[str, o
 
 
 # -- the core -------------------------------------------------------------------------------
+@renamed(**MODEL_AND_IMAGES)
 def grad_cam(
-    model_or_classifier: nn.Module | Classifier,
-    x: Tensor | object,
+    model: nn.Module | Classifier,
+    images: Tensor | object,
     *,
     target: Target | Sequence[Sequence[int | str]] = None,
     layer: LayerSpec | None = None,
@@ -349,9 +351,9 @@ def grad_cam(
     the model's device: ``relu(...)`` upsampled bilinearly to the input size, never normalised.
 
     Args:
-        model_or_classifier: an ``nn.Module`` (its inputs taken as preprocessed) or a
+        model: an ``nn.Module`` (its inputs taken as preprocessed) or a
             :class:`convlens.Classifier`; left as it was (weights, flags, ``.grad``, hooks).
-        x: (N, C, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+        images: (N, C, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts (path, PIL image, array, list of them).
         target: see above.
         layer: see above.
@@ -385,8 +387,8 @@ def grad_cam(
     if not isinstance(method, str):
         raise ValueError(f"method must be one name, one of {', '.join(CAM_METHODS)}; got {method!r}")
     choose([method], CAM_METHODS, "method")
-    clf = as_classifier(model_or_classifier)
-    x = clf.batch(x)
+    clf = as_classifier(model)
+    x = clf.batch(images)
     model = clf.model
     auto = layer is None
     if layer is None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._compat import MODEL, renamed
 from .._scaling import minmax
 from ..hooks import LayerCapture, model_guard
 from ..layers import call_counts, missing_layer, resolve_layer
@@ -314,8 +315,9 @@ def _transforms(transforms: Any, size: int) -> list[Transform]:
     return items
 
 
+@renamed(classifier_or_model=MODEL)
 def feature_visualization(
-    classifier_or_model: Classifier | nn.Module,
+    model: Classifier | nn.Module,
     layer: str | nn.Module | None,
     channels: int | str | Sequence[int | str] | None,
     *,
@@ -370,7 +372,7 @@ def feature_visualization(
     # inference mode forbids autograd and makes every new tensor an inference tensor: leave it
     with torch.inference_mode(False):
         return _feature_visualization(
-            classifier_or_model, layer, channels, objective=objective, steps=steps, size=size, lr=lr, seed=seed,
+            model, layer, channels, objective=objective, steps=steps, size=size, lr=lr, seed=seed,
             param=param, transforms=transforms, diversity=diversity, progress=progress, callback=callback,
             cache=cache, layout=layout, reshape=reshape,
         )
@@ -512,8 +514,9 @@ def _display(param: str, img: Tensor) -> Tensor:
     return (_Fourier if param == "fourier" else _Pixel).display(img).expand(-1, 3, -1, -1)
 
 
+@renamed(classifier_or_model=MODEL)
 def cached_channels(
-    classifier_or_model: Classifier | nn.Module,
+    model: Classifier | nn.Module,
     layer: str | nn.Module,
     channels: Sequence[int],
     *,
@@ -532,7 +535,7 @@ def cached_channels(
 
         cached_channels(clf, "bn2", [3, 7], cache=True)   # [True, False]
     """
-    clf = as_classifier(classifier_or_model)
+    clf = as_classifier(model)
     name, _ = resolve_layer(clf.model, layer)
     units = [int(c) for c in channels]
     ks = [units[:i].count(u) for i, u in enumerate(units)]  # a repeated unit's k-th image, as there

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batching import default_batch
+from .._compat import MODEL_AND_IMAGES, renamed
 from ..baselines import BASELINES, MAX_BASELINE, make_baseline  # noqa: F401 -- BASELINES: the old name
 from ..baselines import gaussian_blur as _gaussian_blur  # noqa: F401 -- the old name
 from ..checks import require_finite, warn_constant
@@ -85,10 +86,15 @@ def _coverage_matrix(size: int, patch: int, starts: list[int], dtype: torch.dtyp
     return ((pix >= s) & (pix < s + patch)).to(dtype)
 
 
-def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int]) -> Tensor:
-    """The replacement values, broadcastable to ``x`` (N, C, H, W); "blur" uses sigma = patch / 4:
-    detail inside the window is gone, colours stay."""
-    return make_baseline(baseline, x, sigma=max(patch) / 4)
+def blur_sigma_for(patch: tuple[int, int], blur_sigma: float | None) -> float:
+    """Occlusion's ``"blur"`` sigma: ``blur_sigma`` when given, else ``max(patch) / 4`` px (detail
+    inside the window is gone, colours stay; 10 px for the default 40 px window)."""
+    return max(patch) / 4 if blur_sigma is None else float(blur_sigma)
+
+
+def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int], blur_sigma: float | None = None) -> Tensor:
+    """The replacement values, broadcastable to ``x`` (N, C, H, W) (:func:`blur_sigma_for`)."""
+    return make_baseline(baseline, x, sigma=blur_sigma_for(patch, blur_sigma))
 
 
 #: Windows per forward on a CPU (:func:`convlens._batching.default_batch` caps them by memory; on
@@ -271,14 +277,16 @@ def _refined(run: Callable[[list[tuple[int, int, int]]], None], drops: Tensor, s
     return done
 
 
+@renamed(**MODEL_AND_IMAGES)
 def occlusion(
-    model_or_classifier: nn.Module | Classifier,
-    x: Tensor | Any,
+    model: nn.Module | Classifier,
+    images: Tensor | Any,
     *,
     target: Target = None,
     patch: int | tuple[int, int] = 40,
     stride: int | tuple[int, int] = 20,
     baseline: float | str | Tensor = 0.0,
+    blur_sigma: float | None = None,
     batch_size: int | None = None,
     score: Score = "probability",
     progress: bool = False,
@@ -288,14 +296,15 @@ def occlusion(
     refine: float | bool | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> Saliency:
-    """Occlusion sensitivity of each image in ``x``: ``maps[n, i, j]`` is the mean, over the windows
+    """Occlusion sensitivity of each image in ``images``: ``maps[n, i, j]`` is the mean, over the windows
     that cover pixel ``(i, j)``, of ``s(x) - s(x with the window set to the baseline)``.
 
     ``patch``/``stride``: int or (h, w). Windows start at ``0, stride, ...`` and one extra window
     is flush with the far edge when needed (see :func:`window_starts`), so no pixel is left out.
     ``baseline``: a number in the model's normalised space (0 is the mean colour), ``"mean"`` (each
-    image's channel means), ``"blur"`` (Gaussian blur, sigma = patch/4) or a tensor broadcastable
-    to ``x``. ``target``: as in :func:`convlens.targets.resolve_target`, per image; with a callable
+    image's channel means), ``"blur"`` (Gaussian blur with ``blur_sigma`` px, default
+    ``max(patch) / 4``: 10 px at the default 40 px window) or a tensor broadcastable to the images.
+    ``target``: as in :func:`convlens.targets.resolve_target`, per image; with a callable
     the drop is in its value (it receives the logits); a :class:`convlens.Region` scores a class over
     a region of a dense output. ``score``: ``"probability"`` (:meth:`Classifier.probabilities`:
     softmax, or sigmoids for a multi-label model; a Region's mean over its mask) or ``"logit"``.
@@ -326,7 +335,7 @@ def occlusion(
         res = occlusion(clf, clf.preprocess("cat.jpg"), patch=32, stride=16)
         res.save("occlusion")
     """
-    clf = as_classifier(model_or_classifier)
+    clf = as_classifier(model)
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, not {score!r}")
     if mode not in MODES:
@@ -334,7 +343,7 @@ def occlusion(
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
         raise ValueError(f"tau must be a share in (0, 1], got {tau!r}")
     refine = _share(refine)
-    x = clf.batch(x)
+    x = clf.batch(images)
     n, _, height, width = x.shape
     ph, pw = _pair(patch, "patch")
     sh, sw = _pair(stride, "stride")
@@ -342,7 +351,7 @@ def occlusion(
         raise ValueError(f"patch {(ph, pw)} is larger than the image ({height}, {width})")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    base = _baseline(baseline, x, (ph, pw)).expand_as(x)
+    base = _baseline(baseline, x, (ph, pw), blur_sigma).expand_as(x)
     starts_y, starts_x = window_starts(height, ph, sh), window_starts(width, pw, sw)
     grid = (len(starts_y), len(starts_x))
     n_windows = grid[0] * grid[1]
@@ -424,6 +433,7 @@ def occlusion(
             "patch": (ph, pw),
             "stride": (sh, sw),
             "baseline": baseline if isinstance(baseline, (int, float, str)) else "tensor",
+            "blur_sigma": blur_sigma_for((ph, pw), blur_sigma) if baseline == "blur" else None,
             "score": "custom" if resolved.fn is not None else score,
             "batch_size": bs,
             "windows": grid,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._compat import MODEL_AND_IMAGES, renamed
 from ..baselines import Baseline
 from ..checks import choose
 from ..display import rich_display
@@ -585,38 +586,41 @@ def _reference_rows(clf: Classifier, x: Tensor, grids: dict[str, tuple[str, tupl
     return rows
 
 
+@renamed(**MODEL_AND_IMAGES, occlusion=("options", lambda settings: {"occlusion": settings}))
 def compare(
-    model_or_classifier: nn.Module | Classifier,
-    x: Any,
+    model: nn.Module | Classifier,
+    images: Any,
     methods: str | Sequence[MapMethod] = DEFAULT_METHODS,
     *,
     target: Target = None,
     layer: str | None = None,
     steps: int = 16,
     baseline: Baseline = "blur",
+    blur_sigma: float | None = None,
     references: Sequence[Reference] = DEFAULT_REFERENCES,
     sanity: bool = True,
     seed: int = 0,
-    occlusion: dict[str, Any] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
     names: Sequence[str] | None = None,
     draws: int = REFERENCE_DRAWS,
 ) -> Comparison:
-    """Judge every method's map on ``x`` (a batch or image sources): per method and image the
-    deletion and insertion AUCs (``steps``, ``baseline`` as in :func:`convlens.deletion`), the
-    class sensitivity (rank correlation with the map of the least likely class), the sanity
-    verdict (rank correlation with the map after the classifier alone is re-initialised, mean of
-    10 draws; 1 for occlusion and Score-CAM, whose maps cost many forwards) and the map's seconds,
-    plus the reference rows: ``"random map"`` gives, per grid of the methods' maps (7 x 7 at
-    Grad-CAM's layer, occlusion's window grid), ``draws`` random maps at that grid resized to the
-    input as the maps are (a row named e.g. ``"random 7x7 map"``, the mean of the draws, their
-    spread the noise on one image); ``"centred Gaussian"`` a centre prior; ``"random pixels"``
-    (optional) per-pixel random maps. ``occlusion``: its settings (default patch 56 / stride 28,
-    as ``explain --fast``). A method that raises gets a row with its error; the others go on.
+    """Judge every method's map on ``images`` (a batch or image sources): per method and image the
+    deletion and insertion AUCs (``steps``, ``baseline`` as in :func:`convlens.deletion`), the class
+    sensitivity (rank correlation with the map of the least likely class), the sanity verdict (rank
+    correlation with the map after the classifier alone is re-initialised, mean of 10 draws; 1 for
+    occlusion and Score-CAM, whose maps cost many forwards) and the map's seconds, plus the
+    reference rows: ``"random map"`` gives, per grid of the methods' maps (7 x 7 at Grad-CAM's
+    layer, occlusion's window grid), ``draws`` random maps at that grid resized to the input as the
+    maps are (a row named e.g. ``"random 7x7 map"``, the mean of the draws, their spread the noise
+    on one image); ``"centred Gaussian"`` a centre prior; ``"random pixels"`` (optional) per-pixel
+    random maps. ``options``: per-method options, e.g. ``{"occlusion": {"patch": 32}}`` (occlusion's
+    default patch 56 / stride 28, as ``explain --fast``). A method that raises gets a row with its
+    error; the others go on.
 
     Args:
-        model_or_classifier: an ``nn.Module`` or a :class:`convlens.Classifier` (left as it was;
+        model: an ``nn.Module`` or a :class:`convlens.Classifier` (left as it was;
             the sanity check randomises a private copy).
-        x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+        images: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts.
         methods: names from ``ALL_METHODS`` (a list, or one comma-separated string; ``"all"``).
         target: one class per image (index or name), default the top-1 class, or a
@@ -625,10 +629,13 @@ def compare(
             backbone, e.g. ``"backbone.layer4"``, rather than its dense head).
         steps: deletion / insertion steps.
         baseline: the deletion / insertion baseline (see :func:`convlens.deletion`).
+        blur_sigma: the deletion / insertion ``"blur"`` sigma in pixels (default ``max(H, W) / 22.4``;
+            occlusion's own is set in ``options={"occlusion": {"blur_sigma": ...}}``).
         references: reference rows, from ``REFERENCES``.
         sanity: run the sanity check (the classifier re-initialised).
         seed: seeds the sanity check's draws, the random reference maps and the bootstrap.
-        occlusion: occlusion's settings (``patch``, ``stride``, ...).
+        options: ``{method name: {option: value}}``, e.g. occlusion's ``patch``, ``stride``,
+            ``blur_sigma``.
         names: a name per image for the tables (default ``image 1``, ``image 2``, ...).
         draws: random maps per grid (at least 2, for a spread).
     Returns:
@@ -644,8 +651,13 @@ def compare(
         cmp = convlens.compare(clf, "cat.jpg")
         print(cmp.format_table()); cmp.verdicts()["gradcam"]["level"]
     """
-    clf: Classifier = as_classifier(model_or_classifier)
-    x = clf.batch(x)
+    clf: Classifier = as_classifier(model)
+    x = clf.batch(images)
+    if options and not set(options) <= set(ALL_METHODS):
+        raise ValueError(f"options= is keyed by method ({', '.join(ALL_METHODS)}), e.g. "
+                         "{'occlusion': {'patch': 32}}")
+    per_method = {m: dict((options or {}).get(m) or {}) for m in ALL_METHODS}
+    occlusion = per_method["occlusion"]
     n, _, h, w = x.shape
     methods = choose(methods, ALL_METHODS, "method")
     bad_refs = [r for r in references if r not in REFERENCES]
@@ -658,24 +670,24 @@ def compare(
     indices = list(resolved.indices)
     others = per_image_classes(target, resolved.per_class(out).argmin(1).tolist())  # the least likely class
     head = cascade_stages(clf.model, x, output=clf.output)[0] if sanity else None
-    curve_args = {"target": fixed, "steps": steps, "baseline": baseline}
+    curve_args = {"target": fixed, "steps": steps, "baseline": baseline, "blur_sigma": blur_sigma}
     rows: list[MethodScores] = []
     curves: dict[bytes, tuple[PerturbationCurve, PerturbationCurve]] = {}
     grids: dict[str, tuple[str, tuple[int, int], dict[str, Any]]] = {}
     thumbs: dict[str, Tensor] = {"image": _thumb(clf.denormalise(x[:THUMB_IMAGES]))}
     for method in dict.fromkeys(methods):
-        options = occ if method == "occlusion" else {}
+        options = occ if method == "occlusion" else per_method[method]
         t0 = time.perf_counter()
         try:
             maps, sal = make_map(clf, x, method, fixed, layer=layer, options=options)
             seconds = (time.perf_counter() - t0) / n
             layer = sal.layer if sal is not None else None
-            cs = class_sensitivity(clf, x, method, target=fixed, other=others, layer=layer, options=options,
+            cs = class_sensitivity(clf, x, method, target=fixed, other=others, layer=layer, options={method: options},
                                    original=maps)
             check = None
             if sanity:
                 check = sanity_check(clf, x, method, target=fixed, layer=layer, stages=[head], seed=seed,
-                                     draws=SANITY_DRAWS.get(method, 10), options=options, original=maps)
+                                     draws=SANITY_DRAWS.get(method, 10), options={method: options}, original=maps)
             # the same map gives the same curves (Grad-CAM and XGrad-CAM agree exactly at a layer
             # right before global pooling): computed once
             key = maps.detach().cpu().numpy().tobytes()

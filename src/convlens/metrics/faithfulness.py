@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._batching import default_batch
+from .._compat import MODEL_AND_IMAGES, renamed
 from .._inference import fast_model
 from ..baselines import Baseline, describe_baseline, make_baseline
 from ..hooks import model_guard
@@ -260,10 +261,11 @@ def _curves(
             for (kind, _, target, method), out in zip(specs, outs)]
 
 
+@renamed(**MODEL_AND_IMAGES, sigma="blur_sigma")
 def perturbation_curve(
     kind: CurveKind,
-    model_or_classifier: nn.Module | Classifier,
-    x: Any,
+    model: nn.Module | Classifier,
+    images: Any,
     saliency: Saliency | Tensor,
     *,
     target: Target = None,
@@ -271,7 +273,7 @@ def perturbation_curve(
     baseline: Baseline = "blur",
     score: Score = "probability",
     batch_size: int | None = None,
-    sigma: float | None = None,
+    blur_sigma: float | None = None,
 ) -> PerturbationCurve:
     """Deletion (``kind="deletion"``) or insertion curve; see :func:`deletion` and the module doc.
 
@@ -287,16 +289,17 @@ def perturbation_curve(
         curve = perturbation_curve("insertion", clf, x, cam)
         curve.auc
     """
-    clf, x = _prepare(kind, model_or_classifier, x, score, steps, batch_size)
+    clf, x = _prepare(kind, model, images, score, steps, batch_size)
     maps, x, target, method = _maps_and_target(saliency, x, target)
     (curve,) = _curves(clf, x, [(kind, maps, target, method)], steps=steps, baseline=baseline, score=score,
-                       batch_size=batch_size, sigma=sigma)
+                       batch_size=batch_size, sigma=blur_sigma)
     return curve
 
 
+@renamed(**MODEL_AND_IMAGES, sigma="blur_sigma")
 def deletion_insertion(
-    model_or_classifier: nn.Module | Classifier,
-    x: Any,
+    model: nn.Module | Classifier,
+    images: Any,
     maps: Mapping[str, Saliency | Tensor],
     *,
     target: Target = None,
@@ -304,7 +307,7 @@ def deletion_insertion(
     baseline: Baseline = "blur",
     score: Score = "probability",
     batch_size: int | None = None,
-    sigma: float | None = None,
+    blur_sigma: float | None = None,
 ) -> dict[str, tuple[PerturbationCurve, PerturbationCurve]]:
     """The deletion and insertion curves of several maps of the same images, as :func:`deletion`
     and :func:`insertion` give them one by one, with the forwards all the curves share (the clean
@@ -327,7 +330,7 @@ def deletion_insertion(
         curves = deletion_insertion(clf, x, {"gradcam": cam, "occlusion": occ}, steps=8)
         curves["gradcam"][0].auc
     """
-    clf, x = _prepare("deletion", model_or_classifier, x, score, steps, batch_size)
+    clf, x = _prepare("deletion", model, images, score, steps, batch_size)
     if not maps:
         raise ValueError("no maps to judge")
     prepared = {name: _maps_and_target(sal, x, target) for name, sal in maps.items()}
@@ -338,15 +341,16 @@ def deletion_insertion(
     for names in groups.values():
         specs = [(kind, prepared[name][0], prepared[name][2], prepared[name][3]) for name in names for kind in KINDS]
         curves = _curves(clf, prepared[names[0]][1], specs, steps=steps, baseline=baseline, score=score,
-                         batch_size=batch_size, sigma=sigma)
+                         batch_size=batch_size, sigma=blur_sigma)
         for m, name in enumerate(names):
             out[name] = (curves[2 * m], curves[2 * m + 1])
     return {name: out[name] for name in maps}
 
 
+@renamed(**MODEL_AND_IMAGES, sigma="blur_sigma")
 def deletion(
-    model_or_classifier: nn.Module | Classifier,
-    x: Any,
+    model: nn.Module | Classifier,
+    images: Any,
     saliency: Saliency | Tensor,
     *,
     target: Target = None,
@@ -354,7 +358,7 @@ def deletion(
     baseline: Baseline = "blur",
     score: Score = "probability",
     batch_size: int | None = None,
-    sigma: float | None = None,
+    blur_sigma: float | None = None,
 ) -> PerturbationCurve:
     """Deletion curve: the target's score as the map's most salient pixels are replaced by the
     baseline, ``ceil(H*W/steps)`` more at each of ``steps`` steps (lower AUC = the map found the
@@ -362,8 +366,8 @@ def deletion(
     set to the baseline)``, ``AUC = (sum s - s_0/2 - s_steps/2) / steps``.
 
     Args:
-        model_or_classifier: an ``nn.Module`` or a :class:`convlens.Classifier` (left as it was).
-        x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+        model: an ``nn.Module`` or a :class:`convlens.Classifier` (left as it was).
+        images: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts (path, PIL image, array, list of them).
         saliency: a :class:`Saliency` (its ``maps`` and, when ``target`` is None, its
             ``target``; a ``top=k`` result with k rows per image is matched to its images by
@@ -373,12 +377,13 @@ def deletion(
             class of the clean image).
         steps: how many steps (>= 1); ``steps + 1`` forwards per image.
         baseline: a number in the model's normalised space, ``"mean"``, ``"blur"`` (default,
-            Gaussian with ``sigma`` px, default ``max(H, W) / 22.4``) or a tensor broadcastable
-            to ``x``.
+            Gaussian with ``blur_sigma`` px, default ``max(H, W) / 22.4``: 10 px at 224 px) or a
+            tensor broadcastable to the images.
         score: ``"probability"`` (softmax, or sigmoids for a multi-label model) or ``"logit"`` (a
             callable target scores the logits).
         batch_size: step images per forward (default: by device and memory).
-        sigma: the blur's standard deviation in pixels.
+        blur_sigma: the ``"blur"`` baseline's standard deviation in pixels (default
+            ``max(H, W) / 22.4``; occlusion's default is ``max(patch) / 4`` instead).
     Returns:
         A :class:`PerturbationCurve` with ``scores`` (N, steps+1) and ``auc`` (N,) float32 and
         ``fractions`` (steps+1,) on the model's device, the targets and the settings.
@@ -392,13 +397,14 @@ def deletion(
         cam = convlens.grad_cam(clf, x)
         convlens.deletion(clf, x, cam).auc     # (N,)
     """
-    return perturbation_curve("deletion", model_or_classifier, x, saliency, target=target, steps=steps,
-                              baseline=baseline, score=score, batch_size=batch_size, sigma=sigma)
+    return perturbation_curve("deletion", model, images, saliency, target=target, steps=steps,
+                              baseline=baseline, score=score, batch_size=batch_size, blur_sigma=blur_sigma)
 
 
+@renamed(**MODEL_AND_IMAGES, sigma="blur_sigma")
 def insertion(
-    model_or_classifier: nn.Module | Classifier,
-    x: Any,
+    model: nn.Module | Classifier,
+    images: Any,
     saliency: Saliency | Tensor,
     *,
     target: Target = None,
@@ -406,7 +412,7 @@ def insertion(
     baseline: Baseline = "blur",
     score: Score = "probability",
     batch_size: int | None = None,
-    sigma: float | None = None,
+    blur_sigma: float | None = None,
 ) -> PerturbationCurve:
     """Insertion curve: starting from the baseline, the map's most salient pixels are put back
     from the input, ``ceil(H*W/steps)`` more per step (higher AUC = the map found the evidence).
@@ -419,5 +425,5 @@ def insertion(
         occ = convlens.occlusion(clf, x)
         convlens.insertion(clf, x, occ).plot()
     """
-    return perturbation_curve("insertion", model_or_classifier, x, saliency, target=target, steps=steps,
-                              baseline=baseline, score=score, batch_size=batch_size, sigma=sigma)
+    return perturbation_curve("insertion", model, images, saliency, target=target, steps=steps,
+                              baseline=baseline, score=score, batch_size=batch_size, blur_sigma=blur_sigma)

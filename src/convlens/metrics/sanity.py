@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._compat import MODEL_AND_IMAGES, method_options, renamed
 from ..hooks import model_guard
 from ..layers import find_stages, layer_table, remembered, resolve_layer
 from ..models import Classifier, OutputAdapter, as_classifier, model_output
@@ -183,9 +184,10 @@ def _given_or_made(
     return maps.detach().to(x.device, torch.float32), sal
 
 
+@renamed(**MODEL_AND_IMAGES)
 def sanity_check(
-    model_or_classifier: nn.Module | Classifier,
-    x: Any,
+    model: nn.Module | Classifier,
+    images: Any,
     method: MethodSpec = "gradcam",
     *,
     target: Target = None,
@@ -210,15 +212,16 @@ def sanity_check(
     the later steps use the first draw. The per-draw values are in ``settings["draws"]``.
 
     ``method``: a CAM method name, ``"occlusion"``, or ``f(clf, x, target) -> Saliency | tensor``;
-    ``options`` are passed to it (e.g. occlusion's ``patch``/``stride``). ``stages``: module names
+    ``options={"occlusion": {"patch": 32}}``: per-method options, the named method's are passed to
+    it (e.g. occlusion's ``patch``/``stride``; a callable gets ``options`` as given). ``stages``: module names
     (default :func:`cascade_stages`; ``stages=[]`` is refused). ``target``: default the original
     model's top-1 class, kept for every randomised model. ``original``: the method's map on the
     user's model for these targets, when the caller has it already (saves one run). The user's
     model is never touched.
 
     Args:
-        model_or_classifier: an ``nn.Module`` or a :class:`convlens.Classifier`.
-        x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+        model: an ``nn.Module`` or a :class:`convlens.Classifier`.
+        images: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts.
         method: a CAM method name, ``"occlusion"`` or ``f(clf, x, target) -> Saliency | tensor``.
         target: one class per image (index or name), a :class:`convlens.Region` of a dense
@@ -228,7 +231,7 @@ def sanity_check(
         seed: the first draw's seed.
         draws: draws of the first step (>= 1).
         threshold: the verdict's rank-correlation threshold.
-        options: passed to the method.
+        options: ``{method name: {option: value}}``; the named method's are passed to it.
         original: the method's (N, H, W) map or Saliency on the user's model for these targets.
     Returns:
         A :class:`SanityCheck`: ``spearman`` and ``ssim`` (N, steps) float32, ``maps``
@@ -244,8 +247,9 @@ def sanity_check(
         check = convlens.sanity_check(clf, x, "gradcam")
         check.passed, check.plot()
     """
-    clf = as_classifier(model_or_classifier)
-    x = clf.batch(x)
+    clf = as_classifier(model)
+    x = clf.batch(images)
+    options = method_options(method, options)
     fixed, resolved, _ = fixed_target(clf, x, target)
     indices, labels = list(resolved.indices), list(resolved.labels)
     original, sal = _given_or_made(clf, x, method, fixed, indices, layer, options, original)
@@ -307,9 +311,10 @@ def sanity_check(
     )
 
 
+@renamed(**MODEL_AND_IMAGES)
 def class_sensitivity(
-    model_or_classifier: nn.Module | Classifier,
-    x: Any,
+    model: nn.Module | Classifier,
+    images: Any,
     method: MethodSpec = "gradcam",
     *,
     other: Target = None,
@@ -325,8 +330,8 @@ def class_sensitivity(
     ``original``: the target's map when the caller has it already (saves one run).
 
     Args:
-        model_or_classifier: an ``nn.Module`` or a :class:`convlens.Classifier` (left as it was).
-        x: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
+        model: an ``nn.Module`` or a :class:`convlens.Classifier` (left as it was).
+        images: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts.
         method: a CAM method name, ``"occlusion"`` or ``f(clf, x, target) -> Saliency | tensor``.
         other: the other class per image (index or name; over the same region for a Region
@@ -335,7 +340,7 @@ def class_sensitivity(
             not a callable.
         layer: the CAM layer (default: the method's automatic choice).
         threshold: the rank-correlation threshold.
-        options: passed to the method.
+        options: ``{method name: {option: value}}``; the named method's are passed to it.
         original: the target's (N, H, W) map or Saliency, when the caller has it.
     Returns:
         A :class:`ClassSensitivity`: ``spearman`` (N,) float32 and ``maps`` (N, 2, H, W) float32
@@ -349,8 +354,9 @@ def class_sensitivity(
         cs = convlens.class_sensitivity(clf, x, "gradcam++")
         cs.spearman, cs.discriminative
     """
-    clf = as_classifier(model_or_classifier)
-    x = clf.batch(x)
+    clf = as_classifier(model)
+    x = clf.batch(images)
+    options = method_options(method, options)
     fixed, resolved, out = fixed_target(clf, x, target)
     indices, labels = list(resolved.indices), list(resolved.labels)
     if other is None:

@@ -34,7 +34,8 @@ def _options(sal: Saliency) -> dict[str, Any] | None:
     s = sal.settings
     if s.get("baseline") == "tensor" or s.get("score") == "custom":
         return None
-    return {"patch": s["patch"], "stride": s["stride"], "baseline": s["baseline"], "score": s["score"]}
+    return {"patch": s["patch"], "stride": s["stride"], "baseline": s["baseline"], "score": s["score"],
+            "blur_sigma": s.get("blur_sigma")}
 
 
 def model_sanity(clf: Classifier, x: Tensor, sal: Saliency, *, seed: int = 0) -> SanityCheck:
@@ -42,8 +43,8 @@ def model_sanity(clf: Classifier, x: Tensor, sal: Saliency, *, seed: int = 0) ->
     :func:`sanity_check` with the same layer and target; meant to run once per model and run."""
     head = cascade_stages(clf.model, x, output=clf.output)[0]
     return sanity_check(clf, x, sal.method, target=list(sal.target), layer=sal.layer, stages=[head], seed=seed,
-                        draws=1 if sal.method in ("occlusion", "scorecam") else 10, options=_options(sal) or {},
-                        original=sal)
+                        draws=1 if sal.method in ("occlusion", "scorecam") else 10,
+                        options={sal.method: _options(sal) or {}}, original=sal)
 
 
 #: random draws per grid in the report's trust section (compare uses REFERENCE_DRAWS): each costs
@@ -113,7 +114,7 @@ def trust_summary(
         if opts is None or (class_maps is not None and tech not in class_maps):
             class_rho[tech] = None
             continue
-        cs = class_sensitivity(clf, x, sal.method, target=list(sal.target), layer=sal.layer, options=opts,
+        cs = class_sensitivity(clf, x, sal.method, target=list(sal.target), layer=sal.layer, options={sal.method: opts},
                                original=sal)
         class_rho[tech] = float(cs.spearman[0])
         others[tech] = cs.other_labels[0]

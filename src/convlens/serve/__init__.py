@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._compat import MODEL, renamed
+
 __all__ = ["serve", "Server", "MissingExtra", "require_extra", "allowed_hosts", "interface_addresses", "is_loopback"]
 
 log = logging.getLogger(__name__)
@@ -201,8 +203,9 @@ class Server:
                 f" (<code>.stop()</code> ends it)</div>")
 
 
+@renamed(classifier=MODEL)
 def serve(
-    classifier: Any = None,
+    model: Any = None,
     images: Any = None,
     *,
     host: str = "127.0.0.1",
@@ -211,10 +214,10 @@ def serve(
     on_ready: Callable[[Server], None] | None = None,
     allow_hosts: Sequence[str] = (),
 ) -> Server:
-    """Explore ``classifier`` on ``images`` in the browser: top-k, any class's Grad-CAM family
+    """Explore ``model`` on ``images`` in the browser: top-k, any class's Grad-CAM family
     map, layers and their channels, feature visualisation, occlusion.
 
-    ``classifier``: a :class:`~convlens.Classifier` or ``nn.Module`` (default: the bundled model);
+    ``model``: a :class:`~convlens.Classifier` or ``nn.Module`` (default: the bundled model);
     ``images``: paths, folders, PIL images, arrays or tensors (default: the bundled sample).
     ``host``: 127.0.0.1 unless you mean it (any other address warns: anyone on that network can
     use it). ``port``: default 8000 when blocking, a free one in the background. ``block``:
@@ -222,7 +225,7 @@ def serve(
     returned :class:`Server` shows the page inline. The model is left as it came.
 
     Args:
-        classifier: a :class:`~convlens.Classifier` or ``nn.Module`` (on any device; the
+        model: a :class:`~convlens.Classifier` or ``nn.Module`` (on any device; the
             explorer computes there), or None for the bundled model.
         images: one image source or folder, or a list of them; None for the sample photo.
             An image that cannot be read is listed with its error.
@@ -237,7 +240,7 @@ def serve(
     Raises:
         MissingExtra: the extra ``convlens[serve]`` is not installed (an ``ImportError``).
         OSError: the address cannot be bound.
-        TypeError: ``classifier`` is neither a Classifier nor an ``nn.Module``.
+        TypeError: ``model`` is neither a Classifier nor an ``nn.Module``.
         ModelError: the default model cannot be loaded.
 
     Example::
@@ -249,7 +252,7 @@ def serve(
     from ..models import as_classifier, load_model
     from .explorer import Explorer
 
-    clf = load_model() if classifier is None else as_classifier(classifier)
+    clf = load_model() if model is None else as_classifier(model)
     if images is None:
         from ..images import sample_image_path
 

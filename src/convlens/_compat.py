@@ -1,0 +1,79 @@
+"""Renamed keyword arguments keep working for one release, with a DeprecationWarning naming the new one."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# the keyword names every public function uses for the model and the images (docs/api.md)
+MODEL, IMAGES = "model", "images"
+
+
+def renamed(**old: str | tuple[str, Callable[[Any], Any]]) -> Callable[[F], F]:
+    """Accept old keyword spellings: ``old_name="new_name"``, or ``old_name=("new_name", convert)``
+    when the value changes shape too (``occlusion={...}`` -> ``options={"occlusion": {...}}``).
+
+    A call with an old keyword warns (``DeprecationWarning``, naming the new keyword) and runs as if
+    the new one were given; both at once is a ``TypeError``. The signature stays the new one.
+
+    Example::
+
+        @renamed(model_or_classifier="model", x="images")
+        def grad_cam(model, images, *, target=None): ...
+    """
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for name, spec in old.items():
+                if name not in kwargs:
+                    continue
+                new, convert = (spec, None) if isinstance(spec, str) else spec
+                if new in kwargs:
+                    raise TypeError(f"{fn.__name__}() got both {name}= and {new}=; {name}= is the old name of {new}=")
+                warnings.warn(
+                    f"{fn.__name__}(): {name}= is deprecated and will be removed in the next release; use {new}=",
+                    DeprecationWarning, stacklevel=2,
+                )
+                value = kwargs.pop(name)
+                kwargs[new] = convert(value) if convert else value
+            return fn(*args, **kwargs)
+
+        call.renamed = dict(old)  # type: ignore[attr-defined]  # read by the tests and the docs
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+# the old spellings of the model and the images arguments, for the functions that had them
+MODEL_AND_IMAGES = {"model_or_classifier": MODEL, "x": IMAGES}
+
+
+def method_options(method: Any, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options of one map ``method`` out of ``options={"occlusion": {...}, "gradcam": {...}}``,
+    the one way per-method options are passed (``explain``, ``compare``, ``sanity_check``,
+    ``class_sensitivity``). A flat dict for a named method (``options={"patch": 32}``) is the old
+    spelling: it warns and is used as it is. A callable method gets ``options`` as given.
+
+    Example::
+
+        method_options("occlusion", {"occlusion": {"patch": 32}})   # {"patch": 32}
+    """
+    if not options:
+        return {}
+    if not isinstance(method, str):
+        return dict(options)
+    from .metrics.compare import ALL_METHODS
+
+    if all(k in ALL_METHODS and isinstance(v, dict) for k, v in options.items()):
+        return dict(options.get(method, {}))
+    warnings.warn(
+        f"options= for one method is deprecated and will be removed in the next release; key it by the method: "
+        f"options={{{method!r}: {dict(options)!r}}}",
+        DeprecationWarning, stacklevel=3,
+    )
+    return dict(options)
