@@ -26,7 +26,7 @@ def test_spearman_matches_scipy_with_ties():
 
 def test_explain_stores_the_agreement(clf):
     fast = {"occlusion": {"patch": 56, "stride": 28}}
-    r = convlens.explain(None, clf, methods=["gradcam", "occlusion"], settings=fast)
+    r = convlens.explain(None, clf, techniques=["gradcam", "occlusion"], options=fast)
     im = r.images[0]
     cam, occ = im.results["gradcam"].to_numpy()[0], im.results["occlusion"].to_numpy()[0]
     rho = im.agreement["gradcam_occlusion_spearman"]
@@ -36,5 +36,5 @@ def test_explain_stores_the_agreement(clf):
     from convlens.report import summary_dict
 
     assert summary_dict(r)["images"][0]["agreement"] == {"gradcam_occlusion_spearman": rho}
-    only = convlens.explain(None, clf, methods=["gradcam"])
+    only = convlens.explain(None, clf, techniques=["gradcam"])
     assert only.images[0].agreement == {}

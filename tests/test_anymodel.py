@@ -185,7 +185,7 @@ def test_hugging_face_model_through_explain(tmp_path):
     clf = Classifier(hf, mean=(0.5,) * 3, std=(0.25,) * 3, size=64, labels=[f"c{i}" for i in range(6)])
     report = convlens.explain(
         convlens.sample_image_path(), clf,
-        settings={"occlusion": {"patch": 16, "stride": 16}, "filters": {"steps": 2, "size": 64, "channels": 2}},
+        options={"occlusion": {"patch": 16, "stride": 16}, "filters": {"steps": 2, "size": 64, "channels": 2}},
     )
     im = report.images[0]
     assert im.errors == {}, im.errors

@@ -253,7 +253,7 @@ def test_explain_second_image_reads_channels_of_the_first(tmp_path, clf, monkeyp
     monkeypatch.setattr(fv, "_optimise", lambda c, n, m, k, units, *a, **kw: (optimised.append(list(units)),
                                                                                real(c, n, m, k, units, *a, **kw))[1])
     settings = {"filters": {"channels": 3, "steps": 3, "size": 32, "budget": None}}  # every top channel
-    r = convlens.explain(folder, clf, methods=["filters"], settings=settings, cache=tmp_path / "c")
+    r = convlens.explain(folder, clf, techniques=["filters"], options=settings, cache=tmp_path / "c")
     a, b = r.images
     assert r.settings["cache"] == str(tmp_path / "c") and a.ok and b.ok
     shared = set(a.channels["filters"]) & set(b.channels["filters"])
@@ -263,7 +263,7 @@ def test_explain_second_image_reads_channels_of_the_first(tmp_path, clf, monkeyp
     for c in shared:
         i, j = a.channels["filters"].index(c), b.channels["filters"].index(c)
         assert torch.equal(a.results["filters"].images[i], b.results["filters"].images[j])
-    off = convlens.explain(folder / "a.png", clf, methods=["filters"], settings=settings, cache=False)
+    off = convlens.explain(folder / "a.png", clf, techniques=["filters"], options=settings, cache=False)
     assert off.settings["cache"] is None and torch.equal(off.images[0].results["filters"].images,
                                                          r.images[0].results["filters"].images)
 
@@ -287,8 +287,8 @@ def test_bad_cache_settings_are_usage_errors(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("CONVLENS_CACHE_MB", "lots")
     with pytest.raises(ExplainError, match="CONVLENS_CACHE_MB"):
-        convlens.explain(None, _tiny(), methods=["filters"])
-    assert main(["explain", "--methods", "filters", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+        convlens.explain(None, _tiny(), techniques=["filters"])
+    assert main(["explain", "--techniques", "filters", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "CONVLENS_CACHE_MB must be a number" in capsys.readouterr().err and not (tmp_path / "o").exists()
     with pytest.raises(ExplainError, match="cache is True"):
-        convlens.explain(None, _tiny(), methods=["filters"], cache=3)  # type: ignore[arg-type]
+        convlens.explain(None, _tiny(), techniques=["filters"], cache=3)  # type: ignore[arg-type]

@@ -106,7 +106,7 @@ def test_summary_aggregates_and_ranks(small):
 def test_a_failing_method_gets_a_row_and_the_others_go_on(small):
     net, x = small
     cmp = convlens.compare(net, x[:1], ("gradcam", "occlusion"), steps=4, sanity=False,
-                           occlusion={"patch": 200, "stride": 8})
+                           options={"occlusion": {"patch": 200, "stride": 8}})
     assert "larger than the image" in cmp.row("occlusion").error
     assert cmp.row("gradcam").error is None
     v = cmp.verdicts()["occlusion"]

@@ -105,7 +105,7 @@ def test_plot_returns_a_figure_that_shows_itself(cam) -> None:
 
 
 def test_report_repr_names_the_weights_file_only(clf) -> None:
-    report = convlens.explain(convlens.sample_image_path(), clf, fast=True, methods=("gradcam",))
+    report = convlens.explain(convlens.sample_image_path(), clf, fast=True, techniques=("gradcam",))
     assert report.weights and Path(report.weights).is_absolute()
     folder = str(Path(report.weights).parent)
     lines = _check_repr(repr(report))

@@ -121,7 +121,7 @@ def test_the_settings_tier_is_printed_and_named(tmp_path, capsys):
     folder.mkdir()
     convlens.sample_image().save(folder / "a.png")
     convlens.sample_image().transpose(0).save(folder / "b.png")
-    assert main(["explain", str(folder), "--methods", "gradcam", "--out", str(tmp_path / "out")]) == 0
+    assert main(["explain", str(folder), "--techniques", "gradcam", "--out", str(tmp_path / "out")]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("settings: folder. This run used the folder settings (a run over 2 or more images")
     assert first.endswith("Full settings: convlens explain IMAGES --full")

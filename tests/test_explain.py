@@ -201,7 +201,7 @@ def test_malicious_file_name_is_escaped(run: dict) -> None:
 # -- refusal and --force ---------------------------------------------------------------------
 def test_existing_outputs_refused_unless_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    args = ["explain", "--out", str(out), "--methods", "gradcam", "--device", "cpu", "--fast"]
+    args = ["explain", "--out", str(out), "--techniques", "gradcam", "--device", "cpu", "--fast"]
     assert main(args) == 0  # no image: the bundled sample with the default model
     s = json.loads((out / "summary.json").read_text())
     assert [im["name"] for im in s["images"]] == ["chelsea.jpg"] and s["methods"] == ["gradcam"]
@@ -218,9 +218,10 @@ def test_existing_outputs_refused_unless_force(tmp_path: Path, capsys: pytest.Ca
 
 def test_usage_errors_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main(["explain", "--out", str(out), "--methods", "gradcam,saliency"]) == 2
+    assert main(["explain", "--out", str(out), "--techniques", "gradcam,saliency"]) == 2
     assert "saliency" in capsys.readouterr().err
-    assert main(["explain", "--out", str(out), "--methods", "gradcam", "--device", "cpu", "--target", "no such"]) == 2
+    args = ["explain", "--out", str(out), "--techniques", "gradcam", "--device", "cpu", "--target", "no such"]
+    assert main(args) == 2
     assert "unknown class" in capsys.readouterr().err
     assert main(["explain", str(tmp_path / "typo.jpg"), "--out", str(out)]) == 2
     assert "typo.jpg: no such file or folder" in capsys.readouterr().err
@@ -236,7 +237,7 @@ def test_a_failing_technique_is_recorded_and_the_rest_runs(clf, monkeypatch, tmp
 
     monkeypatch.setitem(ex.RUNNERS, "occlusion", boom)
     img = convlens.sample_image()
-    report = convlens.explain([img, img.resize((200, 150))], clf, methods=("gradcam", "occlusion"), fast=True)
+    report = convlens.explain([img, img.resize((200, 150))], clf, techniques=("gradcam", "occlusion"), fast=True)
     assert [im.ok for im in report.images] == [False, False]
     for im in report.images:
         assert im.errors == {"occlusion": "RuntimeError: occlusion exploded"}
@@ -253,7 +254,7 @@ def test_a_failing_technique_is_recorded_and_the_rest_runs(clf, monkeypatch, tmp
 
 
 def test_interrupted_save_leaves_no_partial_file(clf, monkeypatch, tmp_path: Path) -> None:
-    report = convlens.explain(convlens.sample_image_path(), clf, methods=("gradcam",), fast=True)
+    report = convlens.explain(convlens.sample_image_path(), clf, techniques=("gradcam",), fast=True)
     import convlens.report as rep
 
     def interrupted(*args, **kwargs):
@@ -342,7 +343,7 @@ def test_bare_module_and_tensor_batch(tmp_path: Path) -> None:
     )
     x = torch.rand(2, 3, 24, 24)
     occ_settings = {"occlusion": {"patch": 8, "stride": 4}}
-    report = convlens.explain(x, net, methods=("gradcam", "occlusion"), settings=occ_settings)
+    report = convlens.explain(x, net, techniques=("gradcam", "occlusion"), options=occ_settings)
     assert [im.name for im in report.images] == ["tensor 1[0]", "tensor 1[1]"] and not report.failed
     for i, im in enumerate(report.images):
         assert im.layers["gradcam"] == "3" and im.target == int(net(x[i : i + 1]).argmax())
@@ -363,8 +364,8 @@ def test_trust_section_numbers_once_per_run_sanity_and_plain_words(tmp_path: Pat
 
     before = snapshot(clf.model)
     x = clf.preprocess(convlens.sample_image())
-    report = convlens.explain([x, x.flip(-1)], clf, methods=("gradcam", "trust"),
-                              settings={"gradcam": {"method": "gradcam++"}, "trust": {"steps": 4}})
+    report = convlens.explain([x, x.flip(-1)], clf, techniques=("gradcam", "trust"),
+                              options={"gradcam": {"method": "gradcam++"}, "trust": {"steps": 4}})
     assert not report.failed
     first, second = report.images
     t = first.results["trust"]
@@ -392,4 +393,4 @@ def test_trust_section_numbers_once_per_run_sanity_and_plain_words(tmp_path: Pat
     from convlens.explain import ExplainError
 
     with pytest.raises(ExplainError, match="trust technique"):
-        convlens.explain(x, clf, methods=("activations", "trust"))
+        convlens.explain(x, clf, techniques=("activations", "trust"))

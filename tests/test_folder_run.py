@@ -156,7 +156,8 @@ def test_kill_9_then_resume_equals_one_run(tmp_path: Path) -> None:
     imgs = photos(tmp_path / "in", 8)
     out = tmp_path / "out"
     (tmp_path / "driver.py").write_text(DRIVER)
-    args = ["explain", str(tmp_path / "in"), "--methods", "activations,gradcam,occlusion", "--fast", "--out", str(out)]
+    args = ["explain", str(tmp_path / "in"), "--techniques", "activations,gradcam,occlusion", "--fast",
+            "--out", str(out)]
     p = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(Path(__file__).parent), *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     deadline = time.time() + 120
@@ -204,10 +205,10 @@ def test_batched_explain_equals_one_image_at_a_time(tmp_path: Path, device: str,
     occ = sys.modules["convlens.methods.occlusion"]
     real = occ.occlusion
     monkeypatch.setattr(occ, "occlusion", lambda m, x, **k: sizes.append(len(x)) or real(m, x, **k))
-    one = convlens.explain(folder, clf, methods=methods, settings=settings, batch_size=1, cache=False)
+    one = convlens.explain(folder, clf, techniques=methods, options=settings, batch_size=1, cache=False)
     assert sizes == [1] * 5
     sizes.clear()
-    many = convlens.explain(folder, clf, methods=methods, settings=settings, batch_size=3, cache=False)
+    many = convlens.explain(folder, clf, techniques=methods, options=settings, batch_size=3, cache=False)
     assert sizes == [3, 2]  # images 1-3, then 4-5, went through occlusion together
     assert [im.name for im in many.images] == [im.name for im in one.images]
     # float rounding only: GPU kernels may pick other algorithms for another batch size
@@ -270,7 +271,7 @@ def test_a_folder_draws_the_most_shared_channels_and_one_image_keeps_all(tmp_pat
     monkeypatch.setattr(sys.modules["convlens.methods.featureviz"], "feature_visualization", spy)
     settings = {"filters": {"channels": 2, "steps": 2, "size": 16}, "trust": {"steps": 2}}
     cache = tmp_path / "cache"
-    rep = convlens.explain(folder, clf, methods=["gradcam", "filters"], settings=settings, cache=cache)
+    rep = convlens.explain(folder, clf, techniques=["gradcam", "filters"], options=settings, cache=cache)
     assert explain_mod.FOLDER["filters"]["budget"] == 0.4 and rep.settings["filters"]["shared"] == 2
     by = {im.name: im for im in rep.images}
     # red images' top-2: channels 3 then 0 (weights 1.3, 1.0); green: 4, 1. Votes: 3 and 0 three each: drawn
@@ -282,16 +283,16 @@ def test_a_folder_draws_the_most_shared_channels_and_one_image_keeps_all(tmp_pat
     assert drawn == [[0, 3]] + [[3, 0]] * 3
     assert all(by[f"r{i}.png"].channels["filters_cached"] == 2 for i in (1, 2, 3))
     # one image alone keeps all its top channels
-    alone = convlens.explain(folder / "g1.png", clf, methods=["gradcam", "filters"], settings=settings, cache=cache)
+    alone = convlens.explain(folder / "g1.png", clf, techniques=["gradcam", "filters"], options=settings, cache=cache)
     assert alone.images[0].channels["filters"] == [4, 1] and "budget" not in str(alone.images[0].notes)
     assert alone.settings["filters"]["budget"] is None
     # the folder again: channels 4 and 1 are in the cache now, so g1 shows them
-    again = convlens.explain(folder, clf, methods=["gradcam", "filters"], settings=settings, cache=cache)
+    again = convlens.explain(folder, clf, techniques=["gradcam", "filters"], options=settings, cache=cache)
     assert {im.name: im for im in again.images}["g1.png"].channels["filters"] == [4, 1]
     # the drawn images are those of one image alone (same settings, same cache entries)
     torch.testing.assert_close({im.name: im for im in again.images}["g1.png"].results["filters"].images,
                                alone.images[0].results["filters"].images)
     # the budget can be lifted: every image's top channels
-    full = convlens.explain(folder, clf, methods=["gradcam", "filters"], cache=False,
-                            settings={**settings, "filters": {**settings["filters"], "budget": None}})
+    full = convlens.explain(folder, clf, techniques=["gradcam", "filters"], cache=False,
+                            options={**settings, "filters": {**settings["filters"], "budget": None}})
     assert all(len(im.channels["filters"]) == 2 for im in full.images)

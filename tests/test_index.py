@@ -128,8 +128,8 @@ def test_index_and_csv_from_a_real_run(clf, tmp_path):
     img = convlens.sample_image()
     img.save(tmp_path / "cat.png")
     img.transpose(0).save(tmp_path / "cat-mirror.png")
-    report = convlens.explain(tmp_path, clf, methods=["gradcam", "occlusion"],
-                              settings={"occlusion": {"patch": 112, "stride": 56}})
+    report = convlens.explain(tmp_path, clf, techniques=["gradcam", "occlusion"],
+                              options={"occlusion": {"patch": 112, "stride": 56}})
     summary = summary_dict(report)
     thumbs = {im.key: thumbnail(im.rgb) for im in report.images}
     html = render_index(summary, thumbs)

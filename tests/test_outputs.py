@@ -172,7 +172,7 @@ def test_case1_save_keeps_the_whole_name_and_refuses_foreign_files(tmp_path: Pat
 # -- case 2: the guard bypassed by a path spelling -------------------------------------------
 def test_case2_dotdot_and_symlink_spellings_do_not_bypass_the_guard(tmp_path: Path, tiny_cli, capsys) -> None:
     img = photo(tmp_path / "p.png")
-    base = ["explain", str(img), "--methods", "gradcam", "--fast"]
+    base = ["explain", str(img), "--techniques", "gradcam", "--fast"]
     out = tmp_path / "out"
     out.mkdir()
     assert main([*base, "--out", str(out / "o")]) == 0
@@ -194,7 +194,7 @@ def test_case3_interrupted_force_leaves_the_old_run_and_force_removes_stale_file
 ) -> None:
     imgs = [photo(tmp_path / f"{n}.png", i) for i, n in enumerate("abc")]
     out = tmp_path / "out"
-    assert main(["explain", *map(str, imgs), "--methods", "gradcam,occlusion", "--fast", "--out", str(out)]) == 0
+    assert main(["explain", *map(str, imgs), "--techniques", "gradcam,occlusion", "--fast", "--out", str(out)]) == 0
     old = tree(out)
     calls = []
     real = EXPLAIN.RUNNERS["occlusion"]
@@ -206,7 +206,7 @@ def test_case3_interrupted_force_leaves_the_old_run_and_force_removes_stale_file
         return real(*args, **kwargs)
 
     monkeypatch.setitem(EXPLAIN.RUNNERS, "occlusion", interrupted)
-    new = ["explain", str(imgs[0]), str(imgs[1]), "--methods", "gradcam,occlusion", "--fast", "--force"]
+    new = ["explain", str(imgs[0]), str(imgs[1]), "--techniques", "gradcam,occlusion", "--fast", "--force"]
     assert main([*new, "--target", "3", "--out", str(out)]) == 130
     assert tree(out) == old  # the old run, whole; no staging folder left
     monkeypatch.setitem(EXPLAIN.RUNNERS, "occlusion", real)
@@ -230,7 +230,7 @@ def test_case3_force_moves_symlinks_aside_never_writes_through_them(tmp_path: Pa
     out.mkdir()
     os.symlink(outside, out / "p.png")  # where the image's folder goes
     os.symlink(outside / "report.html", out / "report.html")
-    args = ["explain", str(img), "--methods", "gradcam", "--fast", "--out", str(out)]
+    args = ["explain", str(img), "--techniques", "gradcam", "--fast", "--out", str(out)]
     assert main(args) == 2  # in the way, and not convlens's
     assert main([*args, "--force"]) == 0
     assert (outside / "gradcam.png").read_bytes() == b"precious"
@@ -259,7 +259,7 @@ def test_force_never_reaches_outside_out_through_an_edited_manifest(tmp_path: Pa
 def test_a_full_disk_during_force_leaves_the_old_run(tmp_path: Path, tiny_cli, monkeypatch, capsys) -> None:
     imgs = [str(photo(tmp_path / f"{i}.png", i)) for i in range(2)]
     out = tmp_path / "out"
-    args = ["explain", *imgs, "--methods", "gradcam", "--out", str(out)]
+    args = ["explain", *imgs, "--techniques", "gradcam", "--out", str(out)]
     assert main(args) == 0
     old = tree(out)
     real = outputs.write_file
@@ -278,10 +278,10 @@ def test_a_full_disk_during_force_leaves_the_old_run(tmp_path: Path, tiny_cli, m
 
 def test_force_never_removes_an_input_inside_the_earlier_run(tmp_path: Path, tiny_cli, capsys) -> None:
     out = tmp_path / "out"
-    assert main(["explain", str(photo(tmp_path / "p.png")), "--methods", "gradcam", "--out", str(out)]) == 0
+    assert main(["explain", str(photo(tmp_path / "p.png")), "--techniques", "gradcam", "--out", str(out)]) == 0
     inside = out / "p.png" / "input.png"
     before = tree(out)
-    assert main(["explain", str(inside), "--methods", "gradcam", "--out", str(out), "--force"]) == 2
+    assert main(["explain", str(inside), "--techniques", "gradcam", "--out", str(out), "--force"]) == 2
     assert "would replace the input" in capsys.readouterr().err and tree(out) == before
 
 
@@ -294,7 +294,7 @@ def test_case4_undecodable_and_long_names_go_through_explain(tmp_path: Path, tin
     long = "x" * 240 + ".png"
     photo(d / long, 2)
     out = tmp_path / "out"
-    assert main(["explain", str(d), "--methods", "gradcam", "--fast", "--out", str(out)]) == 0
+    assert main(["explain", str(d), "--techniques", "gradcam", "--fast", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert sorted(im["name"] for im in s["images"]) == sorted(["caf\\xe9.png", long])
     assert all(im["ok"] and im["files"] for im in s["images"])
@@ -334,7 +334,7 @@ def test_case6_nan_weights_are_an_error_per_image_exit_1(tmp_path: Path, monkeyp
     monkeypatch.setattr("convlens.cli.load_classifier", lambda args: clf)
     img = photo(tmp_path / "p.png")
     out = tmp_path / "out"
-    assert main(["explain", str(img), "--methods", "gradcam,occlusion", "--fast", "--out", str(out)]) == 1
+    assert main(["explain", str(img), "--techniques", "gradcam,occlusion", "--fast", "--out", str(out)]) == 1
     s = json.loads((out / "summary.json").read_text())
     assert s["ok"] is False and "NaN" in s["images"][0]["errors"]["image"]
     assert "1 with errors" in capsys.readouterr().out
@@ -391,7 +391,7 @@ def test_case7_ctrl_c_inside_a_weakref_callback_is_not_lost(tmp_path: Path) -> N
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(convlens.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [sys.executable, "-c", WEAKREF_DRIVER, "explain", str(photo(tmp_path / "p.png")), "--methods", "gradcam",
+        [sys.executable, "-c", WEAKREF_DRIVER, "explain", str(photo(tmp_path / "p.png")), "--techniques", "gradcam",
          "--out", str(out)], capture_output=True, text=True, env=env, timeout=120,
     )
     assert run.returncode == 130 and run.stderr.endswith("\nconvlens: interrupted\n"), run.stderr
@@ -412,7 +412,7 @@ def test_case7_a_swallowed_ctrl_c_still_ends_the_run_with_130(tmp_path: Path, ti
     monkeypatch.setitem(EXPLAIN.RUNNERS, "gradcam", swallowing)
     imgs = [str(photo(tmp_path / f"{i}.png", i)) for i in range(3)]
     out = tmp_path / "out"
-    assert main(["explain", *imgs, "--methods", "gradcam", "--fast", "--out", str(out)]) == 130
+    assert main(["explain", *imgs, "--techniques", "gradcam", "--fast", "--out", str(out)]) == 130
     assert not (out / "summary.json").exists() and not list(out.glob(".convlens-staging-*"))
     assert manifest(out)["complete"] is False if out.exists() else True
 
@@ -453,10 +453,10 @@ def test_case7_sigint_at_many_points_exits_130_with_nothing_half_written(tmp_pat
         out = tmp_path / f"out{k}"
         force = ["--force"] if k % 2 else []
         if force:  # an earlier run to replace: an interrupted --force must leave it whole
-            main(["explain", imgs[0], "--methods", "gradcam", "--out", str(out)])
+            main(["explain", imgs[0], "--techniques", "gradcam", "--out", str(out)])
             old = tree(out)
         p = subprocess.Popen(
-            [sys.executable, str(tmp_path / "driver.py"), "explain", *imgs, "--methods", "gradcam,occlusion",
+            [sys.executable, str(tmp_path / "driver.py"), "explain", *imgs, "--techniques", "gradcam,occlusion",
              "--fast", "--out", str(out), *force],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
         )
@@ -523,7 +523,7 @@ def test_case9_every_unused_folder_entry_is_listed(tmp_path: Path, tiny_cli, cap
     (d / ".hidden.png").write_bytes(b"")
     (d / "notes.txt").write_text("hi")
     out = tmp_path / "out"
-    assert main(["explain", str(d), "--methods", "gradcam", "--fast", "--out", str(out)]) == 0
+    assert main(["explain", str(d), "--techniques", "gradcam", "--fast", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
     reasons = {Path(x["path"]).name: x["reason"] for x in s["skipped"]}
     assert reasons == {
@@ -583,7 +583,7 @@ def test_case10_escape_codes_in_names_are_escaped_everywhere(tmp_path: Path, tin
     out_text = capsys.readouterr().out
     assert "\x1b" not in out_text and "a\\x1b]0;owned\\x07\\x1b[2J.png" in out_text
     out = tmp_path / "out"
-    assert main(["explain", str(tmp_path), "--methods", "gradcam", "--fast", "--out", str(out)]) == 0
+    assert main(["explain", str(tmp_path), "--techniques", "gradcam", "--fast", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "\x1b" not in captured.out and "\x1b" not in captured.err
     for f in ("summary.json", "report.html", outputs.MANIFEST):

@@ -222,14 +222,15 @@ def test_explorer_shows_sigmoids_for_a_multi_label_model(x) -> None:
 
 def test_metrics_and_explain_on_a_multi_label_model(x, tmp_path: Path) -> None:
     clf = plain(tiny(4), multi_label=True)
-    cmp = convlens.compare(clf, x, ["gradcam", "occlusion"], steps=4, occlusion={"patch": 12, "stride": 12})
+    cmp = convlens.compare(clf, x, ["gradcam", "occlusion"], steps=4,
+                           options={"occlusion": {"patch": 12, "stride": 12}})
     assert not [r.error for r in cmp.rows if r.error]
     sig = torch.sigmoid(clf.logits(x).float())
     top = sig.argmax(1)
     torch.testing.assert_close(cmp.row("gradcam").deletion.scores[:, 0], sig[torch.arange(2), top])
     check = convlens.sanity_check(clf, x, "gradcam", stages=["6"], draws=2)
     assert check.spearman.shape == (2, 1) and check.target == top.tolist()
-    report = convlens.explain(x[:1], clf, methods=("gradcam", "trust"), settings={"trust": {"steps": 4}})
+    report = convlens.explain(x[:1], clf, techniques=("gradcam", "trust"), options={"trust": {"steps": 4}})
     assert not report.failed
     im = report.images[0]
     assert im.predictions[0].probability == pytest.approx(float(sig[0].max()))
@@ -261,7 +262,7 @@ def test_metrics_on_the_readme_two_head_model_equal_the_plain_model(x, tmp_path:
         torch.testing.assert_close(cmp_a.row(m).insertion.auc, cmp_b.row(m).insertion.auc)
     cmp = convlens.compare(adapted, x, ["gradcam"], steps=4)  # with the sanity check: its private copy
     assert cmp.row("gradcam").error is None and cmp.row("gradcam").sanity_passed is not None
-    report = convlens.explain(x[:1], adapted, methods=("gradcam", "trust"), settings={"trust": {"steps": 4}})
+    report = convlens.explain(x[:1], adapted, techniques=("gradcam", "trust"), options={"trust": {"steps": 4}})
     assert not report.failed and report.images[0].results["trust"].sanity["gradcam"]["rho"] is not None
     assert_unchanged(two, before)
 
@@ -364,7 +365,7 @@ def test_region_occlusion_deletion_and_compare(seg) -> None:
     with pytest.raises(ValueError, match="dense"):
         convlens.grad_cam(plain(tiny()), torch.rand(1, 3, 24, 24), target=convlens.Region(1))
     cmp = convlens.compare(clf, x, ["gradcam", "occlusion"], target=region, layer="backbone.16", steps=4,
-                           occlusion={"patch": 48, "stride": 48})
+                           options={"occlusion": {"patch": 48, "stride": 48}})
     assert not [r.error for r in cmp.rows if r.error] and cmp.labels == ["cat"]
     cam = convlens.grad_cam(clf, x, target=region, layer="backbone.16")
     want = convlens.deletion(clf, x, cam, target=region, steps=4)

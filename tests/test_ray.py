@@ -32,7 +32,7 @@ def test_shards_as_ray_tasks_equal_one_run(tmp_path: Path) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([src, str(HERE)]), "OMP_NUM_THREADS": "1"}})
     try:
-        merged = explain_on_ray(tmp_path / "in", tmp_path / "run", shards=3, make_classifier=make_tiny, **kwargs)
+        merged = explain_on_ray(tmp_path / "in", tmp_path / "run", shards=3, make_model=make_tiny, **kwargs)
     finally:
         ray.shutdown()
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir()) == [

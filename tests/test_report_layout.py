@@ -60,7 +60,7 @@ def _measure(browser, path: Path, width: int) -> dict:
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory, clf) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("pages")
-    report = convlens.explain(None, clf, methods=["activations", "gradcam", "occlusion", "trust"], fast=True,
+    report = convlens.explain(None, clf, techniques=["activations", "gradcam", "occlusion", "trust"], fast=True,
                               cache=False)
     report.save(out / "run")
     cmp = compare(clf, convlens.sample_image(), ("gradcam", "eigencam"), steps=4, sanity=False, draws=2)

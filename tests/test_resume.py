@@ -63,7 +63,7 @@ def same_images(a: list[dict], b: list[dict]) -> None:
 def test_a_folder_run_streams_pages_index_and_csv(tmp_path: Path, tiny_cli) -> None:
     imgs = photos(tmp_path / "in", 3)
     out = tmp_path / "out"
-    assert main(["explain", str(tmp_path / "in"), "--methods", METHODS, "--fast", "--out", str(out)]) == 0
+    assert main(["explain", str(tmp_path / "in"), "--techniques", METHODS, "--fast", "--out", str(out)]) == 0
     s = summary(out)
     assert [im["name"] for im in s["images"]] == [p.name for p in imgs]
     for im in s["images"]:
@@ -84,14 +84,14 @@ def test_a_folder_run_streams_pages_index_and_csv(tmp_path: Path, tiny_cli) -> N
 def test_one_image_keeps_the_single_page(tmp_path: Path, tiny_cli) -> None:
     img = photos(tmp_path / "in", 1)[0]
     out = tmp_path / "out"
-    assert main(["explain", str(img), "--methods", "gradcam", "--fast", "--out", str(out)]) == 0
+    assert main(["explain", str(img), "--techniques", "gradcam", "--fast", "--out", str(out)]) == 0
     assert (out / "report.html").read_bytes() == (out / img.name / "report.html").read_bytes()
     assert "convlens-index" not in (out / "report.html").read_text()
 
 
 def test_library_out_releases_each_image(tmp_path: Path, tiny_cli) -> None:
     photos(tmp_path / "in", 2)
-    report = convlens.explain(tmp_path / "in", tiny_cli, methods=["gradcam", "occlusion"], fast=True,
+    report = convlens.explain(tmp_path / "in", tiny_cli, techniques=["gradcam", "occlusion"], fast=True,
                               out=tmp_path / "out")
     assert all(im.results == {} and im.rgb is None and im.thumb for im in report.images)
     assert report._png == {}
@@ -121,7 +121,7 @@ def test_killed_halfway_then_resume_keeps_the_finished_images(tmp_path: Path) ->
     out = tmp_path / "out"
     (tmp_path / "driver.py").write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": str(Path(convlens.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    args = ["explain", str(tmp_path / "in"), "--methods", METHODS, "--fast", "--out", str(out)]
+    args = ["explain", str(tmp_path / "in"), "--techniques", METHODS, "--fast", "--out", str(out)]
     p = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(Path(__file__).parent), *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     deadline = time.time() + 120
@@ -164,7 +164,7 @@ def test_killed_halfway_then_resume_keeps_the_finished_images(tmp_path: Path) ->
 def test_resume_redoes_changed_files_and_refuses_other_settings(tmp_path: Path, tiny_cli, capsys) -> None:
     imgs = photos(tmp_path / "in", 3)
     out = tmp_path / "out"
-    args = ["explain", str(tmp_path / "in"), "--methods", "gradcam,occlusion", "--fast", "--out", str(out)]
+    args = ["explain", str(tmp_path / "in"), "--techniques", "gradcam,occlusion", "--fast", "--out", str(out)]
     assert main(args) == 0
     before = {p.name: (out / p.name / "gradcam.npy").stat().st_mtime_ns for p in imgs}
     Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(imgs[1])  # new content, same name
@@ -187,7 +187,7 @@ def test_resume_redoes_changed_files_and_refuses_other_settings(tmp_path: Path, 
 
 def test_two_shards_merged_equal_one_run(tmp_path: Path, tiny_cli, capsys) -> None:
     photos(tmp_path / "in", 5)
-    base = ["explain", str(tmp_path / "in"), "--methods", METHODS, "--fast"]
+    base = ["explain", str(tmp_path / "in"), "--techniques", METHODS, "--fast"]
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
     for i in (1, 2):  # two processes, one --out
         assert main([*base, "--shard", f"{i}/2", "--out", str(tmp_path / "sh")]) == 0

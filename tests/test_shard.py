@@ -51,19 +51,19 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_explain_api_shard(photos: Path, clf: convlens.Classifier):
     items, _ = collect_images([photos])
     assert [n for n, _ in items] == ["a.png", "b.png", "c.png", "d.png", "e.png"]
-    r = explain(photos, clf, methods=["gradcam"], shard="2/2")
+    r = explain(photos, clf, techniques=["gradcam"], shard="2/2")
     assert [im.name for im in r.images] == ["b.png", "d.png"] and r.settings["shard"] == "2/2"
     with pytest.raises(ExplainError, match="holds no image"):
-        explain(photos, clf, methods=["gradcam"], shard=(6, 6))
+        explain(photos, clf, techniques=["gradcam"], shard=(6, 6))
     with pytest.raises(ExplainError, match="shard"):
-        explain(photos, clf, methods=["gradcam"], shard="0/2")
+        explain(photos, clf, techniques=["gradcam"], shard="0/2")
 
 
 def test_cli_shards_cover_the_folder_once(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     names = []
     for i in (1, 2):
         out = tmp_path / f"out{i}"
-        assert main(["explain", str(photos), "--methods", "gradcam", "--shard", f"{i}/2", "--out", str(out),
+        assert main(["explain", str(photos), "--techniques", "gradcam", "--shard", f"{i}/2", "--out", str(out),
                      "--device", "cpu"]) == 0
         s = json.loads((out / f"shard-{i}-of-2" / "summary.json").read_text())  # a shard writes into its own folder
         names.append([im["name"] for im in s["images"]])

@@ -265,8 +265,8 @@ def test_metrics_and_explain_on_a_token_model(photos, tmp_path):
     assert abs(float(spearmanr(ref[0].ravel(), ref[1].ravel())[0]) - float(row.class_rho[0])) < 0.02
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rep = convlens.explain(photos[1], clf, methods=["gradcam", "trust"], fast=True, cache=False,
-                               settings={"trust": {"steps": 4}})
+        rep = convlens.explain(photos[1], clf, techniques=["gradcam", "trust"], fast=True, cache=False,
+                               options={"trust": {"steps": 4}})
     assert not rep.images[0].errors, rep.images[0].errors
     assert rep.images[0].results["trust"] is not None
     assert rep.images[0].layers["gradcam"] == "blocks.11.norm1"

@@ -95,6 +95,6 @@ def warn_constant(maps: Tensor, method: str, why: str = "nothing supports the ta
         warnings.warn(
             f"{method} map is constant (all {float(flat[constant[0], 0]):g}) for rows {constant}: {why}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # warn_constant <- the technique <- its @renamed wrapper <- the caller
         )
     return constant

@@ -40,6 +40,24 @@ def _version() -> str:
 
 
 # -- shared options -----------------------------------------------------------------------
+class _Renamed(argparse.Action):
+    """The old spelling of a flag, kept for one release: a note on stderr naming the new flag, then
+    the value goes where the new flag's does (hidden from --help)."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        deprecated(option_string, self.new)
+        setattr(namespace, self.dest, values)
+
+
+def deprecated(old: str | None, new: str) -> None:
+    """The one deprecation note of the command line, on stderr."""
+    print(f"convlens: {old} is deprecated and will be removed in the next release; use {new}", file=sys.stderr)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --weights, --labels, --num-classes, --multi-label and --device, shared by every
     command that loads a model."""
@@ -279,10 +297,15 @@ def _add_activations(p: argparse.ArgumentParser) -> None:
         help="layer names or glob patterns, or 'stages' (default: the stage outputs found automatically)",
     )
     p.add_argument(
-        "--channels", "-c", default="top", metavar="C",
-        help="'top' (most active, default), 'first', or comma-separated channel indices",
+        "--channels", "-c", default=None, metavar="LIST",
+        help="comma-separated channel indices to show (default: as --pick chooses)",
     )
-    p.add_argument("-k", type=int, default=8, metavar="K", help="channels per layer in the figure (default 8)")
+    p.add_argument(
+        "--pick", default="top", choices=("top", "first"),
+        help="without --channels, which channels the figure shows: the most active (top, default) or the first",
+    )
+    p.add_argument("--per-layer", type=int, default=8, metavar="K", help="channels per layer in the figure (default 8)")
+    p.add_argument("-k", dest="per_layer", type=int, action=_Renamed, new="--per-layer")
     _add_out(p)
 
 
@@ -290,14 +313,17 @@ def _run_activations(args: argparse.Namespace) -> int:
     from .methods.activations import activations
     from .outputs import activations_files
 
-    if args.k < 1:
-        raise ValueError("-k must be at least 1")
-    channels: str | list[int] = args.channels
-    if channels not in ("top", "first"):
+    if args.per_layer < 1:
+        raise ValueError("--per-layer must be at least 1")
+    channels: str | list[int] = args.pick if args.channels is None else args.channels
+    if channels in ("top", "first"):  # the old --channels top|first
+        if args.channels is not None:
+            deprecated(f"--channels {channels}", f"--pick {channels}")
+    else:
         try:
             channels = [int(c) for c in args.channels.split(",") if c.strip()]
         except ValueError:
-            raise ValueError(f"--channels is 'top', 'first' or indices like 0,5,9, not {args.channels!r}") from None
+            raise ValueError(f"--channels takes channel indices like 0,5,9, not {args.channels!r}") from None
         if not channels or min(channels) < 0:
             raise ValueError(f"--channels takes non-negative indices, not {args.channels!r}")
     layers = "stages" if args.layers == ["stages"] else args.layers
@@ -317,7 +343,7 @@ def _run_activations(args: argparse.Namespace) -> int:
         print(f"  wrote {len(written)} files to {printable(written[0].parent)}")
 
     def files(result):
-        return activations_files(result, "", channels=channels, k=args.k)
+        return activations_files(result, "", channels=channels, k=args.per_layer)
 
     return _per_image(args, "activations", compute, files, show)
 
@@ -558,9 +584,10 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", "-t", default=None, metavar="T", help="class index or name to explain (default: top-1)")
     p.add_argument("--layer", "-l", default=None, metavar="L", help="Grad-CAM layer (default: automatic)")
     p.add_argument(
-        "--methods", default=",".join(METHODS), metavar="LIST",
+        "--techniques", default=",".join(METHODS), metavar="LIST",
         help=f"comma-separated techniques (default: {','.join(METHODS)})",
     )
+    p.add_argument("--methods", dest="techniques", action=_Renamed, new="--techniques")
     _add_out(p)
     p.add_argument(
         "--fast", action="store_true", help="lighter settings: coarser occlusion, fewer and smaller feature images"
@@ -599,7 +626,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     from .checks import choose
     from .explain import METHODS, ExplainError, explain, plan, run_writer, settings_tier, shard_folder
 
-    methods = choose(args.methods, METHODS, "technique")
+    methods = choose(args.techniques, METHODS, "technique")
     if args.resume and args.force:
         raise ValueError("--resume keeps an earlier run and --force replaces it: choose one")
     sources = image_list(args.images)

@@ -13,6 +13,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ._compat import renamed
+
 __all__ = [
     "FORMATS", "IMAGE_SUFFIXES", "MAX_PIXELS", "ImageError",
     "ImageSource", "load_image", "sample_image", "sample_image_path",
@@ -141,7 +143,8 @@ def _from_array(a: np.ndarray) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(u8), mode))
 
 
-def load_image(source: ImageSource) -> Image.Image:
+@renamed(source="image")
+def load_image(image: ImageSource) -> Image.Image:
     """Load an image from a path, bytes, a PIL image or a numpy array as 8-bit RGB.
 
     Every Pillow mode (greyscale, RGBA, palette, CMYK, 16-bit) becomes RGB, EXIF orientation is
@@ -149,7 +152,7 @@ def load_image(source: ImageSource) -> Image.Image:
     :data:`MAX_PIXELS` raise :class:`ImageError` with a message that says what is wrong.
 
     Args:
-        source: a path (str or ``os.PathLike``), the file's bytes, an open binary file, a PIL
+        image: a path (str or ``os.PathLike``), the file's bytes, an open binary file, a PIL
             image, or a numpy array (H, W), (H, W, 3|4) or (3|4, H, W): uint8, uint16, bool,
             integers in [0, 255] or floats in [0, 1]. Only the formats in :data:`FORMATS` are
             decoded.
@@ -159,12 +162,13 @@ def load_image(source: ImageSource) -> Image.Image:
     Raises:
         ImageError: a missing or empty file, a folder, FIFO or device, data that is not an image
             in a supported format, a truncated or corrupt file, more than :data:`MAX_PIXELS`
-            pixels, an array of another shape, dtype or range, or another type of ``source``.
+            pixels, an array of another shape, dtype or range, or another type of ``image``.
 
     Example::
 
         img = load_image("photo.jpg")    # PIL.Image.Image, mode "RGB"
     """
+    source = image  # the body's name
     if isinstance(source, np.ndarray):
         return _from_array(source)
     if isinstance(source, Image.Image):

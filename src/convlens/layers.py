@@ -324,7 +324,7 @@ def default_cam_layer(
         model: an ``nn.Module`` or a :class:`convlens.Classifier` (its module).
         images: (N, C, H, W) model-ready input on the model's device (one image is enough), or
             image(s) that :meth:`Classifier.batch` accepts.
-        table: the model's :func:`layer_table` for ``x``, when the caller has it.
+        table: the model's :func:`layer_table` for ``images``, when the caller has it.
     Returns:
         The layer's name.
     Raises:

@@ -35,12 +35,12 @@ def activations(
     layout: LayoutName | None = None,
     reshape: Reshape | None = None,
 ) -> Activations:
-    """The outputs of ``layers`` for the batch ``x``, each (N, C, h, w), in execution order.
+    """The outputs of ``layers`` for ``images``, each (N, C, h, w), in execution order.
 
     ``layers``: dotted names, modules, glob patterns (``"layer*"``) or ``"stages"``, the model's
     stage outputs found automatically (:func:`convlens.layers.find_stages`: ResNet's ``relu,
     layer1..4``, EfficientNet's ``blocks.N``, VGG's maps before each pooling). A module that runs
-    several times is captured at its last call, ``"name#k"`` at its k-th. ``x``: a tensor or
+    several times is captured at its last call, ``"name#k"`` at its k-th. ``images``: a tensor or
     image(s) preprocessed by the classifier (cast to the model's dtype). Maps are float32 on the
     model's device. The model is left as it was. Each output is read through its layout
     (:mod:`convlens.layout`): a token layer (N, T, C) comes back as (N, C, gh, gw) on the patch
@@ -63,7 +63,7 @@ def activations(
             that did not run (or ran fewer times than ``#k``) or whose output's layout cannot be
             inferred.
         NonFiniteError: NaN or infinity in a captured map (a ``ValueError``).
-        ValueError, ImageError: a bad ``x`` (see :meth:`Classifier.batch`).
+        ValueError, ImageError: bad ``images`` (see :meth:`Classifier.batch`).
 
     Example::
 

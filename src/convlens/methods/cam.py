@@ -286,7 +286,7 @@ def _one_row_per_image(rows: _Rows, method: str) -> _Rows:
         warnings.warn(
             f"{method} does not depend on the class: one map per image, not one per target",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # past grad_cam and its @renamed wrapper: the caller
         )
     keep = [first[i] for i in sorted(first)]
     return _Rows(
@@ -308,7 +308,7 @@ def _zero_gradient(g: Tensor, model: nn.Module, name: str, settings: dict[str, o
     msg = f"the gradient of the target at {name} is zero everywhere for rows {zero}: {why}"
     settings["zero_gradient"] = msg
     log.warning(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)  # past grad_cam and its @renamed wrapper
 
 
 # -- the core -------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def _coverage_matrix(size: int, patch: int, starts: list[int], dtype: torch.dtyp
 def blur_sigma_for(patch: tuple[int, int], blur_sigma: float | None) -> float:
     """Occlusion's ``"blur"`` sigma: ``blur_sigma`` when given, else ``max(patch) / 4`` px (detail
     inside the window is gone, colours stay; 10 px for the default 40 px window)."""
-    return max(patch) / 4 if blur_sigma is None else float(blur_sigma)
+    return max(patch) / 4 if blur_sigma is None else blur_sigma  # checked by make_baseline
 
 
 def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int], blur_sigma: float | None = None) -> Tensor:
