@@ -271,3 +271,22 @@ def test_warnings_from_inside_a_technique_still_point_at_the_caller():
         with pytest.warns(RuntimeWarning, match="constant") as rec:
             call()
         assert {w.filename for w in rec if "constant" in str(w.message)} == {__file__}
+
+
+def test_cli_blur_sigma(tmp_path, capsys, monkeypatch):
+    from convlens import cli
+
+    net = convlens.as_classifier(tiny())
+    monkeypatch.setattr(cli, "load_classifier", lambda args: net)
+    img = tmp_path / "p.png"
+    Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(img)
+    args = ["occlusion", str(img), "--patch", "8", "--stride", "8", "--baseline", "blur", "--target", "1"]
+    assert main([*args, "--blur-sigma", "3", "--out", str(tmp_path / "o")]) == 0
+    saved = [np.load(p) for p in (tmp_path / "o").rglob("*.npy")]
+    api = convlens.occlusion(net, net.preprocess(img), target=1, patch=8, stride=8, baseline="blur", blur_sigma=3.0)
+    assert any(a.shape == api.maps[0].shape and np.allclose(a, api.maps[0].numpy()) for a in saved)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
+        main([*args, "--blur-sigma", "0", "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2 and not (tmp_path / "bad").exists()
+    assert "--blur-sigma is a positive number" in capsys.readouterr().err

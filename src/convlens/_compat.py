@@ -67,10 +67,8 @@ def method_options(method: Any, options: dict[str, Any] | None) -> dict[str, Any
         return {}
     if not isinstance(method, str):
         return dict(options)
-    from .metrics.compare import ALL_METHODS
-
-    if all(k in ALL_METHODS and isinstance(v, dict) for k, v in options.items()):
-        return dict(options.get(method, {}))
+    if all(isinstance(v, dict) for v in options.values()):  # keyed (an option's value is never a dict)
+        return dict(options.get(method) or {})
     warnings.warn(
         f"options= for one method is deprecated and will be removed in the next release; key it by the method: "
         f"options={{{method!r}: {dict(options)!r}}}",

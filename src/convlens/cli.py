@@ -429,6 +429,21 @@ def _baseline_arg(text: str) -> float | str:
     return value
 
 
+def _blur_sigma_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):  # also NaN
+        raise argparse.ArgumentTypeError(f"--blur-sigma is a positive number of pixels, not {text!r}")
+    return value
+
+
+def _add_blur_sigma(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--blur-sigma", type=_blur_sigma_arg, default=None, metavar="PX",
+                   help=f"the blur baseline's Gaussian sigma in pixels (default {default})")
+
+
 def _add_occlusion(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the bundled sample photo)")
     add_model_args(p)
@@ -438,6 +453,7 @@ def _add_occlusion(p: argparse.ArgumentParser) -> None:
         "--baseline", "-b", type=_baseline_arg, default=0.0, metavar="B",
         help="what hides a window: a number in normalised space (default 0, the mean colour), mean or blur",
     )
+    _add_blur_sigma(p, "patch / 4")
     p.add_argument("--target", "-t", default=None, metavar="T", help="class index or name (default: top-1 per image)")
     p.add_argument("--score", choices=("probability", "logit"), default="probability", help="drop measured in")
     p.add_argument(
@@ -479,7 +495,7 @@ def _run_occlusion(args: argparse.Namespace) -> int:
     def compute(clf, path):
         return occlusion(
             clf, clf.preprocess(path), target=args.target, patch=args.patch, stride=args.stride,
-            baseline=args.baseline, score=args.score, batch_size=args.batch_size,
+            baseline=args.baseline, blur_sigma=args.blur_sigma, score=args.score, batch_size=args.batch_size,
             progress=not args.no_progress and sys.stderr.isatty(), mode=args.mode, refine=args.refine,
         )
 
@@ -704,6 +720,7 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
         "--baseline", "-b", type=_baseline_arg, default="blur", metavar="B",
         help="what replaces removed pixels: blur (default), mean, or a number in normalised space",
     )
+    _add_blur_sigma(p, "max(H, W) / 22.4, 10 px at 224 px")
     p.add_argument("--no-sanity", action="store_true", help="skip the sanity check (model randomisation)")
     p.add_argument("--verbose", "-v", dest="details", action="store_true",
                    help="a wider table: the spread over the images, the sanity rho, seconds per map, each image's AUCs")
@@ -749,7 +766,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         if len(items) > 1:
             print(f"[{i}/{len(items)}] {printable(name)}", file=sys.stderr, flush=True)
         parts.append(compare(clf, x, methods, target=args.target, steps=args.steps, baseline=args.baseline,
-                             sanity=not args.no_sanity, names=[name]))
+                             blur_sigma=args.blur_sigma, sanity=not args.no_sanity, names=[name]))
     if not parts:
         raise ValueError("none of the images could be read")
     result = merge(parts)

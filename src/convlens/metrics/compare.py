@@ -653,11 +653,10 @@ def compare(
     """
     clf: Classifier = as_classifier(model)
     x = clf.batch(images)
-    if options and not set(options) <= set(ALL_METHODS):
-        raise ValueError(f"options= is keyed by method ({', '.join(ALL_METHODS)}), e.g. "
-                         "{'occlusion': {'patch': 32}}")
-    per_method = {m: dict((options or {}).get(m) or {}) for m in ALL_METHODS}
-    occlusion = per_method["occlusion"]
+    if options and not all(isinstance(v, dict) for v in options.values()):
+        raise ValueError("options= is keyed by method, e.g. {'occlusion': {'patch': 32}}")
+    per_method = dict(options or {})
+    occlusion = per_method.get("occlusion")
     n, _, h, w = x.shape
     methods = choose(methods, ALL_METHODS, "method")
     bad_refs = [r for r in references if r not in REFERENCES]
@@ -676,7 +675,7 @@ def compare(
     grids: dict[str, tuple[str, tuple[int, int], dict[str, Any]]] = {}
     thumbs: dict[str, Tensor] = {"image": _thumb(clf.denormalise(x[:THUMB_IMAGES]))}
     for method in dict.fromkeys(methods):
-        options = occ if method == "occlusion" else per_method[method]
+        options = occ if method == "occlusion" else dict(per_method.get(method) or {})
         t0 = time.perf_counter()
         try:
             maps, sal = make_map(clf, x, method, fixed, layer=layer, options=options)
