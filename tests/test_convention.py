@@ -73,6 +73,12 @@ def test_one_name_for_the_model_and_one_for_the_images():
     assert list(inspect.signature(convlens.explain).parameters)[:2] == ["images", "model"]
 
 
+def test_layers_take_a_classifier_as_its_module(clf):
+    assert convlens.resolve_layer(clf, "2") == convlens.resolve_layer(clf.model, "2") == ("2", clf.model[2])
+    assert convlens.resolve_layers(clf, "?") == convlens.resolve_layers(clf.model, "?")
+    assert len(convlens.resolve_layers(clf, "?")) == 7
+
+
 def test_every_technique_takes_the_same_kinds_of_images(clf):
     """A tensor, a path, a PIL image, an array and a list of them: one resolver, the same maps."""
     arr = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
@@ -156,6 +162,8 @@ def _cases(clf, x):
         ("Classifier.predict", lambda **k: [[p.index for p in r] for r in clf.predict(**k)], {"images": x},
          {"x": "images"}),
         ("Classifier.batch", lambda **k: clf.batch(**k), {"images": x}, {"x": "images"}),
+        ("Classifier.logits", lambda **k: clf.logits(**k), {"images": x}, {"x": "images"}),
+        ("Classifier.outputs", lambda **k: clf.outputs(**k), {"images": x}, {"x": "images"}),
         ("load_image", lambda **k: np.asarray(convlens.load_image(**k)), {"image": convlens.sample_image_path()},
          {"source": "image"}),
         ("explain", lambda **k: convlens.explain(cache=False, **k).images[0].results["gradcam"].maps,
