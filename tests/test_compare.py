@@ -34,7 +34,7 @@ OCC = {"patch": 16, "stride": 8}
 def test_rows_equal_the_metrics_one_by_one(small):
     net, x = small
     before = snapshot(net)
-    cmp = convlens.compare(net, x, ("gradcam", "occlusion"), steps=8, occlusion=OCC, draws=3)
+    cmp = convlens.compare(net, x, ("gradcam", "occlusion"), steps=8, options={"occlusion": OCC}, draws=3)
     # one random reference per grid: Grad-CAM's 8 x 8 layer, occlusion's 7 x 7 windows (16 / 8 on 64 px)
     assert [r.method for r in cmp.rows] == ["gradcam", "occlusion", "random 8x8 map", "random 7x7 windows",
                                             "centred Gaussian"]

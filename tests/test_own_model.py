@@ -254,7 +254,7 @@ def test_metrics_on_the_readme_two_head_model_equal_the_plain_model(x, tmp_path:
     ca, cb = convlens.class_sensitivity(adapted, x), convlens.class_sensitivity(ref, x)
     assert ca.other == cb.other
     torch.testing.assert_close(ca.spearman, cb.spearman)
-    kw = {"steps": 4, "occlusion": {"patch": 12, "stride": 12}, "sanity": False}
+    kw = {"steps": 4, "options": {"occlusion": {"patch": 12, "stride": 12}}, "sanity": False}
     cmp_a = convlens.compare(adapted, x, ["gradcam", "occlusion"], **kw)
     cmp_b = convlens.compare(ref, x, ["gradcam", "occlusion"], **kw)
     assert not [r.error for r in cmp_a.rows if r.error]

@@ -26,7 +26,7 @@ def test_shards_as_ray_tasks_equal_one_run(tmp_path: Path) -> None:
     from test_resume import photos, same_images
 
     photos(tmp_path / "in", 5)
-    kwargs = {"methods": ["gradcam", "occlusion"], "settings": {"occlusion": {"patch": 16, "stride": 16}}}
+    kwargs = {"techniques": ["gradcam", "occlusion"], "options": {"occlusion": {"patch": 16, "stride": 16}}}
     convlens.explain(tmp_path / "in", make_tiny(), out=tmp_path / "one", **kwargs)
     src = str(Path(convlens.__file__).parents[1])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
