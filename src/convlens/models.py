@@ -510,12 +510,19 @@ class Classifier:
             ModelError, ValueError, ImageError: as :meth:`logits`.
         """
         probs = self.probabilities(self.logits(x))
-        k = max(1, min(int(top), probs.shape[1]))
-        values, indices = probs.topk(k, dim=1)
-        return [
-            [Prediction(self.label(int(i)), int(i), float(p)) for p, i in zip(vals, idxs)]
-            for vals, idxs in zip(values.cpu(), indices.cpu())
-        ]
+        return top_predictions(probs, top, self.label)
+
+
+def top_predictions(probs: Tensor, top: int, label: Callable[[int], str]) -> list[list[Prediction]]:
+    """The ``top`` most probable classes per row of ``probs`` (N, classes), most probable first:
+    the one top-k of :meth:`Classifier.predict`, ``explain`` and the explorer. ``top`` is clamped to
+    1 .. the number of classes; ``label(index)`` names a class."""
+    k = max(1, min(int(top), probs.shape[1]))
+    values, indices = probs.topk(k, dim=1)
+    return [
+        [Prediction(label(int(i)), int(i), float(p)) for p, i in zip(vals, idxs)]
+        for vals, idxs in zip(values.cpu(), indices.cpu())
+    ]
 
 
 def require_logits(out: Tensor) -> Tensor:
