@@ -216,14 +216,8 @@ class Activations:
     ) -> list[Path]:
         """Write ``<prefix>_<layer>.npy`` (N, C, h, w) per layer and ``<prefix>.png`` (one grid
         per image: ``<prefix>_<i>.png`` when there are several). A file convlens did not write is
-        refused unless ``force``; ``plot_args`` go to :meth:`plot`.
-
-        Returns:
-            The paths written.
-        Raises:
-            FileExistsError: a file in the way that convlens did not write, without ``force``.
-            IsADirectoryError: a folder in the way.
-        """
+        refused unless ``force``; ``plot_args`` go to :meth:`plot`. Returns the paths written;
+        raises as :meth:`Saliency.save`."""
         return outputs.save_files(outputs.activations_files(self, directory, prefix=prefix, **plot_args), force=force)
 
 
