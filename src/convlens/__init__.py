@@ -12,6 +12,7 @@ from .methods.activations import activations
 from .methods.cam import CAM_METHODS, grad_cam
 from .methods.featureviz import FeatureImages, feature_visualization
 from .methods.occlusion import occlusion
+from .methods.registry import cam_methods, register_cam, unregister_cam
 from .metrics.compare import Comparison, compare
 from .metrics.faithfulness import deletion, deletion_insertion, insertion
 from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
@@ -37,6 +38,9 @@ __all__ = [
     "CAM_METHODS",
     "activations",
     "grad_cam",
+    "register_cam",
+    "unregister_cam",
+    "cam_methods",
     "Classifier",
     "FeatureImages",
     "ImageExplanation",

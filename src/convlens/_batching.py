@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .hooks import forward_hooks
+
 __all__ = ["default_batch", "forward_peak", "memory_budget"]
 
 #: rough bytes of activations alive at once per image in a forward, per input element: ResNet-50's
@@ -51,13 +53,10 @@ def forward_peak(model: nn.Module, x: Tensor) -> int:
     def hook(module: nn.Module, args: object, out: object) -> None:
         peak[0] = max(peak[0], torch.cuda.memory_allocated(x.device))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks() as add, torch.no_grad():
+        for m in model.modules():
+            add(m, hook)
+        model(x)
     return peak[0] - base
 
 

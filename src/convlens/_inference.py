@@ -11,7 +11,6 @@ means a new copy) and is used only after its output has been checked against the
 
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from .hooks import forward_hooks, unhooked_copy
 
 if TYPE_CHECKING:
     from .models import Classifier
@@ -51,12 +52,7 @@ def _copy(model: nn.Module, x: Tensor) -> nn.Module:
     """A copy of ``model`` in eval mode, without the caller's hooks, in channels-last memory (the
     layout the CPU and cuDNN convolutions run fastest in, on small crops most of all), with every
     batch norm that directly follows a convolution folded into it (:func:`fold_batch_norms`)."""
-    private = copy.deepcopy(model).eval()
-    for m in private.modules():  # the caller's hooks stay on the caller's model
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            d = getattr(m, attr, None)
-            if d:
-                d.clear()
+    private = unhooked_copy(model).eval()
     fold_batch_norms(private, x)
     private.to(memory_format=LAYOUT)
     try:  # a forward that needs contiguous memory (a .view() of an activation): keep that layout
@@ -96,21 +92,16 @@ def fold_batch_norms(model: nn.Module, x: Tensor) -> None:
     convs, norms = _foldable()
     # every module call in order: (module, "in" / "out", the tensor, its in-place version)
     events: list[tuple[nn.Module, str, object, int]] = []
-    handles = []
 
     def note(m: nn.Module, side: str, t: object) -> None:
         events.append((m, side, t, t._version if isinstance(t, Tensor) else -1))
 
     names = {m: name for name, m in model.named_modules()}
-    try:
+    with forward_hooks() as add, torch.no_grad():
         for m in names:
-            handles.append(m.register_forward_pre_hook(lambda m, args: note(m, "in", args[0] if args else None)))
-            handles.append(m.register_forward_hook(lambda m, args, out: note(m, "out", out)))
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+            add(m, lambda m, args: note(m, "in", args[0] if args else None), pre=True)
+            add(m, lambda m, args, out: note(m, "out", out))
+        model(x)
     calls: dict[nn.Module, int] = {}
     for m, side, _, _ in events:
         calls[m] = calls.get(m, 0) + (side == "in")

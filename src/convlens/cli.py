@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib
 import logging
 import os
 import sys
@@ -349,11 +350,12 @@ def _run_activations(args: argparse.Namespace) -> int:
 
 
 def _add_gradcam(p: argparse.ArgumentParser) -> None:
-    from .methods.cam import CAM_METHODS
+    from .methods.registry import cam_methods
 
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the bundled sample photo)")
     add_model_args(p)
-    p.add_argument("--method", default="gradcam", choices=CAM_METHODS, help="CAM variant (default gradcam)")
+    p.add_argument("--method", default="gradcam", choices=cam_methods(),
+                   help="CAM variant (default gradcam; --plugin adds others)")
     p.add_argument(
         "--layer", "-l", default=None, metavar="L", help="layer name (default: the last spatial map, logged)"
     )
@@ -702,7 +704,8 @@ COMPARE_FILES = ("compare.csv", "compare.json", "compare.png", "compare.html")
 
 
 def _add_compare(p: argparse.ArgumentParser) -> None:
-    from .metrics.compare import ALL_METHODS, DEFAULT_METHODS
+    from .methods.registry import map_methods
+    from .metrics.compare import DEFAULT_METHODS
 
     p.add_argument(
         "images", nargs="*", metavar="IMAGE|DIR",
@@ -711,7 +714,7 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS), metavar="LIST",
-        help=f"comma-separated methods, or 'all' ({','.join(ALL_METHODS)}); default: {','.join(DEFAULT_METHODS)} "
+        help=f"comma-separated methods, or 'all' ({','.join(map_methods())}); default: {','.join(DEFAULT_METHODS)} "
         "(Score-CAM costs one forward per channel: minutes on a CPU)",
     )
     p.add_argument("--target", "-t", default=None, metavar="T", help="class index or name (default: top-1 per image)")
@@ -735,9 +738,10 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .checks import choose
     from .explain import collect_images
     from .images import ImageError, load_image
-    from .metrics.compare import ALL_METHODS, compare, merge
+    from .methods.registry import map_methods
+    from .metrics.compare import compare, merge
 
-    methods = list(choose(args.methods, ALL_METHODS, "method"))
+    methods = list(choose(args.methods, map_methods(), "method"))
     if args.steps < 1:
         raise ValueError("--steps must be at least 1")
     sources = image_list(args.images)
@@ -886,6 +890,27 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
+#: environment variable naming plugin modules (comma-separated) that the CLI imports, as --plugin
+PLUGINS_ENV = "CONVLENS_PLUGINS"
+
+
+def load_plugins(argv: Sequence[str] | None) -> list[str]:
+    """Import the modules named by ``--plugin MODULE`` in ``argv`` and by ``$CONVLENS_PLUGINS``
+    before the parser is built, so the CAM methods they register are valid ``--method`` choices.
+    Returns the module names; ValueError names a module that cannot be imported."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()] + known.plugin
+    for name in dict.fromkeys(names):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # a plugin that fails is bad input: say which and why, in one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"plugin {name!r} could not be imported: {first}") from e
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convlens",
@@ -896,6 +921,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"convlens {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--verbose", "-v", action="store_true", help="log what convlens chooses (layers, batch sizes)")
+    parser.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE",
+        help=f"import MODULE first (repeatable; also ${PLUGINS_ENV}, comma-separated): a module that calls "
+        "convlens.register_cam adds its CAM methods to --method and --methods",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (summary, add, run) in COMMANDS.items():
         p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
@@ -922,6 +952,13 @@ def interrupt_signal() -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    try:
+        load_plugins(argv)
+    except ValueError as e:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print(f"convlens: error: {printable(str(e))}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

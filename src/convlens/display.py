@@ -18,6 +18,7 @@ A class may refine what is shown by defining ``_repr_lines(self) -> list[str]`` 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import os
@@ -27,14 +28,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from .methods.registry import METHOD_TITLES  # how each method's name is written for people
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["rich_display", "summary_lines", "caption", "figure_png", "short", "PNG_SIGNATURE", "METHOD_TITLES"]
+__all__ = ["rich_display", "summary_lines", "caption", "figure_png", "short", "PNG_SIGNATURE", "METHOD_TITLES",
+           "data_uri"]
 
-#: How each method's name is written for people (the report, the trust section, figures).
-METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
-                 "scorecam": "Score-CAM", "eigencam": "Eigen-CAM", "occlusion": "Occlusion"}
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: the widest line a repr prints, in characters
@@ -43,6 +44,13 @@ WIDTH = 110
 DPI = 80
 
 T = TypeVar("T", bound=type)
+
+
+def data_uri(data: bytes) -> str:
+    """PNG (or JPEG) bytes as a ``data:`` URI for an ``<img src>``: the report's figures and
+    thumbnails and the explorer's maps."""
+    kind = "png" if data[:8] == PNG_SIGNATURE else "jpeg"
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def figure_png(fig: Figure, *, dpi: int = DPI) -> bytes:

@@ -31,10 +31,12 @@ from torch import Tensor
 from ._compat import IMAGES, MODEL, renamed
 from .checks import NonFiniteError, choose, require_finite
 from .images import IMAGE_SUFFIXES, ImageError, ImageSource
-from .models import Classifier, Prediction, as_classifier, load_model
+from .metrics.evidence import map_spearman as spearman  # noqa: F401 -- convlens.explain.spearman, as before
+from .models import Classifier, Prediction, as_classifier, load_model, top_predictions
 from .outputs import RunWriter, check_interrupt, is_regular, printable
 from .outputs import image_keys as _image_keys
 from .report import ImageExplanation, Report, run_writer
+from .results import top_channels
 
 __all__ = [
     "METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "parse_shard", "plan",
@@ -171,7 +173,7 @@ def _run_occlusion(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str,
 
 def _top_channels(act: Tensor, k: int) -> list[int]:
     """The ``k`` channels of a captured (1, C, H, W) layer output with the highest mean."""
-    return [int(c) for c in act[0].float().mean(dim=(1, 2)).topk(min(k, act.shape[1])).indices.cpu()]
+    return top_channels(act[:1], k).indices[0].tolist()
 
 
 def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
@@ -685,9 +687,7 @@ def _logits_and_layer(clf: Classifier, x: Tensor, layer: str) -> tuple[Tensor, T
 
 def _top(clf: Classifier, logits: Tensor, top: int) -> list[Prediction]:
     """The top-``top`` predictions of the first image, as :meth:`Classifier.predict` gives them."""
-    probs = clf.probabilities(logits)
-    values, indices = probs.topk(max(1, min(top, probs.shape[1])), dim=1)
-    return [Prediction(clf.label(int(i)), int(i), float(p)) for p, i in zip(values[0].cpu(), indices[0].cpu())]
+    return top_predictions(clf.probabilities(logits[:1]), top, clf.label)[0]
 
 
 def _layers_for(clf: Classifier, x: Tensor, conf: dict[str, dict[str, Any]],
@@ -954,28 +954,3 @@ def _finite(result: Any, tech: str) -> Any:
     return result
 
 
-def _average_ranks(a: np.ndarray) -> np.ndarray:
-    """1-based ranks of the values of ``a`` (flattened), ties sharing the mean of their ranks."""
-    _, inverse, counts = np.unique(a.ravel(), return_inverse=True, return_counts=True)
-    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse.ravel()]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman's rank correlation of two maps of the same shape, pixel by pixel: the Pearson
-    correlation of their average ranks (ties share a rank). None when a map is constant.
-
-    rho = cov(rank a, rank b) / (std(rank a) std(rank b))
-
-    Example::
-
-        spearman(cam.to_numpy()[0], occ.to_numpy()[0])   # 1.0: same ordering of pixels
-    """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"maps of shapes {a.shape} and {b.shape}")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return None
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
-    return None if den == 0 else float((ra * rb).sum() / den)

@@ -9,12 +9,13 @@ also one that raises or is interrupted.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import copy
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerCapture", "StopForward", "model_guard", "count_hooks"]
+__all__ = ["LayerCapture", "StopForward", "model_guard", "count_hooks", "forward_hooks", "unhooked_copy"]
 
 
 class StopForward(Exception):
@@ -72,6 +73,32 @@ def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = Fals
                 p.requires_grad_(requires_grad)
             if p.grad is not grad:
                 p.grad = grad
+
+
+@contextlib.contextmanager
+def forward_hooks() -> Iterator[Callable[..., None]]:
+    """The scope of hand-made forward hooks (a pass that records every module's calls, shapes or
+    memory): yields ``add(module, hook, *, pre=False)``, which registers a forward hook (a forward
+    pre-hook with ``pre=True``); every hook added is removed on the way out, also when the block
+    raises or is interrupted. :class:`LayerCapture` is the scope for capturing layer outputs.
+
+    Example::
+
+        with forward_hooks() as add:
+            for m in model.modules():
+                add(m, lambda m, args, out: shapes.append(tuple(out.shape)))
+            model(x)
+    """
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def add(module: nn.Module, hook: Callable[..., object], *, pre: bool = False) -> None:
+        handles.append(module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook))
+
+    try:
+        yield add
+    finally:
+        while handles:
+            handles.pop().remove()
 
 
 class LayerCapture:
@@ -223,15 +250,26 @@ class LayerCapture:
                 torch.set_grad_enabled(bool(self._grad_mode))
 
 
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def unhooked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (same mode, flags and weights) without the hooks registered on its
+    modules: the caller's hooks stay on the caller's model and never fire on convlens's private
+    copies (the fast inference copy, the sanity check's re-initialised one)."""
+    private = copy.deepcopy(model)
+    for m in private.modules():
+        for attr in HOOK_DICTS:
+            d = getattr(m, attr, None)
+            if d:
+                d.clear()
+    return private
+
+
 def count_hooks(model: nn.Module) -> int:
     """Number of forward / backward hooks currently registered on ``model``'s modules."""
     total = 0
     for m in model.modules():
-        for attr in (
-            "_forward_hooks",
-            "_forward_pre_hooks",
-            "_backward_hooks",
-            "_backward_pre_hooks",
-        ):
+        for attr in HOOK_DICTS:
             total += len(getattr(m, attr, {}))
     return total

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._compat import IMAGES, renamed
-from .hooks import model_guard
+from .hooks import forward_hooks, model_guard
 from .layout import LayerError, class_token_model, map_layout
 
 if TYPE_CHECKING:
@@ -214,7 +214,6 @@ def layer_table(model: nn.Module | Classifier, images: Tensor | Any) -> list[Lay
     done: dict[str, int] = {}
     counts: dict[str, int] = {}
     tick = [0]
-    handles = []
 
     def make(name: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
@@ -225,15 +224,10 @@ def layer_table(model: nn.Module | Classifier, images: Tensor | Any) -> list[Lay
 
         return hook
 
-    with model_guard(model):
-        try:
-            for name, m in named.items():
-                handles.append(m.register_forward_hook(make(name)))
-            with torch.no_grad():
-                model(x)
-        finally:
-            for h in handles:
-                h.remove()
+    with model_guard(model), forward_hooks() as add, torch.no_grad():
+        for name, m in named.items():
+            add(m, make(name))
+        model(x)
     order = {name: i for i, name in enumerate(sorted(done, key=done.__getitem__))}
     hw = (int(x.shape[-2]), int(x.shape[-1]))
     _REMEMBERED.setdefault(model, {})[("calls", tuple(x.shape[1:]))] = dict(counts)

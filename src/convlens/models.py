@@ -516,12 +516,19 @@ class Classifier:
             ModelError, ValueError, ImageError: as :meth:`logits`.
         """
         probs = self.probabilities(self.logits(images))
-        k = max(1, min(int(top), probs.shape[1]))
-        values, indices = probs.topk(k, dim=1)
-        return [
-            [Prediction(self.label(int(i)), int(i), float(p)) for p, i in zip(vals, idxs)]
-            for vals, idxs in zip(values.cpu(), indices.cpu())
-        ]
+        return top_predictions(probs, top, self.label)
+
+
+def top_predictions(probs: Tensor, top: int, label: Callable[[int], str]) -> list[list[Prediction]]:
+    """The ``top`` most probable classes per row of ``probs`` (N, classes), most probable first:
+    the one top-k of :meth:`Classifier.predict`, ``explain`` and the explorer. ``top`` is clamped to
+    1 .. the number of classes; ``label(index)`` names a class."""
+    k = max(1, min(int(top), probs.shape[1]))
+    values, indices = probs.topk(k, dim=1)
+    return [
+        [Prediction(label(int(i)), int(i), float(p)) for p, i in zip(vals, idxs)]
+        for vals, idxs in zip(values.cpu(), indices.cpu())
+    ]
 
 
 def require_logits(out: Tensor) -> Tensor:
@@ -758,10 +765,8 @@ def _default_model(weights: str | None, num_classes: int | None = None) -> tuple
             paired[k] = sv
         model.load_state_dict(paired)
     else:
-        sd = read_state_dict(weights)
-        model = _build(lambda **kw: timm.create_model("tf_efficientnet_lite0", pretrained=False, **kw), sd,
+        model = _local(lambda **kw: timm.create_model("tf_efficientnet_lite0", pretrained=False, **kw), weights,
                        num_classes)
-        _load_into(model, sd, str(weights))
     return model, dict(model.pretrained_cfg), str(weights)
 
 
@@ -775,20 +780,15 @@ def _timm_model(
         hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
         raise ModelError(f"timm has no model named {arch!r}{hint}")
     if weights is not None:
-        sd = read_state_dict(weights)
-        model = _build(lambda **kw: timm.create_model(arch, pretrained=False, **kw), sd, num_classes)
-        _load_into(model, sd, str(weights))
+        model = _local(lambda **kw: timm.create_model(arch, pretrained=False, **kw), weights, num_classes)
         return model, dict(model.pretrained_cfg), str(weights)
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # its offline retries would repeat what the error below says
     try:
-        model = timm.create_model(arch, pretrained=True)
-    except Exception as e:
-        raise ModelError(
-            f"could not get pretrained weights for timm:{arch} (not in the Hugging Face cache and no "
-            f"download: {type(e).__name__}); pass a local file with --weights / weights="
-        ) from e
+        model = _pretrained(lambda: timm.create_model(arch, pretrained=True),
+                            f"could not get pretrained weights for timm:{arch} (not in the Hugging Face cache and no "
+                            "download: {error})")
     finally:
         hub_log.setLevel(level)
     cfg = dict(model.pretrained_cfg)
@@ -820,19 +820,32 @@ def _torchvision_model(
         "labels": enum.meta.get("categories"),
     }
     if weights is not None:
-        sd = read_state_dict(weights)
-        model = _build(lambda **kw: tvm.get_model(arch, weights=None, **kw), sd, num_classes)
-        _load_into(model, sd, str(weights))
+        model = _local(lambda **kw: tvm.get_model(arch, weights=None, **kw), weights, num_classes)
         return model, cfg, str(weights)
     checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
-    try:
-        model = tvm.get_model(arch, weights=enum)
-    except Exception as e:
-        raise ModelError(
-            f"the ImageNet weights of {arch} are not cached ({checkpoint}) and could not be "
-            f"downloaded ({type(e).__name__}); pass a local file with --weights / weights="
-        ) from e
+    model = _pretrained(lambda: tvm.get_model(arch, weights=enum),
+                        f"the ImageNet weights of {arch} are not cached ({checkpoint}) and could not be "
+                        "downloaded ({error})")
     return model, cfg, str(enum)
+
+
+def _local(make: Callable[..., nn.Module], weights: str, num_classes: int | None) -> nn.Module:
+    """The model ``make`` builds at the checkpoint's size (:func:`_build`), with the local
+    state dict in ``weights`` loaded."""
+    sd = read_state_dict(weights)
+    model = _build(make, sd, num_classes)
+    _load_into(model, sd, str(weights))
+    return model
+
+
+def _pretrained(make: Callable[[], nn.Module], message: str) -> nn.Module:
+    """``make()``, the library's own pretrained model; when it fails (not cached, no download),
+    ModelError: ``message`` with ``{error}`` the exception's type, and how to give local weights."""
+    try:
+        return make()
+    except Exception as e:
+        raise ModelError(message.replace("{error}", type(e).__name__)
+                         + "; pass a local file with --weights / weights=") from e
 
 
 def load_model(

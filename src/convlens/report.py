@@ -9,7 +9,6 @@ escapes every label and file name.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import logging
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from .display import METHOD_TITLES, rich_display, short
+from .display import METHOD_TITLES, data_uri, rich_display, short
 from .metrics.evidence import LOW_AGREEMENT as _LOW_AGREEMENT
 from .models import Prediction
 from .outputs import RunWriter, npy_writer, printable, safe_key
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 TITLES = {
     "input": "Input",
     "activations": "Activations",
-    "gradcam": "Grad-CAM",
+    "gradcam": METHOD_TITLES["gradcam"],
     "occlusion": "Occlusion sensitivity",
     "trust": "How far to trust these maps",
     "filters": "Feature visualisation",
@@ -403,16 +402,16 @@ def _img(png: bytes | None, alt: str) -> str:
 
     from .plotting import FONT_KEY, MIN_TEXT_PX
 
-    data = base64.b64encode(png).decode("ascii")
+    data = data_uri(png)
     try:
         with Image.open(io.BytesIO(png)) as im:
             width, font = im.size[0], float(getattr(im, "text", {}).get(FONT_KEY, 0))
     except (OSError, ValueError):
         width, font = 0, 0.0
     if font <= 0:
-        return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}" loading="eager">'
+        return f'<img src="{data}" alt="{_e(alt)}" loading="eager">'
     least = math.ceil(width * MIN_TEXT_PX / font)
-    return (f'<div class=fig><img src="data:image/png;base64,{data}" alt="{_e(alt)}" loading="eager" '
+    return (f'<div class=fig><img src="{data}" alt="{_e(alt)}" loading="eager" '
             f'style="min-width:{least}px" data-font-px="{font:.2f}" width="{width}"></div>')
 
 
@@ -426,7 +425,8 @@ def _caption(im: ImageExplanation, tech: str, settings: dict[str, Any]) -> str:
                 "channels on this image (“ch 12 (0.34)”: channel 12, its mean activation 0.34). Early stages answer "
                 "to edges and colours, later ones to parts and textures.")
     if tech == "gradcam":
-        return (f"Grad-CAM ({_e(settings['gradcam']['method'])}) at <code>{_e(im.layers.get('gradcam', ''))}</code> "
+        method = settings["gradcam"]["method"]
+        return (f"{_e(METHOD_TITLES.get(method, method))} at <code>{_e(im.layers.get('gradcam', ''))}</code> "
                 f"for {label}: where the features that raise this class's score lie.")
     if tech == "occlusion":
         s = settings["occlusion"]
@@ -979,11 +979,6 @@ def image_marks(
     return marks
 
 
-def _data_uri(data: bytes) -> str:
-    kind = "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg"
-    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
-
-
 def render_index(
     summary: dict[str, Any],
     thumbnails: dict[str, bytes] | None = None,
@@ -1043,7 +1038,7 @@ def render_index(
         href = page.format(folder=quote(folder))
         top = _top1(im)
         thumb = thumbnails.get(folder)
-        pic = (f'<img src="{_data_uri(thumb)}" alt="{_e(im.get("name", ""))}" loading="lazy">' if thumb
+        pic = (f'<img src="{data_uri(thumb)}" alt="{_e(im.get("name", ""))}" loading="lazy">' if thumb
                else '<div class="thumb-missing"></div>')
         label = (f'<span class=cls>{_e(top["label"])}</span>{100 * conf(im):.1f}%' if top
                  else '<span class=cls>not explained</span>')

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
     from .plotting import Channels, Layout, Normalize
 
-__all__ = ["Saliency", "Activations", "FeatureImages", "Objective", "atomic_path", "save_npy", "save_figure"]
+__all__ = ["Saliency", "Activations", "FeatureImages", "Objective", "atomic_path", "save_npy", "save_figure",
+           "top_channels"]
 
 #: What a feature visualisation maximises (see :func:`convlens.feature_visualization`).
 Objective = Literal["channel", "neuron", "layer", "class"]
@@ -60,6 +61,13 @@ def save_figure(path: str | os.PathLike[str], fig: Figure, *, dpi: int = 120) ->
         The path written.
     """
     return outputs.write_file(path, outputs.figure_writer(fig, dpi))
+
+
+def top_channels(maps: Tensor, k: int) -> Any:
+    """The ``k`` channels of (N, C, h, w) maps with the largest mean over positions (computed in
+    float32), per image, largest first: ``(values, indices)``, each (N, min(k, C)). The one
+    ranking of :meth:`Activations.top_channels`, ``explain`` and the explorer."""
+    return maps.float().mean(dim=(2, 3)).topk(min(k, maps.shape[1]), dim=1)
 
 
 @rich_display
@@ -167,8 +175,7 @@ class Activations:
             raise KeyError(f"no layer {name!r} among {self.layers}")
         if k < 1:
             raise ValueError("k must be at least 1")
-        m = self.maps[name]
-        return m.mean(dim=(2, 3)).topk(min(k, m.shape[1]), dim=1).indices
+        return top_channels(self.maps[name], k).indices
 
     def plot(
         self,
@@ -209,14 +216,8 @@ class Activations:
     ) -> list[Path]:
         """Write ``<prefix>_<layer>.npy`` (N, C, h, w) per layer and ``<prefix>.png`` (one grid
         per image: ``<prefix>_<i>.png`` when there are several). A file convlens did not write is
-        refused unless ``force``; ``plot_args`` go to :meth:`plot`.
-
-        Returns:
-            The paths written.
-        Raises:
-            FileExistsError: a file in the way that convlens did not write, without ``force``.
-            IsADirectoryError: a folder in the way.
-        """
+        refused unless ``force``; ``plot_args`` go to :meth:`plot`. Returns the paths written;
+        raises as :meth:`Saliency.save`."""
         return outputs.save_files(outputs.activations_files(self, directory, prefix=prefix, **plot_args), force=force)
 
 

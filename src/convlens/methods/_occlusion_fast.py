@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from .._inference import check_tolerance, private_copy
+from ..hooks import forward_hooks
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ def _record(model: nn.Module, x: Tensor) -> list[_Call]:
     """Every module's first call on ``x`` with start/end order and input/output shapes."""
     calls: dict[nn.Module, _Call] = {}
     counter = [0]
-    handles = []
 
     def pre(name):
         def hook(m, args):
@@ -107,15 +107,11 @@ def _record(model: nn.Module, x: Tensor) -> list[_Call]:
             c.end = counter[0]
             c.out_shape = tuple(out.shape) if isinstance(out, Tensor) else ()
 
-    try:
+    with forward_hooks() as add, torch.no_grad():
         for name, m in model.named_modules():
-            handles.append(m.register_forward_pre_hook(pre(name)))
-            handles.append(m.register_forward_hook(post))
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+            add(m, pre(name), pre=True)
+            add(m, post)
+        model(x)
     return sorted(calls.values(), key=lambda c: c.start)
 
 

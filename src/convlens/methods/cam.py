@@ -14,6 +14,7 @@ that layer, through ``torch.autograd.grad`` on the captured tensor), every map i
 - ``eigencam``  map = relu(projection of A on its first principal component), no gradient
 
 The eps values and Score-CAM's softmax over channels follow pytorch-grad-cam, so the maps agree.
+The rules live in :mod:`convlens.methods.registry`, beside those :func:`convlens.register_cam` adds.
 
 Where methods coincide, and what they do not tell apart:
 
@@ -72,36 +73,17 @@ from ..layout import LayoutName, Reshape, class_token_model, layout_for
 from ..models import Classifier, as_classifier, require_logits
 from ..results import Saliency
 from ..targets import Region, ResolvedTarget, Target, resolve_target
+from .registry import cam_methods, gradient_methods, method_spec
 
 __all__ = ["grad_cam", "cam_from_layer", "CAM_METHODS", "CamMethod"]
 
-CamMethod = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "eigencam"]
+#: a built-in method's name; any name :func:`convlens.register_cam` added is accepted too
+CamMethod = Literal["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "eigencam"] | str
 
 log = logging.getLogger(__name__)
 
 
-# -- weighting rules: (A, G) -> map before the final ReLU, (N, h, w) ---------------------------
-def _gradcam(a: Tensor, g: Tensor) -> Tensor:
-    return (g.mean(dim=(2, 3), keepdim=True) * a).sum(1)
-
-
-def _gradcampp(a: Tensor, g: Tensor) -> Tensor:
-    g2 = g * g
-    alpha = g2 / (2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g + 1e-6)
-    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-    w = (g.clamp(min=0) * alpha).sum(dim=(2, 3), keepdim=True)
-    return (w * a).sum(1)
-
-
-def _xgradcam(a: Tensor, g: Tensor) -> Tensor:
-    w = (g * a / (a.sum(dim=(2, 3), keepdim=True) + 1e-7)).sum(dim=(2, 3), keepdim=True)
-    return (w * a).sum(1)
-
-
-def _layercam(a: Tensor, g: Tensor) -> Tensor:
-    return (g.clamp(min=0) * a).sum(1)
-
-
+# -- EigenCAM: no gradient, no class ----------------------------------------------------------
 def _eigencam(a: Tensor, g: Tensor | None = None) -> Tensor:
     # rows: positions, columns: channels; centred, then projected on the first right singular
     # vector. Its sign is arbitrary, so it is chosen to agree with the mean activation map.
@@ -117,13 +99,8 @@ def _eigencam(a: Tensor, g: Tensor | None = None) -> Tensor:
     return (proj[..., 0] * sign[:, None]).float().view(a.shape[0], *a.shape[2:])
 
 
-RULES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "gradcam": _gradcam,
-    "gradcam++": _gradcampp,
-    "xgradcam": _xgradcam,
-    "layercam": _layercam,
-}
-CAM_METHODS = (*RULES, "scorecam", "eigencam")
+#: the built-in CAM methods; :func:`convlens.register_cam` adds others (all: ``cam_methods()``)
+CAM_METHODS = cam_methods()
 
 
 def cam_from_layer(method: str, a: Tensor, g: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -137,7 +114,8 @@ def cam_from_layer(method: str, a: Tensor, g: Tensor | None, size: tuple[int, in
     without any model call.
 
     Args:
-        method: ``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"layercam"`` or ``"eigencam"``.
+        method: a gradient method (``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"layercam"``
+            or one :func:`convlens.register_cam` added) or ``"eigencam"``.
         a: (N, C, h, w) layer output, any device and floating dtype.
         g: (N, C, h, w) gradient on ``a``'s device, or None for ``eigencam``.
         size: the input's ``(H, W)``.
@@ -152,13 +130,27 @@ def cam_from_layer(method: str, a: Tensor, g: Tensor | None, size: tuple[int, in
     """
     if method == "eigencam":
         raw = _eigencam(a)
-    elif method in RULES:
+    elif method in gradient_methods():
         if g is None:
             raise ValueError(f"{method} needs the gradient of the target at the layer")
-        raw = RULES[method](a.float(), g.float())
+        raw = _weighted(method, a.float(), g.float())
     else:
-        raise ValueError(f"cam_from_layer computes {', '.join((*RULES, 'eigencam'))}, not {method!r}")
+        raise ValueError(f"cam_from_layer computes {', '.join((*gradient_methods(), 'eigencam'))}, not {method!r}")
     return _relu_upsampled(raw, size)
+
+
+def _weighted(method: str, a: Tensor, g: Tensor) -> Tensor:
+    """``sum_c w_c * A_c`` with the method's weights rule ``w = rule(A, G)``: (N, C), (N, C, 1, 1)
+    or (N, C, h, w)."""
+    w = method_spec(method).weights(a, g)  # type: ignore[misc]
+    if isinstance(w, Tensor) and w.dim() == 2:
+        w = w[:, :, None, None]
+    if not isinstance(w, Tensor) or w.dim() != 4 or tuple(w.shape[:2]) != tuple(a.shape[:2]) or any(
+        s not in (1, t) for s, t in zip(w.shape[2:], a.shape[2:], strict=True)
+    ):
+        got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(f"{method}'s weights must be (N, C) or (N, C, h, w) = {tuple(a.shape)}, got {got}")
+    return (w.to(a.dtype) * a).sum(1)
 
 
 def _relu_upsampled(raw: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -357,7 +349,7 @@ def grad_cam(
             :meth:`Classifier.batch` accepts (path, PIL image, array, list of them).
         target: see above.
         layer: see above.
-        method: one of ``CAM_METHODS``.
+        method: one of ``CAM_METHODS`` or a name :func:`convlens.register_cam` added.
         top: explain each image's ``top`` most likely classes (not with ``target``).
         batch_size: Score-CAM's masked inputs per forward.
         memory_mb: Score-CAM's memory budget when ``batch_size`` is None.
@@ -385,8 +377,8 @@ def grad_cam(
         cam.plot(0)
     """
     if not isinstance(method, str):
-        raise ValueError(f"method must be one name, one of {', '.join(CAM_METHODS)}; got {method!r}")
-    choose([method], CAM_METHODS, "method")
+        raise ValueError(f"method must be one name, one of {', '.join(cam_methods())}; got {method!r}")
+    choose([method], cam_methods(), "method")
     clf = as_classifier(model)
     x = clf.batch(images)
     model = clf.model
@@ -399,7 +391,7 @@ def grad_cam(
             layer = remembered(model, key, lambda: default_cam_layer(model, x[:1]))
         log.info("Grad-CAM layer: %s", layer)
     name, module = resolve_layer(model, layer)
-    needs_grad = method in RULES
+    needs_grad = method_spec(method).needs_gradient
     # inside torch.inference_mode() autograd cannot record at all; leave it for this call
     # gradients are wanted for activations only: with the parameters frozen for the call,
     # autograd records and the backward touches nothing but the layers after the captured one

@@ -60,8 +60,9 @@ def make_map(
         ValueError: an unknown method name, or a callable returning something other than a
             Saliency or one (H, W) map per image; and whatever the method raises.
     """
-    from ..methods.cam import CAM_METHODS, grad_cam
+    from ..methods.cam import grad_cam
     from ..methods.occlusion import occlusion
+    from ..methods.registry import cam_methods, map_methods
 
     options = dict(options or {})
     with warnings.catch_warnings():
@@ -71,11 +72,11 @@ def make_map(
             out = method(clf, x, target)
         elif method == "occlusion":
             out = occlusion(clf, x, target=target, **options)
-        elif method in CAM_METHODS:
+        elif method in cam_methods():
             cam_options = {k: v for k, v in options.items() if k in ("batch_size", "memory_mb")}
             out = grad_cam(clf, x, target=target, layer=layer, method=method, **cam_options)
         else:
-            choose([method], (*CAM_METHODS, "occlusion"), "method")  # raises: no such method
+            choose([method], map_methods(), "method")  # raises: no such method
     if isinstance(out, Saliency):
         return out.maps.float(), out
     if isinstance(out, Tensor):
@@ -101,17 +102,23 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     Returns:
         (N,) float32 on ``a``'s device.
     """
+    out = [rank_correlation(u, v) for u, v in zip(_np(a), _np(b))]
+    return torch.tensor(out, dtype=torch.float32, device=a.device)
+
+
+def rank_correlation(u: np.ndarray, v: np.ndarray) -> float:
+    """The one Spearman computation of convlens (``scipy.stats.spearmanr`` on the flattened
+    arrays, average ranks for ties), float64, with the rule for constant maps: a constant map
+    shares no ordering with a varying one, 0 (so a map that collapses under re-initialisation
+    counts as changed); two constant maps, NaN. Where a correlation is reported to people rather
+    than judged (:func:`convlens.metrics.evidence.map_spearman`), a constant map gives None."""
     from scipy.stats import spearmanr
 
-    out = []
-    for u, v in zip(_np(a), _np(b)):
-        u, v = u.ravel(), v.ravel()
-        flat_u, flat_v = np.ptp(u) == 0, np.ptp(v) == 0
-        if flat_u or flat_v:
-            out.append(float("nan") if flat_u and flat_v else 0.0)
-            continue
-        out.append(float(spearmanr(u, v).statistic))
-    return torch.tensor(out, dtype=torch.float32, device=a.device)
+    u, v = np.asarray(u, dtype=np.float64).ravel(), np.asarray(v, dtype=np.float64).ravel()
+    flat_u, flat_v = np.ptp(u) == 0, np.ptp(v) == 0
+    if flat_u or flat_v:
+        return float("nan") if flat_u and flat_v else 0.0
+    return float(spearmanr(u, v).statistic)
 
 
 def ssim(a: Tensor, b: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ from .._compat import MODEL_AND_IMAGES, renamed
 from ..baselines import Baseline
 from ..checks import choose
 from ..display import rich_display
+from ..methods.registry import map_methods, sanity_draws
 from ..models import Classifier, as_classifier
 from ..targets import Target
 from ._common import MapMethod, make_map
@@ -72,8 +73,8 @@ log = logging.getLogger(__name__)
 #: Score-CAM is left out of the default: it costs one forward per channel of the layer (1280 on
 #: the default model, about two minutes on a 2-core CPU); name it to include it
 DEFAULT_METHODS: tuple[MapMethod, ...] = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "occlusion")
-ALL_METHODS: tuple[MapMethod, ...] = ("gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "eigencam",
-                                      "occlusion")
+#: the built-in map methods (registered ones too: :func:`convlens.methods.registry.map_methods`)
+ALL_METHODS: tuple[MapMethod, ...] = map_methods()
 #: "random map": per grid of the methods' maps, random maps at that grid resized as the maps are;
 #: "centred Gaussian": a centre prior; "random pixels": a per-pixel random map (an optional extra:
 #: blurred pixel by pixel it destroys texture everywhere and beats coarse maps on deletion)
@@ -84,9 +85,6 @@ DEFAULT_REFERENCES: tuple[Reference, ...] = ("random map", "centred Gaussian")
 THUMB_IMAGES, THUMB_SIZE = 4, 96
 #: occlusion inside a comparison: the windows of ``explain --fast``
 OCCLUSION = {"patch": 56, "stride": 28}
-#: draws of the classifier's re-initialisation for the verdict; one for the methods that cost a
-#: full map per draw (many forwards), ten for the gradient ones (a backward each)
-SANITY_DRAWS = {"occlusion": 1, "scorecam": 1}
 
 
 def reference_map(kind: Reference, n: int, height: int, width: int, *, seed: int = 0,
@@ -622,7 +620,8 @@ def compare(
             the sanity check randomises a private copy).
         images: (N, 3, H, W) float tensor (moved to the model's device and dtype), or image(s) that
             :meth:`Classifier.batch` accepts.
-        methods: names from ``ALL_METHODS`` (a list, or one comma-separated string; ``"all"``).
+        methods: names from ``ALL_METHODS`` or added by :func:`convlens.register_cam` (a list, or
+            one comma-separated string; ``"all"``: every one).
         target: one class per image (index or name), default the top-1 class, or a
             :class:`convlens.Region` of a dense output (a segmenter's); not a callable.
         layer: the CAM methods' layer (default: each method's automatic choice; a segmenter's
@@ -658,7 +657,7 @@ def compare(
     per_method = dict(options or {})
     occlusion = per_method.get("occlusion")
     n, _, h, w = x.shape
-    methods = choose(methods, ALL_METHODS, "method")
+    methods = choose(methods, map_methods(), "method")
     bad_refs = [r for r in references if r not in REFERENCES]
     if bad_refs:
         raise ValueError(f"unknown reference(s) {bad_refs}; choose from {REFERENCES}")
@@ -686,7 +685,7 @@ def compare(
             check = None
             if sanity:
                 check = sanity_check(clf, x, method, target=fixed, layer=layer, stages=[head], seed=seed,
-                                     draws=SANITY_DRAWS.get(method, 10), options={method: options}, original=maps)
+                                     draws=sanity_draws(method), options={method: options}, original=maps)
             # the same map gives the same curves (Grad-CAM and XGrad-CAM agree exactly at a layer
             # right before global pooling): computed once
             key = maps.detach().cpu().numpy().tobytes()
@@ -729,7 +728,7 @@ def compare(
                            "bootstrap": f"{RESAMPLES} paired resamples of the images, seed {seed}, 95% percentile "
                                         "interval (several images)"},
             "sanity": {"stage": head, "threshold": SANITY_THRESHOLD, "seed": seed,
-                       "draws": {m: SANITY_DRAWS.get(m, 10) for m in methods}} if sanity else None,
+                       "draws": {m: sanity_draws(m) for m in methods}} if sanity else None,
             "class_sensitivity": {"other": "least likely class", "threshold": CLASS_THRESHOLD},
             "ranking": "methods passing the sanity and class checks first, then insertion AUC - deletion AUC, "
                        "mean over images",

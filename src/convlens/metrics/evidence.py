@@ -142,15 +142,29 @@ def agreement(a: Saliency, b: Saliency, index: int = 0) -> tuple[float | None, t
     """Spearman correlation of two maps of image ``index`` at their common grid: both input-size
     maps area-averaged (``adaptive_avg_pool2d``) to :func:`common_grid` (the grid too, as
     ``(rho, (h, w))``). None when either is constant there."""
-    from ._common import spearman
-
     grid = common_grid(a, b)
-    pa = F.adaptive_avg_pool2d(a.maps[index : index + 1, None].float().cpu(), grid)[:, 0]
-    pb = F.adaptive_avg_pool2d(b.maps[index : index + 1, None].float().cpu(), grid)[:, 0]
-    if float(pa.max() - pa.min()) == 0 or float(pb.max() - pb.min()) == 0:
-        return None, grid  # a constant map orders nothing
-    rho = float(spearman(pa, pb)[0])
-    return (rho if math.isfinite(rho) else None), grid
+    pa = F.adaptive_avg_pool2d(a.maps[index : index + 1, None].float().cpu(), grid)[0, 0]
+    pb = F.adaptive_avg_pool2d(b.maps[index : index + 1, None].float().cpu(), grid)[0, 0]
+    return map_spearman(pa.numpy(), pb.numpy()), grid
+
+
+def map_spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rank correlation of two maps of the same shape, pixel by pixel (the Pearson
+    correlation of their average ranks; :func:`convlens.metrics._common.rank_correlation`), as a
+    number shown to people: None when a map is constant (it orders nothing) or not finite.
+
+    Example::
+
+        map_spearman(cam.to_numpy()[0], occ.to_numpy()[0])   # 1.0: same ordering of pixels
+    """
+    from ._common import rank_correlation
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"maps of shapes {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()) or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return rank_correlation(a, b)
 
 
 def interval(d: float, lo: float, hi: float, margin: float | None) -> dict[str, Any]:

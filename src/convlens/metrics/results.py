@@ -116,16 +116,8 @@ class SanityCheck:
         return plot_sanity(self, index)
 
     def save(self, path: str | os.PathLike[str], *, index: int = 0, force: bool = False) -> list[Path]:
-        """Write ``<path>.png`` (the figure of image ``index``) and ``<path>.npy`` (all maps); the
-        whole name is kept (only a ``.png``/``.npy`` suffix is dropped) and a file convlens did not
-        write is refused unless ``force``.
-
-        Returns:
-            The paths written.
-        Raises:
-            FileExistsError: a file in the way that convlens did not write, without ``force``.
-            IsADirectoryError: a folder in the way.
-        """
+        """Write ``<path>.png`` (the figure of image ``index``) and ``<path>.npy`` (all maps), as
+        :meth:`PerturbationCurve.save` names them and refuses what is in the way."""
         return outputs.save_files(outputs.figure_and_array_files(self, path, index), force=force)
 
 

@@ -14,7 +14,6 @@ distant class (default: the least likely one). A class-discriminative method giv
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._compat import MODEL_AND_IMAGES, method_options, renamed
-from ..hooks import model_guard
+from ..hooks import model_guard, unhooked_copy
 from ..layers import find_stages, layer_table, remembered, resolve_layer
 from ..models import Classifier, OutputAdapter, as_classifier, model_output
 from ..results import Saliency
@@ -141,9 +140,10 @@ def _reinit(module: nn.Module) -> None:
 
 
 def _private_copy(clf: Classifier) -> Classifier:
-    """A classifier around a deep copy of the model, keeping every other attribute (the output
-    adapter, multi-label, the layout: :meth:`Classifier.with_model`)."""
-    return clf.with_model(copy.deepcopy(clf.model), name=f"{clf.name} (randomised copy)")
+    """A classifier around a deep copy of the model (unfolded, to be re-initialised; without the
+    caller's hooks: :func:`convlens.hooks.unhooked_copy`), keeping every other attribute (the
+    output adapter, multi-label, the layout: :meth:`Classifier.with_model`)."""
+    return clf.with_model(unhooked_copy(clf.model), name=f"{clf.name} (randomised copy)")
 
 
 def per_image_classes(target: Target, classes: list[int]) -> Target:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..display import METHOD_TITLES
+from ..methods.registry import sanity_draws
 from ..models import Classifier
 from ..results import Saliency
 from .compare import reference_map
@@ -43,8 +44,8 @@ def model_sanity(clf: Classifier, x: Tensor, sal: Saliency, *, seed: int = 0) ->
     :func:`sanity_check` with the same layer and target; meant to run once per model and run."""
     head = cascade_stages(clf.model, x, output=clf.output)[0]
     return sanity_check(clf, x, sal.method, target=list(sal.target), layer=sal.layer, stages=[head], seed=seed,
-                        draws=1 if sal.method in ("occlusion", "scorecam") else 10,
-                        options={sal.method: _options(sal) or {}}, original=sal)
+                        draws=sanity_draws(sal.method), options={sal.method: _options(sal) or {}},
+                        original=sal)
 
 
 #: random draws per grid in the report's trust section (compare uses REFERENCE_DRAWS): each costs

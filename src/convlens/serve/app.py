@@ -28,10 +28,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..images import ImageError
 from ..layers import LayerError
-from ..methods.cam import CAM_METHODS
+from ..methods.registry import METHOD_TITLES, cam_methods
 from ..plotting import normalize_map, overlay
 from . import render
-from .explorer import INSTANT_METHODS, MAX_UPLOAD_BYTES, Explorer
+from .explorer import MAX_UPLOAD_BYTES, Explorer, instant_methods
 
 __all__ = ["create_app", "STATIC"]
 
@@ -150,8 +150,9 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
     def state(request: Request) -> dict[str, Any]:
         layers, default = ex.layers()
         return {
-            "model": ex.clf.name, "device": str(ex.clf.device), "methods": list(CAM_METHODS),
-            "instant_methods": list(INSTANT_METHODS), "layers": layers, "default_layer": default,
+            "model": ex.clf.name, "device": str(ex.clf.device), "methods": list(cam_methods()),
+            "titles": {m: METHOD_TITLES[m] for m in cam_methods()}, "instant_methods": list(instant_methods()),
+            "layers": layers, "default_layer": default,
             "images": [image_entry(e) for e in ex.images()], "max_upload_mb": MAX_UPLOAD_BYTES / 2**20,
         }
 

@@ -33,21 +33,27 @@ from ..images import ImageError
 from ..layers import LayerError, default_cam_layer, layer_table, map_grid, resolve_layer
 from ..layout import Layout, layout_for
 from ..methods.activations import activations
-from ..methods.cam import CAM_METHODS, cam_from_layer, grad_cam
+from ..methods.cam import cam_from_layer, grad_cam
 from ..methods.featureviz import feature_visualization
 from ..methods.occlusion import occlusion
+from ..methods.registry import cam_methods, method_spec
 from ..metrics.faithfulness import deletion, insertion
-from ..models import Classifier, require_logits
+from ..models import Classifier, require_logits, top_predictions
+from ..results import top_channels
 from .decode import decode
 
-__all__ = ["Explorer", "ModelLock", "Job", "Cancelled", "MAX_UPLOAD_BYTES", "INSTANT_METHODS"]
+__all__ = ["Explorer", "ModelLock", "Job", "Cancelled", "MAX_UPLOAD_BYTES", "instant_methods"]
 
 log = logging.getLogger(__name__)
 
 #: Uploads larger than this are refused before decoding (pixels are limited by ``load_image``).
 MAX_UPLOAD_BYTES = 25 * 2**20
 #: Methods answered from the per-image cache; ``scorecam`` runs as a job (one forward per channel).
-INSTANT_METHODS = tuple(m for m in CAM_METHODS if m != "scorecam")
+
+
+def instant_methods() -> tuple[str, ...]:
+    """The CAM methods answered from a cached activation and gradient (all but Score-CAM)."""
+    return tuple(m for m in cam_methods() if method_spec(m).instant)
 
 
 class Cancelled(Exception):
@@ -331,10 +337,8 @@ class Explorer:
     def predictions(self, image_id: str, k: int = 5) -> list[dict[str, Any]]:
         """The top-``k`` classes with their probabilities (softmax, or sigmoids for a multi-label
         model: :meth:`Classifier.probabilities`)."""
-        probs = self.clf.probabilities(self.logits(image_id))[0]
-        values, indices = probs.topk(max(1, min(k, probs.numel())))
-        return [{"index": int(i), "label": self.clf.label(int(i)), "probability": float(p)}
-                for p, i in zip(values.cpu(), indices.cpu())]
+        (top,) = top_predictions(self.clf.probabilities(self.logits(image_id)), k, self.clf.label)
+        return [{"index": p.index, "label": p.label, "probability": p.probability} for p in top]
 
     def _gradient(self, g: _Graph, cls: int) -> Tensor:
         grad = g.grads.get(cls)
@@ -361,14 +365,14 @@ class Explorer:
         ``{"raw", "maps", "layer", "target", "method"}``, ``raw`` (h, w), ``maps`` (H, W), the
         same values :func:`convlens.grad_cam` gives for one image. ``scorecam`` is answered only
         from the cache (see :meth:`scorecam_job`); KeyError when it is not there yet."""
-        choose([method], CAM_METHODS, "method")
+        choose([method], cam_methods(), "method")
         layer = self._layer(layer)
         cls = self.class_index(image_id, cls)
         key = (image_id, layer, cls, method)
         found = self._maps.get(key)
         if found is None:
-            if method == "scorecam":
-                raise KeyError("scorecam is computed by a job")
+            if not method_spec(method).instant:
+                raise KeyError(f"{method} is computed by a job")
             with self.lock:
                 found = self._maps.put(key, self._compute_cam(image_id, cls, method, layer))
         raw, maps = found
@@ -381,7 +385,7 @@ class Explorer:
             g = self._graph(image_id, layer)
             try:
                 with torch.no_grad():
-                    grad = None if method == "eigencam" else self._gradient(g, cls)
+                    grad = self._gradient(g, cls) if method_spec(method).needs_gradient else None
                     raw, maps = cam_from_layer(method, g.a.detach(), grad, size)
             except RuntimeError as e:  # the weights were changed in place since the pass: redo it
                 if attempt or "modified by an inplace operation" not in str(e):
@@ -409,9 +413,8 @@ class Explorer:
                 with self.lock:
                     act = activations(self.clf, self.image(image_id).x, [layer]).maps[layer]
             self._acts.put(key, act)
-        means = act[0].float().mean(dim=(1, 2))
-        top = means.topk(min(k, means.numel())).indices
-        return {"layer": layer, "channels": top.tolist(), "means": means[top].tolist(),
+        means, top = (t[0] for t in top_channels(act[:1], k))
+        return {"layer": layer, "channels": top.tolist(), "means": means.tolist(),
                 "maps": act[0, top].float().cpu().numpy(), "count": int(act.shape[1])}
 
     # -- jobs -------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ for the figures; this is the same colouring, encoded fast for a browser)."""
 
 from __future__ import annotations
 
-import base64
 import io
 
 import matplotlib
@@ -11,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .._scaling import minmax
+from ..display import data_uri
 
 __all__ = ["png", "data_uri", "rgb_png", "heat_png", "signed_png", "channel_pngs"]
 
@@ -29,11 +29,6 @@ def png(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def data_uri(data: bytes) -> str:
-    """PNG bytes as a ``data:`` URI for an ``<img src>``."""
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
 def rgb_png(rgb: np.ndarray, max_side: int | None = None) -> bytes:

@@ -3,9 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const METHOD_NAMES = { gradcam: "Grad-CAM", "gradcam++": "Grad-CAM++", xgradcam: "XGrad-CAM",
-  layercam: "LayerCAM", scorecam: "Score-CAM (slow)", eigencam: "EigenCAM" };
-const S = { images: [], labels: [], image: null, cls: null, top1: null, method: "gradcam", layer: "",
+const S = { images: [], labels: [], titles: {}, image: null, cls: null, top1: null, method: "gradcam", layer: "",
   scale: "norm", channel: null, camJob: null, featureJob: null, occJob: null, seq: { cam: 0, ch: 0, feat: 0, pred: 0, occ: 0 } };
 
 function el(tag, props = {}, ...children) {
@@ -182,7 +180,7 @@ async function refreshCam() {
     const c = r.body;
     $("heat").src = c.png;
     $("heat").dataset.key = q;
-    $("cam-title").textContent = `${c.label} (${METHOD_NAMES[c.method] || c.method} at ${c.layer})`;
+    $("cam-title").textContent = `${c.label} (${S.titles[c.method] || c.method} at ${c.layer})`;
     $("legend-text").textContent = `${c.vmin.toPrecision(3)} … ${c.vmax.toPrecision(3)}` +
       (S.scale === "raw" ? " (raw: one scale for every class, the top-1 class's maximum)" : " (normalised: this map's min … max)") +
       `; map ${c.raw_shape.join("×")} at the layer`;
@@ -404,8 +402,10 @@ async function init() {
     S.images = st.images;
     S.labels = labels;
     S.layer = st.default_layer;
+    S.titles = st.titles;
     $("model").textContent = `${st.model} on ${st.device} · ${labels.length} classes`;
-    $("method").replaceChildren(...st.methods.map((m) => el("option", { value: m, text: METHOD_NAMES[m] || m })));
+    $("method").replaceChildren(...st.methods.map((m) => el("option", { value: m,
+      text: (st.titles[m] || m) + (st.instant_methods.includes(m) ? "" : " (slow)") })));
     $("layer").replaceChildren(...st.layers.map((l) => el("option", { value: l.name,
       text: `${l.name} ${l.shape.join("×")}${l.name === st.default_layer ? " (default)" : ""}` })));
     $("layer").value = st.default_layer;
