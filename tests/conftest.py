@@ -97,3 +97,15 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
         assert after[key].keys() == before[key].keys(), key
         for name, v in before[key].items():
             assert torch.equal(after[key][name], v), f"{key} {name}"
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A small random-BN net and two 64 px images of smooth blobs plus noise (compare, evidence)."""
+    from tests.test_occlusion import SmallNet, _randomise_bn
+
+    torch.manual_seed(0)
+    net = _randomise_bn(SmallNet()).eval()
+    g = torch.Generator().manual_seed(2)
+    blobs = torch.nn.functional.interpolate(torch.randn(2, 3, 4, 4, generator=g), size=64, mode="bilinear")
+    return net, 2 * blobs + 0.3 * torch.randn(2, 3, 64, 64, generator=g)

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from tests.test_occlusion import SmallNet, _randomise_bn
 
 import convlens
 from conftest import assert_unchanged, snapshot
@@ -17,15 +16,6 @@ from convlens.cli import main
 from convlens.metrics.compare import merge, reference_map
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
-
-
-@pytest.fixture(scope="module")
-def small():
-    torch.manual_seed(0)
-    net = _randomise_bn(SmallNet()).eval()
-    g = torch.Generator().manual_seed(2)
-    blobs = torch.nn.functional.interpolate(torch.randn(2, 3, 4, 4, generator=g), size=64, mode="bilinear")
-    return net, 2 * blobs + 0.3 * torch.randn(2, 3, 64, 64, generator=g)
 
 
 OCC = {"patch": 16, "stride": 8}

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
-from tests.test_occlusion import SmallNet, _randomise_bn
 
 import convlens
 from convlens.metrics.evidence import (
@@ -25,15 +24,6 @@ from convlens.metrics.evidence import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def small():
-    torch.manual_seed(0)
-    net = _randomise_bn(SmallNet()).eval()
-    g = torch.Generator().manual_seed(2)
-    blobs = torch.nn.functional.interpolate(torch.randn(2, 3, 4, 4, generator=g), size=64, mode="bilinear")
-    return net, 2 * blobs + 0.3 * torch.randn(2, 3, 64, 64, generator=g)
 
 
 def test_a_random_reference_is_resized_exactly_as_the_method_resizes_its_map(small):

@@ -10,9 +10,11 @@ import warnings
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from skimage import data as skdata
 from torch import nn
 
 import convlens
@@ -22,9 +24,6 @@ from convlens.layout import map_layout
 from convlens.methods.activations import activations
 from convlens.methods.cam import grad_cam
 from convlens.methods.featureviz import feature_visualization
-
-timm = pytest.importorskip("timm")
-skdata = pytest.importorskip("skimage.data")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
