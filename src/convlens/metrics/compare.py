@@ -472,7 +472,7 @@ class Comparison:
         """Write ``compare.csv``, ``compare.json``, ``compare.png`` and ``compare.html`` into
         ``directory`` (each atomically; a file convlens did not write is refused unless ``force``);
         returns the paths."""
-        from .. import outputs
+        from .. import files as outputs
         from ..report import comparison_html, to_json
 
         d = Path(directory)
