@@ -230,13 +230,7 @@ def explain(
         raise ExplainError("the trust technique judges the gradcam and occlusion maps: add one of them")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ExplainError(f"batch_size must be a positive int, got {batch_size!r}")
-    if image_or_images is None:
-        from .images import sample_image_path
-
-        image_or_images = [sample_image_path()]
-    elif isinstance(image_or_images, (str, os.PathLike, bytes, Tensor)) or not isinstance(image_or_images, Sequence):
-        image_or_images = [image_or_images]
-    planned, skipped = plan(image_or_images, shard)
+    planned, skipped = plan(_image_list(image_or_images), shard)
     items, keys = [(n, s) for n, s, _ in planned], [k for _, _, k in planned]
     tier = settings_tier(len(planned), fast=fast, full=full, shard=shard)
     conf = settings_for(fast, settings, folder=tier["name"] == "folder")
@@ -255,29 +249,9 @@ def explain(
         from .layers import resolve_layer
 
         resolve_layer(clf.model, conf["gradcam"]["layer"])
-    report = Report(
-        model=clf.name,
-        weights=clf.weights,
-        device=str(clf.device),
-        input={"size": clf.size, "resize": clf.resize, "interpolation": clf.interpolation,
-               "mean": list(clf.mean), "std": list(clf.std), "multi_label": clf.multi_label},
-        methods=methods,
-        settings={"fast": fast, "target": None if target is None else str(target), "tier": tier, **conf,
-                  **({"shard": "{}/{}".format(*parse_shard(shard))} if shard is not None else {})},
-        images=[],
-        skipped=skipped,
-        created=time.strftime("%Y-%m-%d %H:%M:%S"),
-        _planned=len(items),
-    )
-    report.settings["versions"] = _versions()
-    from .cache import cache_dir, limit_bytes
-
-    try:
-        folder = cache_dir(cache) if "filters" in methods else None
-        if folder is not None:
-            limit_bytes()  # a bad $CONVLENS_CACHE_MB is a usage error now, not a failure per image
-    except ValueError as e:
-        raise ExplainError(str(e)) from None
+    report = _new_report(clf, methods, conf, tier, fast=fast, target=target, shard=shard, skipped=skipped,
+                         planned=len(items))
+    folder = _cache_folder(cache, methods)
     report.settings["cache"] = None if folder is None else str(folder)
     done = {} if run is None else run.reusable(
         _fingerprint(clf, report), {k: s for _, s, k in planned if isinstance(s, (str, os.PathLike))})
@@ -335,6 +309,52 @@ def explain(
         if bar is not None:
             bar.close()
     return report  # timings as summary.json has them (set before report.finish wrote it)
+
+
+def _image_list(images: Any) -> list[Any]:
+    """``explain``'s ``images`` as a list: the bundled sample photo when None, one source as a list of one."""
+    if images is None:
+        from .images import sample_image_path
+
+        return [sample_image_path()]
+    if isinstance(images, (str, os.PathLike, bytes, Tensor)) or not isinstance(images, Sequence):
+        return [images]
+    return images
+
+
+def _new_report(clf: Classifier, methods: tuple[str, ...], conf: dict[str, dict[str, Any]], tier: dict[str, Any], *,
+                fast: bool, target: Any, shard: Any, skipped: list[dict[str, str]], planned: int) -> Report:
+    """The empty :class:`Report` of a run: the model, its input, the techniques and every setting."""
+    report = Report(
+        model=clf.name,
+        weights=clf.weights,
+        device=str(clf.device),
+        input={"size": clf.size, "resize": clf.resize, "interpolation": clf.interpolation,
+               "mean": list(clf.mean), "std": list(clf.std), "multi_label": clf.multi_label},
+        methods=methods,
+        settings={"fast": fast, "target": None if target is None else str(target), "tier": tier, **conf,
+                  **({"shard": "{}/{}".format(*parse_shard(shard))} if shard is not None else {})},
+        images=[],
+        skipped=skipped,
+        created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        _planned=planned,
+    )
+    report.settings["versions"] = _versions()
+    return report
+
+
+def _cache_folder(cache: Any, methods: tuple[str, ...]) -> Path | None:
+    """The feature-visualisation cache folder of a run (None: off, or no ``filters``); a bad
+    ``$CONVLENS_CACHE_MB`` is a usage error now, not a failure per image."""
+    from .cache import cache_dir, limit_bytes
+
+    try:
+        folder = cache_dir(cache) if "filters" in methods else None
+        if folder is not None:
+            limit_bytes()
+    except ValueError as e:
+        raise ExplainError(str(e)) from None
+    return folder
 
 
 def _row(result: Any, i: int) -> Any:
