@@ -221,6 +221,10 @@ def explain(
 
         report = convlens.explain("cat.jpg")
         report.save("out")       # out/report.html, out/summary.json, PNGs and .npy per technique
+
+    It is long because it is the driver: the order of the checks (all before the model loads or before
+    any image work), the run folder, resume and the loop over batches read best in one place; the work
+    itself is in helpers and :mod:`convlens._runners`.
     """
     t_start = time.perf_counter()
     image_or_images, classifier, settings = images, model, options  # the body's names

@@ -32,6 +32,8 @@ def comparison_html(comparison: Any, png: bytes | None = None) -> str:
     Example::
 
         Path("compare.html").write_text(comparison_html(convlens.compare(clf, x)))
+
+    It is long because it is one page's template, top to bottom; its cell formatters are inner helpers.
     """
     from .plotting import map_thumbnail
 

@@ -93,6 +93,9 @@ def render_index(
     Example::
 
         html = render_index(summary, {im.key: thumbnail(im.rgb) for im in report.images})
+
+    It is long because it is one page's template (the grid grouped by class, the marks, the skipped
+    entries), read top to bottom.
     """
     from urllib.parse import quote
 

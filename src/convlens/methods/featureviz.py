@@ -397,6 +397,9 @@ def _feature_visualization(
     layout: LayoutName | None = None,
     reshape: Reshape | None = None,
 ) -> FeatureImages:
+    """The work of :func:`feature_visualization`: check the arguments, read finished units from the cache,
+    optimise the rest in one batch and build the result. It is long because each step reads what the one
+    before checked; split further it would pass a dozen values along."""
     clf = as_classifier(classifier_or_model)
     model = clf.model
     if not (callable(objective) or objective in OBJECTIVES):
@@ -583,7 +586,11 @@ def _optimise(
     tfs: list[Transform], opts: dict[str, Any], progress: bool, callback: Callable[[int, int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Optimise one image per unit as one batch; per image (dim 0, numpy, float32): ``image`` (the
-    raw parameterised image before display), ``objective``, ``history`` (steps,) and ``dead``."""
+    raw parameterised image before display), ``objective``, ``history`` (steps,) and ``dead``.
+
+    It is long because the optimisation loop, its hooks and each image's randomness share one model
+    guard, which restores the parameters, flags and grad mode on the way out.
+    """
     model = clf.model
     device = clf.device
     steps, size, lr, seed, param, diversity = (opts[k] for k in ("steps", "size", "lr", "seed", "param", "diversity"))

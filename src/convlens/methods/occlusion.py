@@ -334,6 +334,9 @@ def occlusion(
 
         res = occlusion(clf, clf.preprocess("cat.jpg"), patch=32, stride=16)
         res.save("occlusion")
+
+    It is long because every argument is checked before the first forward pass and every setting is
+    recorded on the result here; choosing the evaluator and averaging the windows are helpers.
     """
     clf = as_classifier(model)
     if score not in SCORES:

@@ -649,6 +649,10 @@ def compare(
 
         cmp = convlens.compare(clf, "cat.jpg")
         print(cmp.format_table()); cmp.verdicts()["gradcam"]["level"]
+
+    It is long because the settings it records spell out every reference, threshold and seed that judged
+    the maps, and each method's scores are gathered in one guarded step so that one failing method never
+    stops the comparison.
     """
     clf: Classifier = as_classifier(model)
     x = clf.batch(images)
