@@ -452,7 +452,7 @@ def trust_caption(trust: Any, label: str) -> str:
     )
 
 
-# -- many images: the index page and summary.csv -----------------------------------------------
+# -- the marks of the index page and summary.csv (convlens.page_index, convlens.report) ----------
 #: An image whose top-1 probability is below this is marked "low confidence" on the index.
 LOW_CONFIDENCE = 0.25
 
