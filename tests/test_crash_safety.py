@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from convlens import outputs
+from convlens import files, outputs
 from convlens.outputs import FAULT_ENV, INTENT, LOCK, MANIFEST, STAGING_PREFIX, DiskFullError, RunWriter
 
 FILES = ["report.html", "summary.json", "summary.csv"]
@@ -64,7 +64,7 @@ def child(out: Path, fault: str) -> int:
         code = 1
         try:
             os.environ[FAULT_ENV] = fault
-            outputs._RENAMES[0] = 0
+            files._RENAMES[0] = 0
             with outputs.interruptible():
                 write_run(out, "new", ["b", "c", "d"], force=True)
             code = 0
@@ -83,9 +83,9 @@ def child(out: Path, fault: str) -> int:
 @pytest.fixture(params=["exchange", "no-exchange"])
 def exchange(request, monkeypatch):
     """Each test runs with renameat2(RENAME_EXCHANGE) and with the fallback (move aside, then in)."""
-    if request.param == "exchange" and outputs._renameat2() is None:
+    if request.param == "exchange" and files._renameat2() is None:
         pytest.skip("no renameat2 here")
-    monkeypatch.setattr(outputs, "_EXCHANGE", [outputs._renameat2() if request.param == "exchange" else None])
+    monkeypatch.setattr(files, "_EXCHANGE", [files._renameat2() if request.param == "exchange" else None])
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, obje
     write_run(old, "old", ["a", "b", "c"])
     new = base / "new"
     shutil.copytree(old, new)
-    before = outputs._RENAMES[0]
+    before = files._RENAMES[0]
     write_run(new, "new", ["b", "c", "d"], force=True)
-    total = outputs._RENAMES[0] - before
+    total = files._RENAMES[0] - before
     return old, snapshot(old), snapshot(new), total
 
 
@@ -178,9 +178,9 @@ def test_kill_before_every_rename_of_a_resume_keeps_each_image_whole(runs, tmp_p
     write_run(base, "old", ["a", "b", "c"])
     probe = tmp_path / "probe"
     shutil.copytree(base, probe)
-    before = outputs._RENAMES[0]
+    before = files._RENAMES[0]
     resume_run(probe)
-    total = outputs._RENAMES[0] - before
+    total = files._RENAMES[0] - before
     done = snapshot(probe)
     assert done["b/gradcam.png"] == b"redo-b-png" and done["a/gradcam.png"] == b"old-a-png"
     for k in range(1, total + 1):
@@ -189,7 +189,7 @@ def test_kill_before_every_rename_of_a_resume_keeps_each_image_whole(runs, tmp_p
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             os.environ[FAULT_ENV] = f"rename:{k}:kill"
-            outputs._RENAMES[0] = 0
+            files._RENAMES[0] = 0
             resume_run(out)
             os._exit(0)
         _, status = os.waitpid(pid, 0)

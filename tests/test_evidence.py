@@ -118,7 +118,8 @@ def test_the_settings_tier_is_printed_and_named(tmp_path, capsys):
 
 
 def test_the_image_page_says_what_the_agreement_means(small):
-    from convlens.report import ImageExplanation, _agreement_html
+    from convlens.page import _agreement_html
+    from convlens.report import ImageExplanation
 
     net, x = small
     cam = convlens.grad_cam(net, x[:1])

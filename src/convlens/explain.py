@@ -13,30 +13,46 @@ the HTML and the JSON live in :mod:`convlens.report`; this module is the driver.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
-import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 from torch import Tensor
 
 from ._compat import IMAGES, MODEL, renamed
+from ._runners import (
+    RUNNERS,
+    _layers_for,
+    _load,
+    _logits_and_layer,
+    _optimise_shared,
+    _shared_channels,
+    _top,
+    pre_activation_layer,  # noqa: F401 -- convlens.explain.pre_activation_layer, as before
+)
 from .checks import NonFiniteError, choose, require_finite
-from .images import IMAGE_SUFFIXES, ImageError, ImageSource
+from .images import ImageError, ImageSource
+from .inputs import (
+    ExplainError,
+    collect_images,
+    image_keys,  # noqa: F401 -- convlens.explain.image_keys, as before
+    item_keys,  # noqa: F401 -- convlens.explain.item_keys, as before
+    parse_shard,
+    plan,
+    select_shard,
+    shard_folder,
+)
 from .metrics.evidence import map_spearman as spearman  # noqa: F401 -- convlens.explain.spearman, as before
-from .models import Classifier, Prediction, as_classifier, load_model, top_predictions
-from .outputs import RunWriter, check_interrupt, is_regular, printable
-from .outputs import image_keys as _image_keys
+from .models import Classifier, as_classifier, load_model
+from .outputs import RunWriter, check_interrupt, printable
 from .report import ImageExplanation, Report, run_writer
-from .results import top_channels
+from .resume import earlier as _earlier
+from .resume import fingerprint as _fingerprint
 
 __all__ = [
     "METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "parse_shard", "plan",
@@ -115,10 +131,6 @@ def settings_tier(images: int, *, fast: bool = False, full: bool = False, shard:
             "said": said, "command": command}
 
 
-class ExplainError(ValueError):
-    """Bad arguments to :func:`explain` (unknown technique, bad settings, no images)."""
-
-
 def settings_for(
     fast: bool = False, overrides: dict[str, dict[str, Any]] | None = None, *, folder: bool = False
 ) -> dict[str, dict[str, Any]]:
@@ -139,267 +151,6 @@ def settings_for(
                 raise ExplainError(f"unknown {tech} setting(s) {sorted(unknown)}; known: {sorted(out[tech])}")
             out[tech].update(values)
     return out
-
-
-# -- the technique runners: the only place that calls the techniques ----------------------
-def _run_activations(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
-    from .methods.activations import activations
-
-    result = ctx["batched"].get("activations") or activations(clf, x, s["layers"])
-    k = int(s["channels"])
-    ctx["layers"]["activations"] = list(result.maps)
-    ctx["channels"]["activations"] = {
-        name: [int(c) for c in np.asarray(_first(result.top_channels(name, k)))] for name in result.maps
-    }
-    return result
-
-
-def _run_gradcam(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
-    from .methods.cam import grad_cam
-
-    result = ctx["batched"].get("gradcam") or grad_cam(
-        clf, x, target=ctx["target"], layer=ctx["cam_layer"], method=s["method"])
-    ctx["layers"]["gradcam"] = result.layer
-    return result
-
-
-def _run_occlusion(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
-    from .methods.occlusion import occlusion
-
-    return ctx["batched"].get("occlusion") or occlusion(
-        clf, x, target=ctx["target"], patch=s["patch"], stride=s["stride"], baseline=s["baseline"], score=s["score"]
-    )
-
-
-def _top_channels(act: Tensor, k: int) -> list[int]:
-    """The ``k`` channels of a captured (1, C, H, W) layer output with the highest mean."""
-    return top_channels(act[:1], k).indices[0].tolist()
-
-
-def _run_filters(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
-    from .methods.activations import activations
-    from .methods.featureviz import cached_channels, feature_visualization
-
-    layer = ctx["cam_layer"]
-    # "what did the network see here": the channels of the Grad-CAM layer most active on this image
-    # (its output was captured in the prediction's forward pass; else one more pass)
-    act = ctx.get("cam_act")
-    k = int(s["channels"])
-    if isinstance(act, Tensor) and act.dim() == 4:
-        channels = _top_channels(act, k)
-    else:
-        channels = [int(c) for c in np.asarray(_first(activations(clf, x, [layer]).top_channels(layer, k)))]
-    ctx["layers"]["filters"] = ctx["fv_layer"]
-    shared = ctx.get("shared")  # with a budget: the run's channels to optimise, {(layer, channel)}
-    if shared is not None:
-        cached = cached_channels(clf, ctx["fv_layer"], channels, cache=ctx.get("cache", False), steps=s["steps"],
-                                 size=s["size"], param=s["param"], transforms=s["transforms"], seed=s["seed"])
-        top, channels = channels, [c for c, hit in zip(channels, cached) if hit or (ctx["fv_layer"], c) in shared]
-        left = [c for c in top if c not in channels]
-        if left:
-            ctx["channels"]["filters_top"] = top
-            ctx["notes"].setdefault("filters", []).append(
-                f"Several images in this run: feature visualisation draws only the {len(shared)} channels most "
-                f"shared among the images' top {k} (about {s['budget']:g} per image) and channels already in the "
-                f"cache. This image's top {k} channels are {top}; {len(left)} of them ({left}) are not drawn here. "
-                "Explain the image alone, or the folder with --full (full=True), to see them all.")
-        if not channels:
-            return None
-    ctx["channels"]["filters"] = channels
-    result = feature_visualization(
-        clf, ctx["fv_layer"], channels, steps=s["steps"], size=s["size"], param=s["param"],
-        transforms=s["transforms"], seed=s["seed"], cache=ctx.get("cache", False),
-    )
-    hits = result.settings.get("cache", {}).get("hits", 0)
-    if hits:  # channels rendered earlier (another image, another run) and read back bit for bit
-        ctx["channels"]["filters_cached"] = hits
-    dead = [c for c, d in zip(channels, getattr(result, "dead", [])) if d]
-    if dead:
-        ctx["channels"]["filters_dead"] = dead
-    return result
-
-
-def _run_trust(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
-    """Deletion / insertion of this image's Grad-CAM and occlusion maps beside a random map's, their
-    class sensitivity, and the Grad-CAM method's sanity verdict, computed once per model and run
-    (on the first image) and shared; plain-words findings go to the notes of the judged technique."""
-    from .metrics.trust import NAMES, model_sanity, trust_summary
-
-    maps = {t: ctx["results"][t] for t in ("gradcam", "occlusion") if t in ctx["results"]}
-    if not maps:
-        raise ValueError("nothing to judge: the gradcam and occlusion techniques failed or did not run")
-    sanity = {}
-    if "gradcam" in maps:
-        cam = maps["gradcam"]
-        key = ("sanity", cam.method, cam.layer, tuple(x.shape[1:]))
-        if key not in ctx["run"]:
-            check = model_sanity(clf, x, cam)
-            ctx["run"][key] = {"method": cam.method, "passed": check.passed[0], "rho": float(check.spearman[0, 0]),
-                               "stage": check.stages[0], "threshold": check.threshold, "image": ctx["name"],
-                               "draws": len(check.settings["draws"][0])}
-        sanity["gradcam"] = ctx["run"][key]
-    only = s.get("class_maps")
-    result = trust_summary(clf, x, maps, sanity=sanity, steps=int(s["steps"]), baseline=s["baseline"],
-                           class_maps=only)
-    for tech, lines in result.findings.items():
-        ctx["notes"].setdefault(tech, []).extend(lines)
-    skipped = [NAMES.get(t, t) for t in maps if only is not None and t not in only]
-    if skipped:
-        ctx["notes"].setdefault("trust", []).append(
-            f"Several images in this run: the class sensitivity of {', '.join(skipped)} is not computed (it needs "
-            f"a second map of each image) and the curves use {int(s['steps'])} steps; explain the image alone, or "
-            "the folder with --full (full=True), for the full check.")
-    return result
-
-
-#: activations whose flat zero region leaves a unit without gradient when optimised from noise
-_SATURATING = ("ReLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "Threshold")
-
-
-def pre_activation_layer(table: Sequence[Any], layer: str) -> str:
-    """The module whose output feeds ``layer``'s final activation, when there is one.
-
-    Feature visualisation from noise gets no gradient through a ReLU that is off everywhere, so,
-    as lucid does with its ``*_pre_relu`` tensors, the units are optimised before the activation:
-    if the last module to run inside ``layer`` is a (once-used) saturating activation and the one
-    before it has the same output shape, that one is returned; otherwise ``layer`` itself.
-    Channel ``c`` is the same unit either way.
-    """
-    inside = sorted((r for r in table if r.name.startswith(layer + ".") and r.order >= 0), key=lambda r: r.order)
-    if len(inside) >= 2:
-        last, before = inside[-1], inside[-2]
-        mine = next((r for r in table if r.name == layer), None)
-        if (
-            last.type in _SATURATING
-            and getattr(last, "calls", 1) == 1  # a shared activation's last call may follow an add
-            and before.type not in _SATURATING
-            and before.shape == last.shape
-            and (mine is None or mine.shape == last.shape)
-        ):
-            return before.name
-    return layer
-
-
-RUNNERS: dict[str, Callable[[Classifier, Tensor, dict[str, Any], dict[str, Any]], Any]] = {
-    "activations": _run_activations,
-    "gradcam": _run_gradcam,
-    "occlusion": _run_occlusion,
-    "trust": _run_trust,
-    "filters": _run_filters,
-}
-
-
-def _first(channels: Any) -> Any:
-    """``top_channels`` for one image: a (k,) sequence, or row 0 of an (N, k) one."""
-    a = channels.detach().cpu().numpy() if isinstance(channels, Tensor) else np.asarray(channels)
-    return a[0] if a.ndim == 2 else a
-
-
-def image_keys(names: Sequence[str], sources: Sequence[Any] | None = None) -> list[str]:
-    """Unique, file-system-safe folder names for images, from their whole file names
-    (:func:`convlens.outputs.image_keys`)."""
-    return _image_keys(names, sources)
-
-
-# -- inputs -------------------------------------------------------------------------------
-def _unusable(f: Path) -> str | None:
-    """Why a folder entry cannot be explained, or ``None`` when it is an image file to try."""
-    if f.name.startswith("."):
-        return "hidden file"
-    if f.is_symlink() and not f.exists():
-        return "dangling symlink"
-    if f.is_dir():
-        return "a folder (folders are not searched)"
-    if not is_regular(f):
-        return "not a regular file (a FIFO, socket or device)"
-    if f.suffix.lower() not in IMAGE_SUFFIXES:
-        return "not an image file (suffix)"
-    if not os.access(f, os.R_OK):
-        return "not readable (permission denied)"
-    return None
-
-
-def collect_images(
-    sources: Iterable[ImageSource], *, warn: bool = True
-) -> tuple[list[tuple[str, ImageSource]], list[dict[str, str]]]:
-    """Expand folders into their image files (by suffix, sorted, not recursive).
-
-    Returns ``([(name, source)], skipped)``: every folder entry that is not used (hidden files,
-    dangling symlinks, subfolders, FIFOs and devices, files without an image suffix, unreadable
-    files) is listed in ``skipped`` with the reason (display-safe path), with a warning; a file
-    named directly is always kept (if it is no image, explaining it fails with a clear error).
-    """
-    items: list[tuple[str, ImageSource]] = []
-    skipped: list[dict[str, str]] = []
-    for i, src in enumerate(sources):
-        if isinstance(src, (str, os.PathLike)):
-            path = Path(src)
-            if path.is_dir():
-                for f in sorted(path.iterdir()):
-                    why = _unusable(f)
-                    if why is None:
-                        items.append((f.name, f))
-                        continue
-                    if warn:
-                        log.warning("skipping %s: %s", printable(f), why)
-                    skipped.append({"path": printable(f), "reason": why})
-            else:
-                items.append((path.name, path))
-        elif isinstance(src, Tensor):  # model-ready tensors: (3, H, W) or a batch (N, 3, H, W)
-            batch = src[None] if src.dim() == 3 else src
-            items += [(f"tensor {i + 1}" + (f"[{j}]" if len(batch) > 1 else ""), batch[j : j + 1])
-                      for j in range(len(batch))]
-        else:
-            filename = getattr(src, "filename", "")  # a PIL image opened from a file knows its name
-            items.append((Path(filename).name if filename else f"image {i + 1}", src))
-    return items, skipped
-
-
-def item_keys(items: Sequence[tuple[str, ImageSource]]) -> list[str]:
-    """The output folder of each ``(name, source)`` from :func:`collect_images`."""
-    return image_keys([n for n, _ in items], [s if isinstance(s, (str, os.PathLike)) else n for n, s in items])
-
-
-def parse_shard(text: str | tuple[int, int]) -> tuple[int, int]:
-    """``"I/N"`` (or ``(I, N)``) -> ``(I, N)`` with ``1 <= I <= N``: part I of N (1-based, as a
-    Slurm array ``--array=1-N`` numbers its tasks); anything else is a ValueError.
-
-    Example::
-
-        parse_shard("2/4")   # (2, 4)
-    """
-    if isinstance(text, tuple):
-        i, n = text
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-        if not m:
-            raise ValueError(f"a shard is I/N, e.g. 1/4, not {text!r}")
-        i, n = int(m.group(1)), int(m.group(2))
-    if isinstance(i, bool) or isinstance(n, bool) or not (isinstance(i, int) and isinstance(n, int)) or not 1 <= i <= n:
-        raise ValueError(f"a shard I/N needs 1 <= I <= N, not {i}/{n}")
-    return i, n
-
-
-def select_shard(items: Sequence[tuple[str, Any]], shard: str | tuple[int, int] | None) -> list[tuple[str, Any]]:
-    """Part ``I`` of ``N`` of ``items`` (``(name, source)`` pairs from :func:`collect_images`).
-
-    Items are ranked by name (the path relative to the folder they were found in; ties by their
-    place in ``items``), and the one at rank ``r`` (0-based) belongs to shard ``r mod N + 1``: the N
-    shards are disjoint, cover every item, differ in size by at most one, and are the same on every
-    machine that sees the same files, whatever the folder is called there or the order the file
-    system lists it in. Selected items keep their order in ``items``.
-
-    Example::
-
-        items, _ = collect_images(["photos/"])
-        mine = select_shard(items, "2/4")   # about a quarter
-    """
-    if shard is None:
-        return list(items)
-    i, n = parse_shard(shard)
-    ranked = sorted(range(len(items)), key=lambda j: (items[j][0], j))
-    keep = {j for r, j in enumerate(ranked) if r % n == i - 1}
-    return [item for j, item in enumerate(items) if j in keep]
 
 
 def _versions() -> dict[str, str]:
@@ -470,6 +221,10 @@ def explain(
 
         report = convlens.explain("cat.jpg")
         report.save("out")       # out/report.html, out/summary.json, PNGs and .npy per technique
+
+    It is long because it is the driver: the order of the checks (all before the model loads or before
+    any image work), the run folder, resume and the loop over batches read best in one place; the work
+    itself is in helpers and :mod:`convlens._runners`.
     """
     t_start = time.perf_counter()
     image_or_images, classifier, settings = images, model, options  # the body's names
@@ -479,13 +234,7 @@ def explain(
         raise ExplainError("the trust technique judges the gradcam and occlusion maps: add one of them")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ExplainError(f"batch_size must be a positive int, got {batch_size!r}")
-    if image_or_images is None:
-        from .images import sample_image_path
-
-        image_or_images = [sample_image_path()]
-    elif isinstance(image_or_images, (str, os.PathLike, bytes, Tensor)) or not isinstance(image_or_images, Sequence):
-        image_or_images = [image_or_images]
-    planned, skipped = plan(image_or_images, shard)
+    planned, skipped = plan(_image_list(image_or_images), shard)
     items, keys = [(n, s) for n, s, _ in planned], [k for _, _, k in planned]
     tier = settings_tier(len(planned), fast=fast, full=full, shard=shard)
     conf = settings_for(fast, settings, folder=tier["name"] == "folder")
@@ -504,29 +253,9 @@ def explain(
         from .layers import resolve_layer
 
         resolve_layer(clf.model, conf["gradcam"]["layer"])
-    report = Report(
-        model=clf.name,
-        weights=clf.weights,
-        device=str(clf.device),
-        input={"size": clf.size, "resize": clf.resize, "interpolation": clf.interpolation,
-               "mean": list(clf.mean), "std": list(clf.std), "multi_label": clf.multi_label},
-        methods=methods,
-        settings={"fast": fast, "target": None if target is None else str(target), "tier": tier, **conf,
-                  **({"shard": "{}/{}".format(*parse_shard(shard))} if shard is not None else {})},
-        images=[],
-        skipped=skipped,
-        created=time.strftime("%Y-%m-%d %H:%M:%S"),
-        _planned=len(items),
-    )
-    report.settings["versions"] = _versions()
-    from .cache import cache_dir, limit_bytes
-
-    try:
-        folder = cache_dir(cache) if "filters" in methods else None
-        if folder is not None:
-            limit_bytes()  # a bad $CONVLENS_CACHE_MB is a usage error now, not a failure per image
-    except ValueError as e:
-        raise ExplainError(str(e)) from None
+    report = _new_report(clf, methods, conf, tier, fast=fast, target=target, shard=shard, skipped=skipped,
+                         planned=len(items))
+    folder = _cache_folder(cache, methods)
     report.settings["cache"] = None if folder is None else str(folder)
     done = {} if run is None else run.reusable(
         _fingerprint(clf, report), {k: s for _, s, k in planned if isinstance(s, (str, os.PathLike))})
@@ -586,189 +315,50 @@ def explain(
     return report  # timings as summary.json has them (set before report.finish wrote it)
 
 
-def plan(
-    sources: Sequence[ImageSource], shard: str | tuple[int, int] | None = None, *, warn: bool = True
-) -> tuple[list[tuple[str, ImageSource, str]], list[dict[str, str]]]:
-    """The images a run explains: ``([(name, source, key)], skipped)``. Keys (output folders) are
-    given over all the images before a shard is taken, so every shard names an image as one run
-    over the whole folder does and their outputs merge (``convlens report``).
+def _image_list(images: Any) -> list[Any]:
+    """``explain``'s ``images`` as a list: the bundled sample photo when None, one source as a list of one."""
+    if images is None:
+        from .images import sample_image_path
 
-    Example::
-
-        todo, skipped = plan(["photos/"], "1/2")
-    """
-    items, skipped = collect_images(sources, warn=warn)
-    if not items:
-        more = f" ({len(skipped)} folder entries skipped: {skipped[0]['reason']}, ...)" if skipped else ""
-        raise ExplainError(f"no image files to explain{more}")
-    keyed = [(name, (src, key)) for (name, src), key in zip(items, item_keys(items))]
-    if shard is not None:
-        try:
-            n_all, keyed = len(keyed), select_shard(keyed, shard)
-        except ValueError as e:
-            raise ExplainError(str(e)) from None
-        if not keyed:
-            raise ExplainError(f"shard {shard} of {n_all} images holds no image")
-    return [(name, src, key) for name, (src, key) in keyed], skipped
+        return [sample_image_path()]
+    if isinstance(images, (str, os.PathLike, bytes, Tensor)) or not isinstance(images, Sequence):
+        return [images]
+    return images
 
 
-def shard_folder(out: str | os.PathLike[str], shard: str | tuple[int, int] | None) -> Path:
-    """Where a run writes: ``out`` itself, or ``out/shard-I-of-N`` for shard ``I/N``, so N
-    processes can share one ``out`` without writing the same files.
-
-    Example::
-
-        shard_folder("out", "2/4")   # Path('out/shard-2-of-4')
-    """
-    if shard is None:
-        return Path(out)
-    i, n = parse_shard(shard)
-    return Path(out) / f"shard-{i}-of-{n}"
-
-
-def _fingerprint(clf: Classifier, report: Report) -> dict[str, Any]:
-    """What makes an image's outputs the same as another run's: the model, its weights (digest
-    of every parameter and buffer), its input, the techniques and all their settings."""
-    from .cache import model_digest
-
-    settings = {k: v for k, v in report.settings.items() if k not in ("versions", "cache", "shard")}
-    return json.loads(json.dumps({
-        "model": clf.name, "weights": clf.weights, "weights_digest": model_digest(clf.model), "input": report.input,
-        "methods": list(report.methods), "settings": settings}, default=str))
+def _new_report(clf: Classifier, methods: tuple[str, ...], conf: dict[str, dict[str, Any]], tier: dict[str, Any], *,
+                fast: bool, target: Any, shard: Any, skipped: list[dict[str, str]], planned: int) -> Report:
+    """The empty :class:`Report` of a run: the model, its input, the techniques and every setting."""
+    report = Report(
+        model=clf.name,
+        weights=clf.weights,
+        device=str(clf.device),
+        input={"size": clf.size, "resize": clf.resize, "interpolation": clf.interpolation,
+               "mean": list(clf.mean), "std": list(clf.std), "multi_label": clf.multi_label},
+        methods=methods,
+        settings={"fast": fast, "target": None if target is None else str(target), "tier": tier, **conf,
+                  **({"shard": "{}/{}".format(*parse_shard(shard))} if shard is not None else {})},
+        images=[],
+        skipped=skipped,
+        created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        _planned=planned,
+    )
+    report.settings["versions"] = _versions()
+    return report
 
 
-def _earlier(run: RunWriter | None, key: str, rec: dict[str, Any] | None) -> ImageExplanation | None:
-    """An image an earlier run finished, from its own ``summary.json`` (None when unreadable)."""
-    if run is None or rec is None:
-        return None
-    from .runfolder import RunFolderError, read_summary, read_thumbnail
+def _cache_folder(cache: Any, methods: tuple[str, ...]) -> Path | None:
+    """The feature-visualisation cache folder of a run (None: off, or no ``filters``); a bad
+    ``$CONVLENS_CACHE_MB`` is a usage error now, not a failure per image."""
+    from .cache import cache_dir, limit_bytes
 
     try:
-        entry = read_summary(run.root, key)  # untrusted input: checked types, no symlink, bounded size
-        return ImageExplanation(
-            name=entry["name"], source=entry.get("source"), key=key,
-            original_size=tuple(entry["original_size"]) if entry.get("original_size") else None,
-            predictions=[Prediction(p["label"], p["index"], math.nan if p["probability"] is None else p["probability"])
-                         for p in entry.get("predictions") or []],
-            target=(entry.get("target") or {}).get("index"), target_label=(entry.get("target") or {}).get("label"),
-            layers=entry.get("layers") or {}, channels=entry.get("channels") or {},
-            errors=entry.get("errors") or {}, notes=entry.get("notes") or {}, timings=entry.get("timings") or {},
-            agreement=entry.get("agreement") or {}, summary=entry, reused=True,
-            thumb=read_thumbnail(run.root, key),
-        )
-    except (OSError, RunFolderError) as e:
-        log.warning("%s: the earlier run's summary cannot be read (%s); explaining it again", printable(key), e)
-        return None
-
-
-def _logits_and_layer(clf: Classifier, x: Tensor, layer: str) -> tuple[Tensor, Tensor | None]:
-    """One forward pass: the logits and the output of ``layer`` (for the feature visualisation's
-    choice of channels), under the model guard and without autograd."""
-    import torch
-
-    from .hooks import LayerCapture, model_guard
-    from .layers import resolve_layer
-    from .layout import LayerError, layout_for
-    from .models import require_logits
-
-    name, module = resolve_layer(clf.model, layer)
-    x = clf.batch(x)
-    with model_guard(clf.model), torch.no_grad(), LayerCapture({name: module}) as cap:
-        out = require_logits(clf.adapt(cap.run(clf.model, x)))  # tuple/dict/.logits outputs too
-        act = cap.outputs.get(name)
-    if not isinstance(act, Tensor):
-        return out, None
-    try:  # the map as Grad-CAM reads it (a token layer on its grid)
-        act = layout_for(clf, name, module, tuple(act.shape), tuple(x.shape[-2:]), batch=len(x)).apply(act)
-    except LayerError:
-        return out, None
-    return out, act.detach()
-
-
-def _top(clf: Classifier, logits: Tensor, top: int) -> list[Prediction]:
-    """The top-``top`` predictions of the first image, as :meth:`Classifier.predict` gives them."""
-    return top_predictions(clf.probabilities(logits[:1]), top, clf.label)[0]
-
-
-def _layers_for(clf: Classifier, x: Tensor, conf: dict[str, dict[str, Any]],
-                cam_layers: dict[tuple[int, ...], tuple[str, str]]) -> tuple[str, str]:
-    """The Grad-CAM layer and the feature visualisation's layer for inputs shaped like ``x``
-    (found once per input shape and remembered in ``cam_layers``)."""
-    shape = tuple(x.shape[1:])
-    if shape not in cam_layers:
-        from .layers import default_cam_layer, layer_table, resolve_layer
-
-        table = layer_table(clf.model, x)
-        cam = conf["gradcam"]["layer"]
-        cam = default_cam_layer(clf.model, x, table) if cam is None else resolve_layer(clf.model, cam)[0]
-        cam_layers[shape] = (cam, pre_activation_layer(table, cam))
-    return cam_layers[shape]
-
-
-def _load(clf: Classifier, src: ImageSource) -> tuple[Tensor, Any]:
-    """The model-ready (1, 3, H, W) input of ``src`` and the PIL image it came from (None for a tensor)."""
-    if isinstance(src, Tensor):
-        return clf.batch(src), None
-    from .images import load_image
-
-    pil = load_image(src)
-    return clf.preprocess(pil), pil
-
-
-def _shared_channels(clf: Classifier, items: Sequence[tuple[str, ImageSource]], conf: dict[str, dict[str, Any]],
-                     cam_layers: dict[tuple[int, ...], tuple[str, str]]) -> set[tuple[str, int]]:
-    """The channels a run with a feature-visualisation budget optimises: one forward per image
-    finds its top channels in the Grad-CAM layer (as :func:`_run_filters` does), and the
-    ``ceil(budget * images)`` channels in most images' top lists win (ties: the better summed rank,
-    then the lower index). Images that cannot be read are left out (their error comes later)."""
-    import math
-
-    s = conf["filters"]
-    k = int(s["channels"])
-    votes: dict[tuple[str, int], list[int]] = {}
-    n = 0
-    t0 = time.perf_counter()
-    for _, src in items:
-        try:
-            x, _ = _load(clf, src)
-            cam, fv = _layers_for(clf, x, conf, cam_layers)
-            _, act = _logits_and_layer(clf, x, cam)
-        except Exception as e:  # noqa: BLE001 -- the image's own pass records it
-            log.debug("feature-visualisation budget: %s left out (%s)", printable(src), e)
-            continue
-        if isinstance(act, Tensor) and act.dim() == 4:
-            n += 1
-            for rank, c in enumerate(_top_channels(act, k)):
-                votes.setdefault((fv, c), []).append(rank)
-        check_interrupt()
-    budget = math.ceil(float(s["budget"]) * n)
-    ranked = sorted(votes, key=lambda u: (-len(votes[u]), sum(votes[u]), u[1]))
-    log.info("feature visualisation: %d of %d different top channels of %d images optimised (budget %g per "
-             "image), %.1f s to choose", min(budget, len(ranked)), len(ranked), n, float(s["budget"]),
-             time.perf_counter() - t0)
-    return set(ranked[:budget])
-
-
-def _optimise_shared(clf: Classifier, shared: set[tuple[str, int]], s: dict[str, Any], cache: Any) -> float:
-    """Optimise a run's shared feature-visualisation channels (see :func:`_shared_channels`) into
-    the cache, several per batch (on a 2-core CPU 8 channels in one batch cost 0.54 s each, one
-    alone 1.12 s: EfficientNet-Lite0 at the ``--fast`` settings), before the images read them back;
-    returns the seconds spent. A batch that fails is left to the images' own calls (which record
-    the error)."""
-    from .methods.featureviz import feature_visualization
-
-    chunk = 32 if clf.device.type == "cuda" else 8
-    t0 = time.perf_counter()
-    for layer in sorted({fv for fv, _ in shared}):
-        channels = sorted(c for fv, c in shared if fv == layer)
-        for start in range(0, len(channels), chunk):
-            try:
-                feature_visualization(clf, layer, channels[start : start + chunk], steps=s["steps"], size=s["size"],
-                                      param=s["param"], transforms=s["transforms"], seed=s["seed"], cache=cache)
-            except Exception as e:  # noqa: BLE001 -- each image's own call records it
-                log.info("feature visualisation of the shared channels of %s: %s", layer, printable(e))
-            check_interrupt()
-    return time.perf_counter() - t0
+        folder = cache_dir(cache) if "filters" in methods else None
+        if folder is not None:
+            limit_bytes()
+    except ValueError as e:
+        raise ExplainError(str(e)) from None
+    return folder
 
 
 def _row(result: Any, i: int) -> Any:

@@ -384,7 +384,7 @@ def plot_class_sensitivity(result: object, index: int = 0) -> Figure:
 
 
 #: the PNG text key that carries a figure's smallest font in pixels at its saved size: a page shows the
-#: figure at least as wide as makes that text :data:`MIN_TEXT_PX` (report.py, ``_img``)
+#: figure at least as wide as makes that text :data:`MIN_TEXT_PX` (page.py, ``_img``)
 FONT_KEY = "convlens-min-font-px"
 MIN_TEXT_PX = 10.0
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from torch import Tensor
 
-from . import outputs
+from . import files as outputs
 from .display import caption, rich_display, short
 
 if TYPE_CHECKING:

@@ -94,6 +94,9 @@ def merge_runs(
     Example::
 
         merge_runs(["out"], "out")   # out/shard-*-of-*/ -> out/report.html, summary.json, summary.csv
+
+    It is long because the runs are read, checked against each other (model, settings, duplicate images)
+    and merged in one pass before one writer puts the result in place.
     """
     from .report import render_index, summary_csv, to_json
 

@@ -35,6 +35,14 @@ from ..layers import call_counts, missing_layer, resolve_layer
 from ..layout import LayoutName, Reshape, layout_for, required_input_size
 from ..models import Classifier, as_classifier
 from ..results import FeatureImages, Objective
+from .transforms import (  # the names featureviz.py held before the split
+    Transform,
+    jitter,  # noqa: F401
+    pad,  # noqa: F401
+    random_rotate,  # noqa: F401
+    random_scale,  # noqa: F401
+    standard_transforms,
+)
 
 __all__ = [
     "FeatureImages",
@@ -51,126 +59,26 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 Param = Literal["fourier", "pixel"]
 OBJECTIVES: tuple[Objective, ...] = ("channel", "neuron", "layer", "class")
 PARAMS: tuple[Param, ...] = ("fourier", "pixel")
 
-#: A transform maps an image batch (N, 3, H, W) and a random generator to a new batch. The
-#: built-in ones also take a list of N generators, one per image, and then draw each image's
-#: randomness from its own generator (so an image does not depend on the rest of the batch).
-Transform = Callable[[Tensor, "torch.Generator | Sequence[torch.Generator]"], Tensor]
-
 #: Bump when the optimisation changes what it returns for the same settings: part of the cache key.
 FV_VERSION = 2
+
 
 # Square root of the colour covariance of ImageNet photos (lucid's SVD), columns scaled to norm
 # <= 1: three decorrelated channels mixed by it give natural colour statistics.
 _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+
+
 _COLOR = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
+
 
 #: the largest image side: a 1024 px Fourier image already takes seconds per step on a CPU, and a
 #: side of 100000 would ask for tens of gigabytes
 MAX_SIZE = 1024
-
-
-# -- robustness transforms ------------------------------------------------------------------
-def _draws(rng: torch.Generator | Sequence[torch.Generator], n: int, sample: Callable[[int, torch.Generator], Tensor]
-           ) -> Tensor:
-    """``n`` random draws along dim 0: all from one generator, or one per image from a list of n."""
-    if isinstance(rng, torch.Generator):
-        return sample(n, rng)
-    gens = list(rng)
-    if len(gens) != n:
-        raise ValueError(f"{len(gens)} generators for a batch of {n} images")
-    return torch.cat([sample(1, g) for g in gens])
-
-
-def _per_image(fn: Transform) -> Transform:
-    fn.per_image = True  # type: ignore[attr-defined]  # takes a list of generators, one per image
-    return fn
-
-
-def pad(width: int, mode: str = "reflect", value: float = 0.5) -> Transform:
-    """Pad every side by ``width`` pixels (``reflect``, ``replicate`` or ``constant`` ``value``)."""
-    if width < 0:
-        raise ValueError("pad width must be >= 0")
-
-    def _pad(x: Tensor, rng: torch.Generator) -> Tensor:
-        if mode == "constant":
-            return F.pad(x, [width] * 4, mode="constant", value=value)
-        return F.pad(x, [width] * 4, mode=mode)
-
-    return _per_image(_pad)
-
-
-def jitter(d: int) -> Transform:
-    """Random crop, per image, that drops ``d`` rows and ``d`` columns: output (H - d, W - d),
-    offsets ``dy, dx`` uniform in 0..d, drawn as one (N, 2) integer tensor (dy, dx) from ``rng``."""
-    if d < 0:
-        raise ValueError("jitter must be >= 0")
-
-    def _jitter(x: Tensor, rng: torch.Generator) -> Tensor:
-        if d == 0:
-            return x
-        n, _, h, w = x.shape
-        off = _draws(rng, n, lambda m, g: torch.randint(0, d + 1, (m, 2), generator=g)).tolist()
-        return torch.stack([x[i, :, dy : dy + h - d, dx : dx + w - d] for i, (dy, dx) in enumerate(off)])
-
-    return _per_image(_jitter)
-
-
-def _affine(x: Tensor, scale: Tensor, angle_deg: Tensor) -> Tensor:
-    """Zoom each image by ``scale`` and rotate it by ``angle_deg`` about its centre (bilinear,
-    reflected borders, same size). ``scale > 1`` enlarges the content."""
-    a = angle_deg.to(x.dtype) * (math.pi / 180)
-    s = scale.to(x.dtype)
-    cos, sin = torch.cos(a) / s, torch.sin(a) / s
-    zero = torch.zeros_like(cos)
-    # affine_grid maps output to input coordinates: the inverse rotation and zoom
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def random_scale(scales: Sequence[float]) -> Transform:
-    """Zoom each image by a factor drawn uniformly from ``scales`` (one ``randint`` per image)."""
-    choices = torch.tensor([float(s) for s in scales])
-    if choices.numel() == 0 or bool((choices <= 0).any()):
-        raise ValueError("scales must be a non-empty list of positive numbers")
-
-    def _scale(x: Tensor, rng: torch.Generator) -> Tensor:
-        s = choices[_draws(rng, x.shape[0], lambda m, g: torch.randint(0, len(choices), (m,), generator=g))]
-        return _affine(x, s, torch.zeros_like(s))
-
-    return _per_image(_scale)
-
-
-def random_rotate(degrees: Sequence[float]) -> Transform:
-    """Rotate each image about its centre by an angle in degrees drawn uniformly from ``degrees``
-    (one ``randint`` per image); positive is counter-clockwise on screen: 90 gives
-    ``torch.rot90(x, 1, (2, 3))``."""
-    choices = torch.tensor([float(d) for d in degrees])
-    if choices.numel() == 0:
-        raise ValueError("degrees must be a non-empty list")
-
-    def _rotate(x: Tensor, rng: torch.Generator) -> Tensor:
-        a = choices[_draws(rng, x.shape[0], lambda m, g: torch.randint(0, len(choices), (m,), generator=g))]
-        return _affine(x, torch.ones_like(a), a)
-
-    return _per_image(_rotate)
-
-
-def standard_transforms(size: int = 128) -> list[Transform]:
-    """Lucid's robustness set, scaled to ``size``: pad, jitter, zoom 0.9-1.1, rotate +-10 degrees
-    (0 more often), a finer jitter. At 128 px: pad 12, jitter 8, jitter 4."""
-    k = size / 128
-    return [
-        pad(max(1, round(12 * k))),
-        jitter(max(1, round(8 * k))),
-        random_scale([1 + (i - 5) / 50 for i in range(11)]),
-        random_rotate(list(range(-10, 11)) + [0] * 5),
-        jitter(max(1, round(4 * k))),
-    ]
 
 
 # -- image parameterisations ------------------------------------------------------------------
@@ -397,6 +305,9 @@ def _feature_visualization(
     layout: LayoutName | None = None,
     reshape: Reshape | None = None,
 ) -> FeatureImages:
+    """The work of :func:`feature_visualization`: check the arguments, read finished units from the cache,
+    optimise the rest in one batch and build the result. It is long because each step reads what the one
+    before checked; split further it would pass a dozen values along."""
     clf = as_classifier(classifier_or_model)
     model = clf.model
     if not (callable(objective) or objective in OBJECTIVES):
@@ -583,7 +494,11 @@ def _optimise(
     tfs: list[Transform], opts: dict[str, Any], progress: bool, callback: Callable[[int, int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Optimise one image per unit as one batch; per image (dim 0, numpy, float32): ``image`` (the
-    raw parameterised image before display), ``objective``, ``history`` (steps,) and ``dead``."""
+    raw parameterised image before display), ``objective``, ``history`` (steps,) and ``dead``.
+
+    It is long because the optimisation loop, its hooks and each image's randomness share one model
+    guard, which restores the parameters, flags and grad mode on the way out.
+    """
     model = clf.model
     device = clf.device
     steps, size, lr, seed, param, diversity = (opts[k] for k in ("steps", "size", "lr", "seed", "param", "diversity"))
@@ -671,6 +586,7 @@ def _optimise(
         "history": history.float().cpu().numpy().T.copy(),
         "dead": (~grad_seen).cpu().numpy(),
     }
+
 
 def _progress(steps: int, show: bool, name: str):
     if not show:

@@ -334,6 +334,9 @@ def occlusion(
 
         res = occlusion(clf, clf.preprocess("cat.jpg"), patch=32, stride=16)
         res.save("occlusion")
+
+    It is long because every argument is checked before the first forward pass and every setting is
+    recorded on the result here; choosing the evaluator and averaging the windows are helpers.
     """
     clf = as_classifier(model)
     if score not in SCORES:
@@ -364,25 +367,8 @@ def occlusion(
         resolved = resolve_target(clf, target, n, logits)  # checks that a class target has (N, classes) logits
         scorer = _Scorer(score, resolved, clf.adapt)
         clean = scorer(out, list(range(n)))
-        evaluator: Any = _PlainEvaluator(model, (starts_y, starts_x), (ph, pw))
-        cpu_batch = 1  # full forwards of the user's model: 1 on a CPU (larger batches measured slower)
-        if fast:
-            from .._inference import fast_model
-            from ._occlusion_fast import build_fast_evaluator
-
-            crops = build_fast_evaluator(
-                model, x, base, (ph, pw), starts_y, starts_x,
-                reference=evaluator, tau=tau if mode == "approximate" else None, reasons=reasons,
-                output=clf.adapt,
-            )
-            if crops is not None:
-                evaluator, cpu_batch = crops, CROP_BATCH
-            else:  # full forwards, through the checked private copy where there is one
-                private = fast_model(clf, x)
-                if private is not model:
-                    evaluator, cpu_batch = _PlainEvaluator(private, (starts_y, starts_x), (ph, pw)), COPY_BATCH
-        elif mode == "approximate":
-            reasons.append("fast=False asks for full forwards")
+        evaluator, cpu_batch = _choose_evaluator(clf, x, base, (ph, pw), (starts_y, starts_x), fast=fast, mode=mode,
+                                                 tau=tau, reasons=reasons)
         bs = batch_size or default_batch(model, x, n_windows, cpu=cpu_batch)
         # CPU: one image at a time (its clean activations); CUDA: windows of all images share batches
         group = n if x.device.type == "cuda" else 1
@@ -414,12 +400,7 @@ def occlusion(
 
     raw = require_finite(drops, "the occlusion drops")
     warn_constant(raw, "occlusion", "hiding any window changes nothing; try a larger patch or another baseline")
-    acc = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
-    ay = _coverage_matrix(height, ph, starts_y, acc, x.device)
-    ax = _coverage_matrix(width, pw, starts_x, acc, x.device)
-    sums = ay @ raw.to(acc) @ ax.T
-    counts = ay.sum(1)[:, None] * ax.sum(1)[None, :]
-    maps = (sums / counts).float()
+    maps = _window_means(raw, (height, width), (ph, pw), (starts_y, starts_x))
     approximate = evaluator.name == "crop" and mode == "approximate"
     return Saliency(
         maps=maps,
@@ -482,3 +463,44 @@ def _progress(enabled: bool, total: int) -> Any:
         from tqdm import tqdm
 
     return tqdm(total=total, disable=not enabled, unit="window", desc="occlusion", leave=False)
+
+
+def _choose_evaluator(clf: Any, x: Tensor, base: Tensor, patch: tuple[int, int], starts: tuple[list[int], list[int]],
+                      *, fast: bool, mode: str, tau: float, reasons: list[str]) -> tuple[Any, int]:
+    """The evaluator of :func:`occlusion`'s windows and its CPU batch size: the crop evaluator where
+    ``fast`` and the model allow it, else full forwards through the checked private copy where
+    there is one, else full forwards of the user's model; why a faster path was not taken goes to
+    ``reasons``."""
+    model = clf.model
+    starts_y, starts_x = starts
+    evaluator: Any = _PlainEvaluator(model, (starts_y, starts_x), patch)
+    cpu_batch = 1  # full forwards of the user's model: 1 on a CPU (larger batches measured slower)
+    if fast:
+        from .._inference import fast_model
+        from ._occlusion_fast import build_fast_evaluator
+
+        crops = build_fast_evaluator(
+            model, x, base, patch, starts_y, starts_x,
+            reference=evaluator, tau=tau if mode == "approximate" else None, reasons=reasons,
+            output=clf.adapt,
+        )
+        if crops is not None:
+            evaluator, cpu_batch = crops, CROP_BATCH
+        else:  # full forwards, through the checked private copy where there is one
+            private = fast_model(clf, x)
+            if private is not model:
+                evaluator, cpu_batch = _PlainEvaluator(private, (starts_y, starts_x), patch), COPY_BATCH
+    elif mode == "approximate":
+        reasons.append("fast=False asks for full forwards")
+    return evaluator, cpu_batch
+
+
+def _window_means(raw: Tensor, size: tuple[int, int], patch: tuple[int, int],
+                  starts: tuple[list[int], list[int]]) -> Tensor:
+    """Per pixel, the mean of the (N, gy, gx) window drops ``raw`` over the windows that cover it."""
+    acc = torch.float64 if raw.device.type in ("cpu", "cuda") else torch.float32
+    ay = _coverage_matrix(size[0], patch[0], starts[0], acc, raw.device)
+    ax = _coverage_matrix(size[1], patch[1], starts[1], acc, raw.device)
+    sums = ay @ raw.to(acc) @ ax.T
+    counts = ay.sum(1)[:, None] * ax.sum(1)[None, :]
+    return (sums / counts).float()

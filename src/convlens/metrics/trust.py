@@ -79,6 +79,9 @@ def trust_summary(
 
         t = trust_summary(clf, x, {"gradcam": cam, "occlusion": occ})
         t.verdicts["gradcam"]["level"], t.plot()
+
+    It is long because the curves of every map and reference come from one call (they share the clean
+    and the fully blurred images) and the verdicts are assembled from them here.
     """
     if not maps:
         raise ValueError("no maps to judge: the trust section needs the gradcam or occlusion technique")

@@ -123,6 +123,9 @@ def create_app(explorer: Explorer, allowed_hosts: set[str] | None = None) -> ASG
 
         app = create_app(Explorer(load_model(), [sample_image_path()]))
         uvicorn.run(app, host="127.0.0.1", port=8000)
+
+    Long by design: every route is a short closure over this one explorer and its limits, kept together
+    as the app's table of routes.
     """
     ex = explorer
     allowed = set(allowed_hosts or ()) | {"127.0.0.1", "localhost", "::1"}
