@@ -113,7 +113,7 @@ def test_compare_scores_the_registered_map(registered, tiny):
 
 def test_explain_and_its_report_show_the_method_by_its_title(registered, tiny):
     x = _x(1)
-    report = convlens.explain(x, tiny, methods=("gradcam",), layer="act", settings={"gradcam": {"method": NAME}})
+    report = convlens.explain(x, tiny, techniques=("gradcam",), layer="act", options={"gradcam": {"method": NAME}})
     assert not report.failed
     cam = report.images[0].results["gradcam"]
     assert cam.method == NAME
