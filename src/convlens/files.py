@@ -417,7 +417,7 @@ def saliency_files(result: Any, path: str | os.PathLike[str], *, index: int | No
     arrays = result.to_numpy()
     for i in rows:
         stem = base.name if len(rows) == 1 else f"{base.name}_{i}"
-        files.append((base.with_name(stem + ".png"), _lazy_figure(result.plot, i, **plot_args)))
+        files.append((base.with_name(stem + ".png"), _lazy_figure(result.plot, index=i, **plot_args)))
         files.append((base.with_name(stem + ".npy"), npy_writer(arrays[i])))
     return files
 
@@ -433,7 +433,7 @@ def activations_files(result: Any, directory: str | os.PathLike[str], *, prefix:
     n = result.images.shape[0]
     for i in range(n):
         png = d / (f"{prefix}.png" if n == 1 else f"{prefix}_{i}.png")
-        files.append((png, _lazy_figure(result.plot, i, **plot_args)))
+        files.append((png, _lazy_figure(result.plot, index=i, **plot_args)))
     return files
 
 
@@ -450,12 +450,31 @@ def feature_files(result: Any, path: str | os.PathLike[str]) -> list[tuple[Path,
     return files
 
 
-def figure_and_array_files(result: Any, path: str | os.PathLike[str], *plot_args: Any) -> list[tuple[Path, Writer]]:
-    """``<path>.png`` (``result.plot(*plot_args)``) and ``<path>.npy`` (``result.to_numpy()``): the
+def figure_and_array_files(result: Any, path: str | os.PathLike[str], **plot_args: Any) -> list[tuple[Path, Writer]]:
+    """``<path>.png`` (``result.plot(**plot_args)``) and ``<path>.npy`` (``result.to_numpy()``): the
     files of a metric result (deletion/insertion curves, a sanity check, class sensitivity)."""
     base = _base(path)
-    return [(base.with_name(base.name + ".png"), _lazy_figure(result.plot, *plot_args)),
+    return [(base.with_name(base.name + ".png"), _lazy_figure(result.plot, **plot_args)),
             (base.with_name(base.name + ".npy"), npy_writer(result.to_numpy()))]
+
+
+def result_files(result: Any, folder: str | os.PathLike[str], name: str) -> list[tuple[Path, Writer]]:
+    """The files of ``result.save(folder, name)``: ``<name>.png`` (``result.plot()``), ``<name>.npy``
+    (its main array; ``<name>.npz`` when it has several, a dict of arrays) and ``<name>.json``
+    (``result.to_dict()``, strict JSON)."""
+    from .report import to_json  # the one JSON writer of results (non-finite numbers as null)
+
+    d = Path(folder)
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"name {name!r} must be a file name without a folder")
+    arrays = result._array()
+    if isinstance(arrays, dict):
+        data: Writer = lambda f: np.savez(f, **arrays)  # noqa: E731
+        array = (d / f"{name}.npz", data)
+    else:
+        array = (d / f"{name}.npy", npy_writer(arrays))
+    text = to_json(result.to_dict()).encode("utf-8")
+    return [(d / f"{name}.png", _lazy_figure(result.plot)), array, (d / f"{name}.json", text)]
 
 
 def _lazy_figure(plot: Callable[..., Any], *args: Any, **kwargs: Any) -> Writer:
