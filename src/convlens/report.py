@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -352,7 +352,7 @@ def summary_dict(report: Report, files: dict[str, list[str]] | None = None) -> d
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
-    if isinstance(v, dict):
+    if isinstance(v, Mapping):  # dicts and the settings dataclasses
         return {printable(k): _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]

@@ -167,7 +167,9 @@ class Saliency(Result):
     ``target`` the class index per row (-1 for a callable target); ``labels`` the class names;
     ``images`` the explained inputs as RGB (N, 3, H, W) in [0, 1], for display. The tensors are
     float32 on the model's device. ``method`` and ``layer`` (None for occlusion) say what made
-    the maps; ``settings`` records every choice that produced the result.
+    the maps; ``settings`` records every choice that produced the result: a
+    :class:`~convlens.settings.CamSettings` or :class:`~convlens.settings.OcclusionSettings` (a
+    dict given here becomes one; a map of another method keeps its dict).
     """
 
     maps: Tensor
@@ -177,7 +179,7 @@ class Saliency(Result):
     layer: str | None
     images: Tensor = field(repr=False)
     labels: list[str] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     def to_numpy(self) -> np.ndarray:
         """The maps as a float32 NumPy array (N, H, W), copied to the CPU."""
