@@ -180,7 +180,16 @@ def test_settings_are_frozen_and_read_like_dicts(results) -> None:
 
 
 def test_an_unknown_explain_option_names_the_valid_ones(clf) -> None:
-    with pytest.raises(ValueError, match=r"unknown occlusion setting\(s\) \['sride'\]; known: .*'stride'"):
+    from convlens.explain import settings_for
+    from convlens.settings import OcclusionOptions
+
+    conf = settings_for(fast=True, overrides={"occlusion": {"patch": 8}})
+    assert isinstance(conf["occlusion"], OcclusionOptions) and conf["occlusion"].to_dict() == {
+        "patch": 8, "stride": 28, "baseline": 0.0, "score": "probability"}  # DEFAULTS, FAST, then the override
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        conf["occlusion"].patch = 4  # type: ignore[misc]
+    valid = r"unknown occlusion setting\(s\) \['sride'\]; valid: patch, stride, baseline, score$"
+    with pytest.raises(ValueError, match=valid):
         convlens.explain(convlens.sample_image(), clf, techniques=["occlusion"], options={"occlusion": {"sride": 4}},
                          cache=False)
 

@@ -19,7 +19,9 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import logging
+import math
 import os
 import re
 import signal
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import threading
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,7 +40,7 @@ from ._names import INTENT, JOURNAL, LOCK, MANIFEST, STAGING_PREFIX, printable
 
 __all__ = [
     "MAX_KEY_BYTES", "DiskFullError", "atomic_path", "check_interrupt", "hold_interrupts", "image_keys",
-    "interruptible", "printable", "resolve_out", "safe_key", "save_files", "write_file",
+    "interruptible", "printable", "resolve_out", "safe_key", "save_files", "to_json", "write_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -310,6 +312,28 @@ def write_file(path: str | os.PathLike[str], data: bytes | Writer) -> Path:
     return Path(path)
 
 
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Mapping):  # dicts and the settings dataclasses
+        return {printable(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, str):
+        return printable(v)  # valid UTF-8 JSON, no terminal escapes, whatever the file names hold
+    if v is None or isinstance(v, (int, float, bool)):
+        return v
+    if hasattr(v, "tolist"):
+        return _clean(v.tolist())
+    return str(v)
+
+
+def to_json(data: dict[str, Any]) -> str:
+    """Strict JSON (non-finite numbers become null; other objects their ``str``): every JSON file
+    convlens writes (``summary.json``, a result's ``save()``)."""
+    return json.dumps(_clean(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def npy_writer(array: np.ndarray) -> Writer:
     """A writer of ``array`` as ``.npy``."""
     return lambda f: np.save(f, np.asarray(array))
@@ -462,8 +486,6 @@ def result_files(result: Any, folder: str | os.PathLike[str], name: str) -> list
     """The files of ``result.save(folder, name)``: ``<name>.png`` (``result.plot()``), ``<name>.npy``
     (its main array; ``<name>.npz`` when it has several, a dict of arrays) and ``<name>.json``
     (``result.to_dict()``, strict JSON)."""
-    from .report import to_json  # the one JSON writer of results (non-finite numbers as null)
-
     d = Path(folder)
     if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise ValueError(f"name {name!r} must be a file name without a folder")

@@ -10,11 +10,9 @@ before the split.
 from __future__ import annotations
 
 import io
-import json
 import logging
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import numpy as np
 from torch import Tensor
 
 from .display import rich_display, short
+from .files import to_json
 from .models import Prediction
 from .outputs import RunWriter, npy_writer, printable, safe_key
 from .page import (  # the names report.py held before the split
@@ -347,27 +346,6 @@ def summary_dict(report: Report, files: dict[str, list[str]] | None = None) -> d
             for im in report.images
         ],
     }
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, Mapping):  # dicts and the settings dataclasses
-        return {printable(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, str):
-        return printable(v)  # valid UTF-8 JSON, no terminal escapes, whatever the file names hold
-    if v is None or isinstance(v, (int, float, bool)):
-        return v
-    if hasattr(v, "tolist"):
-        return _clean(v.tolist())
-    return str(v)
-
-
-def to_json(data: dict[str, Any]) -> str:
-    """Strict JSON (non-finite numbers become null; other objects their ``str``)."""
-    return json.dumps(_clean(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def thumbnail(image: Any, size: int = 96, *, quality: int = 82) -> bytes:

@@ -25,7 +25,8 @@ from typing import Any, ClassVar, TypeVar
 __all__ = [
     "UNSET", "Settings", "ActivationsSettings", "CamSettings", "OcclusionSettings", "FeatureVisualizationSettings",
     "DeletionInsertionSettings", "SanitySettings", "ClassSensitivitySettings", "TrustSettings", "CompareSettings",
-    "settings_type",
+    "settings_type", "EXPLAIN_OPTIONS", "PredictionsOptions", "ActivationsOptions", "GradcamOptions",
+    "OcclusionOptions", "FiltersOptions", "TrustOptions",
 ]
 
 
@@ -256,6 +257,77 @@ class CompareSettings(Settings):
     class_sensitivity: dict[str, Any] = _unset()
     ranking: str = _unset()
     levels: list[str] = _unset()
+
+
+# -- explain's options, per technique ------------------------------------------------------------
+@dataclass(frozen=True, repr=False, eq=False)
+class PredictionsOptions(Settings):
+    """:func:`convlens.explain`'s ``options={"predictions": {...}}``: how many classes to list."""
+
+    what: ClassVar[str] = "predictions"
+    top: int = 5
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class ActivationsOptions(Settings):
+    """``options={"activations": {...}}``: the layers (``"stages"`` or names) and channels per layer shown."""
+
+    what: ClassVar[str] = "activations"
+    layers: Any = "stages"
+    channels: int = 8
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class GradcamOptions(Settings):
+    """``options={"gradcam": {...}}``: the CAM method and its layer (None: chosen automatically)."""
+
+    what: ClassVar[str] = "gradcam"
+    method: str = "gradcam"
+    layer: str | None = None
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class OcclusionOptions(Settings):
+    """``options={"occlusion": {...}}``: as :func:`convlens.occlusion` takes them."""
+
+    what: ClassVar[str] = "occlusion"
+    patch: Any = 40
+    stride: Any = 20
+    baseline: Any = 0.0
+    score: str = "probability"
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class FiltersOptions(Settings):
+    """``options={"filters": {...}}``: channels per image, the optimisation's knobs, and ``budget``
+    (None, or the channels a run may optimise per image on average)."""
+
+    what: ClassVar[str] = "filters"
+    channels: int = 4
+    steps: int = 128
+    size: int = 128
+    param: str = "fourier"
+    transforms: Any = "standard"
+    seed: int = 0
+    budget: float | None = None
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class TrustOptions(Settings):
+    """``options={"trust": {...}}``: deletion / insertion steps and baseline, and ``class_maps``
+    (None: every map; or the maps whose class sensitivity is remade)."""
+
+    what: ClassVar[str] = "trust"
+    steps: int = 16
+    baseline: Any = "blur"
+    class_maps: list[str] | None = None
+
+
+#: explain's option groups, in report order; their defaults are :data:`convlens.explain.DEFAULTS`
+EXPLAIN_OPTIONS: dict[str, type[Settings]] = {
+    "predictions": PredictionsOptions, "activations": ActivationsOptions, "gradcam": GradcamOptions,
+    "occlusion": OcclusionOptions, "filters": FiltersOptions, "trust": TrustOptions,
+}
 
 
 def settings_type(method: str) -> type[Settings] | None:
