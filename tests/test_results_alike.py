@@ -204,10 +204,12 @@ MAIN_KEYS = {"fast": None, "target": None, "tier": ["command", "fast", "folder_f
 
 def test_summary_json_keeps_its_settings_keys_and_the_run_summary_reads_as_a_dict(clf, tmp_path) -> None:
     img = convlens.sample_image().resize((48, 40))
-    convlens.explain(img, clf, techniques=["activations", "gradcam", "occlusion", "trust"], fast=True, cache=False,
-                     out=tmp_path / "run", layer="2", options={"occlusion": {"patch": 8, "stride": 8}})
+    report = convlens.explain(img, clf, techniques=["activations", "gradcam", "occlusion", "trust"], fast=True,
+                              cache=False, out=tmp_path / "run", layer="2",
+                              options={"occlusion": {"patch": 8, "stride": 8}})
     s = json.loads((tmp_path / "run" / "summary.json").read_text())["settings"]
     assert {k: sorted(v) if isinstance(v, dict) else None for k, v in s.items()} == MAIN_KEYS
+    assert json.loads(to_json(report.to_dict()))["settings"] == s  # the report's to_dict is its summary
     merged = convlens.runs.merge_runs([tmp_path / "run"], tmp_path / "merged")
     assert isinstance(merged, RunSummary) and merged["settings"] == s and merged.settings == s
     assert dict(merged) == json.loads((tmp_path / "merged" / "summary.json").read_text())

@@ -215,8 +215,17 @@ class Report:
         run.write(None, "report.html", page)
         run.finish()
 
+    def to_dict(self) -> dict[str, Any]:
+        """What ``summary.json`` holds for this report (model, settings, per image its predictions,
+        techniques, timings, errors): JSON-ready, like every result's ``to_dict()``."""
+        return summary_dict(self, self._files)
+
     def save(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         """Write every output into ``directory``; returns the paths written.
+
+        The one exception to the results' ``save(folder, name)`` (``<name>.png``, ``.npy``,
+        ``.json``): a report is many results, so it writes a whole run folder, which ``convlens
+        report`` and ``--resume`` read back.
 
         Per image, in its own folder: ``input.png``, per technique a PNG and the raw ``.npy``, its
         own page ``report.html`` (see :meth:`save_image`); then ``summary.json``, ``summary.csv``
