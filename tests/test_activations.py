@@ -184,7 +184,8 @@ def test_plot_grid(clf, sample_x):
 
 def test_save_png_and_npy(tmp_path, clf, sample_x):
     acts = activations(clf, sample_x, ["blocks.1", "bn2"])
-    paths = acts.save(tmp_path)
+    with pytest.warns(DeprecationWarning, match="save"):  # the old files
+        paths = acts.save(tmp_path, prefix="activations")
     assert sorted(p.name for p in paths) == ["activations.png", "activations_blocks.1.npy", "activations_bn2.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "activations_bn2.npy"), acts["bn2"].numpy())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left

@@ -334,13 +334,14 @@ def test_memory_flat_over_200_calls(xt):
 # -- results and CLI --------------------------------------------------------------------------
 def test_plot_and_save(tmp_path, clf, sample_x):
     r = grad_cam(clf, sample_x, top=2)
-    fig = r.plot(1, alpha=0.3)
+    fig = r.plot(index=1, alpha=0.3)
     assert "tiger cat" in fig._suptitle.get_text() and "bn2" in fig._suptitle.get_text()
-    paths = r.save(tmp_path / "cam")
+    with pytest.warns(DeprecationWarning, match="save"):  # the old files: <path>.png/.npy per row
+        paths = r.save(tmp_path / "cam.png")
     assert [p.name for p in paths] == ["cam_0.png", "cam_0.npy", "cam_1.png", "cam_1.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "cam_1.npy"), r.maps[1].numpy())
     with pytest.raises(ValueError, match="normalize must be one of"):
-        r.plot(0, normalize="global")  # type: ignore[arg-type]
+        r.plot(index=0, normalize="global")  # type: ignore[arg-type]
 
 
 def test_cli_gradcam_writes_png_and_npy(tmp_path, capsys, monkeypatch, clf):

@@ -54,7 +54,7 @@ def test_saliency_repr_and_png(cam) -> None:
     assert settings.startswith("settings: ") and "layer_shape=(1280, 7, 7)" in settings
     assert str(cam) == repr(cam)
     with_caption = _png(cam._repr_png_())
-    without = _png(figure_png(cam.plot(0)))
+    without = _png(figure_png(cam.plot(index=0)))
     # the same figure, plus one caption line underneath: same width class, a little taller
     assert 600 <= with_caption.shape[1] <= 1400 and with_caption.shape[0] > without.shape[0] >= 250
     assert with_caption.std() > 20
@@ -66,7 +66,7 @@ def test_several_rows_are_summarised_not_listed(clf, sample_x) -> None:
     head = _check_repr(repr(cam))[0]
     labels = [f"{lab} [{i}]" for lab, i in zip(cam.labels, cam.target)]
     assert head.endswith(f"for {', '.join(labels[:3])}, … (5 rows)")
-    assert cam._display_caption().endswith("showing row 0 of 5: .plot(i) for the others")
+    assert cam._display_caption().endswith("showing row 0 of 5: .plot(index=i) for the others")
 
 
 def test_occlusion_caption_keeps_the_knobs(clf, sample_x) -> None:
@@ -97,7 +97,7 @@ def test_feature_images_repr_and_png(clf) -> None:
 
 
 def test_plot_returns_a_figure_that_shows_itself(cam) -> None:
-    fig = cam.plot(0)
+    fig = cam.plot(index=0)
     assert isinstance(fig, ResultFigure) and isinstance(fig, Figure)
     img = _png(fig._repr_png_())
     assert img.shape[1] >= 600 and img.std() > 20

@@ -179,7 +179,8 @@ def test_default_model_gradcam_beats_random_and_model_is_unchanged(clf, sample_x
 
 def test_plot_and_save_write_png_and_npy(tmp_path):
     d = convlens.deletion(Weighted(), X, MAP, target=0, steps=4, baseline=0.0, score="logit")
-    written = d.save(tmp_path / "del")
+    with pytest.warns(DeprecationWarning, match="save"):  # the old files
+        written = d.save(tmp_path / "del.png")
     assert [p.name for p in written] == ["del.png", "del.npy"]
     import numpy as np
 

@@ -239,7 +239,8 @@ def test_default_model_unchanged(clf):
 # -- results, input checks, CLI ------------------------------------------------------------------
 def test_save_writes_exactly_the_returned_images(tiny, tmp_path):
     res = feature_visualization(tiny, "conv2", [0, 3], **FAST)
-    paths = res.save(tmp_path / "fv")
+    with pytest.warns(DeprecationWarning, match="save"):  # the old files
+        paths = res.save(tmp_path / "fv.png")
     assert [p.name for p in paths] == ["fv_0_c0.png", "fv_1_c3.png", "fv.npy", "fv_grid.png"]
     for i in range(2):
         png = np.asarray(Image.open(paths[i]))

@@ -18,7 +18,7 @@ from run_notebook import ROOT, execute
 
 TOUR = ROOT / "docs" / "tour.ipynb"
 #: the last line of each cell that must show a picture (the issue's "done means", plus two more)
-SHOWN = {"acts", "cam", "cam.plot(0)", "tabby", "occ", "fv", "report"}
+SHOWN = {"acts", "cam", "cam.plot(index=0)", "tabby", "occ", "fv", "report"}
 
 BEFORE = """\
 import json, sys, matplotlib
@@ -37,7 +37,7 @@ print(json.dumps({
 }))"""
 
 # a user who does use pyplot with the inline backend must see .plot() once, not twice
-INLINE = ["%matplotlib inline\nimport matplotlib.pyplot as plt", "cam.plot(0)", "print(plt.get_fignums())"]
+INLINE = ["%matplotlib inline\nimport matplotlib.pyplot as plt", "cam.plot(index=0)", "print(plt.get_fignums())"]
 
 
 def _last_line(cell: nbformat.NotebookNode) -> str:

@@ -154,19 +154,29 @@ def test_case1_occlusion_two_inputs_of_the_same_name(tmp_path: Path, tiny_cli) -
 def test_case1_save_keeps_the_whole_name_and_refuses_foreign_files(tmp_path: Path) -> None:
     clf = tiny()
     cam = convlens.grad_cam(clf, torch.rand(1, 3, 32, 32))
-    written = cam.save(tmp_path / "cam.v2")
+
+    def old() -> pytest.WarningsChecker:  # the old files <path>.png/.npy (issue 22.2)
+        return pytest.warns(DeprecationWarning, match="save")
+
+    with old():
+        written = cam.save(tmp_path / "cam.v2.png")
     assert sorted(p.name for p in written) == ["cam.v2.npy", "cam.v2.png"]
-    assert cam.save(tmp_path / "cam.v2") == written  # its own files, written by this process: replaced
+    with old():
+        assert cam.save(tmp_path / "cam.v2.png") == written  # its own files, written by this process: replaced
     (tmp_path / "mine.png").write_bytes(b"user")
-    with pytest.raises(FileExistsError, match="did not write"):
-        cam.save(tmp_path / "mine")
+    with pytest.raises(FileExistsError, match="did not write"), old():
+        cam.save(tmp_path / "mine.png")
     assert (tmp_path / "mine.png").read_bytes() == b"user" and not (tmp_path / "mine.npy").exists()
-    cam.save(tmp_path / "mine", force=True)
+    with old():
+        cam.save(tmp_path / "mine.png", force=True)
     assert (tmp_path / "mine.png").read_bytes()[:4] == b"\x89PNG"
     acts = convlens.activations(clf, torch.rand(1, 3, 32, 32), ["0"])
     fv = convlens.feature_visualization(clf, "2", [0], steps=1, size=32)
-    assert {p.name for p in fv.save(tmp_path / "f.4")} == {"f.4_0_c0.png", "f.4.npy", "f.4_grid.png"}
-    assert {p.name for p in acts.save(tmp_path / "acts")} == {"activations_0.npy", "activations.png"}
+    with old():
+        assert {p.name for p in fv.save(tmp_path / "f.4.png")} == {"f.4_0_c0.png", "f.4.npy", "f.4_grid.png"}
+    with old():
+        assert {p.name for p in acts.save(tmp_path / "acts", prefix="activations")} == {"activations_0.npy",
+                                                                                      "activations.png"}
 
 
 # -- case 2: the guard bypassed by a path spelling -------------------------------------------

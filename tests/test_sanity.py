@@ -40,7 +40,8 @@ def test_a_fixed_map_fails_and_the_model_is_untouched(tmp_path):
     assert check.stages == ["6", "3", "0"] and check.method == "ignores_the_model"
     assert check.maps.shape == (2, 4, 16, 16)
     assert_unchanged(net, before)
-    png, npy = check.save(tmp_path / "sanity", index=1)
+    with pytest.warns(DeprecationWarning, match="save"):  # the old files: <path>.png/.npy
+        png, npy = check.save(tmp_path / "sanity", index=1)
     assert png.read_bytes()[:4] == b"\x89PNG"
     import numpy as np
 

@@ -15,7 +15,7 @@ from .methods.occlusion import occlusion
 from .methods.registry import cam_methods, register_cam, unregister_cam
 from .metrics.compare import Comparison, compare
 from .metrics.faithfulness import deletion, deletion_insertion, insertion
-from .metrics.results import ClassSensitivity, PerturbationCurve, SanityCheck
+from .metrics.results import ClassSensitivity, DeletionInsertion, PerturbationCurve, SanityCheck, TrustSummary
 from .metrics.sanity import class_sensitivity, sanity_check
 from .models import (
     Classifier,
@@ -28,8 +28,20 @@ from .models import (
     read_labels,
 )
 from .report import ImageExplanation, Report
-from .results import Activations, Saliency
+from .results import Activations, Result, Saliency
 from .serve import serve  # the function; needs the extra convlens[serve] only when called
+from .settings import (
+    ActivationsSettings,
+    CamSettings,
+    ClassSensitivitySettings,
+    CompareSettings,
+    DeletionInsertionSettings,
+    FeatureVisualizationSettings,
+    OcclusionSettings,
+    SanitySettings,
+    Settings,
+    TrustSettings,
+)
 from .targets import Region
 
 __all__ = [
@@ -81,4 +93,18 @@ __all__ = [
     "serve",
     "threads",
     "Threads",
+    # the one shape of a result and the settings it records (issue 22.2)
+    "Result",
+    "DeletionInsertion",
+    "TrustSummary",
+    "Settings",
+    "ActivationsSettings",
+    "CamSettings",
+    "OcclusionSettings",
+    "FeatureVisualizationSettings",
+    "DeletionInsertionSettings",
+    "SanitySettings",
+    "ClassSensitivitySettings",
+    "TrustSettings",
+    "CompareSettings",
 ]

@@ -75,3 +75,45 @@ def method_options(method: Any, options: dict[str, Any] | None) -> dict[str, Any
         DeprecationWarning, stacklevel=3,
     )
     return dict(options)
+
+
+def deprecated(old: str, new: str, *, stacklevel: int = 3) -> None:
+    """Warn (``DeprecationWarning``) that the calling form ``old`` goes away in the next release; use ``new``."""
+    warnings.warn(f"{old} is deprecated and will be removed in the next release; use {new}", DeprecationWarning,
+                  stacklevel=stacklevel)
+
+
+def index_keyword(fn: F) -> F:
+    """``plot(0)``, the old positional image index, keeps working as ``plot(index=0)`` with a warning.
+
+    Example::
+
+        @index_keyword
+        def plot(self, *, index=0, title=None): ...
+    """
+
+    @functools.wraps(fn)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            if len(args) > 1 or "index" in kwargs:
+                raise TypeError(f"{fn.__name__}() takes the image as index=, and its other arguments by keyword")
+            deprecated(f"{type(self).__name__}.{fn.__name__}({args[0]!r}), a positional index,",
+                       f"{fn.__name__}(index={args[0]!r})")
+            kwargs["index"] = args[0]
+        return fn(self, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+def old_save_form(result: Any, path: Any, old: dict[str, Any], new: str) -> bool:
+    """True (with a warning) when ``save(path, ...)`` is the old form: ``path`` ends in ``.png`` or
+    ``.npy`` (the old files' stem) or an old keyword is given (``index=``, ``prefix=``, plot arguments)."""
+    import os
+
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if not old and suffix not in (".png", ".npy"):
+        return False
+    how = f"keyword(s) {', '.join(sorted(old))}" if old else f"a {suffix} path"
+    deprecated(f"{type(result).__name__}.save() with {how} (the old files <path>.png, <path>.npy)",
+               f"{new}, which writes <folder>/<name>.png, .npy and .json", stacklevel=4)
+    return True

@@ -58,7 +58,7 @@ def figure_png(fig: Figure, *, dpi: int = DPI) -> bytes:
 
     Example::
 
-        png = figure_png(cam.plot(0))
+        png = figure_png(cam.plot(index=0))
         Path("cam.png").write_bytes(png)
     """
     buf = io.BytesIO()

@@ -53,6 +53,7 @@ from .outputs import RunWriter, check_interrupt, printable
 from .report import ImageExplanation, Report, run_writer
 from .resume import earlier as _earlier
 from .resume import fingerprint as _fingerprint
+from .settings import EXPLAIN_OPTIONS, Settings
 
 __all__ = [
     "METHODS", "ExplainError", "ImageExplanation", "Report", "collect_images", "explain", "parse_shard", "plan",
@@ -64,19 +65,10 @@ log = logging.getLogger(__name__)
 #: The techniques, in report order.
 METHODS = ("activations", "gradcam", "occlusion", "trust", "filters")
 
-#: Default settings per technique; ``fast=True`` overlays :data:`FAST`. Chosen so one 224 px image
-#: with the default model finishes well under a minute on a 2-core CPU (see BENCHMARKS.md).
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "predictions": {"top": 5},
-    "activations": {"layers": "stages", "channels": 8},
-    "gradcam": {"method": "gradcam", "layer": None},
-    "occlusion": {"patch": 40, "stride": 20, "baseline": 0.0, "score": "probability"},
-    # budget: None, or the channels a run may optimise per image on average (see FOLDER)
-    "filters": {"channels": 4, "steps": 128, "size": 128, "param": "fourier", "transforms": "standard", "seed": 0,
-                "budget": None},
-    # class_maps: None (every map) or the maps whose class sensitivity is remade
-    "trust": {"steps": 16, "baseline": "blur", "class_maps": None},
-}
+#: Default settings per technique (the defaults of :data:`convlens.settings.EXPLAIN_OPTIONS`);
+#: ``fast=True`` overlays :data:`FAST`. Chosen so one 224 px image with the default model finishes
+#: well under a minute on a 2-core CPU (see BENCHMARKS.md).
+DEFAULTS: dict[str, dict[str, Any]] = {tech: kind().to_dict() for tech, kind in EXPLAIN_OPTIONS.items()}
 FAST: dict[str, dict[str, Any]] = {
     "activations": {"channels": 6},
     "occlusion": {"patch": 56, "stride": 28},
@@ -133,9 +125,11 @@ def settings_tier(images: int, *, fast: bool = False, full: bool = False, shard:
 
 def settings_for(
     fast: bool = False, overrides: dict[str, dict[str, Any]] | None = None, *, folder: bool = False
-) -> dict[str, dict[str, Any]]:
-    """The settings :func:`explain` uses: :data:`DEFAULTS`, then :data:`FAST` (``fast``), then
-    :data:`FOLDER` (``folder``: a run over several images), then ``overrides``.
+) -> dict[str, Settings]:
+    """The settings :func:`explain` uses, one frozen dataclass per technique
+    (:data:`convlens.settings.EXPLAIN_OPTIONS`): :data:`DEFAULTS`, then :data:`FAST` (``fast``), then
+    :data:`FOLDER` (``folder``: a run over several images), then ``overrides``. An unknown group or
+    key is an :class:`ExplainError` naming the valid ones.
 
     Example::
 
@@ -146,11 +140,11 @@ def settings_for(
         for tech, values in layer.items():
             if tech not in out:
                 raise ExplainError(f"unknown settings group {tech!r}; use one of {sorted(out)}")
-            unknown = set(values) - set(out[tech])
-            if unknown:
-                raise ExplainError(f"unknown {tech} setting(s) {sorted(unknown)}; known: {sorted(out[tech])}")
             out[tech].update(values)
-    return out
+    try:
+        return {tech: EXPLAIN_OPTIONS[tech].of(values) for tech, values in out.items()}
+    except ValueError as e:
+        raise ExplainError(str(e)) from None
 
 
 def _versions() -> dict[str, str]:
@@ -239,7 +233,7 @@ def explain(
     tier = settings_tier(len(planned), fast=fast, full=full, shard=shard)
     conf = settings_for(fast, settings, folder=tier["name"] == "folder")
     if layer is not None:
-        conf["gradcam"]["layer"] = layer
+        conf["gradcam"] = conf["gradcam"].replace(layer=layer)
     run = out if isinstance(out, RunWriter) or out is None else run_writer(
         shard_folder(out, shard), [SimpleNamespace(key=k, path=s) for _, s, k in planned], force=force,
         resume=resume)  # checked before any work
@@ -326,7 +320,7 @@ def _image_list(images: Any) -> list[Any]:
     return images
 
 
-def _new_report(clf: Classifier, methods: tuple[str, ...], conf: dict[str, dict[str, Any]], tier: dict[str, Any], *,
+def _new_report(clf: Classifier, methods: tuple[str, ...], conf: dict[str, Settings], tier: dict[str, Any], *,
                 fast: bool, target: Any, shard: Any, skipped: list[dict[str, str]], planned: int) -> Report:
     """The empty :class:`Report` of a run: the model, its input, the techniques and every setting."""
     report = Report(
@@ -336,7 +330,8 @@ def _new_report(clf: Classifier, methods: tuple[str, ...], conf: dict[str, dict[
         input={"size": clf.size, "resize": clf.resize, "interpolation": clf.interpolation,
                "mean": list(clf.mean), "std": list(clf.std), "multi_label": clf.multi_label},
         methods=methods,
-        settings={"fast": fast, "target": None if target is None else str(target), "tier": tier, **conf,
+        settings={"fast": fast, "target": None if target is None else str(target), "tier": tier,
+                  **{tech: options.to_dict() for tech, options in conf.items()},
                   **({"shard": "{}/{}".format(*parse_shard(shard))} if shard is not None else {})},
         images=[],
         skipped=skipped,
@@ -379,7 +374,7 @@ BATCHED = ("activations", "gradcam", "occlusion")
 
 
 def _batch_techniques(clf: Classifier, prepared: list[tuple[ImageExplanation, Tensor, dict[str, Any]]],
-                      methods: tuple[str, ...], conf: dict[str, dict[str, Any]]) -> None:
+                      methods: tuple[str, ...], conf: dict[str, Settings]) -> None:
     """Run :data:`BATCHED` techniques once for each set of prepared images of the same input
     shape and class-index targets, putting each image's row into its ``ctx["batched"]``; a batch
     that fails leaves its images to their own calls (which record the error)."""
@@ -418,7 +413,7 @@ def _explain_group(
     group: Sequence[tuple[str, ImageSource, str]],
     target: Any,
     methods: tuple[str, ...],
-    conf: dict[str, dict[str, Any]],
+    conf: dict[str, Settings],
     cam_layers: dict[tuple[int, ...], tuple[str, str]],
     bar: Any,
     run_cache: dict[Any, Any],
@@ -444,7 +439,7 @@ def _prepare(
     src: ImageSource,
     key: str,
     target: Any,
-    conf: dict[str, dict[str, Any]],
+    conf: dict[str, Settings],
     cam_layers: dict[tuple[int, ...], tuple[str, str]],
     run_cache: dict[Any, Any],
     cache: Path | None,
@@ -500,7 +495,7 @@ def _prepare(
 
 
 def _run_techniques(clf: Classifier, im: ImageExplanation, x: Tensor, ctx: dict[str, Any], methods: tuple[str, ...],
-                    conf: dict[str, dict[str, Any]], bar: Any) -> None:
+                    conf: dict[str, Settings], bar: Any) -> None:
     """Every technique of ``methods`` on one prepared image; errors recorded per technique."""
     name = ctx["name"]
     for tech in methods:

@@ -19,7 +19,9 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import logging
+import math
 import os
 import re
 import signal
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import threading
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,7 +40,7 @@ from ._names import INTENT, JOURNAL, LOCK, MANIFEST, STAGING_PREFIX, printable
 
 __all__ = [
     "MAX_KEY_BYTES", "DiskFullError", "atomic_path", "check_interrupt", "hold_interrupts", "image_keys",
-    "interruptible", "printable", "resolve_out", "safe_key", "save_files", "write_file",
+    "interruptible", "printable", "resolve_out", "safe_key", "save_files", "to_json", "write_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -310,6 +312,28 @@ def write_file(path: str | os.PathLike[str], data: bytes | Writer) -> Path:
     return Path(path)
 
 
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Mapping):  # dicts and the settings dataclasses
+        return {printable(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, str):
+        return printable(v)  # valid UTF-8 JSON, no terminal escapes, whatever the file names hold
+    if v is None or isinstance(v, (int, float, bool)):
+        return v
+    if hasattr(v, "tolist"):
+        return _clean(v.tolist())
+    return str(v)
+
+
+def to_json(data: dict[str, Any]) -> str:
+    """Strict JSON (non-finite numbers become null; other objects their ``str``): every JSON file
+    convlens writes (``summary.json``, a result's ``save()``)."""
+    return json.dumps(_clean(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def npy_writer(array: np.ndarray) -> Writer:
     """A writer of ``array`` as ``.npy``."""
     return lambda f: np.save(f, np.asarray(array))
@@ -417,7 +441,7 @@ def saliency_files(result: Any, path: str | os.PathLike[str], *, index: int | No
     arrays = result.to_numpy()
     for i in rows:
         stem = base.name if len(rows) == 1 else f"{base.name}_{i}"
-        files.append((base.with_name(stem + ".png"), _lazy_figure(result.plot, i, **plot_args)))
+        files.append((base.with_name(stem + ".png"), _lazy_figure(result.plot, index=i, **plot_args)))
         files.append((base.with_name(stem + ".npy"), npy_writer(arrays[i])))
     return files
 
@@ -433,7 +457,7 @@ def activations_files(result: Any, directory: str | os.PathLike[str], *, prefix:
     n = result.images.shape[0]
     for i in range(n):
         png = d / (f"{prefix}.png" if n == 1 else f"{prefix}_{i}.png")
-        files.append((png, _lazy_figure(result.plot, i, **plot_args)))
+        files.append((png, _lazy_figure(result.plot, index=i, **plot_args)))
     return files
 
 
@@ -450,12 +474,29 @@ def feature_files(result: Any, path: str | os.PathLike[str]) -> list[tuple[Path,
     return files
 
 
-def figure_and_array_files(result: Any, path: str | os.PathLike[str], *plot_args: Any) -> list[tuple[Path, Writer]]:
-    """``<path>.png`` (``result.plot(*plot_args)``) and ``<path>.npy`` (``result.to_numpy()``): the
+def figure_and_array_files(result: Any, path: str | os.PathLike[str], **plot_args: Any) -> list[tuple[Path, Writer]]:
+    """``<path>.png`` (``result.plot(**plot_args)``) and ``<path>.npy`` (``result.to_numpy()``): the
     files of a metric result (deletion/insertion curves, a sanity check, class sensitivity)."""
     base = _base(path)
-    return [(base.with_name(base.name + ".png"), _lazy_figure(result.plot, *plot_args)),
+    return [(base.with_name(base.name + ".png"), _lazy_figure(result.plot, **plot_args)),
             (base.with_name(base.name + ".npy"), npy_writer(result.to_numpy()))]
+
+
+def result_files(result: Any, folder: str | os.PathLike[str], name: str) -> list[tuple[Path, Writer]]:
+    """The files of ``result.save(folder, name)``: ``<name>.png`` (``result.plot()``), ``<name>.npy``
+    (its main array; ``<name>.npz`` when it has several, a dict of arrays) and ``<name>.json``
+    (``result.to_dict()``, strict JSON)."""
+    d = Path(folder)
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"name {name!r} must be a file name without a folder")
+    arrays = result._array()
+    if isinstance(arrays, dict):
+        data: Writer = lambda f: np.savez(f, **arrays)  # noqa: E731
+        array = (d / f"{name}.npz", data)
+    else:
+        array = (d / f"{name}.npy", npy_writer(arrays))
+    text = to_json(result.to_dict()).encode("utf-8")
+    return [(d / f"{name}.png", _lazy_figure(result.plot)), array, (d / f"{name}.json", text)]
 
 
 def _lazy_figure(plot: Callable[..., Any], *args: Any, **kwargs: Any) -> Writer:

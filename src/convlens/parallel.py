@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._compat import IMAGES, renamed
+
+if TYPE_CHECKING:
+    from .runs import RunSummary
 
 __all__ = ["explain_on_ray"]
 
@@ -42,14 +45,15 @@ def explain_on_ray(
     resume: bool = False,
     force_merge: bool = True,
     **kwargs: Any,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Explain ``images`` (files or folders) in ``shards`` Ray tasks into ``out`` and merge them.
 
     ``make_model``: a picklable function that builds the model (a Classifier or nn.Module) inside each task (default:
     the bundled model); ``num_cpus``: Ray CPUs per task; ``resume``: keep what earlier tasks
     finished; other keyword arguments go to :func:`convlens.explain` (``techniques``, ``fast``, ...).
     Ray must be initialised (``ray.init()``) by the caller. The merged report replaces an earlier
-    merge in ``out`` (``force_merge``). Returns the merged summary (see :func:`merge_runs`).
+    merge in ``out`` (``force_merge``). Returns the merged summary, a :class:`~convlens.runs.RunSummary`
+    (see :func:`merge_runs`).
 
     Example::
 

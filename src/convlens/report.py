@@ -10,9 +10,7 @@ before the split.
 from __future__ import annotations
 
 import io
-import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +21,7 @@ import numpy as np
 from torch import Tensor
 
 from .display import rich_display, short
+from .files import to_json
 from .models import Prediction
 from .outputs import RunWriter, npy_writer, printable, safe_key
 from .page import (  # the names report.py held before the split
@@ -216,8 +215,17 @@ class Report:
         run.write(None, "report.html", page)
         run.finish()
 
+    def to_dict(self) -> dict[str, Any]:
+        """What ``summary.json`` holds for this report (model, settings, per image its predictions,
+        techniques, timings, errors): JSON-ready, like every result's ``to_dict()``."""
+        return summary_dict(self, self._files)
+
     def save(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
         """Write every output into ``directory``; returns the paths written.
+
+        The one exception to the results' ``save(folder, name)`` (``<name>.png``, ``.npy``,
+        ``.json``): a report is many results, so it writes a whole run folder, which ``convlens
+        report`` and ``--resume`` read back.
 
         Per image, in its own folder: ``input.png``, per technique a PNG and the raw ``.npy``, its
         own page ``report.html`` (see :meth:`save_image`); then ``summary.json``, ``summary.csv``
@@ -347,27 +355,6 @@ def summary_dict(report: Report, files: dict[str, list[str]] | None = None) -> d
             for im in report.images
         ],
     }
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {printable(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, str):
-        return printable(v)  # valid UTF-8 JSON, no terminal escapes, whatever the file names hold
-    if v is None or isinstance(v, (int, float, bool)):
-        return v
-    if hasattr(v, "tolist"):
-        return _clean(v.tolist())
-    return str(v)
-
-
-def to_json(data: dict[str, Any]) -> str:
-    """Strict JSON (non-finite numbers become null; other objects their ``str``)."""
-    return json.dumps(_clean(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def thumbnail(image: Any, size: int = 96, *, quality: int = 82) -> bytes:

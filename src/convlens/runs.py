@@ -13,18 +13,85 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from .display import rich_display
 from .outputs import INTENT, MANIFEST, RunWriter, printable, read_manifest, recover, resolve_out
+from .results import Result
 from .runfolder import RunFolderError, read_run_summary, read_summary, read_thumbnail
 
-__all__ = ["find_runs", "merge_runs"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["RunSummary", "find_runs", "merge_runs"]
 
 log = logging.getLogger(__name__)
 
 _SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
+
+
+@rich_display
+@dataclass(frozen=True, eq=False)
+class RunSummary(Result, Mapping[str, Any]):
+    """What :func:`merge_runs` and :func:`convlens.parallel.explain_on_ray` return: the merged
+    ``summary.json``, read as the dict it used to be (``summary["images"]``, ``summary["merged_from"]``);
+    ``settings`` the runs' settings (``summary["settings"]``: a run's settings are those of
+    :func:`convlens.explain`, recorded per technique). ``save(folder)`` writes a bar chart of the images
+    (``plot()``), ``to_numpy()`` (1 per image that succeeded, 0 per image with errors, in name
+    order) and the summary as JSON.
+    """
+
+    summary: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.summary[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.summary)
+
+    def __len__(self) -> int:
+        return len(self.summary)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The runs' settings, as in ``summary.json``."""
+        return dict(self.summary.get("settings") or {})
+
+    def _repr_lines(self) -> list[str]:
+        ok = int(self.to_numpy().sum())
+        return [f"RunSummary({len(self.summary.get('images', []))} images, {ok} ok, merged from "
+                f"{len(self.summary.get('merged_from', []))} run(s), incomplete {self.summary.get('incomplete')})"]
+
+    def to_numpy(self) -> np.ndarray:
+        """(images,) uint8: 1 where the image succeeded, 0 where it has errors."""
+        return np.array([1 if im.get("ok") else 0 for im in self.summary.get("images", [])], dtype=np.uint8)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The merged summary (as written to ``summary.json``) with ``kind``."""
+        return {"kind": type(self).__name__, **self.summary}
+
+    def _name(self) -> str:
+        return "summary"
+
+    def plot(self, *, title: str | None = None) -> Figure:
+        """A bar chart: images that succeeded, with errors, and skipped."""
+        from .plotting import ResultFigure
+
+        flags = self.to_numpy()
+        counts = {"ok": int(flags.sum()), "with errors": int(len(flags) - flags.sum()),
+                  "skipped": len(self.summary.get("skipped", []))}
+        fig = ResultFigure(figsize=(5, 2.4))
+        ax = fig.subplots()
+        ax.barh(list(counts), list(counts.values()), color=["tab:green", "tab:red", "0.6"])
+        ax.set_xlabel("images")
+        ax.set_title(title or f"merged from {len(self.summary.get('merged_from', []))} run(s)", fontsize=10)
+        fig.tight_layout()
+        return fig
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:
@@ -82,14 +149,14 @@ def _entry(root: Path, rec: dict[str, Any]) -> dict[str, Any]:
 
 def merge_runs(
     folders: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *, force: bool = False
-) -> dict[str, Any]:
+) -> RunSummary:
     """Merge the explain runs in ``folders`` (runs or folders of shards, see :func:`find_runs`)
     into ``out``: ``summary.json`` and ``summary.csv`` (one row per image, sorted by name) and an
     index ``report.html`` linking to each image's own page, without computing anything. The runs
     must share the model, weights and settings (their manifests' fingerprint); an image found in
     two runs (same source) is listed once; a run that is not complete (interrupted, or a shard
     still running) contributes the images it finished and is named under ``incomplete``.
-    Returns the merged summary.
+    Returns the merged summary, a :class:`RunSummary` (read as the dict of ``summary.json``).
 
     Example::
 
@@ -177,4 +244,4 @@ def merge_runs(
         run.write(None, "summary.csv", summary_csv(summary).encode("utf-8"))
         run.write(None, "report.html", render_index(summary, thumbs).encode())
         run.finish()
-    return summary
+    return RunSummary(summary)

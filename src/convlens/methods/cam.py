@@ -374,7 +374,7 @@ def grad_cam(
     Example::
 
         cam = grad_cam(load_model(), sample_image(), top=5)
-        cam.plot(0)
+        cam.plot(index=0)
     """
     if not isinstance(method, str):
         raise ValueError(f"method must be one name, one of {', '.join(cam_methods())}; got {method!r}")

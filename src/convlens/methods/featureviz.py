@@ -275,7 +275,7 @@ def feature_visualization(
     Example::
 
         res = feature_visualization(load_model(), "blocks.4", [0, 8, 16])
-        res.save("out/blocks4")
+        res.save("out", "blocks4")
     """
     # inference mode forbids autograd and makes every new tensor an inference tensor: leave it
     with torch.inference_mode(False):

@@ -333,7 +333,7 @@ def occlusion(
     Example::
 
         res = occlusion(clf, clf.preprocess("cat.jpg"), patch=32, stride=16)
-        res.save("occlusion")
+        res.save("out")  # out/occlusion.png, .npy, .json
 
     It is long because every argument is checked before the first forward pass and every setting is
     recorded on the result here; choosing the evaluator and averaging the windows are helpers.

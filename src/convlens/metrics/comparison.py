@@ -12,13 +12,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..display import rich_display
+from ..results import Result, _titled
+from ..settings import CompareSettings, Settings
 from .evidence import (
     MARGIN_SD,
     MIN_IMAGES,
@@ -104,7 +106,7 @@ COLUMNS = {
 
 @rich_display
 @dataclass(frozen=True, eq=False)
-class Comparison:
+class Comparison(Result):
     """What :func:`compare` found: one :class:`MethodScores` per method, then the references.
 
     :meth:`summary` gives mean and spread per method over the images, the differences to the
@@ -120,8 +122,9 @@ class Comparison:
     target: list[int]
     labels: list[str]
     model: str = ""
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: CompareSettings = field(default_factory=CompareSettings)
     thumbnails: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _settings: ClassVar[type[Settings] | None] = CompareSettings
 
     def _repr_lines(self) -> list[str]:
         return [f"Comparison({len(self.rows)} rows, {len(self.images)} images, ranking={self.ranking()})"]
@@ -363,11 +366,12 @@ class Comparison:
                                 "insertion": r.insertion.scores.mean(0).tolist()}
         first = next((r for r in self.rows if not r.error), None)
         return {
+            "kind": type(self).__name__,
             "model": self.model,
             "images": self.images,
             "verdicts": self.verdicts(),
             "targets": [{"index": t, "label": lab} for t, lab in zip(self.target, self.labels)],
-            "settings": self.settings,
+            "settings": self.settings.to_dict(),
             "fractions": None if first is None else first.deletion.fractions.tolist(),
             "summary": self.summary(),
             "ranking": self.ranking(),
@@ -378,30 +382,40 @@ class Comparison:
             "mean_curves": curves,
         }
 
-    def plot(self) -> Figure:
+    def plot(self, *, title: str | None = None) -> Figure:
         """A row of map thumbnails per method (the first images), then the deletion and insertion
         curves of every row, averaged over the images."""
         from ..plotting import plot_comparison
 
-        return plot_comparison(self)
+        return _titled(plot_comparison(self), title)
 
-    def save(self, directory: str | os.PathLike[str], *, force: bool = False) -> list[Path]:
-        """Write ``compare.csv``, ``compare.json``, ``compare.png`` and ``compare.html`` into
-        ``directory`` (each atomically; a file convlens did not write is refused unless ``force``);
-        returns the paths."""
+    def to_numpy(self) -> np.ndarray:
+        """(rows, 2, images) float32: each row's deletion and insertion AUC per image (NaN for a failed row)."""
+        out = np.full((len(self.rows), 2, len(self.images)), np.nan, dtype=np.float32)
+        for j, r in enumerate(self.rows):
+            if not r.error:
+                out[j] = torch.stack([r.deletion.auc, r.insertion.auc]).detach().float().cpu().numpy()
+        return out
+
+    def save(self, folder: str | os.PathLike[str], name: str | None = None, *, force: bool = False,
+             **old: Any) -> list[Path]:
+        """Write ``<name>.png``, ``<name>.npy`` (:meth:`to_numpy`) and ``<name>.json`` (:meth:`to_dict`)
+        as every result does, and also ``<name>.csv`` (:meth:`to_csv`) and the page ``<name>.html``,
+        into ``folder`` (default name ``compare``); each atomically, a file convlens did not write is
+        refused unless ``force``; returns the paths."""
         from .. import files as outputs
-        from ..report import comparison_html, to_json
-
-        d = Path(directory)
         from ..plotting import figure_bytes
+        from ..report import comparison_html
 
+        if old:
+            raise TypeError(f"save() got unexpected keyword(s) {sorted(old)}")
+        name = name or "compare"
+        d = Path(folder)
         png = figure_bytes(self.plot(), 110)
-        return outputs.save_files([
-            (d / "compare.csv", self.to_csv().encode()),
-            (d / "compare.json", to_json(self.to_dict()).encode()),
-            (d / "compare.png", png),
-            (d / "compare.html", comparison_html(self, png).encode()),
-        ], force=force)
+        files = [(p, png) if p.suffix == ".png" else (p, w) for p, w in outputs.result_files(self, d, name)]
+        page = comparison_html(self, png).encode()
+        return outputs.save_files([(d / f"{name}.csv", self.to_csv().encode()), *files, (d / f"{name}.html", page)],
+                                  force=force)
 
 
 def _wrap(text: str, width: int = 100) -> str:

@@ -41,7 +41,7 @@ from ..hooks import model_guard
 from ..models import Classifier, as_classifier
 from ..results import Saliency
 from ..targets import SCORES, Region, ResolvedTarget, Score, Target, resolve_target
-from .results import CurveKind, PerturbationCurve
+from .results import CurveKind, DeletionInsertion, PerturbationCurve
 
 __all__ = ["deletion", "insertion", "deletion_insertion", "perturbation_curve", "auc", "pixel_order", "blur_sigma"]
 
@@ -308,7 +308,7 @@ def deletion_insertion(
     score: Score = "probability",
     batch_size: int | None = None,
     blur_sigma: float | None = None,
-) -> dict[str, tuple[PerturbationCurve, PerturbationCurve]]:
+) -> DeletionInsertion:
     """The deletion and insertion curves of several maps of the same images, as :func:`deletion`
     and :func:`insertion` give them one by one, with the forwards all the curves share (the clean
     images, the full baseline) run once: ``2 + 2 (steps - 1)`` forwards per image and map instead
@@ -320,8 +320,9 @@ def deletion_insertion(
     Args:
         maps: name -> a :class:`Saliency` or an (N, H, W) / (H, W) tensor, as ``saliency`` there.
     Returns:
-        name -> ``(deletion curve, insertion curve)``; ``settings["forwards"]`` counts the forwards
-        of the whole call.
+        A :class:`~convlens.metrics.results.DeletionInsertion`: name -> ``(deletion curve, insertion
+        curve)`` as a read-only dict; ``settings["forwards"]`` of the result counts the forwards of the
+        whole call (a curve's, those of its images).
     Raises:
         ValueError: as :func:`deletion`.
 
@@ -344,7 +345,9 @@ def deletion_insertion(
                          batch_size=batch_size, sigma=blur_sigma)
         for m, name in enumerate(names):
             out[name] = (curves[2 * m], curves[2 * m + 1])
-    return {name: out[name] for name in maps}
+    firsts = [out[names[0]][0].settings for names in groups.values()]  # one per group of images
+    settings = firsts[0].replace(forwards=sum(s["forwards"] for s in firsts))
+    return DeletionInsertion({name: out[name] for name in maps}, settings=settings)
 
 
 @renamed(**MODEL_AND_IMAGES, sigma="blur_sigma")
