@@ -205,7 +205,13 @@ def _run_activations(args: argparse.Namespace) -> int:
     def files(result):
         return activations_files(result, "", channels=channels, k=args.per_layer)
 
-    return _per_image(args, "activations", compute, files, show)
+    def prepare(clf):  # an unknown layer is a usage error before any image is read
+        if layers != "stages":
+            from .layers import resolve_layers
+
+            resolve_layers(clf.model, layers)
+
+    return _per_image(args, "activations", compute, files, show, prepare=prepare)
 
 
 def _run_gradcam(args: argparse.Namespace) -> int:

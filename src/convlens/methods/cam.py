@@ -216,11 +216,48 @@ def _gradients(out: Tensor, a: Tensor, rows: _Rows) -> Tensor:
                 grads[members] = g
                 continue
             imgs = [rows.image[m] for m in members]
-            seed = torch.zeros_like(out)
-            seed[imgs, [rows.index[m] for m in members]] = 1.0
-            (g,) = torch.autograd.grad(out, a, grad_outputs=seed, retain_graph=not last)
+            (g,) = torch.autograd.grad(out, a, grad_outputs=_seed(out, imgs, [rows.index[m] for m in members]),
+                                       retain_graph=not last)
+            if len(rows.rounds) == 1 and members == imgs == list(range(out.shape[0])):  # one row per image: no gather
+                return g
             grads[members] = g[imgs]
     return grads
+
+
+def _seed(out: Tensor, images: list[int], classes: list[int]) -> Tensor:
+    """d score / d out for one round: 1 at ``(images[k], classes[k])``. One class for every image
+    (the usual case) needs no index tensor: on a GPU a tensor made from a Python list is a copy
+    from the host that waits for the device."""
+    seed = torch.zeros_like(out)
+    if images == list(range(out.shape[0])) and len(set(classes)) == 1:
+        seed[:, classes[0]] = 1.0
+    else:
+        seed[images, classes] = 1.0
+    return seed
+
+
+def _rows_of(t: Tensor, image: list[int]) -> Tensor:
+    """``t[image]``, without a gather (and the index tensor a GPU has to wait for) when each
+    image has one row in order."""
+    return t if image == list(range(t.shape[0])) else t[image]
+
+
+def _deferred_checks(out: Tensor, g: Tensor | None, raw: Tensor, name: str) -> tuple[bool, bool]:
+    """The call's checks, read from the device in one transfer once all its work is queued (a
+    Grad-CAM call with a given target waits for the device nowhere else): a non-finite output or
+    gradient raises :class:`NonFiniteError` (the output's first). Returns whether the gradient is
+    zero everywhere for some row, and whether some map is constant (the caller warns)."""
+    flat = raw.detach().flatten(1)
+    flags = [torch.isfinite(out.detach()).all().view(1), flat.amax(1) - flat.amin(1) <= 0]
+    if g is not None:
+        flags += [torch.isfinite(g).all().view(1), g.flatten(1).abs().amax(1) == 0]
+    ok_out, *rest = torch.cat(flags).tolist()
+    n = flat.shape[0]
+    if not ok_out:
+        require_finite(out, "the model's output")
+    if g is not None and not rest[n]:
+        require_finite(g, f"the gradient at {name}")
+    return any(rest[n + 1 :]), any(rest[:n])
 
 
 # -- Score-CAM ------------------------------------------------------------------------------
@@ -405,8 +442,7 @@ def grad_cam(
         a = lay.apply(cap[name])
         if not isinstance(target, Region) and (not callable(target) or isinstance(target, (str, int))):
             require_logits(out)
-        require_finite(out, "the model's output")
-        rows = _rows(clf, target, top, out)
+        rows = _rows(clf, target, top, out)  # a non-finite output raises below, with the other checks
         settings: dict[str, object] = {"layer_shape": tuple(a.shape[1:])}
         if lay.kind != "nchw":
             settings.update(lay.settings())
@@ -419,20 +455,23 @@ def grad_cam(
             rows = _one_row_per_image(rows, method)
             settings["class_independent"] = True
         settings = {"image_index": rows.image, **settings}
+        g = None
         with torch.no_grad():
             if needs_grad:
-                g = require_finite(lay.apply(_gradients(out, cap[name], rows)), f"the gradient at {name}")
-                _zero_gradient(g, model, name, settings)
-                raw, maps = cam_from_layer(method, a.detach()[rows.image], g, x.shape[-2:])
+                g = lay.apply(_gradients(out, cap[name], rows))
+                raw, maps = cam_from_layer(method, _rows_of(a.detach(), rows.image), g, x.shape[-2:])
             elif method == "eigencam":
                 raw, maps = cam_from_layer(method, a.detach(), None, x.shape[-2:])
             else:
                 w, bs = _scorecam_weights(clf, x, a.detach(), rows, batch_size, memory_mb, callback)
                 raw, maps = _relu_upsampled((w[:, :, None, None] * a.detach()[rows.image].float()).sum(1), x.shape[-2:])
                 settings["batch_size"] = bs
-    if "zero_gradient" not in settings:
+        zero, constant = _deferred_checks(out, g, raw, name)
+        if zero:
+            _zero_gradient(g, model, name, settings)  # type: ignore[arg-type]
+    if constant and "zero_gradient" not in settings:
         warn_constant(raw, method, f"nothing at {name} supports the target")
-    images = clf.denormalise(x.detach())[rows.image]
+    images = _rows_of(clf.denormalise(x.detach()), rows.image)
     return Saliency(
         maps=maps.float(),
         raw=raw.float(),
