@@ -220,7 +220,7 @@ def _gradients(out: Tensor, a: Tensor, rows: _Rows) -> Tensor:
                                        retain_graph=not last)
             if len(rows.rounds) == 1 and members == imgs == list(range(out.shape[0])):  # one row per image: no gather
                 return g
-            grads[members] = g[imgs]
+            grads[_index(members, g.device)] = g[_index(imgs, g.device)]
     return grads
 
 
@@ -232,14 +232,20 @@ def _seed(out: Tensor, images: list[int], classes: list[int]) -> Tensor:
     if images == list(range(out.shape[0])) and len(set(classes)) == 1:
         seed[:, classes[0]] = 1.0
     else:
-        seed[images, classes] = 1.0
+        seed[_index(images, out.device), _index(classes, out.device)] = 1.0
     return seed
+
+
+def _index(values: list[int], device: torch.device) -> Tensor:
+    """An index tensor on ``device`` copied from the host without waiting for the device (a
+    ``tensor[list]`` or ``torch.tensor(list, device=...)`` copy syncs the stream)."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 def _rows_of(t: Tensor, image: list[int]) -> Tensor:
     """``t[image]``, without a gather (and the index tensor a GPU has to wait for) when each
     image has one row in order."""
-    return t if image == list(range(t.shape[0])) else t[image]
+    return t if image == list(range(t.shape[0])) else t[_index(image, t.device)]
 
 
 def _deferred_checks(out: Tensor, g: Tensor | None, raw: Tensor, name: str) -> tuple[bool, bool]:
