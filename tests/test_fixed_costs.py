@@ -116,7 +116,9 @@ def test_quick_evidence_keeps_the_maps_numbers_and_says_so(clf, sample_x):
 
     occ = convlens.occlusion(clf, sample_x, patch=56, stride=56)
     quick = replace(occ, settings={**occ.settings, "mode": "approximate"})
+    before = snapshot(clf.model)
     lines = _evidence(clf, sample_x, quick)
+    assert_unchanged(clf.model, before)
     full = trust_summary(clf, sample_x, {"x": occ}, class_maps=[], draws=TRUST_DRAWS)
     few = trust_summary(clf, sample_x, {"x": occ}, class_maps=[], draws=QUICK_DRAWS)
     for name in ("x", "centred Gaussian"):  # the map's and the Gaussian's curves: the same numbers
