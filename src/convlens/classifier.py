@@ -382,8 +382,10 @@ class Classifier:
             (N, 3, H, W) float32 on ``x``'s device.
         """
         x = x.float()
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        # made on the CPU and copied without waiting: torch.tensor(..., device="cuda") waits for
+        # the device (a copy from the host syncs the stream), in Grad-CAM's every call
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
         return (x * std + mean).clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:

@@ -130,8 +130,9 @@ def _per_image(
     args: argparse.Namespace, command: str, compute: Callable, files: Callable, show: Callable, prepare=None
 ) -> int:
     """The shared loop of activations/gradcam/occlusion: check --out (before any work), load the
-    model, then per image compute, stage its files and move its folder into place. An image that
-    cannot be read or gives NaN/inf fails alone (exit 1)."""
+    model, then per image read it once (``compute(clf, x)`` and the evidence get the model-ready
+    tensor), compute, stage its files and move its folder into place. An image that cannot be read
+    or gives NaN/inf fails alone (exit 1)."""
     from .checks import NonFiniteError
     from .images import ImageError
     from .outputs import RunWriter, image_keys
@@ -150,7 +151,8 @@ def _per_image(
         for path, key in zip(paths, keys):
             name = printable(Path(path).name)
             try:
-                result = compute(clf, path)
+                x = clf.preprocess(path)  # read once: the map and its evidence share it
+                result = compute(clf, x)
             except (ImageError, NonFiniteError) as e:
                 print(f"{name}: FAILED: {printable(e)}")
                 run.commit_image(key, name=Path(path).name, source=path, ok=False)
@@ -161,7 +163,7 @@ def _per_image(
             written = run.commit_image(key, name=Path(path).name, source=path)
             show(clf, name, result, [run.root / f for f in written])
             if getattr(args, "evidence", False):
-                for line in _evidence(clf, clf.preprocess(path), result):
+                for line in _evidence(clf, x, result):
                     print(f"  {line}")
         run.finish()
     if failed:
@@ -188,8 +190,8 @@ def _run_activations(args: argparse.Namespace) -> int:
             raise ValueError(f"--channels takes non-negative indices, not {args.channels!r}")
     layers = "stages" if args.layers == ["stages"] else args.layers
 
-    def compute(clf, path):
-        result = activations(clf, clf.preprocess(path), layers)
+    def compute(clf, x):
+        result = activations(clf, x, layers)
         if isinstance(channels, list):  # known only now: checked before anything is written
             for name, m in result.maps.items():
                 if max(channels) >= m.shape[1]:
@@ -205,7 +207,13 @@ def _run_activations(args: argparse.Namespace) -> int:
     def files(result):
         return activations_files(result, "", channels=channels, k=args.per_layer)
 
-    return _per_image(args, "activations", compute, files, show)
+    def prepare(clf):  # an unknown layer is a usage error before any image is read
+        if layers != "stages":
+            from .layers import resolve_layers
+
+            resolve_layers(clf.model, layers)
+
+    return _per_image(args, "activations", compute, files, show, prepare=prepare)
 
 
 def _run_gradcam(args: argparse.Namespace) -> int:
@@ -227,8 +235,8 @@ def _run_gradcam(args: argparse.Namespace) -> int:
 
             resolve_layer(clf.model, args.layer)
 
-    def compute(clf, path):
-        return grad_cam(clf, clf.preprocess(path), target=target, layer=args.layer, method=args.method, top=args.top)
+    def compute(clf, x):
+        return grad_cam(clf, x, target=target, layer=args.layer, method=args.method, top=args.top)
 
     def show(clf, name, result, written):
         print(f"{name}  ({clf.name}, {args.method} at {result.layer})")
@@ -247,9 +255,9 @@ def _run_occlusion(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
 
-    def compute(clf, path):
+    def compute(clf, x):
         return occlusion(
-            clf, clf.preprocess(path), target=args.target, patch=args.patch, stride=args.stride,
+            clf, x, target=args.target, patch=args.patch, stride=args.stride,
             baseline=args.baseline, blur_sigma=args.blur_sigma, score=args.score, batch_size=args.batch_size,
             progress=not args.no_progress and sys.stderr.isatty(), mode=args.mode, refine=args.refine,
         )

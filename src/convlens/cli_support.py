@@ -29,18 +29,27 @@ def _version() -> str:
     return __version__
 
 
+#: random reference maps per grid in an approximate occlusion map's evidence (the minimum that has a
+#: spread): its curves are the first draws of the full evidence's, the map's and the centred
+#: Gaussian's are the same numbers; 2 + 4 x 30 step images instead of 2 + 6 x 30 (the default model:
+#: 2/3 of the full evidence's forwards, which cost more than the approximate map)
+QUICK_DRAWS = 2
+
+
 def _evidence(clf, x, result) -> list[str]:
     """What a map is worth, in a few lines: its deletion and insertion AUC (the report's and
     ``convlens compare``'s definitions: 16 steps, blurred baseline, the target's probability)
     beside random maps at the map's own grid and a centred Gaussian, and its verdict in words
     (:func:`convlens.metrics.trust.trust_summary`); for a Grad-CAM-family method also whether its
-    map changes with the class and the sanity check (the classifier re-initialised)."""
+    map changes with the class and the sanity check (the classifier re-initialised). An approximate
+    occlusion map gets the quick evidence (:data:`QUICK_DRAWS`), said in its last line."""
     from dataclasses import replace
 
-    from .metrics.trust import model_sanity, trust_summary
+    from .metrics.trust import TRUST_DRAWS, model_sanity, trust_summary
 
     rows = list(result.settings.get("image_index", range(result.maps.shape[0])))
     cam = result.method != "occlusion"
+    quick = not cam and result.settings.get("mode") == "approximate"
     lines = []
     for r, label in enumerate(result.labels):
         one = replace(result, maps=result.maps[r : r + 1], raw=result.raw[r : r + 1], target=[result.target[r]],
@@ -51,7 +60,8 @@ def _evidence(clf, x, result) -> list[str]:
         if cam:
             check = model_sanity(clf, xr, one)
             sanity = {"x": {"passed": check.passed[0], "rho": float(check.spearman[0, 0]), "stage": check.stages[0]}}
-        t = trust_summary(clf, xr, {"x": one}, sanity=sanity, class_maps=["x"] if cam else [])
+        t = trust_summary(clf, xr, {"x": one}, sanity=sanity, class_maps=["x"] if cam else [],
+                          draws=QUICK_DRAWS if quick else TRUST_DRAWS)
         auc = t.auc()
         refs = ", ".join(f"{k} {v['deletion']:.3f} / {v['insertion']:.3f}" for k, v in auc.items() if k != "x")
         lines.append(f"evidence [{printable(label)}]: deletion AUC {auc['x']['deletion']:.3f}, insertion AUC "
@@ -65,6 +75,9 @@ def _evidence(clf, x, result) -> list[str]:
                 f"for {printable(t.other['x'])!r} have rank correlation {rho:.2f}; it shows where the layer is "
                 "active, not why the class was chosen (`convlens compare` checks every method)"
             )
+    if quick:
+        lines.append(f"(quick evidence for an approximate map: the random references from {QUICK_DRAWS} draws, not "
+                     f"{TRUST_DRAWS}, so the noise margin is rough; `--mode exact` gives the full evidence)")
     if not cam:
         lines.append("(occlusion's class and sanity checks: `convlens compare`)")
     return lines

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._compat import IMAGES, renamed
 from .hooks import forward_hooks, model_guard
-from .layout import LayerError, class_token_model, map_layout
+from .layout import LayerError, _channels_last_model, class_token_model, map_layout
 
 if TYPE_CHECKING:
     from .models import Classifier
@@ -230,6 +230,7 @@ def layer_table(model: nn.Module | Classifier, images: Tensor | Any) -> list[Lay
         model(x)
     order = {name: i for i, name in enumerate(sorted(done, key=done.__getitem__))}
     hw = (int(x.shape[-2]), int(x.shape[-1]))
+    channels_last = _channels_last_model(model)
     _REMEMBERED.setdefault(model, {})[("calls", tuple(x.shape[1:]))] = dict(counts)
     return [
         LayerInfo(
@@ -239,19 +240,19 @@ def layer_table(model: nn.Module | Classifier, images: Tensor | Any) -> list[Lay
             params=sum(p.numel() for p in m.parameters()),
             order=order.get(name, -1),
             calls=counts.get(name, 0),
-            layout=_layout_name(model, name, m, shapes.get(name), hw, int(x.shape[0])),
+            layout=_layout_name(model, name, m, shapes.get(name), hw, int(x.shape[0]), channels_last),
         )
         for name, m in named.items()
     ]
 
 
 def _layout_name(model: nn.Module, name: str, module: nn.Module, shape: tuple[int, ...] | None,
-                 hw: tuple[int, int], batch: int) -> str | None:
+                 hw: tuple[int, int], batch: int, channels_last: bool | None = None) -> str | None:
     """The table's layout column: None for no map (a vector, no tensor), "?" when undecided."""
     if shape is None or len(shape) not in (3, 4):
         return None
     try:
-        return map_layout(model, name, module, shape, hw, batch=batch).describe()
+        return map_layout(model, name, module, shape, hw, batch=batch, channels_last=channels_last).describe()
     except LayerError:
         return "?"
 

@@ -105,6 +105,7 @@ def map_layout(
     layout: LayoutName | str | None = None,
     reshape: Reshape | None = None,
     batch: int | None = None,
+    channels_last: bool | None = None,
 ) -> Layout:
     """The layout of ``module``'s output of ``shape`` for an input of ``input_hw`` (see module doc).
 
@@ -118,6 +119,8 @@ def map_layout(
         reshape: a callable ``tensor -> (N, C, h, w)``; wins over everything.
         batch: the input's batch size, when known: an output whose first axis differs (Swin's
             attention windows) is no map of the image.
+        channels_last: whether the model can hold channels-last maps, when the caller knows
+            (the layer table asks once, not per layer: a look at every module each time).
     Returns:
         The :class:`Layout`.
     Raises:
@@ -147,7 +150,7 @@ def map_layout(
         raise LayerError(f"{where}, not an (N, C, h, w) map of the image; {_HOW}")
     if layout is not None:
         return Layout(layout)
-    if not _channels_last_model(model):
+    if not (_channels_last_model(model) if channels_last is None else channels_last):
         return Layout("nchw")
     c = _channels(module) if module is not None else None
     fits = {k: _fits(hw, input_hw) for k, hw in (("nchw", shape[2:4]), ("nhwc", shape[1:3]))}

@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -168,10 +168,13 @@ class _Rows:
     labels: list[str]
     rounds: list[list[int]]  # row numbers differentiated together (at most one per image)
     custom: ResolvedTarget | None = None  # a callable or Region target: one row per image
+    top1: Tensor | None = None  # the top-1 classes on the device; index and labels are read with the checks
 
 
-def _rows(clf: Classifier, target: Target, top: int | None, out: Tensor) -> _Rows:
+def _rows(clf: Classifier, target: Target, top: int | None, out: Tensor, defer: bool = False) -> _Rows:
     n = out.shape[0]
+    if defer and target is None and top is None:
+        return _Rows(list(range(n)), [], [], [list(range(n))], top1=out.detach().argmax(1))
     if top is not None:
         if target is not None:
             raise ValueError("give either target= or top=, not both")
@@ -216,11 +219,61 @@ def _gradients(out: Tensor, a: Tensor, rows: _Rows) -> Tensor:
                 grads[members] = g
                 continue
             imgs = [rows.image[m] for m in members]
-            seed = torch.zeros_like(out)
-            seed[imgs, [rows.index[m] for m in members]] = 1.0
+            if rows.top1 is not None:
+                seed = torch.zeros_like(out).scatter_(1, rows.top1[:, None], 1.0)
+            else:
+                seed = _seed(out, imgs, [rows.index[m] for m in members])
             (g,) = torch.autograd.grad(out, a, grad_outputs=seed, retain_graph=not last)
-            grads[members] = g[imgs]
+            if len(rows.rounds) == 1 and members == imgs == list(range(out.shape[0])):  # one row per image: no gather
+                return g
+            grads[_index(members, g.device)] = g[_index(imgs, g.device)]
     return grads
+
+
+def _seed(out: Tensor, images: list[int], classes: list[int]) -> Tensor:
+    """d score / d out for one round: 1 at ``(images[k], classes[k])``. One class for every image
+    (the usual case) needs no index tensor: on a GPU a tensor made from a Python list is a copy
+    from the host that waits for the device."""
+    seed = torch.zeros_like(out)
+    if images == list(range(out.shape[0])) and len(set(classes)) == 1:
+        seed[:, classes[0]] = 1.0
+    else:
+        seed[_index(images, out.device), _index(classes, out.device)] = 1.0
+    return seed
+
+
+def _index(values: list[int], device: torch.device) -> Tensor:
+    """An index tensor on ``device`` copied from the host without waiting for the device (a
+    ``tensor[list]`` or ``torch.tensor(list, device=...)`` copy syncs the stream)."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+def _rows_of(t: Tensor, image: list[int]) -> Tensor:
+    """``t[image]``, without a gather (and the index tensor a GPU has to wait for) when each
+    image has one row in order."""
+    return t if image == list(range(t.shape[0])) else t[_index(image, t.device)]
+
+
+def _deferred_checks(out: Tensor, g: Tensor | None, raw: Tensor, name: str,
+                     top1: Tensor | None) -> tuple[bool, bool, list[int]]:
+    """The call's checks, read from the device in one transfer once all its work is queued, with
+    the top-1 classes when they were left there (a Grad-CAM call waits for the device nowhere
+    else): a non-finite output or gradient raises :class:`NonFiniteError` (the output's first).
+    Returns whether the gradient is zero everywhere for some row, whether some map is constant
+    (the caller warns), and the top-1 classes (empty without ``top1``)."""
+    flat = raw.detach().flatten(1)
+    flags = [torch.isfinite(out.detach()).all().view(1), flat.amax(1) - flat.amin(1) <= 0]
+    if g is not None:
+        flags += [torch.isfinite(g).all().view(1), g.flatten(1).abs().amax(1) == 0]
+    read = torch.cat([f.long() for f in flags] + ([] if top1 is None else [top1.long()])).tolist()
+    n = flat.shape[0]
+    ok_out, constant, read = read[0], read[1 : 1 + n], read[1 + n :]
+    if not ok_out:
+        require_finite(out, "the model's output")
+    if g is not None and not read[0]:
+        require_finite(g, f"the gradient at {name}")
+    zero, classes = (read[1 : 1 + n], read[1 + n :]) if g is not None else ([], read)
+    return any(zero), any(constant), classes
 
 
 # -- Score-CAM ------------------------------------------------------------------------------
@@ -405,8 +458,7 @@ def grad_cam(
         a = lay.apply(cap[name])
         if not isinstance(target, Region) and (not callable(target) or isinstance(target, (str, int))):
             require_logits(out)
-        require_finite(out, "the model's output")
-        rows = _rows(clf, target, top, out)
+        rows = _rows(clf, target, top, out, defer=needs_grad)  # a non-finite output raises below, with the checks
         settings: dict[str, object] = {"layer_shape": tuple(a.shape[1:])}
         if lay.kind != "nchw":
             settings.update(lay.settings())
@@ -419,20 +471,25 @@ def grad_cam(
             rows = _one_row_per_image(rows, method)
             settings["class_independent"] = True
         settings = {"image_index": rows.image, **settings}
+        g = None
         with torch.no_grad():
             if needs_grad:
-                g = require_finite(lay.apply(_gradients(out, cap[name], rows)), f"the gradient at {name}")
-                _zero_gradient(g, model, name, settings)
-                raw, maps = cam_from_layer(method, a.detach()[rows.image], g, x.shape[-2:])
+                g = lay.apply(_gradients(out, cap[name], rows))
+                raw, maps = cam_from_layer(method, _rows_of(a.detach(), rows.image), g, x.shape[-2:])
             elif method == "eigencam":
                 raw, maps = cam_from_layer(method, a.detach(), None, x.shape[-2:])
             else:
                 w, bs = _scorecam_weights(clf, x, a.detach(), rows, batch_size, memory_mb, callback)
                 raw, maps = _relu_upsampled((w[:, :, None, None] * a.detach()[rows.image].float()).sum(1), x.shape[-2:])
                 settings["batch_size"] = bs
-    if "zero_gradient" not in settings:
+        zero, constant, top1 = _deferred_checks(out, g, raw, name, rows.top1)
+        if rows.top1 is not None:
+            rows = replace(rows, index=top1, labels=[clf.label(c) for c in top1], top1=None)
+        if zero:
+            _zero_gradient(g, model, name, settings)  # type: ignore[arg-type]
+    if constant and "zero_gradient" not in settings:
         warn_constant(raw, method, f"nothing at {name} supports the target")
-    images = clf.denormalise(x.detach())[rows.image]
+    images = _rows_of(clf.denormalise(x.detach()), rows.image)
     return Saliency(
         maps=maps.float(),
         raw=raw.float(),

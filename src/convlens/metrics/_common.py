@@ -107,18 +107,36 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 
 
 def rank_correlation(u: np.ndarray, v: np.ndarray) -> float:
-    """The one Spearman computation of convlens (``scipy.stats.spearmanr`` on the flattened
-    arrays, average ranks for ties), float64, with the rule for constant maps: a constant map
-    shares no ordering with a varying one, 0 (so a map that collapses under re-initialisation
-    counts as changed); two constant maps, NaN. Where a correlation is reported to people rather
-    than judged (:func:`convlens.metrics.evidence.map_spearman`), a constant map gives None."""
-    from scipy.stats import spearmanr
-
+    """The one Spearman computation of convlens: the Pearson correlation of the flattened arrays'
+    average ranks (ties share the mean of their ranks), float64, the number ``scipy.stats.spearmanr``
+    gives (to float64 rounding; tested), with the rule for constant maps: a constant map shares no
+    ordering with a varying one, 0 (so a map that collapses under re-initialisation counts as
+    changed); two constant maps, NaN. Where a correlation is reported to people rather than judged
+    (:func:`convlens.metrics.evidence.map_spearman`), a constant map gives None. Written with numpy,
+    not scipy: importing ``scipy.stats`` cost 0.8 s of every ``convlens gradcam``'s evidence."""
     u, v = np.asarray(u, dtype=np.float64).ravel(), np.asarray(v, dtype=np.float64).ravel()
     flat_u, flat_v = np.ptp(u) == 0, np.ptp(v) == 0
     if flat_u or flat_v:
         return float("nan") if flat_u and flat_v else 0.0
-    return float(spearmanr(u, v).statistic)
+    ru, rv = average_ranks(u), average_ranks(v)
+    ru -= ru.mean()
+    rv -= rv.mean()
+    rho = float(np.dot(ru, rv) / np.sqrt(np.dot(ru, ru) * np.dot(rv, rv)))
+    return max(-1.0, min(1.0, rho))
+
+
+def average_ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of the 1-D array ``a``, tied values sharing their mean rank (float64), as
+    ``scipy.stats.rankdata(a, method="average")``."""
+    order = np.argsort(a, kind="stable")
+    ordered = a[order]
+    new = np.concatenate([[True], ordered[1:] != ordered[:-1]])
+    group = np.cumsum(new) - 1
+    bounds = np.flatnonzero(np.concatenate([new, [True]]))  # start of each run of ties, and n
+    mean_rank = (bounds[:-1] + bounds[1:] + 1) / 2.0  # ranks start..end-1, one-based: (start+1 + end) / 2
+    ranks = np.empty(a.size, dtype=np.float64)
+    ranks[order] = mean_rank[group]
+    return ranks
 
 
 def ssim(a: Tensor, b: Tensor) -> Tensor:
