@@ -18,6 +18,7 @@ Run alone: ``python -m benchmarks --only featureviz [--quick] [--threads N]``.
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import numpy as np
@@ -181,8 +182,8 @@ def _per_channel_table(quick: bool, device: str) -> list[Row]:
     clf = load_model(device=device)
     n = 2
     layers = ["blocks.4"] if quick else ["conv_stem", "blocks.4"]
-    steps = feature_visualization.__kwdefaults__["steps"]
-    size = feature_visualization.__kwdefaults__["size"]
+    defaults = inspect.signature(feature_visualization).parameters  # through any wrapper (functools.wraps)
+    steps, size = defaults["steps"].default, defaults["size"].default
     name, module = resolve_layer(clf.model, "blocks.4")
 
     def floor(backward: bool):

@@ -130,7 +130,9 @@ def _table(name, model, x, patch, stride, device, peers, modes):
                 if key == "exact" and plain is not None else None
             ),
         }
-        ratios = {} if key == brute else {"x brute force": brute, **({"x exact": "exact"} if key in MODES else {})}
+        ratios = {} if key == brute else {"x brute force": brute}
+        if key in MODES and key != "exact":
+            ratios["x exact"] = "exact"
         rows.append(Row(key, name, 1, t, extra=extra, floor=NO_FLOOR, ratios=ratios))
     return rows
 

@@ -59,7 +59,7 @@ def reading(sections: Sequence[Section]) -> list[str]:
                     v = r.extra.get(column)
                     if ref == r.method or not isinstance(v, float) or v != v:
                         continue
-                    how = f"{v:.2g}x faster than" if v >= 1 else f"{1 / v:.2g}x slower than"
+                    how = f"{v:.3g}x faster than" if v >= 1 else f"{1 / v:.3g}x slower than"
                     lines.append(f"- {title}: {r.method} ({r.setting or '-'}) is {how} {ref} (`{column}`).")
     return lines
 

@@ -113,8 +113,8 @@ def rows_from(tables: list[list[Any]]) -> list[tuple[str, list[Row]]]:
 
 def merge(runs: dict[str, list[tuple[str, list[Row]]]]) -> list[tuple[str, list[Row]]]:
     """One table per title from several settings' tables: each row (method, model, batch) at the
-    setting with the lowest seconds. Its extra columns are that setting's, over those of the first
-    (primary) setting, which alone has the correctness columns; its peak memory likewise. A row
+    setting with the lowest seconds. Its extra columns are that setting's (where not None), over those
+    of the first (primary) setting, which alone fills the correctness columns; its peak memory likewise. A row
     whose module set its own ``setting`` keeps it. Ratios are left to :func:`fill_ratios`."""
     order: dict[str, dict[tuple[str, str, int], dict[str, Row]]] = {}
     for name, tables in runs.items():
@@ -128,7 +128,7 @@ def merge(runs: dict[str, list[tuple[str, list[Row]]]]) -> list[tuple[str, list[
             name, best = min(by_setting.items(), key=lambda kv: _sort_key(kv[1].seconds))
             first = next(iter(by_setting.values()))
             row = copy.deepcopy(best)
-            row.extra = {**first.extra, **best.extra}
+            row.extra = {**first.extra, **{k: v for k, v in best.extra.items() if v is not None}}
             row.peak_mb = best.peak_mb if best.peak_mb is not None else first.peak_mb
             row.setting = best.setting or name
             rows.append(row)

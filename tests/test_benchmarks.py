@@ -22,6 +22,7 @@ from benchmarks.common import (
     peak_memory_mb,
     spread_pct,
 )
+from benchmarks.report import INTRO
 
 FAKE = '''
 from benchmarks.common import Row
@@ -94,14 +95,14 @@ def test_report_has_header_tables_and_a_reading_built_from_the_ratios(bench_dir:
                   "| ours | tiny | 8 | 0.7500 | 1.50 | 12 | 0.988 | - | 2.67 |",  # x peer = 2.0 / 0.75
                   "_bench_broken: skipped: import failed", "**Rule: every row is shown at its best thread setting**"):
         assert piece in written
-    assert written.rstrip().endswith("- Fake on cpu: ours (-) is 2.7x faster than peer (`x peer`).")
+    assert written.rstrip().endswith("- Fake on cpu: ours (-) is 2.67x faster than peer (`x peer`).")
     assert "## Tables" not in written and "second round" not in written
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
 
 
 def test_merge_keeps_each_row_at_its_best_setting_then_fills_ratios_between_best_settings() -> None:
     def rows(brute: float, ours: float, primary: bool) -> list[tuple[str, list[Row]]]:
-        extra = {"r vs exact": 0.99} if primary else {}
+        extra = {"r vs exact": 0.99} if primary else {"r vs exact": None}  # computed once, in the primary
         return [("occlusion", [Row("brute force", "m", 1, brute, floor=NO_FLOOR),
                                Row("ours", "m", 1, ours, extra={**extra, "IQR %": ours}, floor=NO_FLOOR,
                                    peak_mb=5.0 if primary else None, ratios={"x brute force": "brute force"})])]
@@ -113,7 +114,7 @@ def test_merge_keeps_each_row_at_its_best_setting_then_fills_ratios_between_best
     assert (brute.setting, brute.seconds, ours.setting, ours.seconds) == ("1", 6.0, "2 passive", 1.0)
     assert ours.extra == {"r vs exact": 0.99, "IQR %": 1.0, "x brute force": 6.0}  # correctness from the primary
     assert ours.peak_mb == 5.0 and brute.ratio is None and ours.ratio is None
-    assert runs["2 passive"][0][1][1].extra == {"IQR %": 1.0}  # the inputs are not changed
+    assert runs["2 passive"][0][1][1].extra == {"r vs exact": None, "IQR %": 1.0}  # the inputs are not changed
     md = markdown_table(title, merged)
     assert "| method | model | batch | threads | median s | peak MB | r vs exact | IQR % | x brute force |" in md
     assert "| ours | m | 1 | 2 passive | 1.0000 | 5 | 0.99 | 1 | 6 |" in md
@@ -186,6 +187,16 @@ def test_main_runs_a_worker_per_setting_and_exits_1_when_a_module_failed(tmp_pat
     (tmp_path / "bench_raises.py").write_text("def tables(quick, device):\n    raise RuntimeError('boom')\n")
     monkeypatch.setattr(run, "run_swept", _fake_swept)
     assert run.main(["--no-write"]) == 1
+
+
+def test_the_committed_report_is_one_generated_run() -> None:
+    text = (Path(__file__).resolve().parents[1] / "BENCHMARKS.md").read_text()
+    assert text.startswith("# convlens benchmarks\n\n" + INTRO)
+    titles = [line for line in text.splitlines() if line.startswith("### ")]
+    assert len(titles) == len(set(titles))  # one table per topic
+    for stale in ("second round", "third round", "## Tables", "Measured on branch", "pasted"):
+        assert stale not in text
+    assert "- thread settings tried:" in text and "- rule:" in text and "## Reading" in text
 
 
 def test_fill_ratios_per_model_and_batch() -> None:
