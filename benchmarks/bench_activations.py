@@ -60,14 +60,16 @@ def activation_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, dev
         with torch.no_grad():
             return model(x)
 
+    all_stages = f"convlens activations, {len(stages)} stages"
+    one = f"convlens activations, first stage only ({first[0]})"
     cases: dict[str, Callable[[], Any]] = {
         "bare forward (floor)": forward,
-        f"convlens activations, {len(stages)} stages": lambda: convlens.activations(model, x, stages),
-        f"convlens activations, first stage only ({first[0]})": lambda: convlens.activations(model, x, first),
-        "spec hook loop (.detach().cpu())": lambda: spec_activations(model, x, mods),
+        all_stages: lambda: convlens.activations(model, x, stages),
+        one: lambda: convlens.activations(model, x, first),
+        SPEC: lambda: spec_activations(model, x, mods),
     }
     extra: dict[str, dict[str, Any]] = {
-        "spec hook loop (.detach().cpu())": {"max diff": _diff(spec_activations(model, x, mods), ours.maps)},
+        SPEC: {"max diff": _diff(spec_activations(model, x, mods), ours.maps)},
     }
     try:
         from captum.attr import LayerActivation
@@ -80,10 +82,18 @@ def activation_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, dev
     except ImportError:
         log.warning("captum not installed: row skipped")
 
-    return table_rows(
+    rows = table_rows(
         cases, model=name, batch=x.shape[0], device=device, repeats=_repeats(forward, quick),
         floor="bare forward (floor)", extra=extra,
     )
+    ratios = {all_stages: {"captum / this": "captum LayerActivation", "spec / this": SPEC},
+              one: {"captum / this": "captum LayerActivation, first stage only"}}
+    for r in rows:  # declared here, filled by the harness between best settings
+        r.ratios = ratios.get(r.method, {})
+    return rows
+
+
+SPEC = "spec hook loop (.detach().cpu())"
 
 
 def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:

@@ -5,7 +5,8 @@
 stays near 0 after warm-up because freed memory is reused).
 
 Targets (issue 3): convlens Grad-CAM <= 1.15x a bare forward, its top-5 classes <= 1.4x, and
->= 2.5x faster than pytorch-grad-cam's GradCAM. Correctness columns compare each map with ours:
+>= 2.5x faster than pytorch-grad-cam's GradCAM (``pgc / this``; ``captum / this``, ``torch-cam / this``
+likewise: the peer's seconds / ours, each at its best thread setting). Correctness columns compare each map with ours:
 ``rel diff`` = max |theirs - ours| / max |ours| at layer resolution, ``corr`` = Pearson
 correlation of the maps (for peers that only return normalised / resized maps).
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import common
 from .common import Row, table_rows
 
 log = logging.getLogger(__name__)
@@ -114,8 +116,8 @@ def _repeats(forward: Callable[[], Any], quick: bool) -> int:
     t0 = time.perf_counter()
     forward()
     per = max(time.perf_counter() - t0, 1e-3)
-    n = int(round((2.0 if quick else 6.0) / per))
-    return max(5, min(n, 25 if quick else 60))
+    n = int(round((1.0 if quick else 3.0) / per))
+    return max(5, min(n, 15 if quick else 30))
 
 
 def _models(quick: bool, device: str) -> list[tuple[str, nn.Module, Tensor]]:
@@ -149,21 +151,11 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
         with torch.no_grad():
             return model(x)
 
-    def forward_grad() -> Any:
-        # forward with autograd on + backward to the input only (params frozen): the floor a
-        # full-graph approach would have with the cheapest possible backward
-        xx = x.detach().requires_grad_(True)
-        return torch.autograd.grad(model(xx)[0, target], xx)
-
     cases: dict[str, Callable[[], Any]] = {
         "bare forward (floor)": forward,
-        "convlens grad_cam": lambda: convlens.grad_cam(model, x, target=target),
-        "convlens grad_cam top-5 (one pass)": lambda: convlens.grad_cam(model, x, top=5),
+        OURS: lambda: convlens.grad_cam(model, x, target=target),
+        OURS_TOP5: lambda: convlens.grad_cam(model, x, top=5),
     }
-    if not quick:
-        cases["convlens grad_cam (auto layer, top-1)"] = lambda: convlens.grad_cam(model, x)
-        cases["convlens gradcam++"] = lambda: convlens.grad_cam(model, x, target=target, method="gradcam++")
-        cases["convlens eigencam"] = lambda: convlens.grad_cam(model, x, method="eigencam")
     extra: dict[str, dict[str, Any]] = {}
 
     spec_model = _spec_model(model)
@@ -172,8 +164,6 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
     spec_map = spec_grad_cam(spec_model, x, target, spec_layer)
     cases["spec grad_cam (full backward, backward hooks)"] = lambda: spec_grad_cam(spec_model, x, target, spec_layer)
     extra["spec grad_cam (full backward, backward hooks)"] = {"corr": _corr(spec_map, ours_map)}
-    if not quick:
-        cases["forward + backward to input (no hooks)"] = forward_grad
 
     try:
         from captum.attr import LayerAttribution, LayerGradCam
@@ -202,8 +192,7 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
         t5 = [ClassifierOutputTarget(c) for c in top5]
         pgc_map = pgc(x, targets=t1)[0]
         cases["pytorch-grad-cam GradCAM"] = lambda: pgc(x, targets=t1)
-        if not quick:
-            cases["pytorch-grad-cam GradCAM top-5 (batch of 5)"] = lambda: pgc(x5, targets=t5)
+        cases[PGC_TOP5] = lambda: pgc(x5, targets=t5)
         extra["pytorch-grad-cam GradCAM"] = {"corr": _corr(pgc_map, ours_map)}
     except ImportError:
         log.warning("pytorch-grad-cam not installed: row skipped")
@@ -227,17 +216,26 @@ def cam_table(name: str, model: nn.Module, x: Tensor, *, quick: bool, device: st
     except ImportError:
         log.warning("torch-cam not installed: row skipped")
 
-    extra = {c: {"saved MB": saved_for_backward_mb(fn, all_models), **extra.get(c, {})} for c, fn in cases.items()}
+    if common.PRIMARY:  # correctness and memory: once, not per thread setting
+        extra = {c: {"saved MB": saved_for_backward_mb(fn, all_models), **extra.get(c, {})} for c, fn in cases.items()}
+    else:
+        extra = {}
     rows = table_rows(
         cases, model=name, batch=x.shape[0], device=device, repeats=_repeats(forward, quick),
         floor="bare forward (floor)", extra=extra,
     )
-    pgc_s = next((r.seconds for r in rows if r.method == "pytorch-grad-cam GradCAM"), None)
-    if pgc_s:
-        for r in rows:
-            if r.method.startswith("convlens grad_cam"):
-                r.extra["pgc / this"] = pgc_s / r.seconds
+    for r in rows:  # declared here, filled by the harness between best settings
+        r.ratios = RATIOS.get(r.method, {})
     return rows
+
+
+OURS, OURS_TOP5 = "convlens grad_cam", "convlens grad_cam top-5 (one pass)"
+PGC_TOP5 = "pytorch-grad-cam GradCAM top-5 (batch of 5)"
+RATIOS = {
+    OURS: {"pgc / this": "pytorch-grad-cam GradCAM", "captum / this": "captum LayerGradCam",
+           "torch-cam / this": "torch-cam GradCAM"},
+    OURS_TOP5: {"pgc / this": PGC_TOP5},
+}
 
 
 def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:

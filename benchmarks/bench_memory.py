@@ -24,6 +24,10 @@ from pathlib import Path
 
 from .common import Row
 
+# it sets its own threads (one subprocess per strategy) and takes long: one worker, only with --only
+SWEEP = False
+IN_FULL_RUN = False
+
 #: the techniques of the rows (the slow feature visualisation aside: it adds a cache, not a per-image cost)
 METHODS = "activations,gradcam,occlusion"
 

@@ -13,7 +13,8 @@ Speed table (default model, Grad-CAM map of the sample photo, 16 steps = 34 forw
   (C, H, W) values in the map's order, so H*W/16 values per step makes 48 steps (48 forwards).
   Quantus's MPRT is not timed: it randomises the model layer by layer (hundreds of layers here).
 
-Reproduction table (not with ``--quick``): every method of ``convlens.compare`` on five photos that
+Reproduction table (not with ``--quick``; once, in the primary worker: its numbers do not depend
+on threads): every method of ``convlens.compare`` on five photos that
 ship with scikit-image and matplotlib (no download), mean over the photos; class sensitivity also
 against the issue's fixed other class, "tench".
 """
@@ -28,7 +29,8 @@ import warnings
 import numpy as np
 import torch
 
-from .common import Row, fill_ratios, table_rows
+from . import common
+from .common import Row, table_rows
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ def _reproduction(clf, photos, device: str) -> list[Row]:
     for s in cmp.summary():
         rho_t = tench.get(s["method"])
         rows.append(Row(s["method"] + (" (reference)" if s["reference"] else ""), "efficientnet_lite0", len(photos),
-                        s["seconds"] or 0.0, extra={
+                        s["seconds"] or 0.0, floor="gradcam", extra={
                             "deletion AUC": s["deletion_auc"], "insertion AUC": s["insertion_auc"],
                             "class rho (least likely)": s["class_sensitivity"],
                             "class rho (tench)": None if rho_t is None else float(np.mean(rho_t)),
@@ -160,7 +162,7 @@ def _reproduction(clf, photos, device: str) -> list[Row]:
                             "sanity pass": None if s["sanity_passed"] is None else f"{s['sanity_passed']:.0%}",
                         }))
     rows.append(Row(f"whole comparison, {len(photos)} photos (+ tench maps)", "efficientnet_lite0", len(photos),
-                    total))
+                    total, floor=common.NO_FLOOR))
     return rows
 
 
@@ -172,8 +174,8 @@ def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:
     photos = _photos(clf, quick)
     x = clf.preprocess(photos[0][1])
     out = [(f"Deletion + insertion, one 224 px image, Grad-CAM map, {device}", _speed_table(clf, x, quick, device))]
-    if not quick:
-        rows = fill_ratios(_reproduction(clf, photos, device), floor="gradcam")
+    if not quick and common.PRIMARY:
+        rows = _reproduction(clf, photos, device)
         out.append((f"Which map to believe: every method on {len(photos)} photos, mean (issue 12's numbers), "
                     f"{device}; `median s` = seconds per map, `x floor` = / Grad-CAM's", rows))
     return out

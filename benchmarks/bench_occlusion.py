@@ -1,36 +1,27 @@
 """Occlusion: brute force vs the tutorial's loop vs captum vs our exact and approximate paths.
 
-Per model (ResNet-50 with random weights, the default EfficientNet-Lite0) and patch / stride
-(40/20, 16/8, 8/4), rows measured side by side with ``measure`` (one repeat: the long rows take
-minutes):
+Tables (rows measured side by side with ``measure``, one repeat: the long rows take minutes):
+
+- the default EfficientNet-Lite0 at patch 40 / stride 20 with every contender, and at 16 / 8 with
+  brute force, captum (``perturbations_per_eval`` 16) and our paths; ResNet-50 (random init) at
+  16 / 8 with brute force and our paths (``--quick``: the 40 / 20 table only);
 - ``brute force``: one forward of the model per window of ours, as that many single (batch 1)
-  forwards of the clean image. At 8/4 (2809 windows) it is timed on every 8th window and scaled.
+  forwards of the clean image; at 16 / 8 (729 windows) timed on every 8th window and scaled.
 - ``spec loop``: the tutorial's ``occlusion_sensitivity`` (clone, grey patch, one forward per
-  window, windows only on the stride grid). Not at 8/4.
-- ``captum``: ``captum.attr.Occlusion`` on softmax(model) at several ``perturbations_per_eval``
-  at 40/20; the best one is marked and used at 16/8. Not at 8/4.
-- ``exact, old crop path``: the crop path as it was before issue 16 (``occlusion_v0.py``: batches
-  of 4, blocks as boundaries).
-- ``exact``: ``convlens.occlusion(mode="exact")`` (the default): since issue 16's second round a
-  channels-last private copy with batch norm folded into the convolutions, TF-same padding read
-  exactly, crops gathered and pasted for a whole batch at once.
-- ``exact, batch 16``: the same with ``batch_size=16``, shown only where the default batch differs.
-- ``approximate``: ``mode="approximate"`` (tau 0.9).
-- ``exact + refine``, ``approximate + refine``: with ``refine=True`` (the default share, 0.3:
-  a coarse lattice of windows, then the full stride only in the top share of its cells).
+  window, windows only on the stride grid); at 40 / 20 only.
+- ``captum ppe=N``: ``captum.attr.Occlusion`` on softmax(model), N windows per forward.
+- ``exact``: ``convlens.occlusion(mode="exact")`` (the default); ``approximate``: ``mode="approximate"``;
+  ``+ refine``: ``refine=True`` (a coarse lattice of windows, then the full stride only in the top
+  share of its cells).
 
-Columns: seconds, x brute force (the brute force's seconds over the row's: a speed-up), Pearson r
-of the map with the exact map, the share of work: the estimated multiply-adds done over those of
-one full forward per window (``settings["work"]``), the share of the windows evaluated
-(``settings["windows_evaluated"]`` over the windows; the rest are interpolated), and for the exact
-row (not at 8/4) the largest difference of its drops from those of ``fast=False`` (one full
-forward per window, run untimed) over the largest drop: float32 rounding, not a choice.
-A second table: the approximate and refined maps' r against the exact map on the five natural
-photos, with their share of work and of windows and their speed-up over the exact map.
-
-Just the rows of issue 16's speed target (both models, brute force, exact, approximate, approximate +
-refine, one process; a few minutes): ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_occlusion.py
-[--patch 16 --stride 8 --repeats 1 --photos]`` (:func:`side_by_side`; prints the load average too).
+Columns: ``x brute force`` and ``x exact`` (the named row's seconds over this row's: a speed-up,
+filled by the harness between best thread settings), ``r vs exact`` (Pearson r of the map with our
+exact map), ``work share`` (estimated multiply-adds over those of one full forward per window,
+``settings["work"]``), ``windows evaluated`` (the share of windows computed; refinement interpolates
+the rest), and for the exact row the largest difference of its drops from those of ``fast=False``
+(one full forward per window, run untimed, once) over the largest drop: float32 rounding, not a choice.
+A last table (once, not per thread setting): the approximate and refined maps' r against the exact map
+on the five natural photos, with their share of work and of windows.
 """
 
 from __future__ import annotations
@@ -41,12 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:
-    from .common import Row, compare_maps, measure
-except ImportError:  # run as a script from benchmarks/
-    from common import Row, compare_maps, measure  # type: ignore[no-redef]
+from . import common
+from .common import NO_FLOOR, Row, compare_maps, measure
 
 REFINE = True  # the default share, convlens.methods.occlusion.DEFAULT_REFINE
+R50_CONFIGS = [(16, 8, False, ["exact", "approximate", "approximate + refine"])]
+MODES = {"exact": {}, "approximate": {"mode": "approximate"}, "exact + refine": {"refine": REFINE},
+         "approximate + refine": {"mode": "approximate", "refine": REFINE}}
 
 
 def spec_occlusion(model, img_tensor, target_class, patch=40, stride=20):
@@ -69,29 +61,26 @@ def spec_occlusion(model, img_tensor, target_class, patch=40, stride=20):
     return sensitivity / counts
 
 
-def _models(device: str):
+def _models(device: str, quick: bool):
+    """(name, model, input, [(patch, stride, peers, modes), ...]) per model."""
     import torchvision
 
     import convlens
 
-    torch.manual_seed(0)
-    r50 = torchvision.models.resnet50().eval().to(device)
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
-    out = [("resnet50 (random init)", r50, x)]
     clf = convlens.load_model(device=device)
-    out.append(("efficientnet_lite0 (default)", clf.model, clf.preprocess(convlens.sample_image())))
+    default = [(40, 20, True, list(MODES))] + ([] if quick else [(16, 8, True, list(MODES))])
+    out = [("efficientnet_lite0 (default)", clf.model, clf.preprocess(convlens.sample_image()), default)]
+    if not quick:
+        torch.manual_seed(0)
+        r50 = torchvision.models.resnet50().eval().to(device)
+        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+        out.append(("resnet50 (random init)", r50, x, R50_CONFIGS))
     return out
 
 
-def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
-    """One table; ``peers=False`` leaves out the spec loop, captum and the old crop path (they do
-    not change with convlens; a shorter run for the refinement rows)."""
+def _table(name, model, x, patch, stride, device, peers, modes):
+    """One table: brute force, (``peers``) the spec loop at 40 / 20 and captum, and our ``modes``."""
     from convlens.methods.occlusion import occlusion, window_starts
-
-    try:
-        from . import occlusion_v0
-    except ImportError:
-        import occlusion_v0  # type: ignore[no-redef]
 
     h, w = x.shape[-2:]
     n_ours = len(window_starts(h, patch, stride)) * len(window_starts(w, patch, stride))
@@ -99,8 +88,7 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
     with torch.no_grad():
         target = int(model(x).argmax(1))
     results: dict[str, object] = {}
-    big = n_ours > 1000
-    every = 8 if big else 1
+    every = 8 if n_ours > 500 else 1
 
     def keep(key, fn):
         def run():
@@ -113,77 +101,63 @@ def _table(name, model, x, patch, stride, device, quick, best_ppe, peers=True):
             for _ in range(0, n_ours, every):
                 model(x)
 
-    floor_key = f"brute force: {n_ours} single forwards" + (f" (timed on every {every}th, scaled)" if big else "")
-    cases = {floor_key: floor}
-    if not big and peers:
-        cases["spec loop"] = keep("spec", lambda: spec_occlusion(model, x, target, patch, stride))
-        try:
-            from captum.attr import Occlusion
-
-            def softmax_model(z):
-                return torch.softmax(model(z), 1)
-
-            ppes = [best_ppe] if best_ppe else ([4] if quick else [4, 16])
-            if device != "cpu":
-                ppes = [64, 256]
-            for ppe in ppes:
-                def run_captum(ppe=ppe):
-                    with torch.no_grad():
-                        return Occlusion(softmax_model).attribute(
-                            x, sliding_window_shapes=(3, patch, patch), strides=(3, stride, stride),
-                            target=target, baselines=0.0, perturbations_per_eval=ppe,
-                        )[0, 0]
-
-                cases[f"captum ppe={ppe}" + (" (best at 40/20)" if best_ppe else "")] = keep(f"captum{ppe}", run_captum)
-        except ImportError:
-            pass
-    if peers and device == "cpu":  # the frozen old path was written for the CPU only
-        cases["exact, old crop path"] = keep("old", lambda: occlusion_v0.occlusion_map(model, x, target, patch, stride))
-    cases["exact"] = keep("exact", lambda: occlusion(model, x, target=target, patch=patch, stride=stride))
-    cases["approximate"] = keep("approx", lambda: occlusion(model, x, target=target, patch=patch, stride=stride,
-                                                            mode="approximate"))
-    for mode in ("exact", "approximate"):
-        cases[f"{mode} + refine"] = keep(f"{mode} refine", lambda mode=mode: occlusion(
-            model, x, target=target, patch=patch, stride=stride, mode=mode, refine=REFINE))
+    brute = f"brute force: {n_ours} single forwards" + (f" (timed on every {every}th, scaled)" if every > 1 else "")
+    cases = {brute: floor}
+    if peers and every == 1:
+        cases["spec loop"] = keep("spec loop", lambda: spec_occlusion(model, x, target, patch, stride))
+    if peers:
+        cases.update(_captum_cases(model, x, target, patch, stride, device, keep, [4, 16] if every == 1 else [16]))
+    for mode in modes:
+        cases[mode] = keep(mode, lambda kw=MODES[mode]: occlusion(model, x, target=target, patch=patch,
+                                                                  stride=stride, **kw))
     times = measure(cases, repeats=1, warmup=0, device=device)
-    times[floor_key] *= every
-    plain = None if big else occlusion(model, x, target=target, patch=patch, stride=stride, fast=False)
-
+    times[brute] *= every
+    plain = occlusion(model, x, target=target, patch=patch, stride=stride, fast=False) if common.PRIMARY else None
     exact = results["exact"]
-    floor_s = times[floor_key]
-    captum_times = {k: t for k, t in times.items() if k.startswith("captum")}
-    best = min(captum_times, key=captum_times.get) if captum_times else None
     rows = []
     for key, t in times.items():
-        short = {"spec loop": "spec", "exact, old crop path": "old", "exact": "exact", "approximate": "approx",
-                 "exact + refine": "exact refine", "approximate + refine": "approximate refine"}.get(key)
-        if key.startswith("captum"):
-            short = "captum" + key.split("=")[1].split()[0]
-        res = results.get(short) if short else None
-        m, work, windows = None, None, 1.0
-        if isinstance(res, tuple):  # the old path: (map, estimate)
-            m, work = res
-        elif res is not None and hasattr(res, "maps"):
-            m, work = res.maps[0], res.settings["work"]
-            windows = res.settings["windows_evaluated"] / n_ours
-        elif res is not None:
-            m = res
+        res = results.get(key)
+        ours = res is not None and hasattr(res, "maps")
         grid_only = key == "spec loop" or key.startswith("captum")
+        m = res.maps[0] if ours else res
         extra = {
-            "x brute force": floor_s / t,
             "windows": n_spec if grid_only else n_ours,
             "r vs exact": None if m is None else compare_maps(m, exact.maps[0])[1],
-            "work share": 1.0 if key == floor_key or grid_only else work,
-            "windows evaluated": windows,
+            "work share": res.settings["work"] if ours else 1.0,
+            "windows evaluated": res.settings["windows_evaluated"] / n_ours if ours else 1.0,
             "max |drop diff| / max |drop|": (
                 float((exact.raw - plain.raw).abs().max() / plain.raw.abs().max())
                 if key == "exact" and plain is not None else None
             ),
         }
-        label = key + (" (best)" if key == best and not best_ppe else "")
-        rows.append(Row(label, name, 1, t, t / floor_s, extra=extra))
-    best_ppe = best_ppe or (int(best.split("=")[1]) if best else None)
-    return rows, best_ppe
+        ratios = {} if key == brute else {"x brute force": brute}
+        if key in MODES and key != "exact":
+            ratios["x exact"] = "exact"
+        rows.append(Row(key, name, 1, t, extra=extra, floor=NO_FLOOR, ratios=ratios))
+    return rows
+
+
+def _captum_cases(model, x, target, patch, stride, device, keep, ppes):
+    """captum's Occlusion at each ``perturbations_per_eval`` (none when captum is not installed)."""
+    try:
+        from captum.attr import Occlusion
+    except ImportError:
+        return {}
+
+    def softmax_model(z):
+        return torch.softmax(model(z), 1)
+
+    cases = {}
+    for ppe in [64, 256] if device != "cpu" else ppes:
+        def run_captum(ppe=ppe):
+            with torch.no_grad():
+                return Occlusion(softmax_model).attribute(
+                    x, sliding_window_shapes=(3, patch, patch), strides=(3, stride, stride),
+                    target=target, baselines=0.0, perturbations_per_eval=ppe,
+                )[0, 0]
+
+        cases[f"captum ppe={ppe}"] = keep(f"captum ppe={ppe}", run_captum)
+    return cases
 
 
 def _photos() -> dict:
@@ -201,7 +175,8 @@ def _photos() -> dict:
 
 
 def _photo_table(device: str) -> list[Row]:
-    """Approximate and refined vs exact on the five natural photos, default model, patch 16 / stride 8."""
+    """Approximate and refined vs exact on the five natural photos, default model, patch 16 / stride 8
+    (seconds: the exact map's, one run; the speed-ups are in the 16 / 8 table)."""
     import time
 
     import convlens
@@ -215,126 +190,23 @@ def _photo_table(device: str) -> list[Row]:
         exact = occlusion(clf, x, patch=16, stride=8)
         t_exact = time.perf_counter() - t0
         extra = {"label": exact.labels[0]}
-        for key, kw in (("approximate", {"mode": "approximate"}), ("exact + refine", {"refine": REFINE}),
-                        ("approximate + refine", {"mode": "approximate", "refine": REFINE})):
-            t0 = time.perf_counter()
-            res = occlusion(clf, x, patch=16, stride=8, target=exact.target, **kw)
-            t = time.perf_counter() - t0
+        for key in ("approximate", "exact + refine", "approximate + refine"):
+            res = occlusion(clf, x, patch=16, stride=8, target=exact.target, **MODES[key])
             extra[f"r {key}"] = compare_maps(res.maps, exact.maps)[1]
             extra[f"work {key}"] = res.settings["work"]
             extra[f"windows {key}"] = res.settings["windows_evaluated"] / math.prod(res.settings["windows"])
-            extra[f"x exact {key}"] = t_exact / t
-        rows.append(Row(f"photo: {name}", "efficientnet_lite0 (default)", 1, t_exact, None, extra=extra))
+        rows.append(Row(f"photo: {name}", "efficientnet_lite0 (default)", 1, t_exact, floor=NO_FLOOR, extra=extra))
     return rows
 
 
 def tables(quick: bool, device: str) -> list[tuple[str, list[Row]]]:
-    """Occlusion tables: each model at 40/20, and (not quick) 16/8 and 8/4; then the photos."""
+    """The occlusion tables (see the module docstring); the photo table in the primary worker only."""
     out = []
-    configs = [(40, 20)] if quick else [(40, 20), (16, 8), (8, 4)]
-    for name, model, x in _models(device):
-        best_ppe = None
-        for patch, stride in configs:
-            rows, best_ppe = _table(name, model, x, patch, stride, device, quick, best_ppe)
+    for name, model, x, configs in _models(device, quick):
+        for patch, stride, peers, modes in configs:
+            rows = _table(name, model, x, patch, stride, device, peers, modes)
             out.append((f"Occlusion, {name}, patch {patch} / stride {stride}, 224 px, {device}", rows))
-    if not quick:
+    if not quick and common.PRIMARY:
         out.append((f"Occlusion, approximate and refined vs exact on five natural photos, patch 16 / stride 8, "
                     f"{device} (median s = the exact map's seconds)", _photo_table(device)))
     return out
-
-
-def side_by_side(patch: int = 16, stride: int = 8, repeats: int = 1, photos: bool = False,
-                 device: str = "cpu") -> list[tuple[str, list[Row]]]:
-    """The rows issue 16's speed target reads, for both models in one process, cases interleaved:
-    brute force, exact, approximate, approximate + refine at one patch / stride (and, with
-    ``photos``, the approximate + refine map's r vs the exact one on the five natural photos).
-    Much shorter than :func:`tables` (no peers, no plain-path reference run)."""
-    from convlens.methods.occlusion import occlusion, window_starts
-
-    models = _models(device)
-    results: dict[str, object] = {}
-    cases = {}
-    for name, model, x in models:
-        h, w = x.shape[-2:]
-        n_windows = len(window_starts(h, patch, stride)) * len(window_starts(w, patch, stride))
-        with torch.no_grad():
-            target = int(model(x).argmax(1))
-
-        def floor(model=model, x=x, n=n_windows):
-            with torch.no_grad():
-                for _ in range(n):
-                    model(x)
-
-        cases[f"{name}|brute force: {n_windows} single forwards"] = floor
-        for label, kw in (("exact", {}), ("approximate", {"mode": "approximate"}),
-                          ("approximate + refine", {"mode": "approximate", "refine": REFINE})):
-            def run(key=f"{name}|{label}", model=model, x=x, target=target, kw=kw):
-                results[key] = occlusion(model, x, target=target, patch=patch, stride=stride, **kw)
-
-            cases[f"{name}|{label}"] = run
-    times = measure(cases, repeats=repeats, warmup=0, device=device)
-    out = []
-    for name, _, _ in models:
-        keys = [k for k in times if k.startswith(name + "|")]
-        floor_s = times[keys[0]]
-        rows = []
-        for key in keys:
-            res = results.get(key)
-            exact = results[f"{name}|exact"]
-            extra = {
-                "x brute force": floor_s / times[key],
-                "work share": res.settings["work"] if res is not None else 1.0,
-                "windows evaluated": res.settings["windows_evaluated"] / math.prod(res.settings["windows"])
-                if res is not None else 1.0,
-                "r vs exact": compare_maps(res.maps[0], exact.maps[0])[1] if res is not None else None,
-                "last boundary": res.settings["boundaries"][-1] if res is not None and res.settings["boundaries"]
-                else None,
-            }
-            rows.append(Row(key.split("|", 1)[1], name, 1, times[key], times[key] / floor_s, extra=extra))
-        out.append((f"Occlusion, {name}, patch {patch} / stride {stride}, 224 px, {device}, side by side", rows))
-    if photos:
-        title = "Approximate + refine vs exact, five natural photos, default model"
-        out.append((title, _photo_r(device, patch, stride)))
-    return out
-
-
-def _photo_r(device: str, patch: int, stride: int) -> list[Row]:
-    """The approximate + refine map's r vs the exact map on the five natural photos (default
-    model); seconds: the approximate + refine call's (one run)."""
-    import time
-
-    import convlens
-    from convlens.methods.occlusion import occlusion
-
-    clf = convlens.load_model(device=device)
-    rows = []
-    for name, img in _photos().items():
-        x = clf.preprocess(img)
-        t0 = time.perf_counter()
-        exact = occlusion(clf, x, patch=patch, stride=stride)
-        t1 = time.perf_counter()
-        res = occlusion(clf, x, patch=patch, stride=stride, target=exact.target, mode="approximate", refine=REFINE)
-        t2 = time.perf_counter()
-        rows.append(Row(f"photo: {name}", "efficientnet_lite0 (default)", 1, t2 - t1, extra={
-            "r approximate + refine": compare_maps(res.maps, exact.maps)[1], "work": res.settings["work"],
-            "windows evaluated": res.settings["windows_evaluated"] / math.prod(res.settings["windows"]),
-            "x exact": (t1 - t0) / (t2 - t1)}))
-    return rows
-
-
-if __name__ == "__main__":
-    import argparse
-    import os
-
-    from common import markdown_table  # type: ignore[no-redef]
-
-    parser = argparse.ArgumentParser(description=side_by_side.__doc__)
-    parser.add_argument("--patch", type=int, default=16)
-    parser.add_argument("--stride", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--photos", action="store_true")
-    args = parser.parse_args()
-    print("load average before:", " ".join(f"{v:.2f}" for v in os.getloadavg()))
-    for title, rows in side_by_side(args.patch, args.stride, args.repeats, args.photos):
-        print(markdown_table(title, rows))
-    print("load average after:", " ".join(f"{v:.2f}" for v in os.getloadavg()))

@@ -34,6 +34,10 @@ from pathlib import Path
 
 from .common import Row
 
+# it sets its own threads (one subprocess per strategy) and takes long: one worker, only with --only
+SWEEP = False
+IN_FULL_RUN = False
+
 STRATEGIES: dict[str, tuple[dict[str, str], list[str]]] = {
     "PyTorch default": ({}, ["--threads", "0"]),
     "OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["--threads", "0"]),
@@ -102,9 +106,9 @@ def tables(quick: bool = False, device: str = "cpu") -> list[tuple[str, list[Row
                            "CPUs": available_cpus(), "repeats": repeats})
                 for s, v in samples.items()
             ]
-            best = min(r.seconds for r in rows)
+            best = min(rows, key=lambda r: r.seconds).method
             for r in rows:
-                r.ratio = r.seconds / best
+                r.floor, r.setting = best, "see method"
             out.append((f"explain --fast, machine {load} (x floor: over the best row)", rows))
     return out
 

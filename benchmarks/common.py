@@ -25,10 +25,25 @@ from typing import Any
 
 import torch
 
+#: ``Row.floor`` value for a row that has no ``x floor``
+NO_FLOOR = "-"
+#: True in the worker that computes the correctness columns and the untimed tables (the first thread
+#: setting; see :mod:`benchmarks.sweep`); the others time the cases only. True when a module runs alone.
+PRIMARY = os.environ.get("CONVLENS_BENCH_PRIMARY", "1") != "0"
+
 
 @dataclass
 class Row:
-    """One measured row of a table."""
+    """One measured row of a table.
+
+    Ratios are declared, not computed, by the bench modules: the harness fills them with
+    :func:`fill_ratios` once each row's best thread setting is known. ``floor``: the method of the
+    row ``x floor`` divides by (default: the table's first row whose method starts with "floor";
+    :data:`NO_FLOOR`: none). ``ratios``: ``{column: method of another row of the table}``, each
+    filled with that row's seconds / this row's (a speed-up, e.g. ``{"x brute force": "brute force"}``).
+    ``setting``: the thread setting the seconds were measured at (set by the harness, or by a module
+    whose rows choose their own, e.g. the CLI's own policy).
+    """
 
     method: str
     model: str
@@ -37,6 +52,9 @@ class Row:
     ratio: float | None = None  # to the table's floor row
     peak_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # correctness columns etc.
+    floor: str | None = None
+    ratios: dict[str, str] = field(default_factory=dict)
+    setting: str | None = None
 
 
 def _rss_mb() -> float:
@@ -230,20 +248,27 @@ def input_backward_case(model: torch.nn.Module, x: torch.Tensor, *, target: int 
 
 
 def fill_ratios(rows: list[Row], floor: str | None = None) -> list[Row]:
-    """Set every row's ``ratio`` = seconds / the floor row's seconds (in place; returns ``rows``).
+    """Fill every ratio of a table from its rows' seconds (in place; returns ``rows``).
 
-    ``floor`` names the floor row's method; default: the first row whose method starts with
-    ``"floor"``, else the first row. Rows of another model or batch use their own floor when
-    one exists with the same method name.
+    ``ratio`` (``x floor``) = seconds / the floor row's seconds. The floor row: the row's own
+    ``floor``, else ``floor`` given here, else the first row whose method starts with ``"floor"``;
+    none: ``ratio`` stays None. Rows of another model or batch use their own floor when one exists
+    with that method. Each ``ratios`` column = the named row's seconds / this row's (same model and
+    batch first, else the first row of that method). The one place any ratio column is computed.
     """
-    if not rows:
-        return rows
-    name = floor or next((r.method for r in rows if r.method.startswith("floor")), rows[0].method)
-    floors = {(r.model, r.batch): r.seconds for r in rows if r.method == name}
-    fallback = next(iter(floors.values()), None)
+    default = floor or next((r.method for r in rows if r.method.startswith("floor")), None)
+
+    def find(method: str | None, like: Row) -> Row | None:
+        same = [r for r in rows if r.method == method]
+        return next((r for r in same if (r.model, r.batch) == (like.model, like.batch)), same[0] if same else None)
+
     for r in rows:
-        base = floors.get((r.model, r.batch), fallback)
-        r.ratio = None if not base else r.seconds / base
+        name = default if r.floor is None else r.floor
+        base = None if name == NO_FLOOR else find(name, r)
+        r.ratio = r.seconds / base.seconds if base and base.seconds else None
+        for column, method in r.ratios.items():
+            ref = find(method, r)
+            r.extra[column] = ref.seconds / r.seconds if ref and r.seconds else None
     return rows
 
 
@@ -261,6 +286,8 @@ def table_rows(
 ) -> list[Row]:
     """Time ``cases`` side by side with :func:`measure`, add peak memory and ratios: one Row each.
 
+    Peak memory is measured in the :data:`PRIMARY` worker only (it does not depend on threads).
+
     Each row gets ``extra[case]`` (correctness columns etc.), then ``extra["IQR %"]``, the spread
     of its repeats (see :func:`spread_pct`), so a reader sees when the machine was too noisy for a
     ratio to mean much.
@@ -274,12 +301,13 @@ def table_rows(
             model,
             batch,
             secs[name],
-            peak_mb=peak_memory_mb(fn, device) if memory else None,
+            peak_mb=peak_memory_mb(fn, device) if memory and PRIMARY else None,
             extra={**extra.get(name, {}), "IQR %": spread_pct(samples[name])},
+            floor=floor,
         )
         for name, fn in cases.items()
     ]
-    return fill_ratios(rows, floor)
+    return fill_ratios(rows)
 
 
 def _as_maps(a: Any) -> torch.Tensor:
@@ -335,38 +363,50 @@ def agreement(peer: str, ours: Any, theirs: Any, *, normalise: bool = False) -> 
     return {f"max abs diff vs {peer}": diff, f"r vs {peer}": r}
 
 
+PEERS = ("torchvision", "timm", "captum", "grad-cam", "torchcam", "torch-lucent", "quantus")
+
+
 def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on: CPU, cores, RAM, GPU when there is one, versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
     cpu = platform.processor() or platform.machine()
+    ram = None
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            ram = next((int(line.split()[1]) / 2**20 for line in f if line.startswith("MemTotal:")), None)
     except OSError:
         pass
-    info = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load average (1, 5, 15 min) at report time"] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "RAM": None if ram is None else f"{ram:.0f} GiB"}
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
+        info["gpu"] = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    info["python"] = platform.python_version()
+    info["torch"] = torch.__version__
+    peers = []
+    for name in PEERS:
+        with contextlib.suppress(PackageNotFoundError):
+            peers.append(f"{name} {version(name)}")
+    info["peers"] = ", ".join(peers) or "none installed"
     return info
 
 
 def markdown_table(title: str, rows: list[Row]) -> str:
-    """Rows as a markdown table under a heading, extra columns appended."""
+    """Rows as a markdown table under a heading, extra columns appended (declared ratio columns last).
+
+    ``threads`` (the setting each row's seconds come from) appears when any row has one; ``x floor``
+    when any row has a floor.
+    """
     extra_keys: list[str] = []
     for r in rows:
         extra_keys += [k for k in r.extra if k not in extra_keys]
-    head = ["method", "model", "batch", "median s", "x floor", "peak MB", *extra_keys]
+    ratio_keys = {k for r in rows for k in r.ratios}
+    extra_keys = [k for k in extra_keys if k not in ratio_keys] + [k for k in extra_keys if k in ratio_keys]
+    threads = any(r.setting for r in rows)
+    floor = any(r.ratio is not None for r in rows)
+    head = ["method", "model", "batch", *(["threads"] * threads), "median s", *(["x floor"] * floor), "peak MB",
+            *extra_keys]
     head = [_cell(h) for h in head]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -374,8 +414,9 @@ def markdown_table(title: str, rows: list[Row]) -> str:
             r.method,
             r.model,
             str(r.batch),
+            *([r.setting or "-"] * threads),
             f"{r.seconds:.4f}",
-            "-" if r.ratio is None else f"{r.ratio:.2f}",
+            *(["-" if r.ratio is None else f"{r.ratio:.2f}"] * floor),
             "-" if r.peak_mb is None else f"{r.peak_mb:.0f}",
             *[_fmt(r.extra.get(k)) for k in extra_keys],
         ]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from benchmarks import run
+from benchmarks import run, sweep
 from benchmarks.common import (
+    NO_FLOOR,
     Row,
     agreement,
     compare_maps,
@@ -21,6 +22,7 @@ from benchmarks.common import (
     peak_memory_mb,
     spread_pct,
 )
+from benchmarks.report import INTRO
 
 FAKE = '''
 from benchmarks.common import Row
@@ -75,33 +77,126 @@ def test_import_failure_is_skipped_and_errors_are_reported(bench_dir: Path) -> N
     assert run.render_section(raises) == "_bench_raises: failed: RuntimeError: boom line 2_\n"
 
 
-def test_report_has_machine_command_tables_and_keeps_the_reading(bench_dir: Path, tmp_path: Path) -> None:
+def test_report_has_header_tables_and_a_reading_built_from_the_ratios(bench_dir: Path, tmp_path: Path) -> None:
     sections = [run.run_module(n, p, quick=False, device="cpu") for n, p in run.discover(bench_dir).items()]
-    info = {"torch": "9.9", "threads": 2}
+    sections[1].tables[0][1][1].ratios = {"x peer": "peer"}  # "ours" declares a comparison with "peer"
+    fill_ratios(sections[1].tables[0][1])
+    info = {"torch": "9.9", "cores": 2}
+    loads = {"load average (1, 5, 15 min)": "0.10, 0.20, 0.30 before; 1.90, 1.00, 0.50 after",
+             "thread settings tried": "`2 default`, `2 passive`, `1`"}
     out = tmp_path / "out" / "BENCHMARKS.md"
-    text = run.render_report(sections, command="python -m benchmarks", info=info, date="2030-01-01")
+    text = run.render_report(sections, command="python -m benchmarks", info=info, date="2030-01-01", run=loads,
+                             total_seconds=12.4)
     run.write_report(out, text)
     written = out.read_text()
-    for piece in ("- torch: 9.9", "- threads: 2", "```bash\npython -m benchmarks\n```", "Date: 2030-01-01",
-                  "## fake", "| ours | tiny | 8 | 0.7500 | 1.50 | 12 | 0.988 | - |",
-                  "_bench_broken: skipped: import failed", run.READING_PLACEHOLDER):
+    for piece in ("- torch: 9.9", "- cores: 2", "0.10, 0.20, 0.30 before; 1.90, 1.00, 0.50 after",
+                  "- thread settings tried: `2 default`, `2 passive`, `1`", "```bash\npython -m benchmarks\n```",
+                  "- date: 2030-01-01 (whole run: 12 s)", "- devices: CPU only", "## fake",
+                  "| ours | tiny | 8 | 0.7500 | 1.50 | 12 | 0.988 | - | 2.67 |",  # x peer = 2.0 / 0.75
+                  "_bench_broken: skipped: import failed", "**Rule: every row is shown at its best thread setting**"):
         assert piece in written
-    assert run.previous_reading(out) is None  # still the placeholder
-    out.write_text(written.replace(run.READING_PLACEHOLDER, "We win on X because Y."))
-    again = run.render_report(sections, command="c", info=info, date="d", reading=run.previous_reading(out))
-    assert again.rstrip().endswith("## Reading\n\nWe win on X because Y.")
+    assert written.rstrip().endswith("- Fake on cpu: ours (-) is 2.67x faster than peer (`x peer`).")
+    assert "## Tables" not in written and "second round" not in written
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
 
 
-def test_main_writes_report_and_exits_1_when_a_module_failed(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_merge_keeps_each_row_at_its_best_setting_then_fills_ratios_between_best_settings() -> None:
+    def rows(brute: float, ours: float, primary: bool) -> list[tuple[str, list[Row]]]:
+        extra = {"r vs exact": 0.99} if primary else {"r vs exact": None}  # computed once, in the primary
+        return [("occlusion", [Row("brute force", "m", 1, brute, floor=NO_FLOOR),
+                               Row("ours", "m", 1, ours, extra={**extra, "IQR %": ours}, floor=NO_FLOOR,
+                                   peak_mb=5.0 if primary else None, ratios={"x brute force": "brute force"})])]
+
+    runs = {"2 default": rows(8.0, 2.0, True), "2 passive": rows(9.0, 1.0, False), "1": rows(6.0, 3.0, False)}
+    ((title, merged),) = sweep.merge(runs)
+    fill_ratios(merged)
+    brute, ours = merged
+    assert (brute.setting, brute.seconds, ours.setting, ours.seconds) == ("1", 6.0, "2 passive", 1.0)
+    assert ours.extra == {"r vs exact": 0.99, "IQR %": 1.0, "x brute force": 6.0}  # correctness from the primary
+    assert ours.peak_mb == 5.0 and brute.ratio is None and ours.ratio is None
+    assert runs["2 passive"][0][1][1].extra == {"r vs exact": None, "IQR %": 1.0}  # the inputs are not changed
+    md = markdown_table(title, merged)
+    assert "| method | model | batch | threads | median s | peak MB | r vs exact | IQR % | x brute force |" in md
+    assert "| ours | m | 1 | 2 passive | 1.0000 | 5 | 0.99 | 1 | 6 |" in md
+    own = Row("cli", "m", 1, 4.0, setting="own policy")
+    assert sweep.merge({"1": [("t", [own])]})[0][1][0].setting == "own policy"
+
+
+def test_fill_ratios_declared_columns_and_no_floor() -> None:
+    rows = [Row("floor: f", "a", 1, 2.0), Row("peer", "a", 1, 6.0), Row("ours", "a", 1, 3.0, ratios={"x": "peer"}),
+            Row("alone", "a", 1, 5.0, floor=NO_FLOOR, ratios={"y": "missing"})]
+    fill_ratios(rows)
+    assert [r.ratio for r in rows] == [1.0, 3.0, 1.5, None]
+    assert rows[2].extra == {"x": 2.0} and rows[3].extra == {"y": None}
+    rows[2].seconds = 1.0  # recomputed after the seconds change (the harness does so after merging)
+    assert fill_ratios(rows)[2].extra["x"] == 6.0 and rows[2].ratio == 0.5
+
+
+def test_settings_and_their_worker_environments() -> None:
+    assert [s.name for s in sweep.settings(2)] == ["2 default", "2 passive", "1"]
+    assert [s.name for s in sweep.settings(1)] == ["1"]
+    assert sweep.pick("1, 2 passive", sweep.settings(2)) == [sweep.Setting(1), sweep.Setting(2, True)]
+    with pytest.raises(ValueError, match="no thread setting 3; have: 2 default, 2 passive, 1"):
+        sweep.pick("3", sweep.settings(2))
+    base = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "7", "CONVLENS_THREADS": "auto", "HOME": "/h"}
+    env = sweep.Setting(2).env(base, primary=True)
+    assert (env["OMP_NUM_THREADS"], env["CONVLENS_BENCH_PRIMARY"], env["HOME"]) == ("2", "1", "/h")
+    assert "OMP_WAIT_POLICY" not in env and "CONVLENS_THREADS" not in env
+    env = sweep.Setting(2, passive=True).env(base, primary=False)
+    assert (env["OMP_WAIT_POLICY"], env["CONVLENS_BENCH_PRIMARY"]) == ("PASSIVE", "0")
+
+
+def _fake_swept(name, path, settings, args, device):
+    section = run.run_module(name, path, quick=args.quick, device=device)
+    for _, rows in section.tables:
+        for r in rows:
+            r.setting = settings[0].name
+    return section
+
+
+def test_busy_machine_prints_the_tables_but_does_not_write(tmp_path: Path, monkeypatch, capsys) -> None:
     (tmp_path / "bench_fake.py").write_text(FAKE)
     monkeypatch.setattr(run, "HERE", tmp_path)
+    monkeypatch.setattr(run, "run_swept", _fake_swept)
+    monkeypatch.setattr(run.sweep, "wait_policy_check", lambda: "same work")
+    monkeypatch.setattr(run, "_load", lambda: (0.9, 0.4, 0.3))
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "B.md"
-    assert run.main(["--quick", "--out", str(out)]) == 0
-    assert "| peer | tiny | 2 | 2.0000 | 4.00 |" in capsys.readouterr().out
-    assert f"python -m benchmarks --quick --out {out}" in out.read_text()
+    assert run.main(["--out", str(out)]) == 3
+    captured = capsys.readouterr()
+    assert "| peer | tiny | 8 | 2 default | 2.0000 | 4.00 |" in captured.out
+    assert "load average 0.90 (1 min) is above 0.5" in captured.err and not out.exists()
+    assert run.main(["--out", str(out), "--force"]) == 0
+    text = out.read_text()
+    assert "0.90, 0.40, 0.30 before" in text and "written with --force above the limit" in text
+    assert "- wait policy at 1 thread: same work" in text
+    monkeypatch.setattr(run, "_load", lambda: (0.2, 0.4, 0.3))
+    assert run.main(["--quick", "--only", "fake"]) == 0 and not (tmp_path / "BENCHMARKS.md").exists()
+    assert run.main([]) == 0 and (tmp_path / "BENCHMARKS.md").exists()  # a full run writes the default file
+
+
+def test_main_runs_a_worker_per_setting_and_exits_1_when_a_module_failed(tmp_path: Path, monkeypatch,
+                                                                         capsys) -> None:
+    (tmp_path / "bench_fake.py").write_text(FAKE)
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    monkeypatch.setattr(run, "_load", lambda: (0.0, 0.0, 0.0))
+    out = tmp_path / "B.md"
+    assert run.main(["--quick", "--settings", "1", "--out", str(out)]) == 0  # one real worker process
+    assert "| peer | tiny | 2 | 1 | 2.0000 | 4.00 |" in capsys.readouterr().out
+    assert "python -m benchmarks --quick --settings 1 --out" in out.read_text()
     (tmp_path / "bench_raises.py").write_text("def tables(quick, device):\n    raise RuntimeError('boom')\n")
+    monkeypatch.setattr(run, "run_swept", _fake_swept)
     assert run.main(["--no-write"]) == 1
+
+
+def test_the_committed_report_is_one_generated_run() -> None:
+    text = (Path(__file__).resolve().parents[1] / "BENCHMARKS.md").read_text()
+    assert text.startswith("# convlens benchmarks\n\n" + INTRO)
+    titles = [line for line in text.splitlines() if line.startswith("### ")]
+    assert len(titles) == len(set(titles))  # one table per topic
+    for stale in ("second round", "third round", "## Tables", "Measured on branch", "pasted"):
+        assert stale not in text
+    assert "- thread settings tried:" in text and "- rule:" in text and "## Reading" in text
 
 
 def test_fill_ratios_per_model_and_batch() -> None:
