@@ -109,3 +109,17 @@ def small():
     g = torch.Generator().manual_seed(2)
     blobs = torch.nn.functional.interpolate(torch.randn(2, 3, 4, 4, generator=g), size=64, mode="bilinear")
     return net, 2 * blobs + 0.3 * torch.randn(2, 3, 64, 64, generator=g)
+
+
+def tiny() -> nn.Sequential:
+    """A fixed-weight 3-class net of two small convolutions (seed 0), for the API-shape tests."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+    ).eval()
+
+
+def tiny_classifier() -> convlens.Classifier:
+    """:func:`tiny` as a Classifier of 16 px inputs with labels a, b, c."""
+    return convlens.Classifier(tiny(), mean=(0.5,) * 3, std=(0.25,) * 3, size=16, labels=["a", "b", "c"])

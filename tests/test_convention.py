@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 import convlens
+from conftest import tiny, tiny_classifier
 from convlens._compat import method_options, renamed
 from convlens.baselines import gaussian_blur
 from convlens.cli import main
@@ -29,17 +30,9 @@ OLD_NAMES = {"model_or_classifier", "classifier_or_model", "classifier", "clf", 
 MAP = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
-def tiny() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def clf() -> convlens.Classifier:
-    return convlens.Classifier(tiny(), mean=(0.5,) * 3, std=(0.25,) * 3, size=16, labels=["a", "b", "c"])
+    return tiny_classifier()
 
 
 @pytest.fixture(scope="module")

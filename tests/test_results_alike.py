@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
-from torch import nn
 
 import convlens
+from conftest import tiny_classifier
 from convlens.metrics.trust import trust_summary
 from convlens.report import to_json
 from convlens.runs import RunSummary
@@ -23,17 +23,9 @@ from convlens.settings import CamSettings, OcclusionSettings
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
 
 
-def tiny() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def clf() -> convlens.Classifier:
-    return convlens.Classifier(tiny(), mean=(0.5,) * 3, std=(0.25,) * 3, size=16, labels=["a", "b", "c"])
+    return tiny_classifier()
 
 
 @pytest.fixture(scope="module")
