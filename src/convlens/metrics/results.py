@@ -116,15 +116,18 @@ class DeletionInsertion(Result, Mapping[str, tuple[PerturbationCurve, Perturbati
         Raises:
             ValueError: maps of different images (a ``top=k`` map has more rows): save writes ``.npz`` then.
         """
-        shapes = {tuple(d.scores.shape) for d, _ in self.curves.values()}
+        shapes = self._shapes()
         if len(shapes) != 1:
             raise ValueError(f"the maps' curves have different shapes {sorted(shapes)}; see _array()")
         return np.stack([np.stack([d.to_numpy(), i.to_numpy()]) for d, i in self.curves.values()])
 
     def _array(self) -> np.ndarray | dict[str, np.ndarray]:
-        if len({tuple(d.scores.shape) for d, _ in self.curves.values()}) == 1:
+        if len(self._shapes()) == 1:
             return self.to_numpy()
         return {f"{k}_{c.kind}": c.to_numpy() for k, pair in self.curves.items() for c in pair}  # rows differ: .npz
+
+    def _shapes(self) -> set[tuple[int, ...]]:
+        return {tuple(d.scores.shape) for d, _ in self.curves.values()}
 
     def _name(self) -> str:
         return "deletion_insertion"
