@@ -11,6 +11,7 @@ from torch import nn
 
 import convlens
 from convlens import activations
+from convlens.checks import NonFiniteError
 from convlens.cli import main
 from convlens.hooks import count_hooks
 from convlens.layers import call_counts, find_stages
@@ -69,6 +70,27 @@ def test_exact_values_and_early_stop(xt, device):
     # channel 1 is the more active at every layer but conv (mean of 2x - 5 = 10 vs 7.5)
     assert acts.top_channels("relu", 2).tolist() == [[1, 0]]
     assert acts.top_channels("conv", 1).tolist() == [[1]]
+    assert count_hooks(m) == 0
+
+
+def test_non_finite_raises_and_constant_rows_warn(xt):
+    """One pass per map decides both checks: a NaN or an infinity anywhere in a map is an error
+    naming the layer and the counts; an image whose map holds one value warns with its row."""
+    m = Tiny().eval()
+    m.head.armed = False
+    bad = xt.repeat(2, 1, 1, 1)
+    bad[1, 0, 3, 3] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"the output of conv holds 0 NaN and 2 infinite values of 64"):
+        activations(m, bad, ["conv", "relu"])
+    bad[1, 0, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"the output of conv holds 2 NaN and 0 infinite"):
+        activations(m, bad, ["conv"])
+    flat = torch.cat([xt, torch.full_like(xt, -3.0)])  # image 1: conv -3 and -11, ReLU 0 everywhere
+    with pytest.warns(RuntimeWarning, match=r"activations of relu map is constant \(all 0\) for rows \[1\]") as rec:
+        acts = activations(m, flat, ["conv", "relu"])
+    assert [str(w.message).split(" map")[0] for w in rec] == ["activations of relu"]  # conv's rows vary
+    assert rec[0].filename == __file__  # the warning points at the caller's line
+    torch.testing.assert_close(acts["relu"][1], torch.zeros(2, 4, 4), rtol=0, atol=0)
     assert count_hooks(m) == 0
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._compat import IMAGES, renamed
 from .hooks import forward_hooks, model_guard
-from .layout import LayerError, _channels_last_model, class_token_model, map_layout
+from .layout import LayerError, channels_last_model, class_token_model, map_layout
 
 if TYPE_CHECKING:
     from .models import Classifier
@@ -230,7 +230,7 @@ def layer_table(model: nn.Module | Classifier, images: Tensor | Any) -> list[Lay
         model(x)
     order = {name: i for i, name in enumerate(sorted(done, key=done.__getitem__))}
     hw = (int(x.shape[-2]), int(x.shape[-1]))
-    channels_last = _channels_last_model(model)
+    channels_last = channels_last_model(model)
     _REMEMBERED.setdefault(model, {})[("calls", tuple(x.shape[1:]))] = dict(counts)
     return [
         LayerInfo(

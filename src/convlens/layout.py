@@ -150,7 +150,7 @@ def map_layout(
         raise LayerError(f"{where}, not an (N, C, h, w) map of the image; {_HOW}")
     if layout is not None:
         return Layout(layout)
-    if not (_channels_last_model(model) if channels_last is None else channels_last):
+    if not (channels_last_model(model) if channels_last is None else channels_last):
         return Layout("nchw")
     c = _channels(module) if module is not None else None
     fits = {k: _fits(hw, input_hw) for k, hw in (("nchw", shape[2:4]), ("nhwc", shape[1:3]))}
@@ -173,13 +173,15 @@ def layout_for(
     layout: LayoutName | str | None = None,
     reshape: Reshape | None = None,
     batch: int | None = None,
+    channels_last: bool | None = None,
 ) -> Layout:
     """:func:`map_layout` for a technique: its own ``layout=``/``reshape=`` when given, else the
     classifier's (``Classifier(layout=..., reshape=...)``), else inferred from ``clf.model``."""
     if layout is None and reshape is None:
         layout, reshape = getattr(clf, "layout", None), getattr(clf, "reshape", None)
     model = clf.model  # type: ignore[attr-defined]
-    return map_layout(model, name, module, shape, input_hw, layout=layout, reshape=reshape, batch=batch)
+    return map_layout(model, name, module, shape, input_hw, layout=layout, reshape=reshape, batch=batch,
+                      channels_last=channels_last)
 
 
 def _tokens(model: nn.Module, shape: tuple[int, ...], input_hw: tuple[int, int], where: str) -> Layout:
@@ -215,7 +217,7 @@ def _model_grid(model: nn.Module, input_hw: tuple[int, int]) -> tuple[int, int] 
     return None
 
 
-def _channels_last_model(model: nn.Module) -> bool:
+def channels_last_model(model: nn.Module) -> bool:
     """Whether the model can hold channels-last maps: timm's ``output_fmt="NHWC"`` or a plain
     ``nn.LayerNorm`` (it normalises the last axis; timm's ``LayerNorm2d`` normalises channels)."""
     if str(getattr(model, "output_fmt", "")).upper() == "NHWC":

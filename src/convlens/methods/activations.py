@@ -14,10 +14,10 @@ from typing import Literal
 from torch import Tensor, nn
 
 from .._compat import MODEL_AND_IMAGES, renamed
-from ..checks import require_finite, warn_constant
+from ..checks import check_maps
 from ..hooks import LayerCapture, model_guard
 from ..layers import LayerError, LayerSpec, call_counts, find_stages, forget, missing_layer, remembered, resolve_layers
-from ..layout import LayoutName, Reshape, layout_for
+from ..layout import LayoutName, Reshape, channels_last_model, layout_for
 from ..models import Classifier, as_classifier
 from ..results import Activations
 
@@ -90,13 +90,12 @@ def activations(
     if missing:
         raise missing_layer(missing[0], cap.counts)
     hw = (int(x.shape[-2]), int(x.shape[-1]))
-    lays = {n: layout_for(clf, n, chosen[n], tuple(t.shape), hw, layout=layout, reshape=reshape, batch=len(x))
-            for n, t in outputs.items()}
+    cl = channels_last_model(model)  # once, not per layer: it looks at every module
+    lays = {n: layout_for(clf, n, chosen[n], tuple(t.shape), hw, layout=layout, reshape=reshape, batch=len(x),
+                          channels_last=cl) for n, t in outputs.items()}
     # hooks fire in execution order: the dict keeps the order in which the network computed them
-    maps = {n: require_finite(lays[n].apply(t.detach()).float().contiguous(), f"the output of {n}")
-            for n, t in outputs.items()}
-    for n, t in maps.items():
-        warn_constant(t, f"activations of {n}", "every channel holds one value")
+    maps = {n: lays[n].apply(t.detach()).float().contiguous() for n, t in outputs.items()}
+    check_maps(maps, "the output of {name}", "activations of {name}", "every channel holds one value")
     log.info("activations of %s", ", ".join(f"{n} {tuple(t.shape[1:])}" for n, t in maps.items()))
     return Activations(
         maps=maps,
