@@ -16,7 +16,8 @@ from torch import nn
 
 from convlens._inference import check_tolerance
 from convlens.hooks import count_hooks
-from convlens.methods.occlusion import occlusion, window_starts
+from convlens.methods import occlusion as occlusion_module
+from convlens.methods.occlusion import CROP_DEVICES, occlusion, window_starts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP thread per module
 
@@ -99,9 +100,35 @@ def test_exact_mode_equals_full_forwards(arch, device):
     # a few times the float32 full forward's own error, or the device's rounding of the largest drop
     floor = 0.1 * check_tolerance(x.device, x.dtype) * scale  # CPU: 1e-6 x scale; TF32 on a GPU: 2e-3
     assert err_fast <= max(4 * err_plain, floor), (err_fast, err_plain, scale)
-    if crops:
+    if crops and x.device.type in CROP_DEVICES:
         assert fast.settings["path"] == "crop", fast.settings["fallback"]
         assert fast.settings["work"] < 0.9
+    assert count_hooks(model) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_device_without_crops_runs_full_batches_through_the_private_copy(monkeypatch, device):
+    """Where crops are not tried (a GPU), exact and approximate requests alike run full forwards
+    through the checked private copy, the windows in batches sized by memory: the map is exact,
+    says so, and says why; nothing of the user's model changes."""
+    monkeypatch.setattr(occlusion_module, "CROP_DEVICES", ())
+    model = _calibrated(ARCHS["resnet18"][0]).to(device)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6)).to(device)
+    truth = _truth(model, x).cpu()
+    plain = occlusion(model, x, target=TARGET, patch=PATCH, stride=STRIDE, score="logit", fast=False)
+    err_plain = float((plain.raw[0].cpu().double() - truth).abs().max())
+    floor = 0.1 * check_tolerance(x.device, x.dtype) * float(truth.abs().max())
+    for mode in ("exact", "approximate"):
+        got = occlusion(model, x, target=TARGET, patch=PATCH, stride=STRIDE, score="logit", mode=mode)
+        assert got.settings["path"] == "plain" and got.settings["mode"] == "exact"
+        assert got.settings["fallback"] == f"on {x.device.type} full batches of windows are faster than crops" + (
+            "; the map is exact" if mode == "approximate" else "")
+        assert got.settings["work"] == 1.0
+        if x.device.type == "cpu":  # the private copy's batch (on CUDA half the free memory decides)
+            assert got.settings["batch_size"] == occlusion_module.COPY_BATCH
+        err = float((got.raw[0].cpu().double() - truth).abs().max())
+        assert err <= max(4 * err_plain, floor), (mode, err, err_plain)
     assert count_hooks(model) == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

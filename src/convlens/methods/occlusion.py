@@ -107,6 +107,13 @@ def _baseline(baseline: Any, x: Tensor, patch: tuple[int, int], blur_sigma: floa
 #: the model's own forwards one at a time). The user's own model: 1.
 CROP_BATCH, COPY_BATCH = 32, 4
 
+#: the device types where the crop path is tried. On a GPU, full forwards through the private copy
+#: with as many windows per batch as half the free memory holds (and the windows of every image in
+#: the same batches) win: measured on an H200, one image at 40/20, the crop path ran 0.79x brute
+#: force on ResNet-50 and 0.06x on the default model (its first call set up many crop shapes),
+#: captum's plain batches 8.2x and 7.5x. There an approximate map is computed exactly.
+CROP_DEVICES = ("cpu",)
+
 
 class _Scorer:
     """The (B,) scores of a model output whose rows belong to the images ``rows`` (the chosen
@@ -479,11 +486,16 @@ def _choose_evaluator(clf: Any, x: Tensor, base: Tensor, patch: tuple[int, int],
         from .._inference import fast_model
         from ._occlusion_fast import build_fast_evaluator
 
-        crops = build_fast_evaluator(
-            model, x, base, patch, starts_y, starts_x,
-            reference=evaluator, tau=tau if mode == "approximate" else None, reasons=reasons,
-            output=clf.adapt,
-        )
+        crops = None
+        if x.device.type in CROP_DEVICES:
+            crops = build_fast_evaluator(
+                model, x, base, patch, starts_y, starts_x,
+                reference=evaluator, tau=tau if mode == "approximate" else None, reasons=reasons,
+                output=clf.adapt,
+            )
+        else:
+            reasons.append(f"on {x.device.type} full batches of windows are faster than crops"
+                           + ("; the map is exact" if mode == "approximate" else ""))
         if crops is not None:
             evaluator, cpu_batch = crops, CROP_BATCH
         else:  # full forwards, through the checked private copy where there is one
