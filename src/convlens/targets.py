@@ -129,7 +129,7 @@ def _region_masks(region: Region, n: int, out: Tensor | None) -> Tensor:
     h, w = out.shape[-2:]
     if region.mask is None:
         return torch.ones(n, h, w, device=out.device)
-    mask = torch.as_tensor(region.mask)
+    mask = torch.as_tensor(region.mask, device=out.device)
     if mask.dim() == 2:
         mask = mask[None]
     if mask.dim() != 3 or mask.shape[-2:] != (h, w) or mask.shape[0] not in (1, n):

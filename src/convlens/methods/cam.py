@@ -245,7 +245,7 @@ def _seed(out: Tensor, images: list[int], classes: list[int]) -> Tensor:
 def _index(values: list[int], device: torch.device) -> Tensor:
     """An index tensor on ``device`` copied from the host without waiting for the device (a
     ``tensor[list]`` or ``torch.tensor(list, device=...)`` copy syncs the stream)."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.long, device="cpu").to(device, non_blocking=True)
 
 
 def _rows_of(t: Tensor, image: list[int]) -> Tensor:

@@ -1,0 +1,181 @@
+"""Device handling checked without a GPU: every tensor convlens makes follows its input's device.
+
+A tensor made without ``device=`` lands on torch's default device. On a GPU run that is the CPU,
+and mixing it with the model's CUDA tensors raises (or copies, and waits for the device, every
+call). Here the default device is set to ``meta`` while the model and the images stay on the CPU:
+a tensor made without naming its device is then a meta tensor, and mixing it with the CPU tensors
+raises in the same places a CPU tensor would on a GPU run. What convlens makes on the host on
+purpose (seeded draws, the occlusion refinement's plan) says ``device="cpu"``; a static check
+holds every factory call in ``src/`` to that.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import warnings
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from tests.test_anymodel import small_net
+from torch import Tensor, nn
+
+import convlens
+from conftest import assert_unchanged, snapshot
+from convlens import Classifier
+from convlens.metrics.trust import trust_summary
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "convlens"
+#: torch's factory functions that take ``device=`` (``from_numpy`` and ``*_like`` follow their source)
+FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", "rand", "randn", "randint",
+             "randperm", "linspace", "logspace", "eye", "fftfreq", "rfftfreq"}
+
+
+def test_every_factory_call_in_the_package_names_its_device():
+    missing = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FACTORIES
+                    and ast.unparse(node.func.value) in ("torch", "torch.fft")
+                    and not any(k.arg == "device" for k in node.keywords)):
+                missing.append(f"{path.relative_to(SRC)}:{node.lineno} {ast.unparse(node.func)}")
+    assert missing == []
+
+
+@contextlib.contextmanager
+def elsewhere():
+    """Tensors made without a device go to ``meta``, not to the inputs' CPU."""
+    torch.set_default_device("meta")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.set_default_device(None)
+
+
+def test_elsewhere_catches_a_tensor_made_without_the_inputs_device():
+    x = torch.ones(3)
+    with elsewhere(), pytest.raises((RuntimeError, NotImplementedError)):
+        float((x + torch.zeros(3)).sum())
+    assert torch.zeros(1).device.type == "cpu"  # restored
+
+
+def _tensors(value) -> list[Tensor]:
+    """Every tensor in a result (dataclass fields, dicts, lists, tuples), one level of nesting deep."""
+    found: list[Tensor] = []
+    items = list(vars(value).values()) if hasattr(value, "__dataclass_fields__") else [value]
+    for v in items:
+        if isinstance(v, Tensor):
+            found.append(v)
+        elif isinstance(v, dict):
+            found += [t for t in v.values() if isinstance(t, Tensor)]
+            found += [t for w in v.values() if isinstance(w, (tuple, list)) for c in w for t in _tensors(c)]
+        elif isinstance(v, (list, tuple)):
+            found += [t for c in v for t in (_tensors(c) if not isinstance(c, Tensor) else [c])]
+    return found
+
+
+def _plain(net: nn.Module, channels: int = 3, **kw) -> Classifier:
+    return Classifier(net, mean=(0.1,) * channels, std=(0.9,) * channels, size=None, **kw)
+
+
+class Segmenter(nn.Module):
+    """A tiny dense model: (N, 3, H, W) -> (N, 3 classes, H / 2, W / 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1))
+        self.head = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+def _gray_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).eval()
+
+
+def _cases() -> dict[str, tuple]:
+    """name -> (classifier, images, call(clf, x) -> result)."""
+    clf, x = _plain(small_net()), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    multi = _plain(small_net(), multi_label=True)
+    wide = torch.randn(2, 3, 24, 40, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                            num_classes=4).eval()
+    tokens = _plain(vit)
+    seg = _plain(Segmenter(), labels=["background", "cat", "dog"])
+    mask = torch.zeros(16, 16)
+    mask[4:12, 2:10] = 1.0
+    region = convlens.Region("cat", mask)
+    gray = _plain(_gray_net(), channels=1)
+    g1 = torch.randn(2, 1, 20, 28, generator=torch.Generator().manual_seed(3))
+
+    def cam(method, **kw):
+        return lambda c, v: convlens.grad_cam(c, v, layer="6", method=method, batch_size=8, **kw)
+
+    def occ(**kw):
+        return lambda c, v: convlens.occlusion(c, v, patch=16, stride=8, **kw)
+
+    cases = {f"cam {m}": (clf, x, cam(m, target=[1, 3])) for m in convlens.CAM_METHODS}
+    cases.update({
+        "cam top-2": (clf, x, cam("gradcam", top=2)),
+        "cam callable": (clf, x, cam("gradcam", target=lambda o: o[:, 2] - o[:, 0])),
+        "activations": (clf, x, lambda c, v: convlens.activations(c, v, ["2", "6"])),
+        "occlusion exact": (clf, x, occ(target=2)),
+        "occlusion approximate refined": (clf, x, occ(mode="approximate", refine=0.5)),
+        "occlusion full forwards blur": (clf, x, occ(fast=False, baseline="blur")),
+        "feature visualisation fourier": (clf, x, lambda c, v: convlens.feature_visualization(
+            c, "6", [0, 3], steps=2, size=32)),
+        "feature visualisation pixel class": (clf, x, lambda c, v: convlens.feature_visualization(
+            c, None, [1], objective="class", param="pixel", steps=2, size=32)),
+        "deletion insertion": (clf, x, lambda c, v: convlens.deletion_insertion(
+            c, v, {"g": convlens.grad_cam(c, v, layer="6")}, steps=4)),
+        "sanity check": (clf, x, lambda c, v: convlens.sanity_check(c, v, "gradcam", layer="6", draws=2)),
+        "class sensitivity": (clf, x, lambda c, v: convlens.class_sensitivity(c, v, "gradcam", layer="6")),
+        "compare": (clf, x, lambda c, v: convlens.compare(
+            c, v, ["gradcam", "occlusion"], steps=4, draws=2, options={"occlusion": {"patch": 16, "stride": 8}})),
+        "trust summary": (clf, x[:1], lambda c, v: trust_summary(
+            c, v, {"gradcam": convlens.grad_cam(c, v, layer="6"), "occlusion": convlens.occlusion(
+                c, v, patch=16, stride=8)}, steps=4, draws=2)),
+        "multi-label occlusion": (multi, x, occ()),
+        "multi-label deletion": (multi, x, lambda c, v: convlens.deletion(
+            c, v, convlens.grad_cam(c, v, layer="6"), steps=4)),
+        "non-square cam": (clf, wide, cam("gradcam++")),
+        "non-square occlusion": (clf, wide, occ()),
+        "tokens cam": (tokens, x, lambda c, v: convlens.grad_cam(c, v, target=[1, 2])),
+        "tokens activations": (tokens, x, lambda c, v: convlens.activations(c, v, ["blocks.1"])),
+        "tokens occlusion": (tokens, x, occ()),
+        "region cam": (seg, x, lambda c, v: convlens.grad_cam(c, v, target=region, layer="body.2")),
+        "region occlusion": (seg, x, occ(target=region)),
+        "region deletion": (seg, x, lambda c, v: convlens.deletion(
+            c, v, convlens.grad_cam(c, v, target=region, layer="body.2"), target=region, steps=4)),
+        "grayscale cam": (gray, g1, lambda c, v: convlens.grad_cam(c, v, layer="1")),
+        "grayscale feature visualisation": (gray, g1, lambda c, v: convlens.feature_visualization(
+            c, "1", [0], steps=2, size=20)),
+        "denormalise": (gray, g1, lambda c, v: c.denormalise(v)),
+    })
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tensors_made_follow_the_inputs_device(name):
+    clf, x, call = CASES[name]
+    before = snapshot(clf.model)
+    with elsewhere():
+        result = call(clf, x)
+    found = _tensors(result)
+    assert found, "the result holds no tensor to check"
+    assert {t.device.type for t in found} == {"cpu"}  # on the inputs' device, not the default one
+    assert_unchanged(clf.model, before)
