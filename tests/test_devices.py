@@ -15,6 +15,7 @@ import ast
 import contextlib
 import copy
 import dataclasses
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -234,3 +235,127 @@ def test_on_the_device_equals_the_cpu(name, device):
             scale = float(a.abs().nan_to_num().max()) if a.numel() else 1.0
             torch.testing.assert_close(b, a, rtol=0, atol=(2e-2 if tf32 else 1e-3) * (scale or 1.0), equal_nan=True,
                                        msg=path)
+
+
+# -- waits for the device: per call, not per batch or step ----------------------------------------
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def _has_list(index) -> bool:
+    return isinstance(index, list) or (isinstance(index, tuple) and any(isinstance(i, list) for i in index))
+
+
+@pytest.fixture()
+def waits(monkeypatch):
+    """Counts what waits for the device on a GPU, as a CPU run makes it: reading a value to the host
+    (``.item()``, ``.tolist()``, ``float()``...), host data made straight on a tensor's device
+    (``torch.tensor(list, device=t.device)``: a synchronous copy; ``device="cpu"`` is the host on
+    purpose) and indexing with a Python list (a synchronous copy of the index). Not seen here: a
+    ``.to(device)`` of a host tensor without ``non_blocking`` (on the CPU it cannot be told from a
+    no-op): the code review found none in a loop."""
+    seen: list[str] = []
+
+    def spy(owner, name, counts):
+        original = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            stack = traceback.extract_stack(limit=12) if counts(a, k) else []
+            # named by the line of convlens that asked, for the assertion's message; the optimiser's
+            # step counter lives on the host (torch.optim reads it there)
+            if stack and not any("torch/optim" in f.filename for f in stack):
+                where = [f for f in stack if str(SRC) in f.filename]
+                seen.append(f"{name} {where[-1].filename[len(str(SRC)) + 1:]}:{where[-1].lineno}" if where else name)
+            return original(*a, **k)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for name in SYNCS:
+        spy(torch.Tensor, name, lambda a, k: True)
+    for name in ("tensor", "as_tensor"):
+        spy(torch, name, lambda a, k: isinstance(k.get("device"), torch.device) and not isinstance(a[0], Tensor))
+    spy(torch.Tensor, "__getitem__", lambda a, k: _has_list(a[1]))
+    spy(torch.Tensor, "__setitem__", lambda a, k: _has_list(a[1]))
+    return seen
+
+
+def _count(waits: list[str], fn, *args, **kwargs) -> list[str]:
+    """The waits of ``fn(*args, **kwargs)``'s second call (the first builds what a model's later
+    calls reuse: the checked private copy, the layer table)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fn(*args, **kwargs)
+        waits.clear()
+        fn(*args, **kwargs)
+    return sorted(waits)
+
+
+def test_occlusion_on_the_gpu_path_waits_per_call_not_per_batch(waits, monkeypatch):
+    """The GPU path (full batches through the private copy; crop devices emptied, as on CUDA): the
+    same waits with one window per batch as with every window in one batch."""
+    monkeypatch.setattr(convlens.methods.occlusion, "CROP_DEVICES", ())
+    clf, x = CASES["occlusion exact"][:2]
+    seg, region = CASES["region occlusion"][0], convlens.Region("cat", torch.ones(16, 16))
+    for c, kw in ((clf, {}), (clf, {"fast": False}), (seg, {"target": region})):
+        one = _count(waits, convlens.occlusion, c, x, patch=16, stride=8, batch_size=1, **kw)
+        assert one == _count(waits, convlens.occlusion, c, x, patch=16, stride=8, batch_size=64, **kw), kw
+
+
+def test_score_cam_and_deletion_waits_per_call_not_per_batch(waits):
+    clf, x = CASES["cam scorecam"][:2]
+    kw = {"target": [1, 3], "layer": "6", "method": "scorecam"}
+    assert _count(waits, convlens.grad_cam, clf, x, batch_size=1, **kw) == _count(
+        waits, convlens.grad_cam, clf, x, batch_size=16, **kw)
+    cam = convlens.grad_cam(clf, x, layer="6")
+    seg, region = CASES["region occlusion"][0], convlens.Region("cat", torch.ones(16, 16))
+    for c, t in ((clf, None), (seg, region)):
+        one = _count(waits, convlens.deletion_insertion, c, x, {"m": cam}, target=t, steps=4, batch_size=1)
+        assert one == _count(waits, convlens.deletion_insertion, c, x, {"m": cam}, target=t, steps=4, batch_size=64)
+
+
+def test_feature_visualisation_waits_per_call_not_per_step(waits):
+    """Diversity across two images of one channel and the transforms that draw scales and angles
+    (jitter's offsets are drawn and read on the host by design)."""
+    from convlens.methods.transforms import pad, random_rotate, random_scale
+
+    clf = CASES["feature visualisation fourier"][0]
+    kw = {"size": 32, "diversity": 0.5, "transforms": [pad(2), random_scale([0.9, 1.0, 1.1]), random_rotate([-5, 5])]}
+    assert _count(waits, convlens.feature_visualization, clf, "6", [0, 0, 3], steps=1, **kw) == _count(
+        waits, convlens.feature_visualization, clf, "6", [0, 0, 3], steps=4, **kw)
+
+
+def _cuda_syncs(call) -> int:
+    """How many operations of ``call()``'s second run synchronise with the GPU
+    (``torch.cuda.set_sync_debug_mode``: each warns)."""
+    call()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("name", ["occlusion exact", "region occlusion", "cam scorecam", "deletion insertion",
+                                  "feature visualisation fourier"])
+def test_waits_on_the_gpu_do_not_grow_with_batches_or_steps(name, device):
+    """Where a GPU is present, CUDA's own sync detection: the same number of synchronising
+    operations with one item per batch (one step) as with several."""
+    if device == "cpu":
+        pytest.skip("the CPU run counts them with the waits spy (the tests above)")
+    case = CASES[name]
+    c = case.clf.with_model(copy.deepcopy(case.clf.model).to(device))
+    x = case.x.to(device)
+    region = convlens.Region("cat", torch.ones(16, 16))
+    maps = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    calls = {
+        "occlusion exact": lambda b: convlens.occlusion(c, x, patch=16, stride=8, batch_size=b),
+        "region occlusion": lambda b: convlens.occlusion(c, x, patch=16, stride=8, batch_size=b, target=region),
+        "cam scorecam": lambda b: convlens.grad_cam(c, x, layer="6", method="scorecam", batch_size=b, target=[1, 3]),
+        "deletion insertion": lambda b: convlens.deletion_insertion(c, x, {"m": maps}, steps=4, batch_size=b),
+        "feature visualisation fourier": lambda b: convlens.feature_visualization(c, "6", [0, 0, 3], steps=b, size=32,
+                                                                                  diversity=0.5),
+    }
+    assert _cuda_syncs(lambda: calls[name](1)) == _cuda_syncs(lambda: calls[name](8))

@@ -35,6 +35,7 @@ from ..layers import call_counts, missing_layer, resolve_layer
 from ..layout import LayoutName, Reshape, layout_for, required_input_size
 from ..models import Classifier, as_classifier
 from ..results import FeatureImages, Objective
+from ..targets import index_tensor
 from .transforms import (  # the names featureviz.py held before the split
     Transform,
     jitter,  # noqa: F401
@@ -171,7 +172,7 @@ def _unit_scores(act: Tensor, kind: str | Callable[[Tensor], Tensor], units: Ten
     return picked.flatten(1).mean(1) if picked.dim() > 1 else picked
 
 
-def _diversity(act: Tensor, groups: list[list[int]]) -> Tensor:
+def _diversity(act: Tensor, groups: list[Tensor]) -> Tensor:
     """Lucid's diversity: for each group of images of the same unit, the summed cosine similarity
     of the Gram matrices G_i = A_i A_i^T (A_i: channels x positions) of every pair, / group size."""
     total = act.new_zeros(())
@@ -511,7 +512,8 @@ def _optimise(
         gens.append(torch.Generator().manual_seed(_seed_for(seed, -1 if u is None else u, k)))
         tf_gens.append(torch.Generator().manual_seed(_seed_for(seed, -1 if u is None else u, k, stream=1)))
         groups.setdefault(u, []).append(i)
-    group_list = list(groups.values())
+    # index tensors made once: a list index copies to the device and waits, every step
+    group_list = [index_tensor(g, device) for g in groups.values() if len(g) > 1]
     # the built-in transforms draw each image's randomness from its own generator; a custom one
     # gets one generator for the batch
     tf_rng: Any = tf_gens if all(getattr(t, "per_image", False) for t in tfs) else \

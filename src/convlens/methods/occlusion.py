@@ -37,7 +37,7 @@ from ..checks import require_finite, warn_constant
 from ..hooks import model_guard
 from ..models import Classifier, as_classifier
 from ..results import Saliency
-from ..targets import ResolvedTarget, Target, resolve_target
+from ..targets import ResolvedTarget, Target, index_tensor, resolve_target
 
 __all__ = ["occlusion", "window_starts"]
 
@@ -148,7 +148,7 @@ class _PlainEvaluator:
     def __call__(self, x: Tensor, base: Tensor, jobs: list[tuple[int, int, int]]) -> Tensor:
         self.work += len(jobs)
         ph, pw = self.patch
-        batch = x[[j[0] for j in jobs]]
+        batch = x[index_tensor([j[0] for j in jobs], x.device)]
         for k, (img, iy, ix) in enumerate(jobs):
             y, xx = self.starts[0][iy], self.starts[1][ix]
             batch[k, :, y : y + ph, xx : xx + pw] = base[img, :, y : y + ph, xx : xx + pw]
@@ -179,9 +179,7 @@ def _run_jobs(evaluator: Any, x: Tensor, base: Tensor, jobs: list[tuple[int, int
         chunk = jobs[k : k + bs]
         rows = [j[0] for j in chunk]
         scores = scorer(evaluator(x, base, chunk), [offset + r for r in rows])
-        img = torch.tensor(rows, device=drops.device)
-        iy = torch.tensor([j[1] for j in chunk], device=drops.device)
-        ix = torch.tensor([j[2] for j in chunk], device=drops.device)
+        img, iy, ix = index_tensor(chunk, drops.device).T  # one copy per batch, without waiting
         drops[offset + img, iy, ix] = clean[offset + img] - scores
         bar.update(len(chunk))
 
