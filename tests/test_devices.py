@@ -141,6 +141,8 @@ def _cases() -> dict[str, Case]:
     mask[4:12, 2:10] = 1.0
     region = convlens.Region("cat", mask)
     gray = _plain(_gray_net(), channels=1)
+    half = _plain(copy.deepcopy(clf.model).to(torch.bfloat16))
+    given = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(4))  # a map on the host
     g1 = torch.randn(2, 1, 20, 28, generator=torch.Generator().manual_seed(3))
 
     def cam(method, **kw):
@@ -191,6 +193,16 @@ def _cases() -> dict[str, Case]:
         "grayscale feature visualisation": Case(gray, g1, lambda c, v: convlens.feature_visualization(
             c, "1", [0], steps=1, size=20), skip=AFTER_A_STEP),
         "denormalise": Case(gray, g1, lambda c, v: c.denormalise(v)),
+        # a bfloat16 model: inputs follow its dtype, the metrics compute in float32; the two devices
+        # round differently in bfloat16, so the GPU run compares devices only
+        "bfloat16 compare": Case(half, x, lambda c, v: convlens.compare(
+            c, v, ["gradcam", "occlusion"], steps=4, draws=2, sanity=False,
+            options={"occlusion": {"patch": 16, "stride": 8}}), skip=("",), host=("thumbnails",)),
+        "bfloat16 tokens cam": Case(_plain(copy.deepcopy(vit).to(torch.bfloat16)), x, lambda c, v: convlens.grad_cam(
+            c, v, target=[1, 2]), skip=("",)),
+        "bfloat16 region deletion": Case(seg.with_model(copy.deepcopy(seg.model).to(torch.bfloat16)), x,
+                                         lambda c, v: convlens.deletion(c, v, given, target=region, steps=4),
+                                         skip=("",)),
     })
     return cases
 
