@@ -26,6 +26,7 @@ import timm
 import torch
 from tests.test_anymodel import small_net
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 import convlens
 from conftest import assert_unchanged, snapshot
@@ -207,7 +208,8 @@ def _cases() -> dict[str, Case]:
     return cases
 
 
-CASES = _cases()
+with torch.random.fork_rng():  # built at collection: the global generator is left as it was
+    CASES = _cases()
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -257,6 +259,30 @@ def _has_list(index) -> bool:
     return isinstance(index, list) or (isinstance(index, tuple) and any(isinstance(i, list) for i in index))
 
 
+def _note(seen: list[str], name: str) -> None:
+    """Record ``name`` with the line of convlens that asked (for the assertion's message); not what
+    the optimiser does (its step counter lives on the host, torch.optim reads it there)."""
+    stack = traceback.extract_stack(limit=14)
+    if any("torch/optim" in f.filename for f in stack):
+        return
+    where = [f for f in stack if str(SRC) in f.filename]
+    seen.append(f"{name} {where[-1].filename[len(str(SRC)) + 1:]}:{where[-1].lineno}" if where else name)
+
+
+class _ListIndexing(TorchFunctionMode):
+    """Notes indexing with a Python list. (A mode, not a patched ``Tensor.__getitem__``: putting
+    that back leaves CPython's sequence slot set, and ``torch.tensor`` of 0-d tensors then fails.)"""
+
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (Tensor.__getitem__, Tensor.__setitem__) and _has_list(args[1]):
+            _note(self.seen, func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.fixture()
 def waits(monkeypatch):
     """Counts what waits for the device on a GPU, as a CPU run makes it: reading a value to the host
@@ -271,12 +297,8 @@ def waits(monkeypatch):
         original = getattr(owner, name)
 
         def wrapper(*a, **k):
-            stack = traceback.extract_stack(limit=12) if counts(a, k) else []
-            # named by the line of convlens that asked, for the assertion's message; the optimiser's
-            # step counter lives on the host (torch.optim reads it there)
-            if stack and not any("torch/optim" in f.filename for f in stack):
-                where = [f for f in stack if str(SRC) in f.filename]
-                seen.append(f"{name} {where[-1].filename[len(str(SRC)) + 1:]}:{where[-1].lineno}" if where else name)
+            if counts(a, k):
+                _note(seen, name)
             return original(*a, **k)
 
         monkeypatch.setattr(owner, name, wrapper)
@@ -285,9 +307,8 @@ def waits(monkeypatch):
         spy(torch.Tensor, name, lambda a, k: True)
     for name in ("tensor", "as_tensor"):
         spy(torch, name, lambda a, k: isinstance(k.get("device"), torch.device) and not isinstance(a[0], Tensor))
-    spy(torch.Tensor, "__getitem__", lambda a, k: _has_list(a[1]))
-    spy(torch.Tensor, "__setitem__", lambda a, k: _has_list(a[1]))
-    return seen
+    with _ListIndexing(seen):
+        yield seen
 
 
 def _count(waits: list[str], fn, *args, **kwargs) -> list[str]:
