@@ -3,6 +3,7 @@ aggregation over images, the files written, the model untouched."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one OpenMP threa
 OCC = {"patch": 16, "stride": 8}
 
 
-def test_rows_equal_the_metrics_one_by_one(small):
-    net, x = small
+def test_rows_equal_the_metrics_one_by_one(small, device):
+    net, x = copy.deepcopy(small[0]).to(device), small[1].to(device)
     before = snapshot(net)
     cmp = convlens.compare(net, x, ("gradcam", "occlusion"), steps=8, options={"occlusion": OCC}, draws=3)
     # one random reference per grid: Grad-CAM's 8 x 8 layer, occlusion's 7 x 7 windows (16 / 8 on 64 px)

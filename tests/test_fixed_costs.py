@@ -84,8 +84,8 @@ def _reference_cam(net: Net, x: torch.Tensor, target: list[int]) -> torch.Tensor
     return (g.mean((2, 3), keepdim=True) * a).sum(1).clamp(min=0).detach()
 
 
-def test_grad_cam_reads_the_device_once_per_call(syncs):
-    net, x = Net().eval(), torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+def test_grad_cam_reads_the_device_once_per_call(syncs, device):
+    net, x = Net().eval().to(device), torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
     before = snapshot(net)
     r = convlens.grad_cam(net, x, target=2, layer="act")
     assert syncs == ["tolist"]  # the deferred checks: finite output and gradient, zero gradient, constant map

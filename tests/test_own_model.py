@@ -305,13 +305,15 @@ def _mask() -> torch.Tensor:
     return mask
 
 
-def test_region_gradcam_equals_pytorch_grad_cam(seg) -> None:
+def test_region_gradcam_equals_pytorch_grad_cam(seg, device) -> None:
     import copy
 
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 
     clf, x = seg
+    if device != "cpu":  # a copy on the device (the fixture's model is shared); the masks stay on the host
+        clf, x = clf.with_model(copy.deepcopy(clf.model).to(device)), x.to(device)
     before = snapshot(clf.model)
     mask = _mask()
     cam = convlens.grad_cam(clf, x, target=convlens.Region("cat", mask), layer="backbone.16")
@@ -329,14 +331,16 @@ def test_region_gradcam_equals_pytorch_grad_cam(seg) -> None:
     with GradCAM(Out(twin), [twin.get_submodule("backbone.16")]) as g:
         ref = g(x, targets=[SemanticSegmentationTarget(1, mask.numpy())] * 2)
     for i in range(2):
-        r = np.corrcoef(cam.maps[i].numpy().ravel(), ref[i].ravel())[0, 1]
+        r = np.corrcoef(cam.maps[i].cpu().numpy().ravel(), ref[i].ravel())[0, 1]
         assert r >= 0.99
     # batched == one at a time (a mask per image), and the model as it was
     masks = torch.stack([mask, 1 - mask])
     both = convlens.grad_cam(clf, x, target=convlens.Region([1, 2], masks), layer="backbone.16")
     for i, c in enumerate((1, 2)):
         one = convlens.grad_cam(clf, x[i : i + 1], target=convlens.Region(c, masks[i]), layer="backbone.16")
-        torch.testing.assert_close(both.raw[i], one.raw[0], atol=1e-5, rtol=1e-4)
+        # cuDNN's TF32 convolutions (its default) may take another algorithm for one image
+        tf32 = device == "cuda" and torch.backends.cudnn.allow_tf32
+        torch.testing.assert_close(both.raw[i], one.raw[0], atol=1e-5, rtol=1e-2 if tf32 else 1e-4)
     assert_unchanged(clf.model, before)
 
 

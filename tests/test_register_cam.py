@@ -65,8 +65,9 @@ def _by_hand(net: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
         return (w[None, :, None, None] * a).sum(1).clamp(min=0)
 
 
-def test_grad_cam_equals_the_hand_computation(registered, tiny):
-    x = _x()
+def test_grad_cam_equals_the_hand_computation(registered, tiny, device):
+    tiny.to(device)
+    x = _x().to(device)
     before = snapshot(tiny.model)
     cam = convlens.grad_cam(tiny, x, target=1, layer="act", method=NAME)
     want = _by_hand(tiny.model, x, 1)

@@ -6,6 +6,7 @@ reshape recipe (drop the prefix tokens, lay the rest on the patch grid; Swin: pe
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -85,12 +86,15 @@ def reference_cam(model: nn.Module, layer: str, x: torch.Tensor, targets: list[i
 
 
 def pearson(a, b) -> float:
+    a, b = (t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in (a, b))
     return float(np.corrcoef(np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel())[0, 1])
 
 
 @pytest.mark.parametrize("name", list(DOCUMENTED))
-def test_gradcam_at_the_automatic_layer_equals_pytorch_grad_cam(name, photos):
+def test_gradcam_at_the_automatic_layer_equals_pytorch_grad_cam(name, photos, device):
     clf = token_clf(name)
+    if device != "cpu":  # a copy on the device: the session's models stay on the CPU
+        clf = clf.with_model(copy.deepcopy(clf.model).to(device))
     layer, prefix, side = DOCUMENTED[name]
     x = clf.preprocess(photos)
     before = snapshot(clf.model)

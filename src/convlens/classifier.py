@@ -384,8 +384,8 @@ class Classifier:
         x = x.float()
         # made on the CPU and copied without waiting: torch.tensor(..., device="cuda") waits for
         # the device (a copy from the host syncs the stream), in Grad-CAM's every call
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device="cpu").view(1, -1, 1, 1).to(x.device, non_blocking=True)
+        std = torch.tensor(self.std, dtype=x.dtype, device="cpu").view(1, -1, 1, 1).to(x.device, non_blocking=True)
         return (x * std + mean).clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:

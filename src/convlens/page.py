@@ -278,7 +278,7 @@ def _agreement_html(im: Any) -> str:
 
     from .plotting import map_thumbnail
 
-    rgb = torch.as_tensor(np.asarray(im.rgb, dtype=np.float32)).permute(2, 0, 1)
+    rgb = torch.from_numpy(np.asarray(im.rgb, dtype=np.float32)).permute(2, 0, 1)
     pair = "".join(
         f"<figure>{_img(_thumb_png(map_thumbnail(rgb, r.maps[0])), 'side by side: ' + name)}"
         f"<figcaption>{_e(name)}</figcaption></figure>"

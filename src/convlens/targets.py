@@ -72,7 +72,7 @@ class ResolvedTarget:
     def select(self, rows: Sequence[int]) -> ResolvedTarget:
         """The target of the images ``rows`` (repeats allowed), for an output whose rows are those
         images (occlusion's windows, Score-CAM's masked copies)."""
-        masks = None if self.masks is None else self.masks[torch.as_tensor(list(rows), device=self.masks.device)]
+        masks = None if self.masks is None else self.masks[index_tensor(list(rows), self.masks.device)]
         return ResolvedTarget([self.indices[r] for r in rows], [self.labels[r] for r in rows], self.fn, masks,
                               self.probabilities)
 
@@ -113,8 +113,14 @@ class ResolvedTarget:
                 raise ValueError(f"a callable target must return one score per image, shape ({output.shape[0]},)")
             return s
         values = self.per_class(output, probability)
-        idx = torch.as_tensor(self.indices, device=values.device)
-        return values.gather(1, idx[:, None])[:, 0]
+        return values.gather(1, index_tensor(self.indices, values.device)[:, None])[:, 0]
+
+
+def index_tensor(values: Sequence[int], device: torch.device) -> Tensor:
+    """``values`` as a long tensor on ``device``, copied from the host without waiting for the
+    device (``torch.tensor(list, device="cuda")`` and ``t[list]`` copy synchronously: the host
+    waits for all the work queued before, once per batch in a loop)."""
+    return torch.tensor(values, dtype=torch.long, device="cpu").to(device, non_blocking=True)
 
 
 def _region_masks(region: Region, n: int, out: Tensor | None) -> Tensor:
@@ -129,7 +135,7 @@ def _region_masks(region: Region, n: int, out: Tensor | None) -> Tensor:
     h, w = out.shape[-2:]
     if region.mask is None:
         return torch.ones(n, h, w, device=out.device)
-    mask = torch.as_tensor(region.mask)
+    mask = torch.as_tensor(region.mask, device=out.device)
     if mask.dim() == 2:
         mask = mask[None]
     if mask.dim() != 3 or mask.shape[-2:] != (h, w) or mask.shape[0] not in (1, n):

@@ -223,7 +223,7 @@ def _approx_regions(node: _Node, ax: int, patch: int, starts: list[int], tau: fl
         w = (r[ax][0] + r[ax][1]) * s_in
         var += w * (w + 2) / 12
         shift += (r[ax][0] - r[ax][1]) * s_in / 2
-    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((1 + tau) / 2, dtype=torch.float64)))
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((1 + tau) / 2, dtype=torch.float64, device="cpu")))
     grow = z * math.sqrt(var)
     big_s = node.stride[ax]
     out = []

@@ -72,7 +72,7 @@ from ..layers import (
 from ..layout import LayoutName, Reshape, class_token_model, layout_for
 from ..models import Classifier, as_classifier, require_logits
 from ..results import Saliency
-from ..targets import Region, ResolvedTarget, Target, resolve_target
+from ..targets import Region, ResolvedTarget, Target, index_tensor, resolve_target
 from .registry import cam_methods, gradient_methods, method_spec
 
 __all__ = ["grad_cam", "cam_from_layer", "CAM_METHODS", "CamMethod"]
@@ -245,7 +245,7 @@ def _seed(out: Tensor, images: list[int], classes: list[int]) -> Tensor:
 def _index(values: list[int], device: torch.device) -> Tensor:
     """An index tensor on ``device`` copied from the host without waiting for the device (a
     ``tensor[list]`` or ``torch.tensor(list, device=...)`` copy syncs the stream)."""
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    return index_tensor(values, device)
 
 
 def _rows_of(t: Tensor, image: list[int]) -> Tensor:
@@ -295,6 +295,7 @@ def _scorecam_weights(
     images = sorted(set(rows.image))
     for k, i in enumerate(images):
         members = [r for r in range(len(rows.image)) if rows.image[r] == i]
+        cols = _index([rows.index[r] for r in members], a.device)  # once per image: a list index waits
         scores = []
         for s in range(0, c, batch_size):
             # masks are made per batch: all C of them at input size at once can be gigabytes
@@ -307,10 +308,10 @@ def _scorecam_weights(
             if rows.custom is not None:  # the masked copies are all image i's
                 scores.append(rows.custom.select([i] * o.shape[0]).score(o)[:, None].float())
             else:
-                scores.append(require_logits(o)[:, [rows.index[r] for r in members]].float())
+                scores.append(require_logits(o)[:, cols].float())
             if callback is not None:
                 callback(k * c + min(s + batch_size, c), len(images) * c)
-        weights[members] = torch.cat(scores).softmax(0).T
+        weights[_index(members, a.device)] = torch.cat(scores).softmax(0).T
     return weights, batch_size
 
 

@@ -35,6 +35,7 @@ from ..layers import call_counts, missing_layer, resolve_layer
 from ..layout import LayoutName, Reshape, layout_for, required_input_size
 from ..models import Classifier, as_classifier
 from ..results import FeatureImages, Objective
+from ..targets import index_tensor
 from .transforms import (  # the names featureviz.py held before the split
     Transform,
     jitter,  # noqa: F401
@@ -70,7 +71,7 @@ FV_VERSION = 2
 
 # Square root of the colour covariance of ImageNet photos (lucid's SVD), columns scaled to norm
 # <= 1: three decorrelated channels mixed by it give natural colour statistics.
-_COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+_COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], device="cpu")
 
 
 _COLOR = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
@@ -98,14 +99,14 @@ class _Fourier:
         self, gens: list[torch.Generator], hw: tuple[int, int], device: torch.device, channels: int = 3
     ) -> None:
         h, w = hw
-        fy = torch.fft.fftfreq(h)[:, None]
-        fx = torch.fft.rfftfreq(w)[None, :]
+        fy = torch.fft.fftfreq(h, device="cpu")[:, None]
+        fx = torch.fft.rfftfreq(w, device="cpu")[None, :]
         freq = torch.sqrt(fx * fx + fy * fy)
         # 1/f amplitude; the mean (f = 0) is treated as f = 1/S so it stays finite
         self.scale = (1.0 / freq.clamp(min=1.0 / max(h, w))).to(device)
         self.hw = hw
         shape = (channels, h, w // 2 + 1, 2)
-        self.param = torch.stack([torch.randn(shape, generator=g) * 0.01 for g in gens]).to(device)
+        self.param = torch.stack([torch.randn(shape, generator=g, device="cpu") * 0.01 for g in gens]).to(device)
         self.param.requires_grad_(True)
         self.color = _COLOR.to(device) if channels == 3 else None  # one channel: nothing to decorrelate
         self.opt: torch.optim.Optimizer | None = None
@@ -137,7 +138,8 @@ class _Pixel:
     def __init__(
         self, gens: list[torch.Generator], hw: tuple[int, int], device: torch.device, channels: int = 3
     ) -> None:
-        self.param = torch.stack([torch.randn((channels, *hw), generator=g) * 0.1 for g in gens]).to(device)
+        noise = [torch.randn((channels, *hw), generator=g, device="cpu") * 0.1 for g in gens]  # seeded on the host
+        self.param = torch.stack(noise).to(device)
         self.param.requires_grad_(True)
 
     def image(self) -> Tensor:
@@ -170,7 +172,7 @@ def _unit_scores(act: Tensor, kind: str | Callable[[Tensor], Tensor], units: Ten
     return picked.flatten(1).mean(1) if picked.dim() > 1 else picked
 
 
-def _diversity(act: Tensor, groups: list[list[int]]) -> Tensor:
+def _diversity(act: Tensor, groups: list[Tensor]) -> Tensor:
     """Lucid's diversity: for each group of images of the same unit, the summed cosine similarity
     of the Gram matrices G_i = A_i A_i^T (A_i: channels x positions) of every pair, / group size."""
     total = act.new_zeros(())
@@ -414,8 +416,9 @@ def _to_input(clf: Classifier, param: str, img: Tensor) -> Tensor:
     the pixel parameterisation is the input itself."""
     if param != "fourier":
         return img
-    mean = torch.tensor(clf.mean, device=img.device).view(1, -1, 1, 1)
-    std = torch.tensor(clf.std, device=img.device).view(1, -1, 1, 1)
+    # made on the host and copied without waiting (every step): torch.tensor(..., device="cuda") waits for the device
+    mean = torch.tensor(clf.mean, device="cpu").view(1, -1, 1, 1).to(img.device, non_blocking=True)
+    std = torch.tensor(clf.std, device="cpu").view(1, -1, 1, 1).to(img.device, non_blocking=True)
     return (img - mean) / std
 
 
@@ -509,7 +512,8 @@ def _optimise(
         gens.append(torch.Generator().manual_seed(_seed_for(seed, -1 if u is None else u, k)))
         tf_gens.append(torch.Generator().manual_seed(_seed_for(seed, -1 if u is None else u, k, stream=1)))
         groups.setdefault(u, []).append(i)
-    group_list = list(groups.values())
+    # index tensors made once: a list index copies to the device and waits, every step
+    group_list = [index_tensor(g, device) for g in groups.values() if len(g) > 1]
     # the built-in transforms draw each image's randomness from its own generator; a custom one
     # gets one generator for the batch
     tf_rng: Any = tf_gens if all(getattr(t, "per_image", False) for t in tfs) else \

@@ -37,7 +37,7 @@ from ..checks import require_finite, warn_constant
 from ..hooks import model_guard
 from ..models import Classifier, as_classifier
 from ..results import Saliency
-from ..targets import ResolvedTarget, Target, resolve_target
+from ..targets import ResolvedTarget, Target, index_tensor, resolve_target
 
 __all__ = ["occlusion", "window_starts"]
 
@@ -148,7 +148,7 @@ class _PlainEvaluator:
     def __call__(self, x: Tensor, base: Tensor, jobs: list[tuple[int, int, int]]) -> Tensor:
         self.work += len(jobs)
         ph, pw = self.patch
-        batch = x[[j[0] for j in jobs]]
+        batch = x[index_tensor([j[0] for j in jobs], x.device)]
         for k, (img, iy, ix) in enumerate(jobs):
             y, xx = self.starts[0][iy], self.starts[1][ix]
             batch[k, :, y : y + ph, xx : xx + pw] = base[img, :, y : y + ph, xx : xx + pw]
@@ -179,9 +179,7 @@ def _run_jobs(evaluator: Any, x: Tensor, base: Tensor, jobs: list[tuple[int, int
         chunk = jobs[k : k + bs]
         rows = [j[0] for j in chunk]
         scores = scorer(evaluator(x, base, chunk), [offset + r for r in rows])
-        img = torch.tensor(rows, device=drops.device)
-        iy = torch.tensor([j[1] for j in chunk], device=drops.device)
-        ix = torch.tensor([j[2] for j in chunk], device=drops.device)
+        img, iy, ix = index_tensor(chunk, drops.device).T  # one copy per batch, without waiting
         drops[offset + img, iy, ix] = clean[offset + img] - scores
         bar.update(len(chunk))
 
@@ -203,7 +201,8 @@ def _brackets(n: int, lattice: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         lo.append(lattice[k])
         hi.append(lattice[k2])
         w.append(0.0 if k2 == k else (i - lattice[k]) / (lattice[k2] - lattice[k]))
-    return torch.tensor(lo), torch.tensor(hi), torch.tensor(w, dtype=torch.float64)
+    weights = torch.tensor(w, dtype=torch.float64, device="cpu")  # the refinement's plan is kept on the host
+    return torch.tensor(lo, device="cpu"), torch.tensor(hi, device="cpu"), weights
 
 
 def _fill(vals: Tensor, known: Tensor, lat_y: list[int], lat_x: list[int]) -> None:
@@ -222,13 +221,13 @@ def _cells(lattice: list[int]) -> tuple[Tensor, Tensor]:
     """The lattice's cells along one axis: consecutive lattice indices (one degenerate cell when
     the lattice is a single index)."""
     if len(lattice) == 1:
-        return torch.tensor(lattice), torch.tensor(lattice)
-    return torch.tensor(lattice[:-1]), torch.tensor(lattice[1:])
+        return torch.tensor(lattice, device="cpu"), torch.tensor(lattice, device="cpu")
+    return torch.tensor(lattice[:-1], device="cpu"), torch.tensor(lattice[1:], device="cpu")
 
 
 def _inside(lo: Tensor, hi: Tensor, lattice: list[int]) -> Tensor:
     """(cells, len(lattice)) float: lattice index ``j`` lies in the closed cell ``[lo, hi]``."""
-    pos = torch.tensor(lattice)[None, :]
+    pos = torch.tensor(lattice, device="cpu")[None, :]
     return ((pos >= lo[:, None]) & (pos <= hi[:, None])).double()
 
 
@@ -248,11 +247,11 @@ def _refined(run: Callable[[list[tuple[int, int, int]]], None], drops: Tensor, s
     the finest lattice cell around them with four evaluated corners. ``run(jobs)`` writes
     ``drops[image, iy, ix]`` for each job. Returns the number of windows evaluated."""
     n, ny, nx = drops.shape
-    known = torch.zeros(n, ny, nx, dtype=torch.bool)
-    vals = torch.zeros(n, ny, nx, dtype=torch.float64)
+    known = torch.zeros(n, ny, nx, dtype=torch.bool, device="cpu")  # the plan is kept on the host
+    vals = torch.zeros(n, ny, nx, dtype=torch.float64, device="cpu")
     lat_y, lat_x = _lattice(ny, _STEPS[0]), _lattice(nx, _STEPS[0])
     todo = torch.zeros_like(known)
-    todo[:, torch.tensor(lat_y)[:, None], torch.tensor(lat_x)[None, :]] = True
+    todo[:, torch.tensor(lat_y, device="cpu")[:, None], torch.tensor(lat_x, device="cpu")[None, :]] = True
     done = 0
     for level, step in enumerate(_STEPS):
         jobs = [tuple(j) for j in todo.nonzero().tolist()]
@@ -277,7 +276,7 @@ def _refined(run: Callable[[list[tuple[int, int, int]]], None], drops: Tensor, s
         next_y, next_x = _lattice(ny, _STEPS[level + 1]), _lattice(nx, _STEPS[level + 1])
         mark = torch.einsum("ya,nyx,xb->nab", _inside(cy0, cy1, next_y), chosen.double(), _inside(cx0, cx1, next_x)) > 0
         todo = torch.zeros_like(known)
-        todo[:, torch.tensor(next_y)[:, None], torch.tensor(next_x)[None, :]] = mark
+        todo[:, torch.tensor(next_y, device="cpu")[:, None], torch.tensor(next_x, device="cpu")[None, :]] = mark
         todo &= ~known
         lat_y, lat_x = next_y, next_x
     drops[~known.to(drops.device)] = vals[~known].to(drops.device, drops.dtype)

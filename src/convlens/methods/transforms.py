@@ -31,6 +31,11 @@ def _draws(rng: torch.Generator | Sequence[torch.Generator], n: int, sample: Cal
     return torch.cat([sample(1, g) for g in gens])
 
 
+def _choice(rng: torch.Generator | Sequence[torch.Generator], n: int, k: int) -> Tensor:
+    """``n`` indices uniform in ``0..k-1``, drawn on the host (as the generators are)."""
+    return _draws(rng, n, lambda m, g: torch.randint(0, k, (m,), generator=g, device="cpu"))
+
+
 def _per_image(fn: Transform) -> Transform:
     fn.per_image = True  # type: ignore[attr-defined]  # takes a list of generators, one per image
     return fn
@@ -59,7 +64,7 @@ def jitter(d: int) -> Transform:
         if d == 0:
             return x
         n, _, h, w = x.shape
-        off = _draws(rng, n, lambda m, g: torch.randint(0, d + 1, (m, 2), generator=g)).tolist()
+        off = _draws(rng, n, lambda m, g: torch.randint(0, d + 1, (m, 2), generator=g, device="cpu")).tolist()
         return torch.stack([x[i, :, dy : dy + h - d, dx : dx + w - d] for i, (dy, dx) in enumerate(off)])
 
     return _per_image(_jitter)
@@ -74,18 +79,18 @@ def _affine(x: Tensor, scale: Tensor, angle_deg: Tensor) -> Tensor:
     zero = torch.zeros_like(cos)
     # affine_grid maps output to input coordinates: the inverse rotation and zoom
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device, non_blocking=True), list(x.shape), align_corners=False)  # no wait per step
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def random_scale(scales: Sequence[float]) -> Transform:
     """Zoom each image by a factor drawn uniformly from ``scales`` (one ``randint`` per image)."""
-    choices = torch.tensor([float(s) for s in scales])
+    choices = torch.tensor([float(s) for s in scales], device="cpu")  # drawn on the host, as the generators
     if choices.numel() == 0 or bool((choices <= 0).any()):
         raise ValueError("scales must be a non-empty list of positive numbers")
 
     def _scale(x: Tensor, rng: torch.Generator) -> Tensor:
-        s = choices[_draws(rng, x.shape[0], lambda m, g: torch.randint(0, len(choices), (m,), generator=g))]
+        s = choices[_choice(rng, x.shape[0], len(choices))]
         return _affine(x, s, torch.zeros_like(s))
 
     return _per_image(_scale)
@@ -95,12 +100,12 @@ def random_rotate(degrees: Sequence[float]) -> Transform:
     """Rotate each image about its centre by an angle in degrees drawn uniformly from ``degrees``
     (one ``randint`` per image); positive is counter-clockwise on screen: 90 gives
     ``torch.rot90(x, 1, (2, 3))``."""
-    choices = torch.tensor([float(d) for d in degrees])
+    choices = torch.tensor([float(d) for d in degrees], device="cpu")
     if choices.numel() == 0:
         raise ValueError("degrees must be a non-empty list")
 
     def _rotate(x: Tensor, rng: torch.Generator) -> Tensor:
-        a = choices[_draws(rng, x.shape[0], lambda m, g: torch.randint(0, len(choices), (m,), generator=g))]
+        a = choices[_choice(rng, x.shape[0], len(choices))]
         return _affine(x, torch.ones_like(a), a)
 
     return _per_image(_rotate)

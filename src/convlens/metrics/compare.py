@@ -119,10 +119,10 @@ def reference_map(kind: Reference, n: int, height: int, width: int, *, seed: int
     """
     if kind in ("random map", "random pixels"):
         g = torch.Generator().manual_seed(seed)  # the same map for every image, however they are batched
-        return torch.rand(height, width, generator=g).expand(n, -1, -1).contiguous().to(device)
+        return torch.rand(height, width, generator=g, device="cpu").expand(n, -1, -1).contiguous().to(device)
     if kind == "centred Gaussian":
-        y = torch.arange(height, dtype=torch.float32) - (height - 1) / 2
-        x = torch.arange(width, dtype=torch.float32) - (width - 1) / 2
+        y = torch.arange(height, dtype=torch.float32, device="cpu") - (height - 1) / 2
+        x = torch.arange(width, dtype=torch.float32, device="cpu") - (width - 1) / 2
         sigma = min(height, width) / 4
         g = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
         return g.expand(n, -1, -1).contiguous().to(device)

@@ -144,6 +144,10 @@ class Comparison(Result):
         """One record per (image, row): AUCs, class sensitivity, sanity, seconds."""
         out = []
         for r in self.rows:
+            # each tensor read to the host once, not one number at a time (on a GPU every read waits)
+            dels, inss = (None if c is None else c.auc.detach().cpu() for c in (r.deletion, r.insertion))
+            class_rho, sanity_rho, draws = (None if t is None else t.detach().cpu()
+                                            for t in (r.class_rho, r.sanity_rho, r.draws))
             for i, name in enumerate(self.images):
                 rec: dict[str, Any] = {"image": name, "method": r.method, "reference": r.reference,
                                        "target": self.labels[i] if i < len(self.labels) else None}
@@ -151,18 +155,18 @@ class Comparison(Result):
                     rec["error"] = r.error
                     out.append(rec)
                     continue
-                d, ins = float(r.deletion.auc[i]), float(r.insertion.auc[i])
+                d, ins = float(dels[i]), float(inss[i])
                 rec.update({
                     "deletion_auc": d,
                     "insertion_auc": ins,
                     "difference": ins - d,
-                    "class_sensitivity": None if r.class_rho is None else float(r.class_rho[i]),
-                    "sanity_rho": None if r.sanity_rho is None else float(r.sanity_rho[i]),
+                    "class_sensitivity": None if class_rho is None else float(class_rho[i]),
+                    "sanity_rho": None if sanity_rho is None else float(sanity_rho[i]),
                     "sanity_passed": None if r.sanity_passed is None else bool(r.sanity_passed[i]),
                     "seconds": r.seconds[i] if i < len(r.seconds) else None,
                 })
-                if r.draws is not None:
-                    rec["draw_spread"] = float(r.draws[:, i].double().std()) if r.draws.shape[0] > 1 else 0.0
+                if draws is not None:
+                    rec["draw_spread"] = float(draws[:, i].double().std()) if draws.shape[0] > 1 else 0.0
                 out.append(rec)
         return out
 
@@ -180,7 +184,8 @@ class Comparison(Result):
         ref = next((x for x in rows if x.method == r.random), rows[0] if rows else None)
         if ref is None:
             return 0.0
-        return float(np.mean([noise_margin(ref.draws[:, i]) for i in range(ref.draws.shape[1])]))
+        draws = ref.draws.detach().cpu()  # read once, not per image
+        return float(np.mean([noise_margin(draws[:, i]) for i in range(draws.shape[1])]))
 
     def _versus(self, method: str, other: str) -> dict[str, Any]:
         """The difference in insertion - deletion, with a bootstrap interval from ``MIN_IMAGES``

@@ -72,8 +72,8 @@ def grid_name(kind: str, grid: tuple[int, int]) -> str:
 
 
 def _coverage(size: int, patch: int, starts: Sequence[int]) -> Tensor:
-    pix = torch.arange(size)[:, None]
-    s = torch.tensor(list(starts))[None, :]
+    pix = torch.arange(size, device="cpu")[:, None]
+    s = torch.tensor(list(starts), device="cpu")[None, :]
     return ((pix >= s) & (pix < s + patch)).double()
 
 
@@ -102,7 +102,7 @@ def random_like(kind: str, grid: tuple[int, int], size: tuple[int, int], options
         random_like("bilinear", (7, 7), (224, 224), {}, draws=8)   # 8 random Grad-CAM-like maps
     """
     g = torch.Generator().manual_seed(seed)
-    return upsample(torch.rand(draws, *grid, generator=g), kind, size, options)
+    return upsample(torch.rand(draws, *grid, generator=g, device="cpu"), kind, size, options)
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float] | None = None, *, resamples: int = RESAMPLES,
