@@ -167,3 +167,12 @@ def test_classifier_wraps_any_module_and_predict_sorts():
     assert convlens.as_classifier(net).model is net
     with pytest.raises(ValueError, match="expected a"):
         clf.batch(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize(
+    ("mean", "std"), [(0.5, 0.5), ((0.5, 0.5), (0.5, 0.5)), ((0.5,) * 3, (0.5, 0.0, 0.5)), ("abc", "abc")]
+)
+def test_classifier_bad_mean_std_is_a_clear_value_error(mean, std):
+    """A bare number (mean=0.5, as for a grayscale model) was a TypeError from len()."""
+    with pytest.raises(ValueError, match=r"need three values each \(RGB\), e\.g\. mean=\(0\.5, 0\.5, 0\.5\)"):
+        convlens.Classifier(torch.nn.Identity(), mean=mean, std=std)

@@ -162,8 +162,10 @@ class Classifier:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Classifier wraps an nn.Module, not {type(model).__name__}")
-        if len(mean) not in (1, 3) or len(std) != len(mean) or any(s <= 0 for s in std):
-            raise ValueError("mean and std need three values each (RGB), or one each (grayscale), std > 0")
+        sized = all(hasattr(v, "__len__") and not isinstance(v, str) for v in (mean, std))
+        if not sized or len(mean) not in (1, 3) or len(std) != len(mean) or any(s <= 0 for s in std):
+            raise ValueError("mean and std need three values each (RGB), e.g. mean=(0.5, 0.5, 0.5), or one each "
+                             f"(grayscale), e.g. mean=(0.5,), std > 0; got mean={mean!r}, std={std!r}")
         if interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
         if resize not in ("square", "shorter"):
