@@ -310,7 +310,7 @@ def test_1024px_at_stride_4_is_streamed(net):
     ("kwargs", "match"),
     [
         ({"patch": 0}, "at least 1"),
-        ({"patch": 300}, "larger than the image"),
+        ({"patch": 300}, r"larger than the image \(224, 224\); choose a smaller patch and stride \(e.g. patch 56,"),
         ({"patch": (40, 300)}, "larger than the image"),
         ({"stride": -2}, "at least 1"),
         ({"patch": 2.5}, "positive int"),

@@ -382,7 +382,9 @@ def occlusion(
     ph, pw = _pair(patch, "patch")
     sh, sw = _pair(stride, "stride")
     if ph > height or pw > width:
-        raise ValueError(f"patch {(ph, pw)} is larger than the image ({height}, {width})")
+        side = max(1, min(height, width) // 4)
+        raise ValueError(f"patch {(ph, pw)} is larger than the image ({height}, {width}); choose a smaller patch and "
+                         f"stride (e.g. patch {side}, stride {max(1, side // 2)})")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     base = _baseline(baseline, x, (ph, pw), blur_sigma).expand_as(x)
