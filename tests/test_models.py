@@ -176,3 +176,18 @@ def test_classifier_bad_mean_std_is_a_clear_value_error(mean, std):
     """A bare number (mean=0.5, as for a grayscale model) was a TypeError from len()."""
     with pytest.raises(ValueError, match=r"need three values each \(RGB\), e\.g\. mean=\(0\.5, 0\.5, 0\.5\)"):
         convlens.Classifier(torch.nn.Identity(), mean=mean, std=std)
+
+
+def test_an_integer_tensor_is_read_as_pixels_not_as_a_normalised_batch():
+    """torchvision.io.read_image gives uint8 (C, H, W): it was passed to the model as if normalised."""
+    from conftest import tiny_classifier
+
+    clf = tiny_classifier()
+    img = convlens.sample_image()
+    pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # what read_image returns
+    expected = clf.preprocess(img)
+    torch.testing.assert_close(clf.batch(pixels), expected)
+    torch.testing.assert_close(clf.batch(torch.stack([pixels, pixels])), torch.cat([expected, expected]))
+    torch.testing.assert_close(convlens.grad_cam(clf, pixels).maps, convlens.grad_cam(clf, img).maps)
+    with pytest.raises(convlens.ImageError, match=r"\[0, 255\]"):
+        clf.batch(torch.full((3, 8, 8), 300))

@@ -440,12 +440,14 @@ class Classifier:
 
     @renamed(x=IMAGES)
     def batch(self, images: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
-        """A model-ready batch: tensors pass through (a 3-D tensor gains the batch axis), images
-        are preprocessed.
+        """A model-ready batch: float tensors pass through (a 3-D tensor gains the batch axis),
+        images are preprocessed, and so is an integer tensor: raw pixels, such as the uint8
+        (C, H, W) of ``torchvision.io.read_image``, never a normalised batch.
 
         Args:
-            images: an (N, C, H, W) or (C, H, W) tensor, already normalised, on any device; or
-                what :meth:`preprocess` takes. This is the one resolver every technique uses.
+            images: an (N, C, H, W) or (C, H, W) float tensor, already normalised, on any device;
+                or an integer one of pixels in [0, 255]; or what :meth:`preprocess` takes. This is
+                the one resolver every technique uses.
         Returns:
             (N, C, H, W) tensor on the model's device, in its dtype.
         Raises:
@@ -458,6 +460,8 @@ class Classifier:
                 x = x[None]
             if x.dim() != 4:
                 raise ValueError(f"expected a (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+            if not x.is_floating_point():  # pixels: read as images, not taken as normalised values
+                return self.preprocess([t.permute(1, 2, 0).cpu().numpy() for t in x])
             return x.to(self.device, self.dtype)
         return self.preprocess(x)
 
