@@ -41,7 +41,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", "-w", default=None, metavar="FILE",
                    help="local .pth/.pt/.safetensors state dict; a fine-tuned head is built at the checkpoint's size")
     g.add_argument("--labels", default=None, metavar="FILE",
-                   help="class names: one per line, or a JSON list (as many as the model has outputs)")
+                   help="class names: one per line, a JSON list or a JSON {index: name} (one per model output)")
     g.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="the head size of the --weights checkpoint (default: read from it)")
     g.add_argument("--multi-label", action="store_true",
