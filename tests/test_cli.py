@@ -114,3 +114,11 @@ def test_per_image_commands_take_a_folder(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["occlusion", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")]) == 2
     assert "the folder holds no image files" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_a_layer_without_a_map_is_refused_and_leaves_no_folders(capsys, tmp_path):
+    """The message says what to do on the command line, and the folders --out a/b/c made are gone."""
+    assert main(["activations", "--layers", "classifier", "--out", str(tmp_path / "a" / "b" / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "choose a layer whose output is a map (`convlens layers` shows" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
