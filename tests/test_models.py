@@ -67,6 +67,13 @@ def test_class_index_names_and_errors(clf):
         clf.class_index("tabbby")
     with pytest.raises(ValueError, match="out of range"):
         clf.class_index(1000)
+    # exact names first; a name that fits several classes only case-insensitively is refused, not guessed
+    assert clf.class_index("cardigan") == 474 and clf.class_index("Cardigan") == 264
+    with pytest.raises(ValueError, match=r"'CARDIGAN' is ambiguous \(264 'Cardigan', 474 'cardigan'\); give the index"):
+        clf.class_index("CARDIGAN")
+    twice = convlens.Classifier(torch.nn.Identity(), mean=(0,) * 3, std=(1,) * 3, labels=["a", "b", "a"])
+    with pytest.raises(ValueError, match=r"'a' is ambiguous \(0 'a', 2 'a'\)"):
+        twice.class_index("a")
 
 
 def test_local_checkpoint_pth_and_safetensors_round_trip(clf, sample_x, tmp_path):

@@ -336,7 +336,7 @@ class Classifier:
             The class index.
         Raises:
             ValueError: a bool, an index out of range, a name when the model has no labels, an
-                unknown name (with close matches), or another type.
+                unknown name (with close matches), a name of several classes, or another type.
         """
         if isinstance(target, bool):
             raise ValueError("a target is a class index or name, not a bool")
@@ -350,11 +350,13 @@ class Classifier:
                 return self.class_index(int(target))
             if self.labels is None:
                 raise ValueError(f"the model has no class names; give {target!r} as an index")
-            if target in self.labels:
-                return self.labels.index(target)
-            low = [label.lower() for label in self.labels]
-            if target.lower() in low:
-                return low.index(target.lower())
+            for same in (str.__str__, str.lower):  # exact, then case-insensitive
+                found = [i for i, label in enumerate(self.labels) if same(label) == same(target)]
+                if len(found) > 1:  # ImageNet's 'Cardigan' (a dog) and 'cardigan' (a sweater) for "CARDIGAN"
+                    names = ", ".join(f"{i} {self.labels[i]!r}" for i in found)
+                    raise ValueError(f"class name {target!r} is ambiguous ({names}); give the index")
+                if found:
+                    return found[0]
             import difflib
 
             close = difflib.get_close_matches(target, self.labels, n=3, cutoff=0.6)
