@@ -88,3 +88,37 @@ def test_every_map_comes_with_its_evidence(capsys, tmp_path, clf, sample_x):
     assert "evidence [Egyptian cat]" in out and "not class-discriminative" not in out  # Grad-CAM is
     assert main(["gradcam", "--no-evidence", "--out", str(tmp_path / "c")]) == 0
     assert "evidence" not in capsys.readouterr().out
+
+
+def test_per_image_commands_take_a_folder(capsys, tmp_path):
+    """`convlens gradcam photos/` as `explain photos/` and `compare photos/` take it: each image file
+    in the folder (sorted, not recursive), the rest skipped; an empty folder is a usage error."""
+    import numpy as np
+    from PIL import Image
+
+    import convlens
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    convlens.sample_image().save(photos / "b cat.png")
+    Image.new("L", (40, 30), 90).save(photos / "a grey.jpg")
+    (photos / "notes.txt").write_text("not an image")
+    assert main(["predict", str(photos), "-k", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("  (")[0] for line in out[::2]] == ["a grey.jpg", "b cat.png"] and "Egyptian cat" in out[3]
+    out_dir = tmp_path / "out"
+    assert main(["gradcam", str(photos), "--target", "285", "--no-evidence", "--out", str(out_dir)]) == 0
+    assert sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".")) == ["a grey.jpg", "b cat.png"]
+    cam = convlens.grad_cam(convlens.load_model(), photos / "b cat.png", target=285)
+    np.testing.assert_allclose(np.load(out_dir / "b cat.png" / "gradcam.npy"), cam.to_numpy()[0], atol=1e-5)
+    (tmp_path / "empty").mkdir()
+    assert main(["occlusion", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")]) == 2
+    assert "the folder holds no image files" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_a_layer_without_a_map_is_refused_and_leaves_no_folders(capsys, tmp_path):
+    """The message says what to do on the command line, and the folders --out a/b/c made are gone."""
+    assert main(["activations", "--layers", "classifier", "--out", str(tmp_path / "a" / "b" / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "choose a layer whose output is a map (`convlens layers` shows" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

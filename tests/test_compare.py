@@ -162,3 +162,16 @@ def test_cli_compare_over_a_folder_aggregates_and_skips_a_broken_file(tmp_path, 
     assert data["summary"][0]["deletion_auc"] == pytest.approx(mean)
     vs = data["summary"][0]["vs"]["random 7x7 map"]
     assert "low" not in vs and vs["margin"] > 0 and vs["real"] == (abs(vs["difference"]) > vs["margin"])
+
+
+def test_default_occlusion_window_is_scaled_to_a_small_input():
+    """compare's 56 px default window on a 16 px model input: scaled to 4 / 2 px (16 / 224 of it),
+    not an error row."""
+    from conftest import tiny_classifier
+
+    clf = tiny_classifier()
+    x = clf.preprocess(convlens.sample_image())
+    cmp = convlens.compare(clf, x, ("occlusion",), steps=4, sanity=False)
+    assert cmp.row("occlusion").error is None
+    occ = convlens.occlusion(clf, x, patch=4, stride=2)
+    torch.testing.assert_close(cmp.row("occlusion").deletion.scores, convlens.deletion(clf, x, occ, steps=4).scores)

@@ -78,6 +78,9 @@ def test_a_refused_run_leaves_no_folder_and_no_lock(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="would replace the input"):
         RunWriter(tmp_path / "new", "explain", keys=["cat.png"], inputs=[tmp_path / "new" / "cat.png"])
     assert not (tmp_path / "new").exists()
+    with pytest.raises(FileExistsError, match="would replace the input"):  # the parents it made go too
+        RunWriter(tmp_path / "a" / "b", "explain", keys=["cat.png"], inputs=[tmp_path / "a" / "b" / "cat.png"])
+    assert not (tmp_path / "a").exists()
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "cat.png").write_bytes(b"mine")
     with pytest.raises(FileExistsError, match="convlens did not write"):

@@ -107,6 +107,15 @@ def test_bad_files_raise_image_error(tmp_path, content, message):
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
+def test_a_url_says_to_download_it_first(tmp_path):
+    with pytest.raises(ImageError, match="a URL, not a file; download the image"):
+        load_image("https://example.com/cat.jpg")
+    (tmp_path / "http:").mkdir()
+    (tmp_path / "http:" / "x.png").write_bytes(b"")  # a local path that only looks like one is read as a file
+    with pytest.raises(ImageError, match="empty"):
+        load_image(tmp_path / "http:" / "x.png")
+
+
 def test_folder_and_wrong_type():
     with pytest.raises(ImageError, match="folder"):
         load_image(".")

@@ -67,6 +67,13 @@ def test_class_index_names_and_errors(clf):
         clf.class_index("tabbby")
     with pytest.raises(ValueError, match="out of range"):
         clf.class_index(1000)
+    # exact names first; a name that fits several classes only case-insensitively is refused, not guessed
+    assert clf.class_index("cardigan") == 474 and clf.class_index("Cardigan") == 264
+    with pytest.raises(ValueError, match=r"'CARDIGAN' is ambiguous \(264 'Cardigan', 474 'cardigan'\); give the index"):
+        clf.class_index("CARDIGAN")
+    twice = convlens.Classifier(torch.nn.Identity(), mean=(0,) * 3, std=(1,) * 3, labels=["a", "b", "a"])
+    with pytest.raises(ValueError, match=r"'a' is ambiguous \(0 'a', 2 'a'\)"):
+        twice.class_index("a")
 
 
 def test_local_checkpoint_pth_and_safetensors_round_trip(clf, sample_x, tmp_path):
@@ -167,3 +174,27 @@ def test_classifier_wraps_any_module_and_predict_sorts():
     assert convlens.as_classifier(net).model is net
     with pytest.raises(ValueError, match="expected a"):
         clf.batch(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize(
+    ("mean", "std"), [(0.5, 0.5), ((0.5, 0.5), (0.5, 0.5)), ((0.5,) * 3, (0.5, 0.0, 0.5)), ("abc", "abc")]
+)
+def test_classifier_bad_mean_std_is_a_clear_value_error(mean, std):
+    """A bare number (mean=0.5, as for a grayscale model) was a TypeError from len()."""
+    with pytest.raises(ValueError, match=r"need three values each \(RGB\), e\.g\. mean=\(0\.5, 0\.5, 0\.5\)"):
+        convlens.Classifier(torch.nn.Identity(), mean=mean, std=std)
+
+
+def test_an_integer_tensor_is_read_as_pixels_not_as_a_normalised_batch():
+    """torchvision.io.read_image gives uint8 (C, H, W): it was passed to the model as if normalised."""
+    from conftest import tiny_classifier
+
+    clf = tiny_classifier()
+    img = convlens.sample_image()
+    pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # what read_image returns
+    expected = clf.preprocess(img)
+    torch.testing.assert_close(clf.batch(pixels), expected)
+    torch.testing.assert_close(clf.batch(torch.stack([pixels, pixels])), torch.cat([expected, expected]))
+    torch.testing.assert_close(convlens.grad_cam(clf, pixels).maps, convlens.grad_cam(clf, img).maps)
+    with pytest.raises(convlens.ImageError, match=r"\[0, 255\]"):
+        clf.batch(torch.full((3, 8, 8), 300))

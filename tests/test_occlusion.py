@@ -14,7 +14,7 @@ import convlens
 from conftest import assert_unchanged, snapshot
 from convlens.cli import main
 from convlens.hooks import count_hooks
-from convlens.methods.occlusion import occlusion, window_starts
+from convlens.methods.occlusion import fit_window, occlusion, window_starts
 
 
 class SmallNet(nn.Module):
@@ -310,7 +310,7 @@ def test_1024px_at_stride_4_is_streamed(net):
     ("kwargs", "match"),
     [
         ({"patch": 0}, "at least 1"),
-        ({"patch": 300}, "larger than the image"),
+        ({"patch": 300}, r"larger than the image \(224, 224\); choose a smaller patch and stride \(e.g. patch 56,"),
         ({"patch": (40, 300)}, "larger than the image"),
         ({"stride": -2}, "at least 1"),
         ({"patch": 2.5}, "positive int"),
@@ -476,3 +476,27 @@ def test_crop_structure_is_read_once_per_model_shape_and_weights(img, monkeypatc
     torch.testing.assert_close(changed.maps, occlusion(model, img[1:], patch=40, stride=20, fast=False).maps,
                                atol=1e-6, rtol=0)
     assert count_hooks(model) == 0
+
+
+def test_fit_window_keeps_a_window_that_fits_and_scales_one_that_does_not():
+    assert fit_window(56, 28, 224, 300) == ((56, 56), (28, 28))
+    assert fit_window(40, (20, 10), 40, 41) == ((40, 40), (20, 10))
+    assert fit_window(56, 28, 32, 32) == ((8, 8), (4, 4))  # 32 / 224 of each
+    assert fit_window(40, 20, 16, 16) == ((3, 3), (1, 1))
+    assert fit_window(400, 1, 8, 300) == ((8, 14), (1, 1))  # never larger than the image, at least 1 px
+
+
+def test_explain_of_a_small_input_model_gets_its_occlusion_map():
+    """A 16 px model (CIFAR-like inputs): explain's 40 px default window does not fit, so it is
+    scaled to the image instead of failing the technique."""
+    from conftest import tiny_classifier
+
+    clf = tiny_classifier()
+    before = snapshot(clf.model)
+    report = convlens.explain(convlens.sample_image(), clf, techniques=("occlusion",), cache=False)
+    im = report.images[0]
+    assert im.ok, im.errors
+    x = clf.preprocess(convlens.sample_image())
+    expected = occlusion(clf, x, target=im.target, patch=3, stride=1)  # 40 / 20 at 16 / 224
+    torch.testing.assert_close(im.results["occlusion"].maps, expected.maps)
+    assert_unchanged(clf.model, before)

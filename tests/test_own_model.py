@@ -90,6 +90,18 @@ def test_read_labels_lines_and_json(tmp_path: Path) -> None:
         convlens.read_labels(tmp_path / "c.json")
 
 
+def test_read_labels_id2label_object(tmp_path: Path) -> None:
+    """A Hugging Face id2label (or its whole config.json): was read as one line, one label."""
+    (tmp_path / "d.json").write_text(json.dumps({"1": "dog", "0": "cat", "2": "hen"}), encoding="utf-8")
+    (tmp_path / "config.json").write_text(json.dumps({"id2label": {"0": "x", "1": "y"}, "hidden": 8}))
+    assert convlens.read_labels(tmp_path / "d.json") == ["cat", "dog", "hen"]
+    assert convlens.read_labels(tmp_path / "config.json") == ["x", "y"]
+    for bad in ({"0": "a", "2": "b"}, {"a": "b"}, {"0": 1}):
+        (tmp_path / "e.json").write_text(json.dumps(bad), encoding="utf-8")
+        with pytest.raises(ValueError, match=r"not a JSON object of class index -> name \(0 .. n-1\)"):
+            convlens.read_labels(tmp_path / "e.json")
+
+
 # -- fine-tuned heads from the command line ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def ft10(tmp_path_factory: pytest.TempPathFactory) -> Path:

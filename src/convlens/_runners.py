@@ -45,11 +45,12 @@ def _run_gradcam(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, A
 
 
 def _run_occlusion(clf: Classifier, x: Tensor, ctx: dict[str, Any], s: dict[str, Any]) -> Any:
-    from .methods.occlusion import occlusion
+    from .methods.occlusion import fit_window, occlusion
 
-    return ctx["batched"].get("occlusion") or occlusion(
-        clf, x, target=ctx["target"], patch=s["patch"], stride=s["stride"], baseline=s["baseline"], score=s["score"]
-    )
+    if ctx["batched"].get("occlusion"):
+        return ctx["batched"]["occlusion"]
+    patch, stride = fit_window(s["patch"], s["stride"], x.shape[-2], x.shape[-1])
+    return occlusion(clf, x, target=ctx["target"], patch=patch, stride=stride, baseline=s["baseline"], score=s["score"])
 
 
 def _top_channels(act: Tensor, k: int) -> list[int]:

@@ -162,8 +162,10 @@ class Classifier:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Classifier wraps an nn.Module, not {type(model).__name__}")
-        if len(mean) not in (1, 3) or len(std) != len(mean) or any(s <= 0 for s in std):
-            raise ValueError("mean and std need three values each (RGB), or one each (grayscale), std > 0")
+        sized = all(hasattr(v, "__len__") and not isinstance(v, str) for v in (mean, std))
+        if not sized or len(mean) not in (1, 3) or len(std) != len(mean) or any(s <= 0 for s in std):
+            raise ValueError("mean and std need three values each (RGB), e.g. mean=(0.5, 0.5, 0.5), or one each "
+                             f"(grayscale), e.g. mean=(0.5,), std > 0; got mean={mean!r}, std={std!r}")
         if interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
         if resize not in ("square", "shorter"):
@@ -334,7 +336,7 @@ class Classifier:
             The class index.
         Raises:
             ValueError: a bool, an index out of range, a name when the model has no labels, an
-                unknown name (with close matches), or another type.
+                unknown name (with close matches), a name of several classes, or another type.
         """
         if isinstance(target, bool):
             raise ValueError("a target is a class index or name, not a bool")
@@ -348,11 +350,13 @@ class Classifier:
                 return self.class_index(int(target))
             if self.labels is None:
                 raise ValueError(f"the model has no class names; give {target!r} as an index")
-            if target in self.labels:
-                return self.labels.index(target)
-            low = [label.lower() for label in self.labels]
-            if target.lower() in low:
-                return low.index(target.lower())
+            for same in (str.__str__, str.lower):  # exact, then case-insensitive
+                found = [i for i, label in enumerate(self.labels) if same(label) == same(target)]
+                if len(found) > 1:  # ImageNet's 'Cardigan' (a dog) and 'cardigan' (a sweater) for "CARDIGAN"
+                    names = ", ".join(f"{i} {self.labels[i]!r}" for i in found)
+                    raise ValueError(f"class name {target!r} is ambiguous ({names}); give the index")
+                if found:
+                    return found[0]
             import difflib
 
             close = difflib.get_close_matches(target, self.labels, n=3, cutoff=0.6)
@@ -438,12 +442,14 @@ class Classifier:
 
     @renamed(x=IMAGES)
     def batch(self, images: Tensor | ImageSource | Sequence[ImageSource]) -> Tensor:
-        """A model-ready batch: tensors pass through (a 3-D tensor gains the batch axis), images
-        are preprocessed.
+        """A model-ready batch: float tensors pass through (a 3-D tensor gains the batch axis),
+        images are preprocessed, and so is an integer tensor: raw pixels, such as the uint8
+        (C, H, W) of ``torchvision.io.read_image``, never a normalised batch.
 
         Args:
-            images: an (N, C, H, W) or (C, H, W) tensor, already normalised, on any device; or
-                what :meth:`preprocess` takes. This is the one resolver every technique uses.
+            images: an (N, C, H, W) or (C, H, W) float tensor, already normalised, on any device;
+                or an integer one of pixels in [0, 255]; or what :meth:`preprocess` takes. This is
+                the one resolver every technique uses.
         Returns:
             (N, C, H, W) tensor on the model's device, in its dtype.
         Raises:
@@ -456,6 +462,8 @@ class Classifier:
                 x = x[None]
             if x.dim() != 4:
                 raise ValueError(f"expected a (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+            if not x.is_floating_point():  # pixels: read as images, not taken as normalised values
+                return self.preprocess([t.permute(1, 2, 0).cpu().numpy() for t in x])
             return x.to(self.device, self.dtype)
         return self.preprocess(x)
 

@@ -72,11 +72,28 @@ def image_list(images: Sequence[str]) -> list[str | Path]:
     return list(images) if images else [sample_image_path()]
 
 
+def image_files(images: Sequence[str]) -> list[str | Path]:
+    """:func:`image_list` with each folder replaced by its image files (sorted, not recursive; what
+    is skipped is logged, as for ``explain``): predict, activations, gradcam and occlusion."""
+    from .inputs import collect_images
+
+    out: list[str | Path] = []
+    for src in image_list(images):
+        if not Path(src).is_dir():
+            out.append(src)
+            continue
+        found = [path for _, path in collect_images([src])[0]]
+        if not found:
+            raise ValueError(f"{printable(src)}: the folder holds no image files")
+        out += found
+    return out
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError("--top must be at least 1")
     clf = load_classifier(args)
-    for path in image_list(args.images):
+    for path in image_files(args.images):
         preds = clf.predict(clf.preprocess(path), top=args.top)[0]
         kind = ", multi-label: independent sigmoids" if clf.multi_label else ""
         print(f"{printable(Path(path).name)}  ({clf.name}{kind})")
@@ -137,7 +154,7 @@ def _per_image(
     from .images import ImageError
     from .outputs import RunWriter, image_keys
 
-    paths = image_list(args.images)
+    paths = image_files(args.images)
     for path in paths:
         if not Path(path).exists():
             raise ValueError(f"{path}: no such file")

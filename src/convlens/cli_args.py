@@ -41,7 +41,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", "-w", default=None, metavar="FILE",
                    help="local .pth/.pt/.safetensors state dict; a fine-tuned head is built at the checkpoint's size")
     g.add_argument("--labels", default=None, metavar="FILE",
-                   help="class names: one per line, or a JSON list (as many as the model has outputs)")
+                   help="class names: one per line, a JSON list or a JSON {index: name} (one per model output)")
     g.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="the head size of the --weights checkpoint (default: read from it)")
     g.add_argument("--multi-label", action="store_true",
@@ -65,7 +65,8 @@ def _device_arg(text: str) -> str:
 
 # -- predict ------------------------------------------------------------------------------
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the bundled sample photo)")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files or folders of images (default: the bundled sample photo)")
     add_model_args(p)
     p.add_argument("--top", "-k", type=int, default=5, metavar="K", help="how many classes to show (default 5)")
 
@@ -98,7 +99,8 @@ def _add_evidence(p: argparse.ArgumentParser) -> None:
 
 
 def _add_activations(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the bundled sample photo)")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files or folders of images (default: the bundled sample photo)")
     add_model_args(p)
     p.add_argument(
         "--layers", "-l", nargs="+", default=["stages"], metavar="L",
@@ -120,7 +122,8 @@ def _add_activations(p: argparse.ArgumentParser) -> None:
 def _add_gradcam(p: argparse.ArgumentParser) -> None:
     from .methods.registry import cam_methods
 
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the bundled sample photo)")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files or folders of images (default: the bundled sample photo)")
     add_model_args(p)
     p.add_argument("--method", default="gradcam", choices=cam_methods(),
                    help="CAM variant (default gradcam; --plugin adds others)")
@@ -183,7 +186,8 @@ def _add_blur_sigma(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def _add_occlusion(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the bundled sample photo)")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files or folders of images (default: the bundled sample photo)")
     add_model_args(p)
     p.add_argument("--patch", "-p", type=_int_pair, default=40, metavar="P", help="window size, N or HxW (default 40)")
     p.add_argument("--stride", "-s", type=_int_pair, default=20, metavar="S", help="window step, N or HxW (default 20)")

@@ -369,7 +369,8 @@ def save_files(files: Sequence[tuple[Path, Writer | bytes]], *, force: bool = Fa
                 raise IsADirectoryError(f"{printable(p)} is a folder")
             if os.path.islink(p) or real not in _WRITTEN:
                 raise FileExistsError(
-                    f"{printable(p)} exists and convlens did not write it; pass force=True to replace it")
+                    f"{printable(p)} exists and this session did not write it (an earlier run or another program did); "
+                    "pass force=True to replace it")
         elif not os.path.lexists(p):
             _check_parent(p.parent)
     written = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import warnings
 from importlib import resources
@@ -57,6 +58,8 @@ def _open(source: str | os.PathLike | bytes, label: str) -> Image.Image:
     else:
         path = Path(source)
         if not path.exists():
+            if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", str(source)):  # what a browser's "copy link" gives
+                raise ImageError(f"{label}: a URL, not a file; download the image and pass its path")
             raise ImageError(f"{label}: " + ("a dangling symlink" if path.is_symlink() else "no such file"))
         if path.is_dir():
             raise ImageError(f"{label}: is a folder, not an image file")

@@ -47,7 +47,8 @@ class LayerError(ValueError):
     no map of the image (re-exported by :mod:`convlens.layers`)."""
 
 
-_HOW = "pass layout='nchw', 'nhwc' or 'tokens', or reshape=callable(tensor) -> (N, C, h, w)"
+_HOW = ("choose a layer whose output is a map (`convlens layers` shows each output's shape), or pass "
+        "layout='nchw', 'nhwc' or 'tokens', or reshape=callable(tensor) -> (N, C, h, w)")
 
 
 @dataclass(frozen=True)

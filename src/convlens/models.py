@@ -136,7 +136,9 @@ def _load_into(model: nn.Module, sd: dict[str, Tensor], source: str) -> None:
 
 def read_labels(path: str | os.PathLike[str]) -> list[str]:
     """Class names from a file: one name per line (blank lines skipped, spaces around a name
-    dropped) or a JSON list of strings (a file whose text starts with ``[``).
+    dropped), a JSON list of strings (a file whose text starts with ``[``), or a JSON object of
+    index -> name with the indices 0 .. n-1 (a Hugging Face ``id2label``, also inside its
+    ``config.json``).
 
     Args:
         path: the file (UTF-8).
@@ -163,11 +165,33 @@ def read_labels(path: str | os.PathLike[str]) -> list[str]:
             raise ValueError(f"{path} is not a JSON list of class names: {e}") from e
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{path} is not a JSON list of strings (one class name each)")
+    elif text.lstrip().startswith("{"):
+        names = _id2label(text, path)
     else:
         names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise ValueError(f"{path} holds no class names; give one per line or a JSON list")
     return names
+
+
+def _id2label(text: str, path: Path) -> list[str]:
+    import json
+
+    what = f"{path} is not a JSON object of class index -> name (0 .. n-1)"
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
+    obj = obj.get("id2label", obj) if isinstance(obj, dict) else obj
+    if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
+        raise ValueError(what)
+    try:
+        by_index = {int(k): v for k, v in obj.items()}
+    except ValueError:
+        raise ValueError(what) from None
+    if sorted(by_index) != list(range(len(by_index))):
+        raise ValueError(what)
+    return [by_index[i] for i in range(len(by_index))]
 
 
 def _head(model: nn.Module) -> str | None:

@@ -179,7 +179,7 @@ class RunWriter:
     _old: dict[str, Any] | None = field(init=False, default=None)
     _replace: list[str] = field(init=False, default_factory=list)
     _staging: Path | None = field(init=False, default=None)
-    _created_out: bool = field(init=False, default=False)
+    _made: list[Path] = field(init=False, default_factory=list)  # the folders this run created, deepest first
     _images: dict[str, dict[str, Any]] = field(init=False, default_factory=dict)
     _top: list[str] = field(init=False, default_factory=list)
     _staged_files: list[str] = field(init=False, default_factory=list)
@@ -193,8 +193,8 @@ class RunWriter:
     def __post_init__(self) -> None:
         self.root = resolve_out(self.out)
         if not self.root.exists():
+            self._made = [p for p in (self.root, *self.root.parents) if not p.exists()]
             self.root.mkdir(parents=True)
-            self._created_out = True
         try:
             self._lock = _FolderLock(self.root)
             recover(self.root, locked=True)  # a swap a killed run left half done is completed first
@@ -472,8 +472,10 @@ class RunWriter:
         """Drop what is staged (the earlier run, if any, stays as it was) and release the lock."""
         self._cleanup()
         self._unlock()
-        if self._created_out and self.root.is_dir() and not any(self.root.iterdir()):
-            self.root.rmdir()
+        for folder in self._made:  # --out a/b/c refused: a and b go too, when still empty
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
 
     def _unlock(self) -> None:
         if self._lock is not None:

@@ -39,7 +39,7 @@ from ..models import Classifier, as_classifier
 from ..results import Saliency
 from ..targets import ResolvedTarget, Target, index_tensor, resolve_target
 
-__all__ = ["occlusion", "window_starts"]
+__all__ = ["fit_window", "occlusion", "window_starts"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,30 @@ def window_starts(size: int, patch: int, stride: int) -> list[int]:
     if starts[-1] != size - patch:
         starts.append(size - patch)
     return starts
+
+
+def fit_window(patch: Any, stride: Any, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The windows of a driver's occlusion settings (``explain``, ``compare``) for an image of
+    ``height`` x ``width``: ``(patch, stride)`` as given when the patch fits, else both scaled by
+    ``min(height, width) / 224`` (the image size the defaults are chosen for; at least 1 px, the
+    patch cut to the image), logged. A small model input (32 px) keeps a map instead of failing.
+
+    Example::
+
+        fit_window(56, 28, 32, 32)   # ((8, 8), (4, 4))
+    """
+    (ph, pw), (sh, sw) = _pair(patch, "patch"), _pair(stride, "stride")
+    if ph <= height and pw <= width:
+        return (ph, pw), (sh, sw)
+    scale = min(height, width) / 224
+
+    def fit(v: int, size: int) -> int:
+        return max(1, min(size, round(v * scale)))
+
+    fitted = (fit(ph, height), fit(pw, width)), (fit(sh, height), fit(sw, width))
+    log.warning("occlusion: a %dx%d window does not fit the %dx%d image: patch %s, stride %s instead",
+                ph, pw, height, width, fitted[0], fitted[1])
+    return fitted
 
 
 def _pair(value: Any, what: str) -> tuple[int, int]:
@@ -357,7 +381,9 @@ def occlusion(
     ph, pw = _pair(patch, "patch")
     sh, sw = _pair(stride, "stride")
     if ph > height or pw > width:
-        raise ValueError(f"patch {(ph, pw)} is larger than the image ({height}, {width})")
+        side = max(1, min(height, width) // 4)
+        raise ValueError(f"patch {(ph, pw)} is larger than the image ({height}, {width}); choose a smaller patch and "
+                         f"stride (e.g. patch {side}, stride {max(1, side // 2)})")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     base = _baseline(baseline, x, (ph, pw), blur_sigma).expand_as(x)

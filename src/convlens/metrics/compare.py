@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .._compat import MODEL_AND_IMAGES, renamed
 from ..baselines import Baseline
 from ..checks import choose
+from ..methods.occlusion import fit_window
 from ..methods.registry import map_methods, sanity_draws
 from ..models import Classifier, as_classifier
 from ..targets import Target
@@ -199,7 +200,8 @@ def compare(
     maps are (a row named e.g. ``"random 7x7 map"``, the mean of the draws, their spread the noise
     on one image); ``"centred Gaussian"`` a centre prior; ``"random pixels"`` (optional) per-pixel
     random maps. ``options``: per-method options, e.g. ``{"occlusion": {"patch": 32}}`` (occlusion's
-    default patch 56 / stride 28, as ``explain --fast``). A method that raises gets a row with its
+    default patch 56 / stride 28, as ``explain --fast``, scaled to an image smaller than that by
+    :func:`convlens.methods.occlusion.fit_window`). A method that raises gets a row with its
     error; the others go on.
 
     Args:
@@ -255,6 +257,8 @@ def compare(
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
         raise ValueError(f"draws must be an int of at least 2 (their spread is the noise), got {draws!r}")
     occ = {**OCCLUSION, **(occlusion or {})}
+    if not {"patch", "stride"} & set(occlusion or {}):  # the defaults fit any image; a window asked for is kept
+        occ["patch"], occ["stride"] = fit_window(occ["patch"], occ["stride"], h, w)
     fixed, resolved, out = fixed_target(clf, x, target)
     indices = list(resolved.indices)
     others = per_image_classes(target, resolved.per_class(out).argmin(1).tolist())  # the least likely class
