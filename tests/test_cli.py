@@ -114,6 +114,12 @@ def test_per_image_commands_take_a_folder(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["occlusion", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")]) == 2
     assert "the folder holds no image files" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    # an unreadable image fails alone in predict too (exit 1), the others are still predicted
+    (photos / "c broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    assert main(["predict", str(photos), "-k", "1"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("a grey.jpg  (") and out[2].startswith("b cat.png  (") and "Egyptian cat" in out[3]
+    assert out[4].startswith("c broken.jpg: FAILED: ") and out[5] == "1 of 3 images failed"
 
 
 def test_a_layer_without_a_map_is_refused_and_leaves_no_folders(capsys, tmp_path):

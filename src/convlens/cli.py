@@ -92,14 +92,30 @@ def image_files(images: Sequence[str]) -> list[str | Path]:
 def _run_predict(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError("--top must be at least 1")
+    from .checks import NonFiniteError
+    from .images import ImageError
+
+    paths = image_files(args.images)
+    for path in paths:  # as the other per-image commands: a missing file is a usage error, before any work
+        if not Path(path).exists():
+            raise ValueError(f"{path}: no such file")
     clf = load_classifier(args)
-    for path in image_files(args.images):
-        preds = clf.predict(clf.preprocess(path), top=args.top)[0]
-        kind = ", multi-label: independent sigmoids" if clf.multi_label else ""
-        print(f"{printable(Path(path).name)}  ({clf.name}{kind})")
+    kind = ", multi-label: independent sigmoids" if clf.multi_label else ""
+    failed = 0
+    for path in paths:
+        name = printable(Path(path).name)
+        try:
+            preds = clf.predict(clf.preprocess(path), top=args.top)[0]
+        except (ImageError, NonFiniteError) as e:  # an unreadable image fails alone, as in _per_image
+            print(f"{name}: FAILED: {printable(e)}")
+            failed += 1
+            continue
+        print(f"{name}  ({clf.name}{kind})")
         for rank, p in enumerate(preds, 1):
             print(f"  {rank}. {printable(p.label):<32} {p.probability:7.2%}  [{p.index}]")
-    return 0
+    if failed:
+        print(f"{failed} of {len(paths)} images failed")
+    return 1 if failed else 0
 
 
 def _run_layers(args: argparse.Namespace) -> int:
