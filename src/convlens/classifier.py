@@ -370,9 +370,16 @@ class Classifier:
         """The model's input channels: 3 (RGB) or 1 (grayscale), from ``mean``."""
         return len(self.mean)
 
+    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``mean`` and ``std`` as (1, C, 1, 1) tensors on ``x``'s device in its dtype: made on the
+        CPU and copied without waiting (``torch.tensor(..., device="cuda")`` waits for the device,
+        and this runs in Grad-CAM's every call and feature visualisation's every step)."""
+        mean, std = (torch.tensor(v, dtype=x.dtype, device="cpu").view(1, -1, 1, 1).to(x.device, non_blocking=True)
+                     for v in (self.mean, self.std))
+        return mean, std
+
     def _normalise(self, x: Tensor) -> Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        mean, std = self._stats(x)
         return (x - mean) / std
 
     def denormalise(self, x: Tensor) -> Tensor:
@@ -386,10 +393,7 @@ class Classifier:
             (N, 3, H, W) float32 on ``x``'s device.
         """
         x = x.float()
-        # made on the CPU and copied without waiting: torch.tensor(..., device="cuda") waits for
-        # the device (a copy from the host syncs the stream), in Grad-CAM's every call
-        mean = torch.tensor(self.mean, dtype=x.dtype, device="cpu").view(1, -1, 1, 1).to(x.device, non_blocking=True)
-        std = torch.tensor(self.std, dtype=x.dtype, device="cpu").view(1, -1, 1, 1).to(x.device, non_blocking=True)
+        mean, std = self._stats(x)
         return (x * std + mean).clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:

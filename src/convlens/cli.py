@@ -89,16 +89,29 @@ def image_files(images: Sequence[str]) -> list[str | Path]:
     return out
 
 
+def _existing_images(args: argparse.Namespace) -> list[str | Path]:
+    """The per-image commands' images (:func:`image_files`); a missing one is a usage error, before any work."""
+    paths = image_files(args.images)
+    for path in paths:
+        if not Path(path).exists():
+            raise ValueError(f"{path}: no such file")
+    return paths
+
+
+def _exit_for(failed: int, total: int) -> int:
+    """The per-image commands' last line and exit code: 1 when any image failed (each was listed)."""
+    if failed:
+        print(f"{failed} of {total} images failed")
+    return 1 if failed else 0
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError("--top must be at least 1")
     from .checks import NonFiniteError
     from .images import ImageError
 
-    paths = image_files(args.images)
-    for path in paths:  # as the other per-image commands: a missing file is a usage error, before any work
-        if not Path(path).exists():
-            raise ValueError(f"{path}: no such file")
+    paths = _existing_images(args)
     clf = load_classifier(args)
     kind = ", multi-label: independent sigmoids" if clf.multi_label else ""
     failed = 0
@@ -113,9 +126,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(f"{name}  ({clf.name}{kind})")
         for rank, p in enumerate(preds, 1):
             print(f"  {rank}. {printable(p.label):<32} {p.probability:7.2%}  [{p.index}]")
-    if failed:
-        print(f"{failed} of {len(paths)} images failed")
-    return 1 if failed else 0
+    return _exit_for(failed, len(paths))
 
 
 def _run_layers(args: argparse.Namespace) -> int:
@@ -170,10 +181,7 @@ def _per_image(
     from .images import ImageError
     from .outputs import RunWriter, image_keys
 
-    paths = image_files(args.images)
-    for path in paths:
-        if not Path(path).exists():
-            raise ValueError(f"{path}: no such file")
+    paths = _existing_images(args)
     keys = image_keys([Path(p).name for p in paths], paths)
     run = RunWriter(args.out, command, keys=keys, inputs=paths, force=args.force, settings=run_settings(args))
     clf = load_classifier(args)
@@ -199,9 +207,7 @@ def _per_image(
                 for line in _evidence(clf, x, result):
                     print(f"  {line}")
         run.finish()
-    if failed:
-        print(f"{failed} of {len(paths)} images failed")
-    return 1 if failed else 0
+    return _exit_for(failed, len(paths))
 
 
 def _run_activations(args: argparse.Namespace) -> int:

@@ -226,7 +226,7 @@ def _gradients(out: Tensor, a: Tensor, rows: _Rows) -> Tensor:
             (g,) = torch.autograd.grad(out, a, grad_outputs=seed, retain_graph=not last)
             if len(rows.rounds) == 1 and members == imgs == list(range(out.shape[0])):  # one row per image: no gather
                 return g
-            grads[_index(members, g.device)] = g[_index(imgs, g.device)]
+            grads[index_tensor(members, g.device)] = g[index_tensor(imgs, g.device)]
     return grads
 
 
@@ -238,20 +238,14 @@ def _seed(out: Tensor, images: list[int], classes: list[int]) -> Tensor:
     if images == list(range(out.shape[0])) and len(set(classes)) == 1:
         seed[:, classes[0]] = 1.0
     else:
-        seed[_index(images, out.device), _index(classes, out.device)] = 1.0
+        seed[index_tensor(images, out.device), index_tensor(classes, out.device)] = 1.0
     return seed
-
-
-def _index(values: list[int], device: torch.device) -> Tensor:
-    """An index tensor on ``device`` copied from the host without waiting for the device (a
-    ``tensor[list]`` or ``torch.tensor(list, device=...)`` copy syncs the stream)."""
-    return index_tensor(values, device)
 
 
 def _rows_of(t: Tensor, image: list[int]) -> Tensor:
     """``t[image]``, without a gather (and the index tensor a GPU has to wait for) when each
     image has one row in order."""
-    return t if image == list(range(t.shape[0])) else t[_index(image, t.device)]
+    return t if image == list(range(t.shape[0])) else t[index_tensor(image, t.device)]
 
 
 def _deferred_checks(out: Tensor, g: Tensor | None, raw: Tensor, name: str,
@@ -295,7 +289,7 @@ def _scorecam_weights(
     images = sorted(set(rows.image))
     for k, i in enumerate(images):
         members = [r for r in range(len(rows.image)) if rows.image[r] == i]
-        cols = _index([rows.index[r] for r in members], a.device)  # once per image: a list index waits
+        cols = index_tensor([rows.index[r] for r in members], a.device)  # once per image: a list index waits
         scores = []
         for s in range(0, c, batch_size):
             # masks are made per batch: all C of them at input size at once can be gigabytes
@@ -311,7 +305,7 @@ def _scorecam_weights(
                 scores.append(require_logits(o)[:, cols].float())
             if callback is not None:
                 callback(k * c + min(s + batch_size, c), len(images) * c)
-        weights[_index(members, a.device)] = torch.cat(scores).softmax(0).T
+        weights[index_tensor(members, a.device)] = torch.cat(scores).softmax(0).T
     return weights, batch_size
 
 

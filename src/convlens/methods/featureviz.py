@@ -414,12 +414,7 @@ def _entry_ok(entry: dict[str, np.ndarray] | None, steps: int, size: int | Seque
 def _to_input(clf: Classifier, param: str, img: Tensor) -> Tensor:
     """The model-ready tensor of an image: the model's normalisation of the [0, 1] Fourier image;
     the pixel parameterisation is the input itself."""
-    if param != "fourier":
-        return img
-    # made on the host and copied without waiting (every step): torch.tensor(..., device="cuda") waits for the device
-    mean = torch.tensor(clf.mean, device="cpu").view(1, -1, 1, 1).to(img.device, non_blocking=True)
-    std = torch.tensor(clf.std, device="cpu").view(1, -1, 1, 1).to(img.device, non_blocking=True)
-    return (img - mean) / std
+    return img if param != "fourier" else clf._normalise(img)
 
 
 def _display(param: str, img: Tensor) -> Tensor:
