@@ -272,7 +272,10 @@ def test_cli_no_cache(tmp_path, monkeypatch):
     from convlens.cli import main
 
     monkeypatch.setenv("CONVLENS_CACHE", str(tmp_path / "c"))
-    args = ["filters", "--layer", "blocks.1", "--channels", "0,1", "--steps", "2", "--size", "32", "--device", "cpu"]
+    # one thread for both runs: the command otherwise picks its thread count from the machine's load at
+    # the time, and two counts sum in another order (a 1-ulp difference seen in CI)
+    args = ["filters", "--layer", "blocks.1", "--channels", "0,1", "--steps", "2", "--size", "32", "--device", "cpu",
+            "--threads", "1"]
     assert main([*args, "--no-cache", "--out", str(tmp_path / "o1")]) == 0
     assert _entries(tmp_path / "c") == []
     assert main([*args, "--out", str(tmp_path / "o2")]) == 0
